@@ -1,0 +1,152 @@
+"""The one adapter over accelerate's hooks: which hook supplies which tensor, and from where.
+
+Everything that reads ``_hf_hook``, ``SequentialHook``, ``PrefixedDataset`` or ``OffloadedWeightsLoader``
+lives here, so the rest of the package sees plain :class:`Store` records.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["Store", "StoreRef", "align_hooks", "execution_device", "offloaded_tensors", "resolve_store"]
+
+
+@dataclass(frozen=True)
+class Store:
+    """Where one offloaded value physically is.
+
+    Attributes:
+        kind: ``"cpu"`` (a tensor in RAM), ``"disk"`` (a ``.dat`` memmap of an offload folder),
+            ``"safetensors"`` (a tensor inside a safetensors file, usually the user's checkpoint) or
+            ``"mapping"`` (any other ``Mapping``; read through ``__getitem__``).
+        dataset: the innermost mapping holding the entry.
+        key: the entry's key in ``dataset``.
+        path: the file for ``"disk"`` / ``"safetensors"`` entries.
+        file_key: the tensor's name inside a safetensors file.
+        file_dtype: the dtype of a ``.dat`` file's raw bytes.
+    """
+
+    kind: str
+    dataset: Mapping
+    key: str
+    path: str | None = None
+    file_key: str | None = None
+    file_dtype: torch.dtype | None = None
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """An offloaded tensor: the hook that supplies it and the store that holds it."""
+
+    hook: object
+    hook_module: str
+    execution_device: torch.device
+    store: Store
+
+
+def align_hooks(module: nn.Module) -> Iterator[object]:
+    """Yield the ``AlignDevicesHook``-like hooks on ``module``, looking inside ``SequentialHook``."""
+    stack = [getattr(module, "_hf_hook", None)]
+    while stack:
+        hook = stack.pop(0)
+        if hook is None:
+            continue
+        if hasattr(hook, "hooks"):
+            stack[:0] = list(hook.hooks)
+        elif hasattr(hook, "weights_map") and hasattr(hook, "offload"):
+            yield hook
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def execution_device(hook) -> torch.device:
+    """The device a hook runs its module on (accelerate allows ints for CUDA indices)."""
+    device = hook.execution_device
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, int):
+        return torch.device("cuda", device)
+    return torch.device(device)
+
+
+def resolve_store(weights_map: Mapping, name: str) -> Store:
+    """Follow ``PrefixedDataset`` wrappers down to the entry that holds ``name``.
+
+    Args:
+        weights_map: a hook's ``weights_map``.
+        name: the tensor's name relative to the hook's module.
+
+    Returns:
+        The physical location of the entry.
+
+    Raises:
+        KeyError: the store has no entry for ``name``.
+    """
+    dataset, key = weights_map, name
+    while hasattr(dataset, "prefix") and hasattr(dataset, "dataset"):
+        dataset, key = dataset.dataset, f"{dataset.prefix}{key}"
+    loader_state = getattr(dataset, "state_dict", None)
+    index = getattr(dataset, "index", None)
+    if isinstance(loader_state, Mapping) and isinstance(index, Mapping):  # OffloadedWeightsLoader
+        if key in loader_state:
+            return Store("cpu", loader_state, key)
+        info = index[key]
+        if info.get("safetensors_file") is not None:
+            return Store("safetensors", dataset, key, path=info["safetensors_file"],
+                         file_key=info.get("weight_name", key))
+        path = os.path.join(dataset.save_folder, f"{key}.dat")
+        return Store("disk", dataset, key, path=path, file_dtype=_dtype(info["dtype"]))
+    if isinstance(dataset, dict):
+        if key not in dataset:
+            raise KeyError(key)
+        value = dataset[key]
+        if isinstance(value, torch.Tensor) and value.device.type != "meta":
+            return Store("cpu", dataset, key)
+    return Store("mapping", dataset, key)
+
+
+def _hook_tensors(module: nn.Module, hook) -> Iterator[tuple[str, nn.Module, str]]:
+    """The tensors an offloading hook loads in ``pre_forward``, as (relative name, owner, attribute).
+
+    Mirrors ``AlignDevicesHook.pre_forward``: parameters, buffers only with ``offload_buffers``, children's
+    tensors only with ``place_submodules``, never non-persistent buffers. Tied duplicates are all listed.
+    """
+    for owner_name, owner in module.named_modules(remove_duplicate=False):
+        if owner_name and not hook.place_submodules:
+            break
+        prefix = f"{owner_name}." if owner_name else ""
+        for attr in owner._parameters:
+            if owner._parameters[attr] is not None:
+                yield prefix + attr, owner, attr
+        if hook.offload_buffers:
+            for attr, value in owner._buffers.items():
+                if value is not None and attr not in owner._non_persistent_buffers_set:
+                    yield prefix + attr, owner, attr
+
+
+def offloaded_tensors(model: nn.Module) -> dict[tuple[int, str], StoreRef]:
+    """Map every offloaded tensor slot ``(id(owner), attr)`` of ``model`` to its hook and store.
+
+    Only hooks with ``offload=True`` and a ``weights_map`` count; a slot covered by several hooks
+    (nested ``place_submodules``) is attributed to the innermost one, as accelerate loads it last.
+    """
+    refs: dict[tuple[int, str], StoreRef] = {}
+    for module_name, module in model.named_modules():
+        for hook in align_hooks(module):
+            if not hook.offload or hook.weights_map is None:
+                continue
+            device = execution_device(hook)
+            for rel, owner, attr in _hook_tensors(module, hook):
+                try:
+                    store = resolve_store(hook.weights_map, rel)
+                except KeyError:
+                    continue  # accelerate would fail on forward too; the layout reports it as missing
+                refs[(id(owner), attr)] = StoreRef(hook, module_name, device, store)
+    return refs

@@ -1,0 +1,131 @@
+"""Reading and writing offload store entries without mmap: ``pread`` into buffers we own.
+
+Reading through mmap (what accelerate and safetensors do) grows the process's RSS by every page touched;
+``os.preadv`` into a tensor's own memory keeps it at the tensor's size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from functools import lru_cache
+
+import torch
+
+from ._hooks import Store
+
+__all__ = ["SAFETENSORS_DTYPES", "read_store", "safetensors_header", "write_store"]
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+_lock = threading.Lock()
+
+
+@lru_cache(maxsize=256)
+def _header_cached(path: str, mtime_ns: int, size: int) -> tuple[int, dict]:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
+def safetensors_header(path: str) -> tuple[int, dict]:
+    """Parse a safetensors file's header: ``(data start offset, {name: {dtype, shape, data_offsets}})``."""
+    st = os.stat(path)
+    with _lock:
+        return _header_cached(path, st.st_mtime_ns, st.st_size)
+
+
+def _pread_into(path: str, offset: int, out: torch.Tensor) -> None:
+    """Fill the contiguous CPU tensor ``out`` with bytes of ``path`` starting at ``offset``."""
+    view = memoryview(out.view(-1).view(torch.uint8).numpy())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise OSError(f"{path}: unexpected end of file at byte {offset + done}")
+            done += n
+    finally:
+        os.close(fd)
+
+
+def _read_file(path: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype)
+    if out.numel():
+        _pread_into(path, offset, out)
+    return out
+
+
+def read_store(store: Store, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Read one store entry as a CPU tensor of ``dtype`` and ``shape`` (accelerate casts to the module dtype too).
+
+    ``"cpu"`` entries are returned without a copy when the dtype already matches.
+
+    Raises:
+        ValueError: the stored shape differs from the module's.
+    """
+    if store.kind == "disk":
+        value = _read_file(store.path, 0, store.file_dtype, shape)
+    elif store.kind == "safetensors":
+        start, header = safetensors_header(store.path)
+        entry = header[store.file_key]
+        value = _read_file(store.path, start + entry["data_offsets"][0], SAFETENSORS_DTYPES[entry["dtype"]],
+                           tuple(entry["shape"]))
+    else:
+        value = store.dataset[store.key]
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"offload store entry {store.key!r} has shape {tuple(value.shape)}, "
+                         f"the module expects {tuple(shape)}; the offload store does not match the model")
+    return value.to(dtype)
+
+
+def _write_dat(path: str, value: torch.Tensor) -> None:
+    data = memoryview(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], done)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+
+
+def write_store(store: Store, value: torch.Tensor) -> None:
+    """Persist ``value`` into the offload store entry, never into a user's safetensors file.
+
+    ``"cpu"`` entries are replaced by a fresh tensor (the old one may be an mmap of the user's file);
+    ``.dat`` entries are rewritten in place; safetensors entries are written as a new ``.dat`` in the
+    loader's offload folder (or kept in its in-memory ``state_dict`` when it has no folder) and the index
+    is repointed.
+
+    Raises:
+        RuntimeError: the store cannot take writes.
+    """
+    if store.kind == "cpu":
+        old = store.dataset[store.key]
+        store.dataset[store.key] = value.detach().to("cpu", old.dtype, copy=True)
+    elif store.kind == "disk":
+        _write_dat(store.path, value.to(store.file_dtype))
+    elif store.kind == "safetensors":
+        loader = store.dataset
+        if getattr(loader, "save_folder", None):
+            _write_dat(os.path.join(loader.save_folder, f"{store.key}.dat"), value)
+            dtype = str(value.dtype).removeprefix("torch.")
+            loader.index[store.key] = {"dtype": dtype, "shape": list(value.shape)}
+        else:
+            loader.state_dict[store.key] = value.detach().to("cpu", copy=True)
+    elif hasattr(store.dataset, "__setitem__"):
+        store.dataset[store.key] = value.detach().to("cpu", copy=True)
+    else:
+        raise RuntimeError(f"cannot write back {store.key!r}: its offload store "
+                           f"{type(store.dataset).__name__} is read-only")

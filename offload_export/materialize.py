@@ -68,8 +68,7 @@ def _slots(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tenso
                 yield prefix + attr, owner, attr, tensor
 
 
-def _enter(module: nn.Module, device: torch.device | None) -> tuple[list[_Onloaded], list]:
-    refs = offloaded_tensors(module)
+def _enter(module: nn.Module, device: torch.device | None, refs: dict) -> tuple[list[_Onloaded], list]:
     mine: list[_Onloaded] = []
     hooks: list = []
     try:
@@ -146,12 +145,20 @@ def materialized(module: nn.Module, device: torch.device | str | None = None, *,
         >>> with offload_export.materialized(model.model.layers[3]) as layer:  # doctest: +SKIP
         ...     print(layer.mlp.up_proj.weight.abs().max())
     """
+    with onloaded(module, device, offloaded_tensors(module), writeback=writeback):
+        yield module
+
+
+@contextmanager
+def onloaded(module: nn.Module, device: torch.device | str | None, refs: dict[tuple[int, str], StoreRef], *,
+             writeback: bool = False) -> Iterator[None]:
+    """:func:`materialized` with the offload map given, e.g. the whole model's (hooks above ``module``)."""
     device = torch.device(device) if device is not None else None
     with _lock:
-        mine, hooks = _enter(module, device)
+        mine, hooks = _enter(module, device, refs)
     ok = False
     try:
-        yield module
+        yield
         ok = True
     finally:
         with _lock:

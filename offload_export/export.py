@@ -1,0 +1,308 @@
+"""``save_clean()``: plan, then stream one module at a time (read, fold, write), then commit atomically."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import _atomic
+from ._hooks import offloaded_tensors
+from ._store import read_store
+from .layout import Layout, TensorInfo, layout
+from .materialize import onloaded
+from .plan import ExportPlan, Unit, parse_size, plan_export
+from .quantizers import Quantizer, find_quantizers
+from .writer import ShardWriter
+
+__all__ = ["ExportReport", "save_clean"]
+
+INDEX_NAME = "model.safetensors.index.json"
+QUANTIZER_STATE_NAME = "quantizer_state.safetensors"
+_CONFIG_KEYS_DROPPED = ("auto_map", "quantization_config")
+
+
+@dataclass
+class ExportReport:
+    """What :func:`save_clean` wrote.
+
+    Attributes:
+        out_dir: the checkpoint directory.
+        files: file names written, sorted.
+        tensors: number of weight tensors; bytes: their total size.
+        shards: number of safetensors weight files.
+        folded: weights written as their fake-quantized value.
+        dropped: state-dict keys left out of the weights, with the reason.
+        largest_tensor: bytes of the largest weight tensor.
+        seconds: wall time of the export.
+    """
+
+    out_dir: str
+    files: list[str]
+    tensors: int
+    bytes: int
+    shards: int
+    folded: list[str]
+    dropped: dict[str, str]
+    largest_tensor: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        lines = [f"ExportReport({self.out_dir})",
+                 f"  {self.tensors} tensors, {self.bytes / 1e6:.1f} MB in {self.shards} shard(s), "
+                 f"{self.seconds:.2f} s ({self.bytes / 1e6 / max(self.seconds, 1e-9):.0f} MB/s)",
+                 f"  folded: {len(self.folded)} weight(s); dropped: {len(self.dropped)} key(s) "
+                 f"({_count_reasons(self.dropped)})",
+                 f"  files: {', '.join(self.files)}"]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _count_reasons(dropped: dict[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for reason in dropped.values():
+        reason = "tied" if reason.startswith("tied") else reason
+        counts[reason] = counts.get(reason, 0) + 1
+    return ", ".join(f"{n} {r}" for r, n in counts.items()) or "none"
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype={dtype!r} is not a torch dtype (e.g. 'bfloat16', 'float16', torch.float32)")
+    return value
+
+
+def _check_model(model: nn.Module, lay: Layout) -> None:
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        raise ValueError("save_clean got a torch.compile wrapper; pass the original module: model._orig_mod")
+    missing = [k for k, i in lay.items() if i.kind == "missing"]
+    if missing:
+        raise RuntimeError(
+            f"{missing[0]} is on the meta device and no accelerate hook can supply its data "
+            f"({len(missing)} such tensor(s)).\n  Load the model with device_map/offload_folder so that "
+            f"offloaded weights have a weights_map, or materialize them before exporting.")
+
+
+def _conversion(model: nn.Module, lay: Layout) -> Callable | None:
+    """transformers' save-time weight conversion (fused experts -> per-expert), or None when it is the identity."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return None
+    if not hasattr(model, "config"):
+        return None
+    meta = {k: torch.empty(i.shape, dtype=i.dtype, device="meta") for k, i in lay.items()}
+    out = revert_weight_conversion(model, dict(meta))
+    if set(out) == set(meta):
+        return None
+    return lambda state: revert_weight_conversion(model, state)
+
+
+def _weight_folds(quantizers: list[Quantizer], lay: Layout) -> dict[str, Quantizer]:
+    folds = {}
+    for q in quantizers:
+        if q.role != "weight" or q.target is None or not q.enabled:
+            continue
+        key = f"{q.owner_name}.{q.target}" if q.owner_name else q.target
+        info = lay.get(key)
+        if info is None:
+            continue
+        if info.kind == "tied":
+            raise ValueError(f"{key} is tied to {info.tied_to} but has an enabled weight quantizer ({q.name});\n"
+                             f"  one tensor cannot hold both values: untie the weights or disable {q.name}")
+        folds[key] = q
+    return folds
+
+
+class _Pipeline:
+    """Reads, folds, converts and writes one unit at a time."""
+
+    def __init__(self, model, lay: Layout, plan: ExportPlan, folds: dict[str, Quantizer], writers: dict,
+                 dtype: torch.dtype | None, device: torch.device | None, convert: Callable | None, progress):
+        self.model, self.lay, self.plan, self.folds = model, lay, plan, folds
+        self.writers, self.dtype, self.device, self.convert, self.progress = writers, dtype, device, convert, progress
+        self.slot_refs = offloaded_tensors(model)  # the whole model's: hooks above an owner count too
+        self.shard_of = plan.weight_map
+
+    def _fold_device(self, q: Quantizer, info: TensorInfo) -> torch.device:
+        if self.device is not None:
+            return self.device
+        return q.adapter.fold_device(q) or info.device
+
+    def _fold(self, key: str, info: TensorInfo) -> torch.Tensor:
+        q = self.folds[key]
+        dev = self._fold_device(q, info)
+        try:
+            with onloaded(q.owner, dev, self.slot_refs):
+                weight = getattr(q.owner, q.target).detach().to(dev)
+                return q.adapter.fold(q, weight).to("cpu")
+        except Exception as e:
+            hint = " (its kernel may need CUDA: pass device='cuda')" if dev.type == "cpu" else ""
+            raise RuntimeError(f"folding {q.name} into {key} on {dev} failed{hint}: {e}") from e
+
+    def _read(self, key: str) -> torch.Tensor:
+        info = self.lay[key]
+        if key in self.folds:
+            return self._fold(key, info)
+        if info.kind == "resident":
+            return info.tensor.detach()
+        return read_store(info.ref.store, info.dtype, info.shape)
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
+
+    def run_unit(self, unit: Unit) -> None:
+        values = {k: self._cast(self._read(k)) for k in unit.sources}
+        if unit.converted:
+            values = self.convert(values)
+        for spec in unit.outputs:
+            self.writers[self.shard_of[spec.name]].write(spec.name, values.pop(spec.name))
+            if self.progress is not None:
+                self.progress.update(spec.nbytes)
+
+    def run(self) -> None:
+        for unit in self.plan.units:
+            self.run_unit(unit)
+
+
+def _quantizer_state(quantizers: list[Quantizer], lay: Layout, folded: set[str]) -> tuple[dict, dict]:
+    tensors, configs = {}, {}
+    for q in quantizers:
+        state, config = q.adapter.state(q)
+        for k, t in state.items():
+            info = lay.get(f"{q.name}.{k}")
+            if t.device.type == "meta" and info is not None and info.ref is not None:
+                t = read_store(info.ref.store, info.dtype, info.shape)
+            tensors[f"{q.name}.{k}"] = t.detach().to("cpu").contiguous()
+        config["folded"] = q.role == "weight" and f"{q.owner_name}.{q.target}" in folded
+        configs[q.name] = config
+    return tensors, configs
+
+
+def _write_config(model: nn.Module, tmp: Path, dtype: torch.dtype | None, notes: list[str]) -> list[str]:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        notes.append("not a transformers model: weights written, config.json skipped")
+        return []
+    config = copy.deepcopy(config)
+    config.architectures = [type(model).__name__]
+    if dtype is not None:
+        config.dtype = dtype
+    for key in _CONFIG_KEYS_DROPPED:
+        if hasattr(config, key):
+            delattr(config, key)
+            notes.append(f"config.json: dropped {key}")
+    config.save_pretrained(tmp)
+    data = json.loads((tmp / "config.json").read_text())
+    for key in _CONFIG_KEYS_DROPPED:
+        data.pop(key, None)
+    (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    written = ["config.json"]
+    generation = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", lambda: False)()
+    if generation is not None and can_generate:
+        generation.save_pretrained(tmp)
+        written.append("generation_config.json")
+    return written
+
+
+def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, fold: bool = True,
+               max_shard_size: int | str = "5GB", dtype: torch.dtype | str | None = None,
+               device: torch.device | str | None = None, overwrite: bool = False, tokenizer=None,
+               progress: bool = False) -> ExportReport:
+    """Export ``model`` (offloaded or not, fake-quantized or not) as a clean Hugging Face checkpoint.
+
+    One module at a time: its tensors are read from wherever they live (GPU, CPU offload, ``.dat``
+    files, the user's safetensors), enabled weight quantizers are folded into their weights on the
+    quantizer's device, and the bytes are written into pre-planned safetensors shards. Everything is
+    written into a temporary directory beside ``out_dir`` and renamed into place at the end; the model
+    is never changed.
+
+    Args:
+        model: the model; a ``transformers`` model gets ``config.json`` (without ``auto_map``) and
+            ``generation_config.json`` too.
+        out_dir: the destination directory; must be absent or empty unless ``overwrite``.
+        fold: write enabled weight quantizers' fake-quantized values instead of the raw weights.
+        max_shard_size: bytes per shard, an int or a string like ``"5GB"``.
+        dtype: cast floating-point weights to this dtype.
+        device: fold on this device instead of the quantizer's / the module's execution device.
+        overwrite: replace a non-empty ``out_dir`` (only once the new checkpoint is complete).
+        tokenizer: saved with ``save_pretrained`` into the checkpoint when given.
+        progress: show a progress bar over bytes written.
+
+    Returns:
+        An :class:`ExportReport`.
+
+    Raises:
+        FileExistsError: ``out_dir`` is not empty and ``overwrite`` is false, or is a file.
+        ValueError: a bad argument (shard size, dtype) or a model that cannot be exported as is.
+        RuntimeError: a weight that cannot be read or folded; the message names it.
+
+    Example:
+        >>> report = offload_export.save_clean(model, "out/", max_shard_size="2GB")  # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    shard_bytes = parse_size(max_shard_size)
+    dtype = _as_dtype(dtype)
+    device = torch.device(device) if device is not None else None
+    _atomic.check_destination(out_dir, overwrite=overwrite)
+    lay = layout(model)
+    _check_model(model, lay)
+    quantizers = find_quantizers(model)
+    quantizer_keys = {k for q in quantizers for k in q.state_keys}
+    folds = _weight_folds(quantizers, lay) if fold else {}
+    convert = _conversion(model, lay)
+    plan = plan_export(lay, quantizer_keys=quantizer_keys, ignore=sorted(getattr(model, "_keys_to_ignore_on_save", None) or ()),
+                       dtype=dtype, max_shard_size=shard_bytes, convert=convert)
+    notes: list[str] = []
+    with _atomic.staging(out_dir, overwrite=overwrite) as tmp:
+        files = _write_weights(model, lay, plan, folds, tmp, dtype, device, convert, progress)
+        if quantizers:
+            from safetensors.torch import save_file
+            tensors, configs = _quantizer_state(quantizers, lay, set(folds))
+            save_file(tensors, tmp / QUANTIZER_STATE_NAME,
+                      metadata={"format": "pt", "quantizers": json.dumps(configs, sort_keys=True)})
+            files.append(QUANTIZER_STATE_NAME)
+        files += _write_config(model, tmp, dtype, notes)
+        if tokenizer is not None:
+            files += [os.path.basename(f) for f in tokenizer.save_pretrained(tmp)]
+    return ExportReport(str(out_dir), sorted(set(files)), sum(len(s.tensors) for s in plan.shards),
+                        plan.total_size, len(plan.shards), sorted(folds), dict(plan.dropped),
+                        plan.largest_tensor, time.perf_counter() - start, notes)
+
+
+def _write_weights(model, lay, plan: ExportPlan, folds, tmp: Path, dtype, device, convert, progress) -> list[str]:
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="offload-export")
+    writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, {"format": "pt"}) for s in plan.shards}
+    try:
+        _Pipeline(model, lay, plan, folds, writers, dtype, device, convert, bar).run()
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    files = list(writers)
+    if len(plan.shards) > 1:
+        index = {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(plan.weight_map.items()))}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        files.append(INDEX_NAME)
+    return files

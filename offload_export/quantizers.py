@@ -1,0 +1,357 @@
+"""Fake quantizers of any toolkit behind one small protocol, and ``quantizers_disabled()``.
+
+An adapter finds a toolkit's quantizers in a model and knows how to switch each one off and back,
+fold it into a weight, and describe its state as tensors + JSON. Adapters for NVIDIA ModelOpt (duck-typed,
+no import), module quantizers that follow the ``enabled`` convention (the built-in ones, a user's own)
+and compressed-tensors ship with the package; :func:`register_adapter` adds more.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ModelOptAdapter",
+    "ModuleQuantizerAdapter",
+    "Quantizer",
+    "QuantizerAdapter",
+    "find_quantizers",
+    "quantizers_disabled",
+    "register_adapter",
+    "register_quantizer",
+]
+
+ROLES = ("weight", "input", "output")
+
+
+@dataclass(frozen=True, eq=False)
+class Quantizer:
+    """One fake quantizer found in a model.
+
+    Attributes:
+        name: qualified name (the quantizer module's, or ``owner.<role>`` for module-less schemes).
+        owner: the module whose weight or activation it quantizes; ``owner_name`` its qualified name.
+        role: ``"weight"``, ``"input"`` or ``"output"`` (any activation quantizer that is not an input).
+        target: for weight quantizers, the owner's attribute it folds into (``"weight"``).
+        handle: the adapter's own object (e.g. the ``TensorQuantizer`` module).
+        adapter: the adapter that found it.
+        state_keys: state-dict keys that hold its state; they are never exported as weights.
+    """
+
+    name: str
+    owner: nn.Module
+    owner_name: str
+    role: str
+    target: str | None
+    handle: Any
+    adapter: QuantizerAdapter
+    state_keys: tuple[str, ...] = field(default=())
+
+    @property
+    def enabled(self) -> bool:
+        return self.adapter.is_enabled(self)
+
+
+class QuantizerAdapter(ABC):
+    """The protocol one toolkit implements. Subclass it and pass an instance to :func:`register_adapter`."""
+
+    name: str = "adapter"
+
+    @abstractmethod
+    def find(self, model: nn.Module) -> Iterator[Quantizer]:
+        """Yield every quantizer of this toolkit in ``model``."""
+
+    @abstractmethod
+    def is_enabled(self, q: Quantizer) -> bool:
+        """Whether ``q`` currently changes the values that pass through it."""
+
+    @abstractmethod
+    def snapshot(self, q: Quantizer) -> Any:
+        """Capture whatever :meth:`disable` changes, for :meth:`restore`."""
+
+    @abstractmethod
+    def disable(self, q: Quantizer) -> None:
+        """Make ``q`` the identity."""
+
+    @abstractmethod
+    def restore(self, q: Quantizer, snapshot: Any) -> None:
+        """Put back exactly the state captured by :meth:`snapshot`."""
+
+    @abstractmethod
+    def fold(self, q: Quantizer, weight: torch.Tensor) -> torch.Tensor:
+        """Return the fake-quantized ``weight`` (same shape and dtype) for an enabled weight quantizer."""
+
+    def fold_device(self, q: Quantizer) -> torch.device | None:
+        """The device the quantizer's state lives on (its kernels run there), if it has real state."""
+        handle = q.handle if isinstance(q.handle, nn.Module) else None
+        for t in handle.buffers() if handle is not None else ():
+            if t.device.type != "meta":
+                return t.device
+        return None
+
+    def state(self, q: Quantizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The quantizer's tensors (keyed relative to ``q.name``) and a JSON-able configuration."""
+        handle = q.handle if isinstance(q.handle, nn.Module) else None
+        tensors = dict(handle.state_dict()) if handle is not None else {}
+        return tensors, {"adapter": self.name, "role": q.role, "enabled": self.is_enabled(q)}
+
+
+_ADAPTERS: list[QuantizerAdapter] = []
+
+
+def register_adapter(adapter: QuantizerAdapter) -> QuantizerAdapter:
+    """Add ``adapter`` to the adapters every function of this package consults.
+
+    Args:
+        adapter: an instance of a :class:`QuantizerAdapter` subclass.
+
+    Returns:
+        ``adapter``, so the call can decorate or be chained.
+
+    Raises:
+        TypeError: ``adapter`` does not implement the protocol.
+    """
+    if not isinstance(adapter, QuantizerAdapter):
+        raise TypeError(f"expected a QuantizerAdapter instance, got {type(adapter).__name__}")
+    _ADAPTERS.append(adapter)
+    return adapter
+
+
+def find_quantizers(model: nn.Module, which: str = "all") -> list[Quantizer]:
+    """Every quantizer of every registered adapter in ``model`` whose role matches ``which``.
+
+    Args:
+        model: the model to search.
+        which: ``"weight"``, ``"input"``, ``"output"`` or ``"all"``.
+
+    Returns:
+        Quantizers in module order.
+
+    Raises:
+        ValueError: ``which`` is not one of the accepted values.
+    """
+    if which not in (*ROLES, "all"):
+        raise ValueError(f"which={which!r}: expected one of 'weight', 'input', 'output', 'all'")
+    found = []
+    seen = set()
+    for adapter in _ADAPTERS:
+        for q in adapter.find(model):
+            if (id(q.handle), q.role) not in seen and (which == "all" or q.role == which):
+                seen.add((id(q.handle), q.role))
+                found.append(q)
+    return found
+
+
+@contextmanager
+def quantizers_disabled(model: nn.Module, which: str = "weight") -> Iterator[list[Quantizer]]:
+    """Turn fake quantizers off for the duration of the block; each one's own prior state comes back.
+
+    A quantizer that was already disabled stays disabled after the block; ModelOpt quantizers also stop
+    applying their ``pre_quant_scale`` and rotation inside (their forward is the identity). Nests with
+    itself and with :func:`offload_export.materialized`.
+
+    Args:
+        model: the model (or any submodule).
+        which: ``"weight"`` (default), ``"input"``, ``"output"`` or ``"all"``.
+
+    Yields:
+        The quantizers that were found.
+
+    Raises:
+        ValueError: ``which`` is not one of the accepted values.
+
+    Example:
+        >>> with offload_export.quantizers_disabled(model, which="all"):  # doctest: +SKIP
+        ...     reference_logits = model(input_ids).logits
+    """
+    quantizers = find_quantizers(model, which)
+    saved = []
+    try:
+        for q in quantizers:
+            saved.append((q, q.adapter.snapshot(q)))
+            q.adapter.disable(q)
+        yield quantizers
+    finally:
+        for q, snap in reversed(saved):
+            q.adapter.restore(q, snap)
+
+
+def _role_of(attr: str) -> tuple[str, str | None]:
+    """``("weight", "weight")`` for ``weight_quantizer``; the role and folded attribute of a quantizer slot."""
+    base = attr.rstrip("s") if attr.endswith("quantizers") else attr
+    if base.endswith("weight_quantizer"):
+        return "weight", base.removesuffix("_quantizer")
+    if base.endswith("input_quantizer"):
+        return "input", None
+    return "output", None
+
+
+def _state_keys(model: nn.Module, name: str) -> tuple[str, ...]:
+    module = model.get_submodule(name)
+    return tuple(f"{name}.{k}" for k in module.state_dict(keep_vars=True))
+
+
+def _module_quantizers(model: nn.Module, adapter: QuantizerAdapter, is_quantizer) -> Iterator[Quantizer]:
+    """Quantizer modules found as named children (``*_quantizer`` or ``*_quantizers`` lists) of their owners."""
+    for owner_name, owner in model.named_modules():
+        for attr, child in owner.named_children():
+            if not attr.endswith(("quantizer", "quantizers")) or not is_quantizer(child):
+                continue
+            name = f"{owner_name}.{attr}" if owner_name else attr
+            role, target = _role_of(attr)
+            if target is not None and not hasattr(owner, target):  # `gate_up_proj_weight_quantizers`
+                target = target.removesuffix("_weight")
+            yield Quantizer(name, owner, owner_name, role, target, child, adapter, _state_keys(model, name))
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda o: o.model_dump() if hasattr(o, "model_dump") else repr(o)))
+
+
+class ModelOptAdapter(QuantizerAdapter):
+    """NVIDIA ModelOpt ``TensorQuantizer`` / ``SequentialQuantizer``, duck-typed (modelopt is not imported).
+
+    The fold is ModelOpt's own (``export_hf_vllm_fq_checkpoint``): ``quantizer(w.float()).to(w.dtype)``, then
+    the input quantizer's ``pre_quant_scale`` multiplied in when that input quantizer is disabled. Fused
+    MoE experts (``*_weight_quantizers`` lists) fold one expert slice at a time.
+    """
+
+    name = "modelopt"
+    _SAVED = ("_disabled", "_rotate", "_enable_pre_quant_scale")
+
+    @staticmethod
+    def _is_tensor_quantizer(m: nn.Module) -> bool:
+        return type(m).__module__.startswith("modelopt.") and hasattr(m, "_disabled") and hasattr(m, "is_enabled")
+
+    def _is_quantizer(self, m: nn.Module) -> bool:
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m):
+            return all(self._is_tensor_quantizer(c) for c in m)
+        return self._is_tensor_quantizer(m)
+
+    def _leaves(self, q: Quantizer) -> list[nn.Module]:
+        return list(q.handle) if isinstance(q.handle, (nn.ModuleList, nn.Sequential)) else [q.handle]
+
+    def find(self, model):
+        return _module_quantizers(model, self, self._is_quantizer)
+
+    def is_enabled(self, q):
+        leaves = self._leaves(q)
+        return any(leaf.is_enabled and getattr(leaf, "fake_quant", True) for leaf in leaves)
+
+    def snapshot(self, q):
+        return [{a: getattr(leaf, a) for a in self._SAVED if hasattr(leaf, a)} for leaf in self._leaves(q)]
+
+    def disable(self, q):
+        for leaf in self._leaves(q):
+            leaf._disabled = True  # not disable(): some subclasses override it; the flag is the truth
+            if hasattr(leaf, "_enable_pre_quant_scale"):
+                leaf._enable_pre_quant_scale = False
+            if getattr(leaf, "_rotate", False):
+                leaf.disable_rotate()
+
+    def restore(self, q, snapshot):
+        for leaf, saved in zip(self._leaves(q), snapshot):
+            for attr, value in saved.items():
+                setattr(leaf, attr, value)  # never enable(): HardDisabledTensorQuantizer.enable() raises
+
+    def _pre_quant_scale(self, q: Quantizer) -> torch.Tensor | None:
+        attr = q.name.rpartition(".")[2].replace("weight_quantizer", "input_quantizer")
+        inp = getattr(q.owner, attr, None)
+        scale = getattr(inp, "_pre_quant_scale", None)
+        if scale is None or inp.is_enabled:
+            return None
+        return scale
+
+    def fold(self, q, weight):
+        with torch.no_grad():
+            if isinstance(q.handle, nn.ModuleList):  # fused experts: one quantizer per leading slice
+                out = weight.clone()
+                for i, leaf in enumerate(q.handle):
+                    if leaf.is_enabled and leaf.fake_quant:
+                        out[i] = leaf(weight[i].float()).to(weight.dtype)
+                return out
+            out = q.handle(weight.float()).to(weight.dtype)
+            scale = self._pre_quant_scale(q)
+            if scale is not None:
+                out = (out * scale.squeeze().to(device=out.device)[None, :]).to(out.dtype)
+            return out
+
+    def state(self, q):
+        tensors, config = super().state(q)
+        leaves = self._leaves(q)
+        states = [leaf.get_modelopt_state() if hasattr(leaf, "get_modelopt_state") else {} for leaf in leaves]
+        config["modelopt_state"] = _json_safe(states[0] if len(states) == 1 else states)
+        config["class"] = type(q.handle).__name__
+        return tensors, config
+
+
+class ModuleQuantizerAdapter(QuantizerAdapter):
+    """Quantizer modules of class ``cls`` stored as ``<x>_quantizer`` children, switched by a bool attribute.
+
+    The convention of the built-in :mod:`offload_export.fakequant` quantizers, and the quickest way to
+    plug in a user's own (see :func:`register_quantizer`): ``module(weight)`` returns the fake-quantized
+    weight and ``module.<enabled_attr>`` turns it on and off.
+    """
+
+    def __init__(self, cls: type[nn.Module], *, enabled_attr: str = "enabled", name: str | None = None):
+        self.cls, self.enabled_attr = cls, enabled_attr
+        self.name = name or f"{cls.__module__}.{cls.__qualname__}"
+
+    def find(self, model):
+        return _module_quantizers(model, self, lambda m: isinstance(m, self.cls))
+
+    def is_enabled(self, q):
+        return bool(getattr(q.handle, self.enabled_attr))
+
+    def snapshot(self, q):
+        return getattr(q.handle, self.enabled_attr)
+
+    def disable(self, q):
+        setattr(q.handle, self.enabled_attr, False)
+
+    def restore(self, q, snapshot):
+        setattr(q.handle, self.enabled_attr, snapshot)
+
+    def fold(self, q, weight):
+        with torch.no_grad():
+            return q.handle(weight).to(weight.dtype)
+
+    def state(self, q):
+        tensors, config = super().state(q)
+        extra = getattr(q.handle, "config", None)
+        config["class"] = type(q.handle).__qualname__
+        if callable(extra):
+            config["config"] = _json_safe(extra())
+        return tensors, config
+
+
+def register_quantizer(cls: type[nn.Module], *, enabled_attr: str = "enabled") -> QuantizerAdapter:
+    """Make a user's own quantizer module class known to ``quantizers_disabled`` and ``save_clean``.
+
+    The class must be attached as a child named ``*weight_quantizer`` / ``*input_quantizer`` /
+    ``*output_quantizer``, return the fake-quantized tensor from ``forward`` and carry a bool attribute
+    ``enabled_attr``; its buffers are saved as its state, and an optional ``config()`` method's JSON-able
+    result as its configuration.
+
+    Args:
+        cls: the quantizer module class.
+        enabled_attr: the attribute that switches it on and off.
+
+    Returns:
+        The registered adapter.
+
+    Example:
+        >>> offload_export.register_quantizer(MyQuantizer)  # doctest: +SKIP
+    """
+    return register_adapter(ModuleQuantizerAdapter(cls, enabled_attr=enabled_attr))
+
+
+register_adapter(ModelOptAdapter())

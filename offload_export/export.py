@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 from . import _atomic
-from ._hooks import offloaded_tensors
 from ._store import read_store
-from .layout import Layout, TensorInfo, layout
-from .materialize import onloaded
-from .plan import ExportPlan, Unit, parse_size, plan_export
+from .layout import Layout, layout
+from .pipeline import UnitReader, stream
+from .plan import ExportPlan, parse_size, plan_export
 from .quantizers import Quantizer, find_quantizers
 from .writer import ShardWriter
 
@@ -125,57 +124,6 @@ def _weight_folds(quantizers: list[Quantizer], lay: Layout) -> dict[str, Quantiz
     return folds
 
 
-class _Pipeline:
-    """Reads, folds, converts and writes one unit at a time."""
-
-    def __init__(self, model, lay: Layout, plan: ExportPlan, folds: dict[str, Quantizer], writers: dict,
-                 dtype: torch.dtype | None, device: torch.device | None, convert: Callable | None, progress):
-        self.model, self.lay, self.plan, self.folds = model, lay, plan, folds
-        self.writers, self.dtype, self.device, self.convert, self.progress = writers, dtype, device, convert, progress
-        self.slot_refs = offloaded_tensors(model)  # the whole model's: hooks above an owner count too
-        self.shard_of = plan.weight_map
-
-    def _fold_device(self, q: Quantizer, info: TensorInfo) -> torch.device:
-        if self.device is not None:
-            return self.device
-        return q.adapter.fold_device(q) or info.device
-
-    def _fold(self, key: str, info: TensorInfo) -> torch.Tensor:
-        q = self.folds[key]
-        dev = self._fold_device(q, info)
-        try:
-            with onloaded(q.owner, dev, self.slot_refs):
-                weight = getattr(q.owner, q.target).detach().to(dev)
-                return q.adapter.fold(q, weight).to("cpu")
-        except Exception as e:
-            hint = " (its kernel may need CUDA: pass device='cuda')" if dev.type == "cpu" else ""
-            raise RuntimeError(f"folding {q.name} into {key} on {dev} failed{hint}: {e}") from e
-
-    def _read(self, key: str) -> torch.Tensor:
-        info = self.lay[key]
-        if key in self.folds:
-            return self._fold(key, info)
-        if info.kind == "resident":
-            return info.tensor.detach()
-        return read_store(info.ref.store, info.dtype, info.shape)
-
-    def _cast(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
-
-    def run_unit(self, unit: Unit) -> None:
-        values = {k: self._cast(self._read(k)) for k in unit.sources}
-        if unit.converted:
-            values = self.convert(values)
-        for spec in unit.outputs:
-            self.writers[self.shard_of[spec.name]].write(spec.name, values.pop(spec.name))
-            if self.progress is not None:
-                self.progress.update(spec.nbytes)
-
-    def run(self) -> None:
-        for unit in self.plan.units:
-            self.run_unit(unit)
-
-
 def _quantizer_state(quantizers: list[Quantizer], lay: Layout, folded: set[str]) -> tuple[dict, dict]:
     tensors, configs = {}, {}
     for q in quantizers:
@@ -268,7 +216,8 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, fold: bool = Tru
                        dtype=dtype, max_shard_size=shard_bytes, convert=convert)
     notes: list[str] = []
     with _atomic.staging(out_dir, overwrite=overwrite) as tmp:
-        files = _write_weights(model, lay, plan, folds, tmp, dtype, device, convert, progress)
+        reader = UnitReader(model, lay, folds, dtype=dtype, device=device, convert=convert)
+        files = _write_weights(reader, plan, tmp, progress)
         if quantizers:
             from safetensors.torch import save_file
             tensors, configs = _quantizer_state(quantizers, lay, set(folds))
@@ -283,14 +232,19 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, fold: bool = Tru
                         plan.largest_tensor, time.perf_counter() - start, notes)
 
 
-def _write_weights(model, lay, plan: ExportPlan, folds, tmp: Path, dtype, device, convert, progress) -> list[str]:
+def _write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: bool) -> list[str]:
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="offload-export")
     writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, {"format": "pt"}) for s in plan.shards}
+    shard_of = plan.weight_map
     try:
-        _Pipeline(model, lay, plan, folds, writers, dtype, device, convert, bar).run()
+        for unit, outputs in stream(reader, plan.units, read_ahead_bytes=_read_ahead_bytes(plan)):
+            for spec in unit.outputs:
+                writers[shard_of[spec.name]].write(spec.name, outputs.pop(spec.name))
+                if bar is not None:
+                    bar.update(spec.nbytes)
         for w in writers.values():
             w.close()
     except BaseException:
@@ -306,3 +260,8 @@ def _write_weights(model, lay, plan: ExportPlan, folds, tmp: Path, dtype, device
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         files.append(INDEX_NAME)
     return files
+
+
+def _read_ahead_bytes(plan: ExportPlan) -> int:
+    """Read ahead about one largest tensor (and at least 64 MB): memory stays near 2 x the largest tensor."""
+    return max(plan.largest_tensor, 64 * 2**20)

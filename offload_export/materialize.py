@@ -68,11 +68,14 @@ def _slots(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tenso
                 yield prefix + attr, owner, attr, tensor
 
 
-def _enter(module: nn.Module, device: torch.device | None, refs: dict) -> tuple[list[_Onloaded], list]:
+def _enter(module: nn.Module, device: torch.device | None, refs: dict, skip: frozenset
+           ) -> tuple[list[_Onloaded], list]:
     mine: list[_Onloaded] = []
     hooks: list = []
     try:
         for name, owner, attr, tensor in _slots(module):
+            if (id(owner), attr) in skip:
+                continue
             ref = refs.get((id(owner), attr))
             if ref is None:
                 if tensor.device.type == "meta" and id(tensor) not in _active:
@@ -151,11 +154,14 @@ def materialized(module: nn.Module, device: torch.device | str | None = None, *,
 
 @contextmanager
 def onloaded(module: nn.Module, device: torch.device | str | None, refs: dict[tuple[int, str], StoreRef], *,
-             writeback: bool = False) -> Iterator[None]:
-    """:func:`materialized` with the offload map given, e.g. the whole model's (hooks above ``module``)."""
+             writeback: bool = False, skip: frozenset[tuple[int, str]] = frozenset()) -> Iterator[None]:
+    """:func:`materialized` with the offload map given, e.g. the whole model's (hooks above ``module``).
+
+    ``skip`` lists ``(id(owner), attr)`` slots to leave offloaded (the caller already holds their data).
+    """
     device = torch.device(device) if device is not None else None
     with _lock:
-        mine, hooks = _enter(module, device, refs)
+        mine, hooks = _enter(module, device, refs, skip)
     ok = False
     try:
         yield

@@ -1,19 +1,35 @@
-"""Atomic directory commit: write beside the destination, fsync, rename into place; clean up on failure."""
+"""Atomic directory commit: write beside the destination, fsync, rename into place; clean up on failure.
+
+A temporary directory is named ``.<dest>.offload-export-<host>-<pid>-<start>-<random>``: the name itself is
+the marker that lets a later export recognise (and remove) the leftovers of one that was SIGKILLed.
+On Linux the commit is one ``renameat2`` call: ``RENAME_NOREPLACE`` (two racing exports: exactly one
+wins, the other gets ``FileExistsError``) or ``RENAME_EXCHANGE`` (``overwrite``: the previous checkpoint
+stays whole until the new one takes its place). Elsewhere a check-then-rename fallback is used.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import os
+import re
 import shutil
 import socket
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["check_destination", "staging"]
+__all__ = ["check_destination", "is_staging_dir", "staging"]
 
 _TAG = ".offload-export-"
-_MARKER = ".offload_export_incomplete"
+_NAME = re.compile(re.escape(_TAG) + r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}(?:-old)?$")
+_AT_FDCWD = -100
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_active: set[str] = set()  # this process's temporary directories that are still in use
 
 
 def check_destination(out_dir: Path, *, overwrite: bool) -> None:
@@ -21,46 +37,80 @@ def check_destination(out_dir: Path, *, overwrite: bool) -> None:
 
     Raises:
         FileExistsError: ``out_dir`` is a file, or a non-empty directory and ``overwrite`` is false.
-        PermissionError: the parent directory is not writable.
+        PermissionError: the nearest existing ancestor directory is not writable.
     """
-    if out_dir.exists() and not out_dir.is_dir():
+    if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory; choose another destination")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace it once the new "
-                              f"checkpoint is complete")
+                              f"checkpoint is complete, or choose another destination")
     parent = _parent(out_dir)
-    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write into {parent}: permission denied")
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    effective = os.access in os.supports_effective_ids  # a setuid/seteuid process is judged by its euid
+    if not os.access(parent, os.W_OK | os.X_OK, effective_ids=effective):
+        raise PermissionError(f"cannot write into {parent}: permission denied; choose a writable destination")
+
+
+def is_staging_dir(path: Path) -> bool:
+    """Whether ``path`` is named like a temporary directory of an export (live or stale)."""
+    return _NAME.search(path.name) is not None
 
 
 def _parent(out_dir: Path) -> Path:
     return out_dir.absolute().parent
 
 
-def _alive(marker: Path) -> bool:
-    """Whether the export that wrote ``marker`` may still be running."""
+@lru_cache(maxsize=1)
+def _host_id() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """``(state, start time in clock ticks)`` of a Linux process, or None where /proc cannot tell."""
     try:
-        host, pid = marker.read_text().split()
-        if host != socket.gethostname():
-            return True
-        os.kill(int(pid), 0)
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return fields[0], fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _temp_name(out_dir: Path) -> str:
+    stat = _proc_stat(os.getpid())
+    start = stat[1] if stat else "0"
+    return f".{out_dir.name}{_TAG}{_host_id()}-{os.getpid()}-{start}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(host: str, pid: int, start: str) -> bool:
+    """Whether the export that created a temporary directory may still be running (when unsure: yes)."""
+    if host != _host_id():
+        return True  # another machine sharing this file system: not ours to judge
+    try:
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (OSError, ValueError):
-        return True  # unreadable or not ours to judge: leave it
-    return True
+    except PermissionError:
+        pass  # exists, owned by someone else
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True
+    state, started = stat
+    return state != "Z" and (start == "0" or started == start)  # a zombie, or the pid was reused
 
 
-def _remove_stale(out_dir: Path) -> None:
-    """Remove temporary directories of dead exports into ``out_dir`` (crash, SIGKILL)."""
-    parent = _parent(out_dir)
-    for path in parent.glob(f".{out_dir.name}{_TAG}*"):
-        marker = path / _MARKER
-        if path.is_dir() and marker.exists() and not _alive(marker):
+def _remove_stale(parent: Path) -> None:
+    """Remove temporary directories in ``parent`` left by exports that died (SIGKILL, power loss)."""
+    for path in parent.glob(f".*{_TAG}*"):
+        m = _NAME.search(path.name)
+        if m is None or not path.is_dir() or path.is_symlink() or str(path) in _active:
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or not _alive(m["host"], pid, m["start"]):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -68,48 +118,105 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
-        out_dir.rmdir()
-    backup = None
-    if out_dir.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} appeared while exporting (another export?); nothing was written")
-        backup = tmp.with_name(tmp.name + "-old")
-        os.rename(out_dir, backup)
+@lru_cache(maxsize=1)
+def _renameat2_fn():
+    if not sys.platform.startswith("linux"):
+        return None
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``; False where the platform or file system does not support it.
+
+    Raises:
+        OSError: the rename failed (``EEXIST`` / ``ENOTEMPTY``: ``dst`` exists under ``RENAME_NOREPLACE``).
+    """
+    fn = _renameat2_fn()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def _move_noreplace(tmp: Path, out_dir: Path) -> bool:
+    """Rename ``tmp`` to ``out_dir`` unless ``out_dir`` exists; False (nothing moved) when it does."""
+    try:
+        if _renameat2(tmp, out_dir, _RENAME_NOREPLACE):
+            return True
+        if out_dir.exists() or out_dir.is_symlink():
+            return False
+        os.rename(tmp, out_dir)  # fails on a non-empty directory, which a rival export's always is
+        return True
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
+        raise
+
+
+def _swap(tmp: Path, out_dir: Path) -> None:
+    """Put ``tmp`` at ``out_dir`` and the previous ``out_dir`` at ``tmp``, atomically where possible."""
+    if _renameat2(tmp, out_dir, _RENAME_EXCHANGE):
+        return
+    backup = tmp.with_name(tmp.name + "-old")  # still named like a temp dir: removed if we die here
+    os.rename(out_dir, backup)
     try:
         os.rename(tmp, out_dir)
-    except OSError as e:
-        if backup is not None:
-            os.rename(backup, out_dir)
-        raise FileExistsError(f"{out_dir} appeared while exporting (another export?); nothing was written") from e
-    _fsync_dir(out_dir.parent)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        os.rename(backup, out_dir)
+        raise
+    os.rename(backup, tmp)
+
+
+def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    if out_dir.is_dir() and not out_dir.is_symlink():
+        try:
+            out_dir.rmdir()  # an empty destination counts as absent
+        except OSError:
+            pass
+    elif out_dir.exists() or out_dir.is_symlink():
+        raise FileExistsError(f"{out_dir} appeared as a file while exporting; nothing was written")
+    if not _move_noreplace(tmp, out_dir):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} appeared while exporting (another export into the same "
+                                  f"destination won the race); nothing was written")
+        if not out_dir.is_dir() or out_dir.is_symlink():
+            raise FileExistsError(f"{out_dir} appeared as a file while exporting; nothing was written")
+        _swap(tmp, out_dir)  # tmp now holds the previous checkpoint
+    _fsync(out_dir.parent)
 
 
 @contextmanager
 def staging(out_dir: Path, *, overwrite: bool) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``out_dir``; on success fsync it and rename it into place.
 
-    On any exception (disk full, Ctrl-C) the temporary directory is removed and the exception propagates;
-    ``out_dir`` is untouched.
+    Leftovers of dead exports in the same parent directory are removed first. On any exception (disk
+    full, Ctrl-C) the temporary directory is removed and the exception propagates; ``out_dir`` is
+    untouched. With ``overwrite`` the previous checkpoint stays complete until the new one replaces it.
+
+    Raises:
+        FileExistsError: ``out_dir`` appeared while exporting and ``overwrite`` is false.
     """
     parent = _parent(out_dir)
     parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out_dir)
-    tmp = parent / f".{out_dir.name}{_TAG}{uuid.uuid4().hex[:12]}"
+    _remove_stale(parent)
+    tmp = parent / _temp_name(out_dir)
     tmp.mkdir()
+    _active.add(str(tmp))
     try:
-        (tmp / _MARKER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         yield tmp
-        (tmp / _MARKER).unlink()
         for f in tmp.iterdir():
             if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+                _fsync(f)
+        _fsync(tmp)
         _commit(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the failed export, or the replaced checkpoint
+        _active.discard(str(tmp))

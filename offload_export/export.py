@@ -15,8 +15,8 @@ from torch import nn
 
 from . import _atomic
 from ._store import read_store
-from .layout import Layout, layout
-from .pipeline import UnitReader, stream
+from .layout import Layout, _declared_ties, layout
+from .pipeline import UnitReader
 from .plan import ExportPlan, parse_size, plan_export
 from .quantizers import Quantizer, find_quantizers
 from .writer import ShardWriter
@@ -82,15 +82,31 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return value
 
 
-def _check_model(model: nn.Module, lay: Layout) -> None:
+def _check_model(model: nn.Module, lay: Layout, *, allow_missing: bool = False) -> None:
     if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
         raise ValueError("save_clean got a torch.compile wrapper; pass the original module: model._orig_mod")
     missing = [k for k, i in lay.items() if i.kind == "missing"]
-    if missing:
+    if missing and not allow_missing:
         raise RuntimeError(
             f"{missing[0]} is on the meta device and no accelerate hook can supply its data "
             f"({len(missing)} such tensor(s)).\n  Load the model with device_map/offload_folder so that "
             f"offloaded weights have a weights_map, or materialize them before exporting.")
+
+
+def _check_shared_storage(model: nn.Module, lay: Layout, skip: set[str]) -> None:
+    """Resident weights sharing memory without being one tensor or a declared tie would be silently untied."""
+    ties = _declared_ties(model)
+    seen: dict[tuple, str] = {}
+    for key, info in lay.items():
+        t = info.tensor
+        if info.kind != "resident" or key in skip or not isinstance(t, torch.Tensor) or not t.numel():
+            continue
+        other = seen.setdefault((t.device, t.untyped_storage().data_ptr()), key)
+        if other != key and ties.get(key) != other and ties.get(other) != key:
+            raise ValueError(
+                f"{other} and {key} share memory but are neither the same tensor nor a declared tie;\n"
+                f"  the checkpoint would hold two copies that load untied. Make them one Parameter "
+                f"(tie them) or give {key} its own memory: nn.Parameter({key.rpartition('.')[2]}.detach().clone())")
 
 
 def _conversion(model: nn.Module, lay: Layout) -> Callable | None:
@@ -168,7 +184,7 @@ def _write_config(model: nn.Module, tmp: Path, dtype: torch.dtype | None, notes:
 def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, fold: bool = True,
                max_shard_size: int | str = "5GB", dtype: torch.dtype | str | None = None,
                device: torch.device | str | None = None, overwrite: bool = False, tokenizer=None,
-               progress: bool = False) -> ExportReport:
+               progress: bool = False, group=None, verify: bool = False) -> ExportReport:
     """Export ``model`` (offloaded or not, fake-quantized or not) as a clean Hugging Face checkpoint.
 
     One module at a time: its tensors are read from wherever they live (GPU, CPU offload, ``.dat``
@@ -188,6 +204,11 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, fold: bool = Tru
         overwrite: replace a non-empty ``out_dir`` (only once the new checkpoint is complete).
         tokenizer: saved with ``save_pretrained`` into the checkpoint when given.
         progress: show a progress bar over bytes written.
+        group: a ``torch.distributed`` process group whose ranks share the work (see
+            :mod:`offload_export.distributed`); when ``None`` and ``torch.distributed`` is initialised
+            with several ranks, the default group. Every rank of the group must call ``save_clean``.
+        verify: before committing, check the written files against the model with
+            :func:`offload_export.verify` (a second pass over the model); any mismatch aborts the export.
 
     Returns:
         An :class:`ExportReport`.
@@ -195,41 +216,96 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, fold: bool = Tru
     Raises:
         FileExistsError: ``out_dir`` is not empty and ``overwrite`` is false, or is a file.
         ValueError: a bad argument (shard size, dtype) or a model that cannot be exported as is.
-        RuntimeError: a weight that cannot be read or folded; the message names it.
+        RuntimeError: a weight that cannot be read or folded (the message names it), or ``verify`` found
+            mismatches (they are listed; nothing was committed).
 
     Example:
         >>> report = offload_export.save_clean(model, "out/", max_shard_size="2GB")  # doctest: +SKIP
     """
+    from . import distributed
+    if group is not None or distributed.default_group() is not None:
+        if verify:
+            raise ValueError("verify=True is not supported for a distributed export; call "
+                             "offload_export.verify(model, out_dir) after it instead")
+        return distributed.save_clean_distributed(
+            model, out_dir, fold=fold, max_shard_size=max_shard_size, dtype=dtype, device=device,
+            overwrite=overwrite, tokenizer=tokenizer, progress=progress, group=group)
     start = time.perf_counter()
+    job = _prepare(model, out_dir, fold=fold, max_shard_size=max_shard_size, dtype=dtype, device=device,
+                   overwrite=overwrite)
+    notes: list[str] = []
+    with _atomic.staging(job.out_dir, overwrite=overwrite) as tmp:
+        files = _write_weights(job.reader(model), job.plan, tmp, progress)
+        files += _write_metadata(model, job, tmp, tokenizer, notes)
+        if verify:
+            from .verify import check_staged
+            check_staged(model, job, tmp)
+    return _report(job, files, time.perf_counter() - start, notes)
+
+
+@dataclass
+class _Job:
+    """What an export knows before reading data (shared by :func:`save_clean` and its distributed form)."""
+
+    out_dir: Path
+    lay: Layout
+    quantizers: list[Quantizer]
+    folds: dict[str, Quantizer]
+    convert: Callable | None
+    plan: ExportPlan
+    dtype: torch.dtype | None
+    device: torch.device | None
+
+    def reader(self, model: nn.Module) -> UnitReader:
+        return UnitReader(model, self.lay, self.folds, dtype=self.dtype, device=self.device, convert=self.convert)
+
+
+def _prepare(model: nn.Module, out_dir, *, fold: bool, max_shard_size, dtype, device, overwrite: bool,
+             allow_missing: bool = False, check_out: bool = True) -> _Job:
+    """Check the arguments and the model (and ``out_dir`` when ``check_out``), find quantizers and plan the export."""
     out_dir = Path(out_dir)
     shard_bytes = parse_size(max_shard_size)
     dtype = _as_dtype(dtype)
     device = torch.device(device) if device is not None else None
-    _atomic.check_destination(out_dir, overwrite=overwrite)
+    if check_out:
+        _atomic.check_destination(out_dir, overwrite=overwrite)
     lay = layout(model)
-    _check_model(model, lay)
+    _check_model(model, lay, allow_missing=allow_missing)
     quantizers = find_quantizers(model)
     quantizer_keys = {k for q in quantizers for k in q.state_keys}
+    _check_shared_storage(model, lay, quantizer_keys)
     folds = _weight_folds(quantizers, lay) if fold else {}
     convert = _conversion(model, lay)
     plan = plan_export(lay, quantizer_keys=quantizer_keys, ignore=sorted(getattr(model, "_keys_to_ignore_on_save", None) or ()),
                        dtype=dtype, max_shard_size=shard_bytes, convert=convert)
-    notes: list[str] = []
-    with _atomic.staging(out_dir, overwrite=overwrite) as tmp:
-        reader = UnitReader(model, lay, folds, dtype=dtype, device=device, convert=convert)
-        files = _write_weights(reader, plan, tmp, progress)
-        if quantizers:
-            from safetensors.torch import save_file
-            tensors, configs = _quantizer_state(quantizers, lay, set(folds))
-            save_file(tensors, tmp / QUANTIZER_STATE_NAME,
-                      metadata={"format": "pt", "quantizers": json.dumps(configs, sort_keys=True)})
-            files.append(QUANTIZER_STATE_NAME)
-        files += _write_config(model, tmp, dtype, notes)
-        if tokenizer is not None:
-            files += [os.path.basename(f) for f in tokenizer.save_pretrained(tmp)]
-    return ExportReport(str(out_dir), sorted(set(files)), sum(len(s.tensors) for s in plan.shards),
-                        plan.total_size, len(plan.shards), sorted(folds), dict(plan.dropped),
-                        plan.largest_tensor, time.perf_counter() - start, notes)
+    return _Job(out_dir, lay, quantizers, folds, convert, plan, dtype, device)
+
+
+def _write_metadata(model: nn.Module, job: _Job, tmp: Path, tokenizer, notes: list[str]) -> list[str]:
+    """Everything but the weight shards: index, quantizer state, config, tokenizer."""
+    files = []
+    if len(job.plan.shards) > 1:
+        index = {"metadata": {"total_size": job.plan.total_size},
+                 "weight_map": dict(sorted(job.plan.weight_map.items()))}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        files.append(INDEX_NAME)
+    if job.quantizers:
+        from safetensors.torch import save_file
+        tensors, configs = _quantizer_state(job.quantizers, job.lay, set(job.folds))
+        save_file(tensors, tmp / QUANTIZER_STATE_NAME,
+                  metadata={"format": "pt", "quantizers": json.dumps(configs, sort_keys=True)})
+        files.append(QUANTIZER_STATE_NAME)
+    files += _write_config(model, tmp, job.dtype, notes)
+    if tokenizer is not None:
+        files += [os.path.basename(f) for f in tokenizer.save_pretrained(tmp)]
+    return files
+
+
+def _report(job: _Job, files: list[str], seconds: float, notes: list[str]) -> ExportReport:
+    plan = job.plan
+    files = sorted(set(files) | {s.filename for s in plan.shards})
+    return ExportReport(str(job.out_dir), files, sum(len(s.tensors) for s in plan.shards), plan.total_size,
+                        len(plan.shards), sorted(job.folds), dict(plan.dropped), plan.largest_tensor, seconds, notes)
 
 
 def _write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: bool) -> list[str]:
@@ -237,10 +313,11 @@ def _write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: bo
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="offload-export")
+    from .distributed import stream_lanes
     writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, {"format": "pt"}) for s in plan.shards}
     shard_of = plan.weight_map
     try:
-        for unit, outputs in stream(reader, plan.units, read_ahead_bytes=_read_ahead_bytes(plan)):
+        for unit, outputs in stream_lanes(reader, plan.units, read_ahead_bytes=_read_ahead_bytes(plan)):
             for spec in unit.outputs:
                 writers[shard_of[spec.name]].write(spec.name, outputs.pop(spec.name))
                 if bar is not None:
@@ -254,12 +331,7 @@ def _write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: bo
     finally:
         if bar is not None:
             bar.close()
-    files = list(writers)
-    if len(plan.shards) > 1:
-        index = {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(plan.weight_map.items()))}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        files.append(INDEX_NAME)
-    return files
+    return list(writers)
 
 
 def _read_ahead_bytes(plan: ExportPlan) -> int:

@@ -1,0 +1,366 @@
+"""The same export split over ``torch.distributed`` ranks, and over the GPUs of one process.
+
+Several processes (``torchrun``; gloo on CPU, NCCL on GPU): :func:`save_clean` with ``group=`` (or with
+``torch.distributed`` initialised over several ranks) computes the same plan on every rank, assigns each
+safetensors shard to one rank (largest shards first, to the least loaded rank that can read it), and
+every rank writes its shards into one temporary directory beside ``out_dir`` that rank 0 created. Rank 0
+then writes the index, config, generation config and quantizer state and renames the directory into
+place. The files are byte-for-byte those of a single-process export. A failure on any rank makes every
+rank raise and leaves no checkpoint; ranks agree through a dedicated gloo group with a timeout, so a
+vanished rank is an error after ``timeout``, not a hang.
+
+Two ways to hold the model:
+
+(a) every rank holds the whole model (offloaded or not, e.g. the same ``device_map`` with its GPU part on
+    ``cuda:LOCAL_RANK``): every rank can read every shard, and the shards are balanced by bytes;
+(b) ranks hold different parts (a pipeline-style ``device_map`` per rank): every rank must build the
+    *same module tree*; the parts a rank does not hold are ``meta`` tensors without an offloading hook.
+    A shard goes to a rank that can read all of its tensors (and, for folded weights, its quantizer's
+    state); a shard that no rank can read is an error naming a tensor. Rank 0 must be able to read the
+    quantizer state (it is small: keep quantizers resident on every rank).
+
+Requirements: all ranks see ``out_dir``'s parent on one shared filesystem, and call ``save_clean`` with the
+same arguments. The ranks' plans are compared (a fingerprint of shards, dtypes, shapes and folded weights)
+and must match. When CUDA is available and ``device`` is not given, each rank folds on
+``cuda:$LOCAL_RANK``. A process that exports alone while ``torch.distributed`` is initialised (the
+``if rank == 0: save_clean(...)`` pattern) must pass a single-rank group: ``group=dist.new_group([rank])``.
+
+One process, several GPUs: :func:`stream_lanes` folds each unit on its own fold device, one thread per
+device, feeding the single writer; the shard writer ``pwrite``s at planned offsets, so the order in which
+units arrive does not change a byte. With one fold device it is the plain sequential stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, closing
+from dataclasses import asdict, replace
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import _atomic
+from .export import ExportReport, _Job, _prepare, _report, _write_metadata, _write_weights
+from .pipeline import UnitReader, stream
+from .plan import ExportPlan, Unit
+
+__all__ = ["assign_shards", "default_group", "save_clean_distributed", "stream_lanes"]
+
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+def default_group():
+    """The default process group when ``torch.distributed`` is initialised with more than one rank, else ``None``."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def assign_shards(sizes: Sequence[int], readable: Sequence[Sequence[bool]]) -> tuple[int, ...]:
+    """Give each shard to one rank: largest first, to the least loaded rank that can read it (ties: lowest rank).
+
+    Args:
+        sizes: bytes of each shard.
+        readable: ``readable[rank][shard]``: whether that rank can read all of the shard's tensors.
+
+    Returns:
+        The rank of each shard.
+
+    Raises:
+        ValueError: a shard that no rank can read.
+
+    Example:
+        >>> assign_shards([5, 3, 3], [[True] * 3, [True] * 3])
+        (0, 1, 1)
+    """
+    load = [0] * len(readable)
+    owner = [-1] * len(sizes)
+    for shard in sorted(range(len(sizes)), key=lambda s: (-sizes[s], s)):
+        candidates = [r for r in range(len(readable)) if readable[r][shard]]
+        if not candidates:
+            raise ValueError(f"shard {shard} can be read by no rank")
+        rank = min(candidates, key=lambda r: (load[r], r))
+        owner[shard] = rank
+        load[rank] += sizes[shard]
+    return tuple(owner)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One process, several devices
+
+
+def _fold_lane(reader: UnitReader, unit: Unit) -> Hashable:
+    """The device a unit is folded on (the one of its first folded weight), else where its first tensor is."""
+    for key in unit.sources:
+        q = reader.folds.get(key)
+        if q is not None:
+            return reader.device or q.adapter.fold_device(q) or reader.lay[key].device
+    return reader.device or reader.lay[unit.sources[0]].device
+
+
+_DONE = object()
+
+
+def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def stream_lanes(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int,
+                 lane: Callable[[UnitReader, Unit], Hashable] | None = None
+                 ) -> Iterator[tuple[Unit, dict[str, torch.Tensor]]]:
+    """:func:`offload_export.pipeline.stream` with one worker thread per fold device, working concurrently.
+
+    Units arrive in no fixed order across devices (in order within one); the consumer writes them at
+    planned offsets. With a single lane this is ``stream`` itself, in the calling thread's order.
+
+    Args:
+        reader: the unit reader.
+        units: the units to produce.
+        read_ahead_bytes: read-ahead budget of each lane.
+        lane: ``(reader, unit) -> key`` grouping units into lanes; by default the unit's fold device.
+
+    Yields:
+        ``(unit, outputs)`` as each lane finishes a unit.
+    """
+    units = list(units)
+    lanes: dict[Hashable, list[Unit]] = {}
+    for unit in units:
+        lanes.setdefault((lane or _fold_lane)(reader, unit), []).append(unit)
+    if len(lanes) <= 1:
+        yield from stream(reader, units, read_ahead_bytes=read_ahead_bytes)
+        return
+    out: queue.Queue = queue.Queue(maxsize=len(lanes))
+    stop = threading.Event()
+
+    def work(key: Hashable, lane_units: list[Unit]) -> None:
+        try:
+            if isinstance(key, torch.device) and key.type == "cuda":
+                torch.cuda.set_device(key)  # kernels that allocate on the current device
+            with closing(stream(reader, lane_units, read_ahead_bytes=read_ahead_bytes)) as items:
+                for item in items:
+                    if not _put(out, item, stop):
+                        return
+        except BaseException as e:  # handed to the consumer
+            _put(out, e, stop)
+        finally:
+            _put(out, _DONE, stop)
+
+    threads = [threading.Thread(target=work, args=item, name=f"offload-export-lane-{item[0]}", daemon=True)
+               for item in lanes.items()]
+    for t in threads:
+        t.start()
+    try:
+        running = len(threads)
+        while running:
+            item = out.get()
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several processes
+
+
+def _exchange(ctl, fn: Callable[[], str]) -> list[str]:
+    """Run ``fn`` on every rank and gather the strings it returns; if it raised anywhere, raise everywhere.
+
+    Strings travel as uint8 tensors (never pickle). The failing rank re-raises its own exception; the
+    others raise a ``RuntimeError`` naming the failing rank and its message.
+    """
+    error = None
+    try:
+        text = fn()
+    except Exception as e:
+        error, text = e, f"{type(e).__name__}: {e}"
+    data = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8) if text else torch.empty(0, dtype=torch.uint8)
+    world = dist.get_world_size(ctl)
+    header = torch.tensor([len(data), error is None], dtype=torch.int64)
+    headers = [torch.empty_like(header) for _ in range(world)]
+    dist.all_gather(headers, header, group=ctl)
+    longest = max(1, max(int(h[0]) for h in headers))
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[:len(data)] = data
+    chunks = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(chunks, padded, group=ctl)
+    texts = [c[:int(h[0])].numpy().tobytes().decode() for c, h in zip(chunks, headers)]
+    failed = [r for r, h in enumerate(headers) if not h[1]]
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"save_clean failed on rank {failed[0]} ({len(failed)} of {world} rank(s) failed); "
+                           f"no checkpoint was written:\n  {texts[failed[0]]}")
+    return texts
+
+
+def _needs(job: _Job) -> dict[str, set[str]]:
+    """``output name -> layout keys`` a rank must be able to read to produce it (quantizer state included)."""
+    state = {key: set(q.state_keys) for key, q in job.folds.items()}
+    needs = {}
+    for unit in job.plan.units:
+        for spec in unit.outputs:
+            sources = unit.sources if unit.converted else (spec.name,)
+            needs[spec.name] = {k for s in sources for k in (s, *state.get(s, ()))}
+    return needs
+
+
+def _missing(job: _Job, keys: Iterable[str]) -> str | None:
+    """The first of ``keys`` this rank holds no data for (a meta tensor without an offloading hook)."""
+    return next((k for k in sorted(keys) if k in job.lay and job.lay[k].kind == "missing"), None)
+
+
+def _fingerprint(job: _Job) -> str:
+    shards = [[s.filename, [[t.name, str(t.dtype), list(t.shape)] for t in s.tensors]] for s in job.plan.shards]
+    return hashlib.sha256(json.dumps([shards, sorted(job.folds)]).encode()).hexdigest()
+
+
+def _survey(job: _Job) -> str:
+    """This rank's plan fingerprint and, per shard (then the quantizer state), whether it can read it."""
+    needs = _needs(job)
+    readable = ["0" if _missing(job, {k for t in s.tensors for k in needs[t.name]}) else "1" for s in job.plan.shards]
+    readable.append("0" if _missing(job, {k for q in job.quantizers for k in q.state_keys}) else "1")
+    return json.dumps({"plan": _fingerprint(job), "readable": "".join(readable)})
+
+
+def _assign(job: _Job, surveys: list[dict], rank: int) -> tuple[int, ...]:
+    """The owner rank of each shard, identical on every rank; raises the same error on every rank."""
+    if len({s["plan"] for s in surveys}) > 1:
+        raise RuntimeError("the ranks planned different exports (tensor names, dtypes, shapes or folded weights "
+                           "differ): every rank must build the same model, quantize it the same way and call "
+                           "save_clean with the same arguments")
+    if surveys[0]["readable"][-1] != "1":
+        key = _missing(job, {k for q in job.quantizers for k in q.state_keys})
+        raise RuntimeError(f"rank 0 cannot read the quantizer state it writes (e.g. {key or 'on rank 0'} is on the "
+                           f"meta device without an offloading hook); keep quantizers resident on every rank")
+    readable = [[c == "1" for c in s["readable"][:-1]] for s in surveys]
+    try:
+        return assign_shards([s.nbytes for s in job.plan.shards], readable)
+    except ValueError:
+        needs = _needs(job)
+        shard = next(s for i, s in enumerate(job.plan.shards) if not any(r[i] for r in readable))
+        key = _missing(job, {k for t in shard.tensors for k in needs[t.name]})
+        raise RuntimeError(f"{shard.filename}: no rank can read all of its tensors (on rank {rank}, "
+                           f"{key or 'some tensor'} is on the meta device without an offloading hook); every "
+                           f"tensor must be held or offloaded by some rank") from None
+
+
+def _share(plan: ExportPlan, owner: tuple[int, ...], rank: int) -> ExportPlan:
+    """The part of ``plan`` one rank writes: its shards, and of each unit only the outputs in them."""
+    shards = tuple(s for s, r in zip(plan.shards, owner) if r == rank)
+    mine = {t.name for s in shards for t in s.tensors}
+    units = []
+    for unit in plan.units:
+        outputs = tuple(o for o in unit.outputs if o.name in mine)
+        if outputs:
+            sources = unit.sources if unit.converted else tuple(o.name for o in outputs)
+            units.append(replace(unit, sources=sources, outputs=outputs))
+    return ExportPlan(tuple(units), shards, plan.dropped)
+
+
+def _rank_device(device) -> torch.device | None:
+    if device is not None or not torch.cuda.is_available():
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+
+
+def save_clean_distributed(model: nn.Module, out_dir: str | os.PathLike, *, fold: bool = True,
+                           max_shard_size: int | str = "5GB", dtype: torch.dtype | str | None = None,
+                           device: torch.device | str | None = None, overwrite: bool = False, tokenizer=None,
+                           progress: bool = False, group=None, timeout: timedelta = DEFAULT_TIMEOUT
+                           ) -> ExportReport:
+    """:func:`offload_export.save_clean` with the shards split over the ranks of ``group``; call it on every rank.
+
+    Args:
+        model, out_dir, fold, max_shard_size, dtype, device, overwrite, tokenizer, progress: as for
+            ``save_clean`` (``device`` defaults to ``cuda:$LOCAL_RANK`` when CUDA is available; the
+            progress bar is rank 0's).
+        group: the process group (default: the whole world). ``torch.distributed`` must be initialised.
+        timeout: how long a rank waits for the others at each agreement point (the slowest rank's write
+            phase included) before raising.
+
+    Returns:
+        The same :class:`~offload_export.export.ExportReport` on every rank.
+
+    Raises:
+        As ``save_clean``, on every rank whenever any rank fails: the failing rank raises its own exception,
+        the others a ``RuntimeError`` naming it. No checkpoint is left behind.
+        RuntimeError: the ranks planned different exports, or a shard that no rank can read (mode (b)).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("save_clean_distributed needs torch.distributed initialised (torchrun + "
+                           "dist.init_process_group); for one process call save_clean")
+    group = group if group is not None else dist.group.WORLD
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the group it was given")
+    ctl = dist.new_group(dist.get_process_group_ranks(group), timeout=timeout, backend="gloo",
+                         use_local_synchronization=True)
+    try:
+        options = dict(fold=fold, max_shard_size=max_shard_size, dtype=dtype, device=_rank_device(device),
+                       overwrite=overwrite)
+        return _export(model, out_dir, options, tokenizer, progress and rank == 0, ctl, rank)
+    finally:
+        dist.destroy_process_group(ctl)
+
+
+def _export(model: nn.Module, out_dir, options: dict, tokenizer, progress: bool, ctl, rank: int) -> ExportReport:
+    start = time.perf_counter()
+    job: _Job | None = None
+
+    def prepare() -> str:
+        nonlocal job
+        job = _prepare(model, out_dir, allow_missing=True, **options)
+        return _survey(job)
+
+    owner = _assign(job, [json.loads(s) for s in _exchange(ctl, prepare)], rank)
+    share = _share(job.plan, owner, rank)
+    with ExitStack() as stack:
+        def stage() -> str:
+            return str(stack.enter_context(_atomic.staging(job.out_dir, overwrite=options["overwrite"])))
+
+        tmp = Path(_exchange(ctl, stage if rank == 0 else lambda: "")[0])
+
+        def write() -> str:
+            _write_weights(job.reader(model), share, tmp, progress)
+            return ""
+
+        _exchange(ctl, write)
+
+        def finish() -> str:
+            if rank != 0:
+                return ""
+            notes = [_split_note(job.plan, owner, dist.get_world_size(ctl))]
+            files = _write_metadata(model, job, tmp, tokenizer, notes)
+            stack.close()  # fsync and rename into place: the checkpoint is committed
+            return json.dumps(asdict(_report(job, files, time.perf_counter() - start, notes)))
+
+        report = json.loads(_exchange(ctl, finish)[0])
+    return ExportReport(**report)
+
+
+def _split_note(plan: ExportPlan, owner: tuple[int, ...], ranks: int) -> str:
+    per_rank = [sum(s.nbytes for s, r in zip(plan.shards, owner) if r == rank) for rank in range(ranks)]
+    return "shards written by rank: " + ", ".join(
+        f"{rank}: {owner.count(rank)} ({per_rank[rank] / 1e6:.1f} MB)" for rank in range(ranks))

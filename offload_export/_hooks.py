@@ -7,13 +7,16 @@ lives here, so the rest of the package sees plain :class:`Store` records.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["Store", "StoreRef", "align_hooks", "execution_device", "offloaded_tensors", "resolve_store"]
+__all__ = ["CacheHook", "Store", "StoreRef", "align_hooks", "execution_device", "no_onloading", "offloaded_tensors",
+           "resolve_store"]
 
 
 @dataclass(frozen=True)
@@ -149,4 +152,63 @@ def offloaded_tensors(model: nn.Module) -> dict[tuple[int, str], StoreRef]:
                 except KeyError:
                     continue  # accelerate would fail on forward too; the layout reports it as missing
                 refs[(id(owner), attr)] = StoreRef(hook, module_name, device, store)
+    refs.update(_ct_offloaded_tensors(model))
     return refs
+
+
+# --- compressed-tensors' own offloading (compressed_tensors.offload) ------------------------------------
+# `offload_module` replaces a module's `_parameters` / `_buffers` dicts by an `OffloadCache` (a
+# MutableMapping, not a dict): `offloaded_values[name]` holds the offloaded tensor (a CPU tensor for
+# CPUCache, a meta tensor keyed into the class-wide `DiskCache.index` of safetensors files for DiskCache)
+# and every `cache[name]` (so every `module.weight`) onloads a fresh copy to `onload_device`. There is
+# no hook object and nothing is ever meta from the module's point of view.
+
+
+class CacheHook:
+    """Stands in for an accelerate hook over one compressed-tensors ``OffloadCache``.
+
+    ``offload`` is the flag :func:`offload_export.materialized` suspends; an ``OffloadCache`` onloads on
+    every access and has no post-forward offload, so the flag changes nothing there.
+    """
+
+    def __init__(self, cache: Mapping):
+        self.cache = cache
+        self.offload = True
+
+
+def _is_offload_cache(mapping: object) -> bool:
+    return not isinstance(mapping, dict) and hasattr(mapping, "offloaded_values") and hasattr(mapping, "onload_device")
+
+
+def _cache_store(cache, name: str) -> Store:
+    """CPU-offloaded values are read in place; disk/device ones through the cache itself (its own onload)."""
+    value = cache.offloaded_values[name]
+    if str(getattr(cache, "offload_device", "")) == "cpu" and value.device.type == "cpu":
+        return Store("cpu", cache.offloaded_values, name)
+    return Store("mapping", cache, name)
+
+
+def _ct_offloaded_tensors(model: nn.Module) -> dict[tuple[int, str], StoreRef]:
+    """``offloaded_tensors`` for modules offloaded by compressed-tensors (``OffloadCache`` tensor dicts)."""
+    refs: dict[tuple[int, str], StoreRef] = {}
+    for module_name, module in model.named_modules():
+        for cache in (module._parameters, module._buffers):
+            if not _is_offload_cache(cache):
+                continue
+            hook, device = CacheHook(cache), torch.device(cache.onload_device)
+            for name, value in cache.offloaded_values.items():
+                if value is not None:
+                    refs[(id(module), name)] = StoreRef(hook, module_name, device, _cache_store(cache, name))
+    return refs
+
+
+@contextmanager
+def no_onloading() -> Iterator[None]:
+    """Inside, compressed-tensors ``OffloadCache`` mappings hand out their offloaded values (CPU tensors, meta
+    tensors for disk) instead of onloading a copy of each; a no-op when compressed-tensors is not loaded."""
+    base = sys.modules.get("compressed_tensors.offload.cache.base")
+    if base is None:
+        yield
+        return
+    with base.OffloadCache.disable_onloading():
+        yield

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._hooks import StoreRef, offloaded_tensors
+from ._hooks import StoreRef, no_onloading, offloaded_tensors
 
 __all__ = ["Layout", "TensorInfo", "layout"]
 
@@ -180,7 +180,9 @@ def layout(model: nn.Module) -> Layout:
     refs = offloaded_tensors(model)
     slots = _named_slots(model)
     infos: dict[str, TensorInfo] = {}
-    for key, value in model.state_dict(keep_vars=True).items():
+    with no_onloading():  # a compressed-tensors OffloadCache would onload every tensor for state_dict()
+        state = model.state_dict(keep_vars=True)
+    for key, value in state.items():
         owner, attr = slots.get(key, (None, None))
         module_name = key.rpartition(".")[0]
         if owner is None or not isinstance(value, torch.Tensor):

@@ -274,3 +274,37 @@ def test_compressed_and_uncalibrated_modules_refuse_to_fold(tmp_path):
     weights, _, meta = _read_dir(tmp_path / "c")
     assert torch.equal(weights["model.layers.0.self_attn.k_proj.weight"], mod.weight)
     assert meta["model.layers.0.self_attn.k_proj.weight"]["folded"] is False
+
+
+def _ct_offload(model, where: str, tmp_path: Path):
+    """compressed-tensors' own offloading: every module's tensor dicts become OffloadCaches."""
+    from compressed_tensors.offload import offload_module
+    tmp_path.mkdir(exist_ok=True)
+    for module in model.modules():
+        if module._parameters or module._buffers:
+            offload_module(module, CPU, where, **({"offload_dir": str(tmp_path)} if where == "disk" else {}))
+    return model
+
+
+@pytest.mark.parametrize("where", ["cpu", "disk"])
+def test_compressed_tensors_offload_layout_materialized_save_clean(tmp_path, where):
+    from compressed_tensors.offload import OffloadCache, disable_offloading
+    reference = make_quantized("fp8_w8a8", "qwen3")
+    model = _ct_offload(make_quantized("fp8_w8a8", "qwen3"), where, tmp_path / "ct")
+    assert isinstance(model.model.layers[0].mlp.up_proj._parameters, OffloadCache)
+    lay = oe.layout(model)
+    assert {i.kind for i in lay.values()} == {"cpu" if where == "cpu" else "mapping", "tied"}
+    assert lay["lm_head.weight"].tied_to == "model.embed_tokens.weight"
+    proj = model.model.layers[0].mlp.up_proj
+    with oe.materialized(proj):
+        assert torch.equal(proj.weight, reference.model.layers[0].mlp.up_proj.weight)
+    oe.save_clean(model, tmp_path / "out")
+    weights, state, _ = _read_dir(tmp_path / "out")
+    expected = _expected_weights(reference)
+    assert sorted(weights) == sorted(expected)
+    assert all(torch.equal(weights[k], v) for k, v in expected.items())
+    assert torch.equal(state["model.layers.0.mlp.up_proj.input.scale"],
+                       reference.model.layers[0].mlp.up_proj.input_scale)
+    # compressed-tensors' forward re-reads `self.weight`: with disk offload it needs disable_offloading
+    with disable_offloading():
+        assert torch.equal(_logits(model), _logits(reference))

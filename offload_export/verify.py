@@ -1,0 +1,306 @@
+"""``verify()``: stream a written checkpoint against the model, one unit at a time, and list every mismatch.
+
+The expected tensors come from the export's own path (plan, read, fold, cast, convert); the file bytes
+are read with ``pread`` into buffers of one tensor, never through mmap, so memory stays bounded like the
+export's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._store import SAFETENSORS_DTYPES, _read_file, safetensors_header
+from .export import (_CONFIG_KEYS_DROPPED, INDEX_NAME, QUANTIZER_STATE_NAME, _Job, _prepare, _quantizer_state,
+                     _read_ahead_bytes)
+from .pipeline import stream
+from .writer import TensorSpec
+
+__all__ = ["VerifyReport", "check", "check_staged", "verify"]
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_ANY_SHARD_SIZE = 2**62  # verify reads the shards from the files; only the plan's units matter
+_MAX_LISTED = 20  # per kind of mismatch in the repr; ``mismatches`` keeps them all
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found.
+
+    Attributes:
+        out_dir: the checkpoint directory.
+        tensors: weight tensors whose bytes were compared; bytes: their total size.
+        mismatches: every problem found, one line each (empty when the checkpoint matches).
+        seconds: wall time of the check.
+    """
+
+    out_dir: str
+    tensors: int = 0
+    bytes: int = 0
+    mismatches: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when the checkpoint matches the model exactly."""
+        return not self.mismatches
+
+    def __repr__(self) -> str:
+        status = "OK" if self.ok else f"{len(self.mismatches)} mismatch(es)"
+        lines = [f"VerifyReport({self.out_dir}): {status}",
+                 f"  {self.tensors} tensors, {self.bytes / 1e6:.1f} MB compared in {self.seconds:.2f} s"]
+        lines += [f"  - {m}" for m in self.mismatches[:_MAX_LISTED]]
+        if len(self.mismatches) > _MAX_LISTED:
+            lines.append(f"  ... and {len(self.mismatches) - _MAX_LISTED} more")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of a safetensors file as its header describes it."""
+
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute
+    nbytes: int
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return TensorSpec("", dtype, shape).nbytes
+
+
+def _read_header(path: Path, problems: list[str]) -> dict[str, _Entry] | None:
+    """The validated tensor entries of a safetensors file, or None (with the problem noted)."""
+    name = path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+        if len(raw) < 8 or struct.unpack("<Q", raw)[0] > size - 8:
+            problems.append(f"{name}: not a safetensors file (header length beyond the end of the file)")
+            return None
+        start, header = safetensors_header(str(path))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        problems.append(f"{name}: unreadable safetensors header ({e})")
+        return None
+    entries: dict[str, _Entry] = {}
+    spans = []
+    for key, meta in header.items():
+        try:
+            dtype, shape = SAFETENSORS_DTYPES[meta["dtype"]], tuple(int(d) for d in meta["shape"])
+            begin, end = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"{name}: malformed header entry for {key!r}: {meta!r}")
+            continue
+        if end - begin != _nbytes(dtype, shape):
+            problems.append(f"{name}: {key} spans {end - begin} bytes, its dtype and shape need "
+                            f"{_nbytes(dtype, shape)}")
+        entries[key] = _Entry(name, dtype, shape, start + begin, end - begin)
+        spans.append((begin, end, key))
+    pos = 0
+    for begin, end, key in sorted(spans):
+        if begin != pos:
+            problems.append(f"{name}: {key} starts at data byte {begin}, expected {pos} (gap or overlap)")
+        pos = max(pos, end)
+    if start + pos != size:
+        problems.append(f"{name}: file is {size} bytes, its header describes {start + pos} (truncated or trailing data)")
+    return entries
+
+
+def _index(out_dir: Path, problems: list[str]) -> tuple[dict[str, str] | None, int | None]:
+    """``(tensor -> file, metadata.total_size)`` from the index; ``(None, None)`` for a single-file checkpoint."""
+    path = out_dir / INDEX_NAME
+    if not path.exists():
+        if not (out_dir / "model.safetensors").exists():
+            problems.append(f"missing file: neither {INDEX_NAME} nor model.safetensors is in {out_dir}")
+            return {}, None
+        return None, None
+    try:
+        index = json.loads(path.read_text())
+        weight_map, total = index["weight_map"], (index.get("metadata") or {}).get("total_size")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("weight_map is not a {tensor: file} mapping")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        problems.append(f"{INDEX_NAME}: unreadable ({e})")
+        return {}, None
+    if not isinstance(total, int):
+        problems.append(f"{INDEX_NAME}: metadata.total_size is {total!r}, expected the weights' byte count")
+        total = None
+    return weight_map, total
+
+
+def _read_entries(out_dir: Path, problems: list[str]) -> tuple[dict[str, _Entry], set[str]]:
+    """Every weight tensor's file entry and the weight files; index <-> files <-> headers checked."""
+    weight_map, total = _index(out_dir, problems)
+    files = sorted(set(weight_map.values())) if weight_map is not None else ["model.safetensors"]
+    entries: dict[str, _Entry] = {}
+    for file in files:
+        if not (out_dir / file).is_file():
+            problems.append(f"missing file: {file} (listed in {INDEX_NAME})")
+            continue
+        header = _read_header(out_dir / file, problems)
+        if header is None:
+            continue
+        for key, entry in header.items():
+            if weight_map is not None and weight_map.get(key) != file:
+                where = f"maps it to {weight_map[key]}" if key in weight_map else "does not list it"
+                problems.append(f"{file}: holds {key}, but {INDEX_NAME} {where}")
+            entries.setdefault(key, entry)
+        for key in sorted(k for k, f in (weight_map or {}).items() if f == file and k not in header):
+            problems.append(f"{INDEX_NAME}: maps {key} to {file}, whose header does not have it")
+    actual = sum(e.nbytes for e in entries.values())
+    if total is not None and total != actual:
+        problems.append(f"{INDEX_NAME}: metadata.total_size is {total}, the shards hold {actual} bytes")
+    return entries, set(files)
+
+
+def _compare(name: str, expected: torch.Tensor, entry: _Entry, out_dir: Path, problems: list[str]) -> bool:
+    """Compare ``expected`` with the file's bytes for ``name``; True when they were compared."""
+    if expected.dtype != entry.dtype or tuple(expected.shape) != entry.shape:
+        problems.append(f"{name}: expected {expected.dtype} {list(expected.shape)}, "
+                        f"{entry.file} has {entry.dtype} {list(entry.shape)}")
+        return False
+    want = expected.detach().to("cpu").contiguous()
+    if not want.numel():
+        return True
+    try:
+        got = _read_file(str(out_dir / entry.file), entry.offset, want.dtype, tuple(want.shape))
+    except OSError as e:
+        problems.append(f"{name}: cannot read its bytes from {entry.file} ({e})")
+        return False
+    a = want.reshape(-1).view(torch.uint8).view(want.numel(), -1)
+    b = got.reshape(-1).view(torch.uint8).view(want.numel(), -1)
+    differ = (a != b).any(dim=1)
+    if bool(differ.any()):
+        first = int(differ.nonzero()[0])
+        problems.append(f"{name}: {int(differ.sum())} of {want.numel()} elements differ in {entry.file} "
+                        f"(first at flat index {first}: expected {want.reshape(-1)[first].item()}, "
+                        f"file has {got.reshape(-1)[first].item()})")
+    return True
+
+
+def _check_names(specs: Iterable[TensorSpec], entries: dict[str, _Entry], dropped: dict[str, str],
+                 problems: list[str]) -> None:
+    expected = {s.name for s in specs}
+    for name in sorted(expected - set(entries)):
+        problems.append(f"missing tensor: {name} is not in the checkpoint")
+    for name in sorted(set(entries) - expected):
+        why = f" (it is {dropped[name]})" if name in dropped else ""
+        problems.append(f"unexpected tensor: {name} should not be among the weights{why}")
+
+
+def _check_files(model: nn.Module, job: _Job, out_dir: Path, weight_files: set[str], problems: list[str]) -> None:
+    """Extra and missing files, and a config.json without the keys the export drops."""
+    names = {p.name: p for p in out_dir.iterdir()}
+    for name, path in sorted(names.items()):
+        if path.is_dir():
+            problems.append(f"unexpected directory: {name}")
+        elif name.endswith(".safetensors") and name not in weight_files and name != QUANTIZER_STATE_NAME:
+            problems.append(f"unexpected file: {name} (a weight file that the index does not reference)")
+        elif name.endswith(_PICKLE_SUFFIXES):
+            problems.append(f"unexpected file: {name} (pickle-based weights do not belong in this checkpoint)")
+    if job.quantizers and QUANTIZER_STATE_NAME not in names:
+        problems.append(f"missing file: {QUANTIZER_STATE_NAME} (the model has {len(job.quantizers)} quantizer(s))")
+    if not hasattr(getattr(model, "config", None), "save_pretrained"):
+        return
+    if "config.json" not in names:
+        problems.append("missing file: config.json")
+        return
+    try:
+        config = json.loads(names["config.json"].read_text())
+    except (OSError, ValueError) as e:
+        problems.append(f"config.json: unreadable ({e})")
+        return
+    for key in sorted(set(config) & set(_CONFIG_KEYS_DROPPED)):
+        problems.append(f"config.json: has {key!r}, which the export drops")
+
+
+def _check_quantizer_state(job: _Job, out_dir: Path, problems: list[str]) -> None:
+    path = out_dir / QUANTIZER_STATE_NAME
+    if not job.quantizers or not path.is_file():
+        return
+    entries = _read_header(path, problems) or {}
+    tensors, _ = _quantizer_state(job.quantizers, job.lay, set(job.folds))
+    for name in sorted(set(tensors) - set(entries)):
+        problems.append(f"{QUANTIZER_STATE_NAME}: missing {name}")
+    for name in sorted(set(entries) - set(tensors)):
+        problems.append(f"{QUANTIZER_STATE_NAME}: unexpected {name}")
+    for name in sorted(set(tensors) & set(entries)):
+        _compare(f"{QUANTIZER_STATE_NAME}: {name}", tensors[name], entries[name], out_dir, problems)
+
+
+def check(model: nn.Module, job: _Job, out_dir: Path) -> VerifyReport:
+    """Verify ``out_dir`` against an export job (the plan, quantizers and reader of :func:`save_clean`)."""
+    start = time.perf_counter()
+    report = VerifyReport(str(out_dir))
+    problems = report.mismatches
+    if not out_dir.is_dir():
+        problems.append(f"{out_dir} is not a directory")
+        return report
+    entries, weight_files = _read_entries(out_dir, problems)
+    plan = job.plan
+    _check_names([s for u in plan.units for s in u.outputs], entries, dict(plan.dropped), problems)
+    wanted = [u for u in plan.units if any(s.name in entries for s in u.outputs)]
+    for unit, outputs in stream(job.reader(model), wanted, read_ahead_bytes=_read_ahead_bytes(plan)):
+        for spec in unit.outputs:
+            tensor = outputs.pop(spec.name)
+            if spec.name in entries and _compare(spec.name, tensor, entries[spec.name], out_dir, problems):
+                report.tensors += 1
+                report.bytes += spec.nbytes
+            del tensor
+    _check_files(model, job, out_dir, weight_files, problems)
+    _check_quantizer_state(job, out_dir, problems)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def verify(model: nn.Module, out_dir: str | os.PathLike, *, fold: bool = True,
+           dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> VerifyReport:
+    """Check a checkpoint written by :func:`~offload_export.save_clean` against ``model``, tensor by tensor.
+
+    The model is streamed one unit at a time through the export's own read / fold / cast path and each
+    expected tensor is compared byte for byte with the file (read with ``pread``). Also checked: the
+    index against the files and their headers, ``metadata.total_size``, tensor names, dtypes and
+    shapes, extra or missing files, the quantizer state and ``config.json``. The model is not changed.
+
+    Args:
+        model: the model that was exported.
+        out_dir: the checkpoint directory.
+        fold, dtype, device: as given to :func:`~offload_export.save_clean`.
+
+    Returns:
+        A :class:`VerifyReport`; ``report.ok`` is True when nothing differs, ``report.mismatches``
+        lists every difference.
+
+    Raises:
+        ValueError: a bad argument or a model that cannot be exported as is (as in ``save_clean``).
+        RuntimeError: a weight that cannot be read or folded; the message names it.
+
+    Example:
+        >>> report = offload_export.verify(model, "out/")  # doctest: +SKIP
+        >>> assert report.ok, report
+    """
+    job = _prepare(model, out_dir, fold=fold, max_shard_size=_ANY_SHARD_SIZE, dtype=dtype, device=device,
+                   overwrite=True, check_out=False)
+    return check(model, job, Path(out_dir))
+
+
+def check_staged(model: nn.Module, job: _Job, tmp: Path) -> None:
+    """``save_clean(verify=True)``: check the temporary directory before it is committed.
+
+    Raises:
+        RuntimeError: the files differ from the model; every mismatch is listed.
+    """
+    report = check(model, job, tmp)
+    if not report.ok:
+        raise RuntimeError(f"verify found {len(report.mismatches)} mismatch(es) in the export to "
+                           f"{job.out_dir}; nothing was committed:\n" + "\n".join(f"  - {m}" for m in report.mismatches))

@@ -1,0 +1,185 @@
+"""verify(): a fresh export verifies on every layout; every kind of damage to a checkpoint is reported."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from layouts import MODEL_KINDS, LayoutSpec, apply_layout, draw_offloaded, layout_specs, make_model
+from test_faults import leftovers, model_state, same_state
+from torch import nn
+
+import offload_export as oe
+from offload_export.export import INDEX_NAME, QUANTIZER_STATE_NAME
+
+SHARD = 40_000
+MIXED = LayoutSpec("dispatch", (("model.embed_tokens", "resident"), ("model.layers.0", "cpu"),
+                                ("model.layers.1", "disk"), ("model.norm", "resident"), ("lm_head", "disk")))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[nn.Module, Path]:
+    model = apply_layout(make_model("llama_untied"), MIXED, tmp_path_factory.mktemp("layout"))
+    oe.quantize_weights(model, "int8")
+    out = tmp_path_factory.mktemp("export") / "out"
+    oe.save_clean(model, out, max_shard_size=SHARD)
+    return model, out
+
+
+@pytest.fixture
+def checkpoint(exported, tmp_path) -> Path:
+    """A private copy of the export, free to damage."""
+    return Path(shutil.copytree(exported[1], tmp_path / "ck"))
+
+
+@settings(max_examples=6, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(kind_spec=st.sampled_from(MODEL_KINDS).flatmap(lambda k: st.tuples(st.just(k), layout_specs(k))),
+       dtype=st.sampled_from([None, torch.bfloat16]), quantize=st.booleans())
+def test_a_fresh_export_verifies_and_verify_changes_nothing(tmp_path_factory, kind_spec, dtype, quantize):
+    kind, spec = kind_spec
+    _, model = draw_offloaded(kind, spec, tmp_path_factory.mktemp("layout"))
+    if quantize:
+        oe.quantize_weights(model, "int8")
+    out = tmp_path_factory.mktemp("export") / "out"
+    oe.save_clean(model, out, max_shard_size=SHARD, dtype=dtype)
+    before = model_state(model)
+    report = oe.verify(model, out, dtype=dtype)
+    assert report.ok, report
+    assert report.tensors == len(json.loads((out / INDEX_NAME).read_text())["weight_map"])
+    assert same_state(model_state(model), before)
+
+
+def _shards(ck: Path) -> list[Path]:
+    return sorted(ck.glob("model-*.safetensors"))
+
+
+def _flip_last_byte(ck: Path) -> None:
+    shard = _shards(ck)[1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x40
+    shard.write_bytes(bytes(data))
+
+
+def _edit_index(ck: Path, edit) -> None:
+    index = json.loads((ck / INDEX_NAME).read_text())
+    edit(index)
+    (ck / INDEX_NAME).write_text(json.dumps(index))
+
+
+def _move_tensor_in_index(index: dict) -> None:
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = _other_file(index, index["weight_map"][name])
+
+
+def _sharing(index: dict) -> str:
+    """A tensor whose shard holds other tensors too."""
+    files = list(index["weight_map"].values())
+    return next(n for n, f in index["weight_map"].items() if files.count(f) > 1)
+
+
+def _other_file(index: dict, file: str) -> str:
+    return next(f for f in sorted(set(index["weight_map"].values())) if f != file)
+
+
+def _add_auto_map(ck: Path) -> None:
+    config = json.loads((ck / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.X"}
+    (ck / "config.json").write_text(json.dumps(config))
+
+
+DAMAGE = {
+    "flipped byte": (_flip_last_byte, "elements differ in model-00002"),
+    "deleted shard": (lambda ck: _shards(ck)[0].unlink(), "missing file: model-00001"),
+    "wrong total_size": (lambda ck: _edit_index(ck, lambda i: i["metadata"].update(total_size=1)),
+                         "metadata.total_size is 1"),
+    "tensor mapped to another shard": (lambda ck: _edit_index(ck, _move_tensor_in_index), "whose header does not have it"),
+    "tensor missing from index": (lambda ck: _edit_index(ck, lambda i: i["weight_map"].pop(_sharing(i))),
+                                  "does not list it"),
+    "pickle file": (lambda ck: (ck / "pytorch_model.bin").write_bytes(b"x"), "pytorch_model.bin (pickle"),
+    "unreferenced shard": (lambda ck: shutil.copy(_shards(ck)[0], ck / "model-extra.safetensors"),
+                           "model-extra.safetensors (a weight file that the index does not reference)"),
+    "no quantizer state": (lambda ck: (ck / QUANTIZER_STATE_NAME).unlink(), f"missing file: {QUANTIZER_STATE_NAME}"),
+    "auto_map in config": (_add_auto_map, "config.json: has 'auto_map'"),
+    "truncated shard": (lambda ck: _shards(ck)[2].write_bytes(_shards(ck)[2].read_bytes()[:-10]), "truncated"),
+    "garbage header": (lambda ck: _shards(ck)[0].write_bytes(b"\xff" * 64), "not a safetensors file"),
+    "leftover directory": (lambda ck: (ck / ".out.offload-export-0-0-0-0").mkdir(), "unexpected directory"),
+    "no config": (lambda ck: (ck / "config.json").unlink(), "missing file: config.json"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_each_kind_of_damage_is_reported(exported, checkpoint, damage):
+    do, expected = DAMAGE[damage]
+    do(checkpoint)
+    report = oe.verify(exported[0], checkpoint)
+    assert not report.ok
+    assert any(expected in m for m in report.mismatches), report
+
+
+def test_every_mismatch_is_reported_not_just_the_first(exported, checkpoint):
+    for damage in ("flipped byte", "pickle file", "auto_map in config", "wrong total_size"):
+        DAMAGE[damage][0](checkpoint)
+    report = oe.verify(exported[0], checkpoint)
+    assert len(report.mismatches) == 4, report
+    text = repr(report)
+    assert "4 mismatch(es)" in text and all(m in text for m in report.mismatches)
+
+
+def test_a_wrong_quantizer_state_value_is_reported(exported, checkpoint):
+    model = exported[0]
+    q = next(q for q in oe.find_quantizers(model) if q.handle.state_dict())
+    key, value = next(iter(q.handle.state_dict().items()))
+    with torch.no_grad():
+        value.mul_(2)
+    try:
+        report = oe.verify(model, checkpoint)
+    finally:
+        with torch.no_grad():
+            value.div_(2)
+    assert any(m.startswith(f"{QUANTIZER_STATE_NAME}: {q.name}.{key}: ") for m in report.mismatches), report
+
+
+def test_verifying_with_another_dtype_names_each_tensor(exported):
+    model, out = exported
+    report = oe.verify(model, out, dtype="bfloat16")
+    assert not report.ok and report.tensors == 0
+    assert any(m.startswith("model.norm.weight: expected torch.bfloat16") for m in report.mismatches)
+
+
+def test_verify_reads_the_files_without_mapping_them(exported):
+    model, out = exported
+    assert oe.verify(model, out).ok
+    assert str(out) not in Path("/proc/self/maps").read_text()
+
+
+class NoisyQuantizer(nn.Module):
+    """A fold that differs on every call: what verify=True exists to catch."""
+
+    def __init__(self):
+        super().__init__()
+        self.enabled = True
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w + torch.randn_like(w)
+
+
+oe.register_quantizer(NoisyQuantizer)
+
+
+def test_save_clean_verify_true_commits_a_verified_export(exported, tmp_path):
+    report = oe.save_clean(exported[0], tmp_path / "out", max_shard_size=SHARD, verify=True)
+    assert report.files == sorted(p.name for p in (tmp_path / "out").iterdir())
+
+
+def test_save_clean_verify_true_commits_nothing_on_a_mismatch(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    model[1].weight_quantizer = NoisyQuantizer()
+    with pytest.raises(RuntimeError, match=r"verify found 1 mismatch\(es\).*\n  - 1\.weight: 64 of 64 elements differ"):
+        oe.save_clean(model, tmp_path / "out", verify=True)
+    assert list(tmp_path.iterdir()) == [] and leftovers(tmp_path) == []

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import offload_export as oe
+from offload_export import _atomic
 from offload_export._atomic import is_staging_dir
 from offload_export._hooks import align_hooks
 from offload_export._store import safetensors_header
@@ -187,7 +188,59 @@ def test_failure_part_way_leaves_model_stores_and_destination_as_they_were(laid_
         assert oe.verify(model, dest, fold=True).ok
 
 
-# ----------------------------------------------------------------------------------------- child processes
+# ----------------------------------------------------------------------------------------- the atomic commit
+
+
+@pytest.fixture(params=["renameat2", "fallback"])
+def commit_path(request, monkeypatch):
+    """Run a test through the Linux renameat2 commit and through the portable check-then-rename one."""
+    if request.param == "fallback":
+        monkeypatch.setattr(_atomic, "_renameat2_fn", lambda: None)
+    elif _atomic._renameat2_fn() is None:
+        pytest.skip("no renameat2 here")
+    return request.param
+
+
+def test_commit_never_replaces_a_destination_that_appeared_meanwhile(tmp_path, commit_path):
+    dest = tmp_path / "out"
+    with pytest.raises(FileExistsError, match="another export into the same destination won the race"):
+        with _atomic.staging(dest, overwrite=False) as tmp:
+            (tmp / "new").write_text("new")
+            dest.mkdir()
+            (dest / "winner").write_text("winner")
+    assert os.listdir(dest) == ["winner"] and os.listdir(tmp_path) == ["out"]
+
+
+def test_overwrite_swaps_in_the_complete_checkpoint_and_removes_the_old_one(tmp_path, commit_path):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "old").write_text("old")
+    with _atomic.staging(dest, overwrite=True) as tmp:
+        (tmp / "new").write_text("new")
+        assert os.listdir(dest) == ["old"]  # untouched until the new one is complete
+    assert os.listdir(dest) == ["new"] and os.listdir(tmp_path) == ["out"]
+
+
+def test_only_temp_dirs_of_dead_exports_are_removed(tmp_path):
+    host, parent = _atomic._host_id(), os.getppid()  # the parent: a live process that is not us
+    started = _atomic._proc_stat(parent)[1]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    names = {
+        "dead": f".out{_atomic._TAG}{host}-{int(dead.stdout)}-1-0000000a",
+        "pid reused": f".out{_atomic._TAG}{host}-{parent}-{int(started) + 1}-0000000b",
+        "ours, abandoned": f".out{_atomic._TAG}{host}-{os.getpid()}-0-0000000e",
+        "alive": f".out{_atomic._TAG}{host}-{parent}-{started}-0000000c",
+        "other host": f".out{_atomic._TAG}{'0' * 8 if host != '0' * 8 else '1' * 8}-{dead.stdout.strip()}-1-0000000d",
+        "not ours": f".out.offload-export-whatever",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    with _atomic.staging(tmp_path / "next", overwrite=False):
+        pass
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"next", names["alive"], names["other host"], names["not ours"]}
+
+
 
 
 def run_child(mode: str, args: dict, timeout: float = 120) -> list[dict]:
@@ -314,37 +367,51 @@ def test_sigkill_mid_write_then_the_next_export_cleans_the_stale_temp_dir(tmp_pa
 
 
 def child_race(args: dict) -> None:
+    """Race the other child once per round (a shared barrier each), reporting each round's outcome."""
     model = build_plain(Path(args["work"]))
-    try:
-        with trapped("barrier", 1, barrier=args["barrier"]):
-            oe.save_clean(model, args["dest"], max_shard_size=SHARD, overwrite=args["overwrite"])
-        print(json.dumps({"outcome": "ok", "verified": oe.verify(model, args["dest"]).ok}))
-    except FileExistsError as e:
-        print(json.dumps({"outcome": "FileExistsError", "message": str(e)}))
+    for round_ in args["rounds"]:
+        try:
+            with trapped("barrier", 1, barrier=round_["barrier"]):
+                oe.save_clean(model, round_["dest"], max_shard_size=SHARD, overwrite=round_["overwrite"])
+            result = {"outcome": "ok", "verified": oe.verify(model, round_["dest"]).ok}
+        except FileExistsError as e:
+            result = {"outcome": "FileExistsError", "message": str(e)}
+        print(json.dumps({"overwrite": round_["overwrite"], **result}), flush=True)
+
+
+@pytest.fixture(scope="module")
+def race_results(tmp_path_factory) -> dict[bool, tuple[Path, list[dict]]]:
+    """Two children export the same model into one destination, first fresh, then over a previous one."""
+    tmp = tmp_path_factory.mktemp("race")
+    rounds = []
+    for overwrite in (False, True):
+        dest, barrier = tmp / f"exports-{overwrite}" / "out", tmp / f"barrier-{overwrite}"
+        barrier.mkdir()
+        if overwrite:
+            dest.mkdir(parents=True)
+            (dest / "stale.txt").write_text("previous checkpoint")
+        rounds.append({"dest": str(dest), "barrier": str(barrier), "overwrite": overwrite})
+    procs = [subprocess.Popen([sys.executable, __file__, "race", json.dumps({"work": str(tmp / f"work{i}"),
+                                                                          "rounds": rounds})],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    results = [json.loads(line) for out, _ in outputs for line in out.splitlines() if line.startswith("{")]
+    return {r["overwrite"]: (Path(r["dest"]), sorted((x for x in results if x["overwrite"] == r["overwrite"]),
+                                                       key=lambda x: x["outcome"])) for r in rounds}
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_two_racing_exports_into_one_destination(tmp_path, overwrite):
-    parent, barrier = tmp_path / "exports", tmp_path / "barrier"
-    barrier.mkdir()
-    dest = parent / "out"
-    if overwrite:
-        dest.mkdir(parents=True)
-        (dest / "stale.txt").write_text("previous checkpoint")
-    cmd = lambda i: [sys.executable, __file__, "race", json.dumps(  # noqa: E731
-        {"work": str(tmp_path / f"work{i}"), "dest": str(dest), "barrier": str(barrier), "overwrite": overwrite})]
-    procs = [subprocess.Popen(cmd(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).parent) for i in range(2)]
-    outputs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
-    results = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outputs), key=lambda r: r["outcome"])
+def test_two_racing_exports_into_one_destination(race_results, tmp_path, overwrite):
+    dest, results = race_results[overwrite]
     if overwrite:  # both replace the previous checkpoint in turn; the last one wins whole
         assert [r["outcome"] for r in results] == ["ok", "ok"]
     else:
         assert [r["outcome"] for r in results] == ["FileExistsError", "ok"] and results[1]["verified"]
         assert "another export" in results[0]["message"]
-    assert leftovers(parent) == [] and not (dest / "stale.txt").exists()
-    assert oe.verify(build_plain(tmp_path / "reference"), dest).ok  # one complete checkpoint, as exported
+    assert leftovers(dest.parent) == [] and not (dest / "stale.txt").exists()
+    assert oe.verify(build_plain(tmp_path), dest).ok  # one complete checkpoint, as exported
     assert all(load_file(f) for f in dest.glob("model*.safetensors"))
 
 

@@ -19,6 +19,7 @@ examples:
   offload-export layout ./my-model --max-memory cpu=2GiB
   offload-export export ./my-model ./my-model-int8 --scheme int8 --max-memory cpu=8GiB --offload-folder /scratch/off
   offload-export export ./my-model ./my-model-copy --scheme none --max-shard-size 2GB
+  offload-export verify ./my-model ./my-model-int8 --scheme int8 --max-memory cpu=8GiB
 
 Run 'offload-export COMMAND --help' for the options of one command.
 """
@@ -100,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT once the export is complete")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no report")
 
+    p = sub.add_parser("verify", help="check an export against its source model, tensor by tensor",
+                       description="Load MODEL_SRC as 'export' does, fake-quantize it with the same scheme and "
+                                   "compare every tensor of OUT with it byte for byte, plus index, headers, "
+                                   "quantizer state and config.json. Exits 0 only if nothing differs.")
+    _add_loading(p)
+    p.add_argument("out", metavar="OUT", help="the checkpoint written by 'export'")
+    p.add_argument("--scheme", choices=(*SCHEMES, "none"), default="none",
+                   help="the scheme OUT was exported with (default: none)")
+    p.add_argument("--quiet", action="store_true", help="no report; the exit code tells the result")
+
     p = sub.add_parser("layout", help="print where every weight would live when loaded with device_map='auto'",
                        description="Load SRC with device_map='auto' under the memory caps and print where every "
                                    "state-dict entry lives: resident, cpu, disk, safetensors (read from the "
@@ -152,22 +163,44 @@ def _summary(lay) -> str:
     return ", ".join(f"{kind} {n} tensors {b / 1e6:.1f} MB" for kind, (n, b) in lay.summary().items())
 
 
-def _run_export(args: argparse.Namespace) -> int:
-    from . import layout, save_clean
-    from ._atomic import check_destination
+def _load_quantized(args: argparse.Namespace, offload_folder: str, say):
+    from . import layout
     from .fakequant import quantize_weights
+
+    model = _load(args, offload_folder)
+    say(f"loaded {args.src}: {_summary(layout(model))}")
+    if args.scheme != "none":
+        say(f"fake-quantized {quantize_weights(model, scheme=args.scheme)} linear weights ({args.scheme})")
+    return model
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from . import save_clean
+    from ._atomic import check_destination
 
     _checkpoint_dir(args.src)
     check_destination(Path(args.out), overwrite=args.overwrite)  # before the (long) load
     say = (lambda *a: None) if args.quiet else print
     with _offload_folder(args.offload_folder) as folder:
-        model = _load(args, folder)
-        say(f"loaded {args.src}: {_summary(layout(model))}")
-        if args.scheme != "none":
-            say(f"fake-quantized {quantize_weights(model, scheme=args.scheme)} linear weights ({args.scheme})")
+        model = _load_quantized(args, folder, say)
         report = save_clean(model, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                             tokenizer=_tokenizer(args.src), progress=not args.quiet and sys.stdout.isatty())
     say(report)
+    return 0
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from . import verify
+
+    if not Path(args.out).is_dir():
+        raise FileNotFoundError(f"{args.out}: no such directory")
+    say = (lambda *a: None) if args.quiet else print
+    with _offload_folder(args.offload_folder) as folder:
+        report = verify(_load_quantized(args, folder, say), args.out)
+    say(report)
+    if not report.ok:
+        raise RuntimeError(f"{args.out} differs from {args.src}: {len(report.mismatches)} mismatch(es), "
+                           f"first: {report.mismatches[0]}")
     return 0
 
 
@@ -185,6 +218,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     result = run_demo(args.out, layout=args.layout, scheme=args.scheme, size=args.size,
                       log=(lambda line: None) if args.quiet else print,
                       progress=not args.quiet and sys.stdout.isatty())
+    if result.mismatches:
+        raise RuntimeError(f"verification failed: {len(result.mismatches)} tensor(s) of the export differ from "
+                           f"the model, first: {result.mismatches[0]}")
     if not result.verified:
         raise RuntimeError(f"verification failed: the reloaded export's logits differ from the fake-quantized "
                            f"model's by up to {result.max_diff:g}")
@@ -193,7 +229,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"demo": _run_demo, "export": _run_export, "layout": _run_layout}
+_COMMANDS = {"demo": _run_demo, "export": _run_export, "layout": _run_layout, "verify": _run_verify}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +47,7 @@ class DemoResult:
         report: the :class:`~offload_export.ExportReport` of :func:`~offload_export.save_clean`.
         peak_anon, peak_rss: peak growth of ``RssAnon`` / ``VmRSS`` during the export, in bytes.
         max_diff: max |logit difference| between the fake-quantized model and the reloaded export.
+        mismatches: what :func:`~offload_export.verify` found different between the files and the model.
         quant_effect: max |logit difference| between the fake-quantized and the unquantized model.
         device: where both forwards ran.
     """
@@ -58,13 +59,14 @@ class DemoResult:
     peak_anon: int
     peak_rss: int
     max_diff: float
+    mismatches: list[str]
     quant_effect: float
     device: str
-    notes: list[str] = field(default_factory=list)
 
     @property
     def verified(self) -> bool:
-        return self.max_diff == 0.0
+        """The files match the model tensor by tensor and the reloaded export's logits match exactly."""
+        return self.max_diff == 0.0 and not self.mismatches
 
 
 class PeakMemory:
@@ -283,6 +285,7 @@ def _run(work: Path, out: Path, layout: str, scheme: str, size: str, log, progre
     from .export import save_clean
     from ._atomic import check_destination
     from .layout import layout as layout_of
+    from .verify import verify
 
     check_destination(out, overwrite=False)
     start = time.perf_counter()
@@ -305,10 +308,16 @@ def _run(work: Path, out: Path, layout: str, scheme: str, size: str, log, progre
     log(f"  files: {', '.join(report.files)}")
     log(f"  peak memory growth during export: RssAnon +{mem.peak_anon / 1e6:.1f} MB, "
         f"VmRSS +{mem.peak_rss / 1e6:.1f} MB")
+    check = verify(model, out)
+    log(f"verify (files vs model, byte for byte): {check.tensors} tensors, "
+        f"{'OK' if check.ok else f'{len(check.mismatches)} mismatch(es)'}")
+    for mismatch in check.mismatches[:10]:
+        log(f"  - {mismatch}")
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPE).to(device).eval()
     got = _logits(reloaded, device)
     diff, effect = _max_diff(expected, got), _max_diff(expected, plain)
     log(f"reload (transformers AutoModelForCausalLM.from_pretrained): max |logit diff| vs the fake-quantized "
         f"model = {diff:g} (bfloat16 on {device}; quantization itself moved logits by up to {effect:.3g})")
     log(f"total: {time.perf_counter() - start:.1f} s")
-    return DemoResult(str(out), summary, quantized, report, mem.peak_anon, mem.peak_rss, diff, effect, str(device))
+    return DemoResult(str(out), summary, quantized, report, mem.peak_anon, mem.peak_rss, diff, check.mismatches,
+                      effect, str(device))

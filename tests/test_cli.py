@@ -114,6 +114,16 @@ def test_export_without_scheme_copies_weights_exactly(capsys, tmp_path, checkpoi
     assert not (tmp_path / "copy" / "quantizer_state.safetensors").exists()
 
 
+def test_verify_accepts_its_export_and_rejects_another_scheme(capsys, tmp_path, checkpoint):
+    assert _main(capsys, "export", checkpoint, tmp_path / "q", "--scheme", "int8", "--quiet") == (0, "", "")
+    code, stdout, stderr = _main(capsys, "verify", checkpoint, tmp_path / "q", "--scheme", "int8",
+                                 "--max-memory", "cpu=1MB")
+    assert code == 0 and "VerifyReport" in stdout and ": OK" in stdout, stderr
+    code, stdout, stderr = _main(capsys, "verify", checkpoint, tmp_path / "q", "--scheme", "fp8", "--quiet")
+    _check_error("verify --scheme fp8", "differs from", code, stdout, stderr)
+    assert "21 mismatch(es), first: model.layers.0.self_attn.q_proj.weight" in stderr
+
+
 def test_layout_prints_where_each_weight_lives(capsys, checkpoint):
     code, stdout, stderr = _main(capsys, "layout", checkpoint, "--max-memory", "cpu=1MB")
     assert code == 0, stderr
@@ -140,6 +150,7 @@ def bad_inputs(tmp_path_factory, checkpoint) -> list[tuple[list[str], str]]:
         (["export", checkpoint, tmp / "o", "--max-shard-size", "big"], "'big' is not a size"),
         (["export", checkpoint, tmp / "o", "--dtype", "int7"], "invalid choice: 'int7'"),
         (["layout", tmp / "missing"], "no such directory"),
+        (["verify", checkpoint, tmp / "missing"], "missing: no such directory"),
         (["demo", "--out", tmp / "full"], "is not empty"),
         (["demo", "--layout", "gpu"], "invalid choice: 'gpu'"),
         (["demo", "--size", "huge"], "invalid choice: 'huge'"),

@@ -334,7 +334,8 @@ def _export(model: nn.Module, out_dir, options: dict, tokenizer, progress: bool,
         job = _prepare(model, out_dir, allow_missing=True, **options)
         return _survey(job)
 
-    owner = _assign(job, [json.loads(s) for s in _exchange(ctl, prepare)], rank)
+    surveys = [json.loads(s) for s in _exchange(ctl, prepare)]
+    owner = _assign(job, surveys, rank)
     share = _share(job.plan, owner, rank)
     with ExitStack() as stack:
         def stage() -> str:

@@ -19,7 +19,7 @@ from .layout import Layout, _declared_ties, layout
 from .pipeline import UnitReader
 from .plan import ExportPlan, parse_size, plan_export
 from .quantizers import Quantizer, find_quantizers
-from .writer import ShardWriter
+from .writer import ShardWriter, TensorSpec
 
 __all__ = ["ExportReport", "save_clean"]
 
@@ -290,10 +290,13 @@ def _write_metadata(model: nn.Module, job: _Job, tmp: Path, tokenizer, notes: li
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         files.append(INDEX_NAME)
     if job.quantizers:
-        from safetensors.torch import save_file
         tensors, configs = _quantizer_state(job.quantizers, job.lay, set(job.folds))
-        save_file(tensors, tmp / QUANTIZER_STATE_NAME,
-                  metadata={"format": "pt", "quantizers": json.dumps(configs, sort_keys=True)})
+        # our writer, not safetensors' save_file: its metadata map is serialized in random order
+        writer = ShardWriter(str(tmp / QUANTIZER_STATE_NAME), [TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()],
+                             {"format": "pt", "quantizers": json.dumps(configs, sort_keys=True)})
+        for key, value in tensors.items():
+            writer.write(key, value)
+        writer.close()
         files.append(QUANTIZER_STATE_NAME)
     files += _write_config(model, tmp, job.dtype, notes)
     if tokenizer is not None:

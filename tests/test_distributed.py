@@ -1,0 +1,199 @@
+"""save_clean over torch.distributed ranks (gloo on CPU, real spawned processes) and over per-device lanes."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import re
+import socket
+import tempfile
+import threading
+import traceback
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import disk_offload
+from transformers import LlamaConfig, LlamaForCausalLM
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import offload_export as oe
+from offload_export import distributed
+from offload_export.fakequant import FakeQuantizer, quantize_weights
+
+SHARD = 60_000  # bytes: the tiny model below makes about ten shards
+_PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "accelerate", "hypothesis",
+            "offload_export", "offload_export.fakequant"]
+JOIN_TIMEOUT = 60  # seconds for all ranks of one scenario; a hang fails the test instead of blocking it
+
+
+def _tiny_model(*, offload_dir: Path | None, explode: str | None = None):
+    """A tiny int8-quantized Llama, the same in every process; quantizers under ``explode`` fail to fold."""
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    quantize_weights(model, "int8")
+    for name, module in model.named_modules():
+        if explode is not None and type(module) is FakeQuantizer and name.startswith(explode):
+            module.__class__ = _Exploding  # before offloading: accelerate's hook wraps the forward it finds
+    if offload_dir is not None:
+        model = disk_offload(model, str(offload_dir), execution_device=torch.device("cpu"))
+    return model
+
+
+class _Exploding(FakeQuantizer):
+    """A fake quantizer whose fold fails: the fault injected on one rank."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("injected fault in a quantizer kernel")
+
+
+def _rank_model(scenario: str, rank: int, work: Path):
+    if scenario == "partial" and rank == 1:  # holds layers 2.. and the head; the rest is meta without hooks
+        model = _tiny_model(offload_dir=None)
+        model.model.embed_tokens.to("meta")
+        for layer in model.model.layers[:2]:
+            layer.to("meta")
+        return model
+    if scenario == "unreadable":  # no rank holds layer 0
+        model = _tiny_model(offload_dir=None)
+        model.model.layers[0].input_layernorm.to("meta")
+        return model
+    explode = "model." if scenario == "fault" and rank == 1 else None
+    return _tiny_model(offload_dir=work / f"offload-{rank}", explode=explode)
+
+
+def _rank_main(rank: int, world: int, port: int, work: str, scenario: str) -> None:
+    import torch.distributed as dist
+
+    work = Path(work)
+    result: dict = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=JOIN_TIMEOUT))
+        model = _rank_model(scenario, rank, work)
+        report = oe.save_clean(model, work / "out", max_shard_size=SHARD)
+        result = {"ok": True, "report": asdict(report)}
+    except Exception as e:
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+    finally:
+        (work / f"result-{rank}.json").write_text(json.dumps(result))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ranks(world: int, work: Path, scenario: str) -> list[dict]:
+    ctx = mp.get_context("forkserver")  # a clean process per rank, without importing torch and transformers each time
+    ctx.set_forkserver_preload(_PRELOAD)  # (python 3.11's forkserver ignores sys.path: this test module can't be preloaded)
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(work), scenario)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(JOIN_TIMEOUT)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"ranks {hung} did not finish within {JOIN_TIMEOUT} s"
+    return [json.loads((work / f"result-{r}.json").read_text()) for r in range(world)]
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def _reference(work: Path) -> dict[str, bytes]:
+    oe.save_clean(_tiny_model(offload_dir=work / "offload-ref"), work / "ref", max_shard_size=SHARD)
+    return _files(work / "ref")
+
+
+@pytest.mark.parametrize("world, scenario", [(2, "partial"), (3, "whole")])
+def test_ranks_write_the_single_process_checkpoint_byte_for_byte(world, scenario):
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        results = _run_ranks(world, work, scenario)
+        assert all(r["ok"] for r in results), [r.get("trace") for r in results]
+        expected = _reference(work)
+        assert len([n for n in expected if n.startswith("model-")]) >= world
+        assert _files(work / "out") == expected
+        reports = [r["report"] for r in results]
+        assert all(rep == reports[0] for rep in reports)
+        assert reports[0]["files"] == sorted(expected) and reports[0]["out_dir"] == str(work / "out")
+        per_rank = dict(re.findall(r"(\d+): (\d+) \(", " ".join(reports[0]["notes"])))
+        assert len(per_rank) == world and all(int(n) >= 1 for n in per_rank.values())
+        assert not [p for p in work.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("scenario, message", [("fault", "injected fault"), ("unreadable", "no rank can read")])
+def test_a_failure_on_any_rank_raises_on_every_rank_and_leaves_nothing(scenario, message):
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        results = _run_ranks(2, work, scenario)
+        assert not any(r["ok"] for r in results)
+        assert all(message in r["error"] for r in results), [r["error"] for r in results]
+        assert not (work / "out").exists()
+        assert not [p for p in work.iterdir() if p.name.startswith(".")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 10**6), min_size=1, max_size=30), st.integers(1, 5), st.data())
+def test_assign_shards_gives_each_shard_to_a_rank_that_can_read_it(sizes, ranks, data):
+    readable = [[data.draw(st.booleans()) for _ in sizes] for _ in range(ranks)]
+    for s in range(len(sizes)):
+        readable[data.draw(st.integers(0, ranks - 1))][s] = True
+    owner = distributed.assign_shards(sizes, readable)
+    assert all(readable[r][s] for s, r in enumerate(owner))
+    assert distributed.assign_shards(sizes, readable) == owner
+
+
+@given(st.lists(st.integers(1, 10**6), min_size=1, max_size=30), st.integers(1, 5))
+def test_assign_shards_balances_bytes_when_every_rank_reads_everything(sizes, ranks):
+    owner = distributed.assign_shards(sizes, [[True] * len(sizes)] * ranks)
+    load = [sum(n for n, r in zip(sizes, owner) if r == rank) for rank in range(ranks)]
+    assert max(load) - min(load) <= max(sizes)  # greedy largest-first: within one shard of even
+
+
+def test_assign_shards_rejects_a_shard_no_rank_can_read():
+    with pytest.raises(ValueError, match="shard 1"):
+        distributed.assign_shards([1, 2], [[True, False], [True, False]])
+
+
+def _lane_by_layer(reader, unit):
+    match = re.search(r"layers\.(\d+)", unit.module)
+    return int(match.group(1)) % 3 if match else "other"
+
+
+def test_lanes_write_the_same_bytes_as_one_lane(monkeypatch):
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        expected = _reference(work)
+        monkeypatch.setattr(distributed, "_fold_lane", _lane_by_layer)
+        threads = threading.active_count()
+        oe.save_clean(_tiny_model(offload_dir=work / "offload"), work / "out", max_shard_size=SHARD)
+        assert _files(work / "out") == expected
+        assert threading.active_count() == threads
+
+
+def test_a_failing_lane_fails_the_export_and_stops_every_lane(monkeypatch):
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = _tiny_model(offload_dir=work / "offload", explode="model.layers.2.mlp.down_proj")
+        monkeypatch.setattr(distributed, "_fold_lane", _lane_by_layer)
+        threads = threading.active_count()
+        with pytest.raises(RuntimeError, match="injected fault"):
+            oe.save_clean(model, work / "out", max_shard_size=SHARD)
+        assert threading.active_count() == threads
+        assert sorted(os.listdir(work)) == ["offload"]

@@ -232,7 +232,7 @@ def _fake_quant_class(base: type[nn.Linear]) -> type[nn.Linear]:
     if base not in _FAKE_QUANT_CLASSES:
         cls = type(f"FakeQuant{base.__name__}", (base,), {"forward": _linear_forward, "__module__": __name__})
         _FAKE_QUANT_CLASSES[base] = cls
-        _FAKE_QUANT_CLASSES[cls] = cls
+        _FAKE_QUANT_CLASSES[cls] = cls  # a swapped class maps to itself: `_install` recognises it
     return _FAKE_QUANT_CLASSES[base]
 
 

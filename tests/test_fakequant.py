@@ -15,14 +15,16 @@ from torch import nn
 
 import offload_export as oe
 from offload_export.fakequant import _e2m1_round
-from layouts import LayoutSpec, apply_layout, fixed_input_ids, forward_logits, make_model
+from layouts import LayoutSpec, apply_layout, forward_logits, make_model
 
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (tells -0.0 from 0.0 and compares nan payloads)."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(_INT_VIEW[a.dtype]), b.view(_INT_VIEW[b.dtype]))
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.view(_INT_VIEW[a.dtype]), b.view(_INT_VIEW[b.dtype]))
 
 
 def fake_quant(scheme: str, w: torch.Tensor) -> torch.Tensor:
@@ -207,6 +209,9 @@ _LAYOUTS = {
                                                                 ("model.layers.0", "cpu"), ("model.layers.1", "disk"),
                                                                 ("model.norm", "resident"), ("lm_head", "resident")),
                                            offload_buffers=True, append_hook="after"),
+    "from_pretrained_cpu": LayoutSpec("from_pretrained", (("model.embed_tokens", "cpu"), ("model.layers.0", "cpu"),
+                                                          ("model.layers.1", "resident"), ("model.norm", "cpu"),
+                                                          ("lm_head", "cpu"))),
 }
 
 
@@ -256,11 +261,12 @@ def test_quantize_weights_changes_the_forward_and_is_reversible_by_disabling():
     assert oe.quantize_weights(make_model("llama_untied"), "int8", skip=()) == 15  # lm_head too
 
 
-@pytest.mark.parametrize("method", ["cpu_offload", "disk_offload"])
+@pytest.mark.parametrize("method", ["cpu_offload", "disk_offload", "place_submodules_buffers"])
 def test_save_clean_folds_fake_quant_of_offloaded_model(method, tmp_path):
     raw = make_model("qwen3_tied").state_dict()
     model = apply_layout(make_model("qwen3_tied"), _LAYOUTS[method], tmp_path / "layout")
     oe.quantize_weights(model, "nvfp4")
+    forward_logits(model)  # place_submodules + offload_buffers: the quantizer buffers are now offloaded too
     out = tmp_path / "out"
     oe.save_clean(model, out)
     with safe_open(str(out / "model.safetensors"), "pt") as f:

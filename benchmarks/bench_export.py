@@ -446,7 +446,7 @@ def targets(size: dict) -> dict:
 
 def table(sizes: list[dict]) -> str:
     """A markdown table of every size and method."""
-    head = ("size", "method", "s median", "s min", "s max", "GB/s", "+RssAnon MB", "+VmRSS MB",
+    head = ("size", "method", "s median", "s min", "s max", "GB/s", "+RssAnon MiB", "+VmRSS MiB",
             "x save_pretrained", "x floor", "sync after s", "tensors check")
     rows = [head, tuple("---" for _ in head)]
     mb = lambda b: "-" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
@@ -474,9 +474,9 @@ def targets_text(sizes: list[dict]) -> str:
             continue
         s = size["summary"]["save_clean"]
         fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        lines.append(f"{size['label']}: save_clean +RssAnon {s['peak_extra_anon'] / 2**20:.1f} MB, "
-                     f"+VmRSS {s['peak_extra_rss'] / 2**20:.1f} MB vs bound 2 x largest + 64 MB = "
-                     f"{t['memory_bound_bytes'] / 2**20:.1f} MB ({'ok' if t['anon_ok'] and t['rss_ok'] else 'MISSED'}); "
+        lines.append(f"{size['label']}: save_clean +RssAnon {s["peak_extra_anon"] / 2**20:.1f} MiB, "
+                     f"+VmRSS {s['peak_extra_rss'] / 2**20:.1f} MiB vs bound 2 x largest + 64 MiB = "
+                     f"{t["memory_bound_bytes"] / 2**20:.1f} MiB ({'ok' if t['anon_ok'] and t['rss_ok'] else 'MISSED'}); "
                      f"time {fmt(t['vs_save_pretrained'])} x save_pretrained "
                      f"({'ok' if t['time_vs_save_pretrained_ok'] else 'MISSED'}, target <= 1.0), "
                      f"{fmt(t['vs_floor'])} x floor ({'ok' if t['time_vs_floor_ok'] else 'MISSED'}, target <= 1.5)")
@@ -532,11 +532,12 @@ def machine(work: Path) -> dict:
     mounts = [line.split()[:3] for line in open("/proc/mounts")]
     dev, mnt, fstype = max((m for m in mounts if str(work).startswith(m[1])), key=lambda m: len(m[1]))
     rotational = Path(f"/sys/block/{Path(dev).name}/queue/rotational")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    git = lambda *a: subprocess.run(["git", *a], cwd=Path(__file__).parent, capture_output=True, text=True).stdout  # noqa: E731
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "ram_bytes": mem, "platform": platform.platform(),
             "disk": {"device": dev, "mount": mnt, "fstype": fstype,
                      "rotational": rotational.read_text().strip() if rotational.exists() else None},
-            "versions": _versions(), "git_commit": commit.stdout.strip() or None,
+            "versions": _versions(), "git_commit": git("rev-parse", "HEAD").strip() or None,
+            "package_uncommitted_changes": bool(git("status", "--porcelain", "--", "offload_export").strip()),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -415,8 +415,8 @@ def bench_size(label: str, args: argparse.Namespace, log: Path) -> dict:
             runs[method].append(result)
             print(f"[{label}] repeat {rep + 1}/{args.repeats} {method:16s} "
                   + (result["error"] if "error" in result else
-                     f"{result['seconds']:.2f} s, +anon {result['peak_extra_anon'] / 2**20:.0f} MB, "
-                     f"+rss {result['peak_extra_rss'] / 2**20:.0f} MB"), flush=True)
+                     f"{result['seconds']:.2f} s, +anon {result['peak_extra_anon'] / 2**20:.0f} MiB, "
+                     f"+rss {result['peak_extra_rss'] / 2**20:.0f} MiB"), flush=True)
     shutil.rmtree(work, ignore_errors=True)
     reference = next((r["manifest"] for r in runs.get("save_clean", []) if "error" not in r), None)
     for method, results in runs.items():
@@ -474,9 +474,9 @@ def targets_text(sizes: list[dict]) -> str:
             continue
         s = size["summary"]["save_clean"]
         fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        lines.append(f"{size['label']}: save_clean +RssAnon {s["peak_extra_anon"] / 2**20:.1f} MiB, "
+        lines.append(f"{size['label']}: save_clean +RssAnon {s['peak_extra_anon'] / 2**20:.1f} MiB, "
                      f"+VmRSS {s['peak_extra_rss'] / 2**20:.1f} MiB vs bound 2 x largest + 64 MiB = "
-                     f"{t["memory_bound_bytes"] / 2**20:.1f} MiB ({'ok' if t['anon_ok'] and t['rss_ok'] else 'MISSED'}); "
+                     f"{t['memory_bound_bytes'] / 2**20:.1f} MiB ({'ok' if t['anon_ok'] and t['rss_ok'] else 'MISSED'}); "
                      f"time {fmt(t['vs_save_pretrained'])} x save_pretrained "
                      f"({'ok' if t['time_vs_save_pretrained_ok'] else 'MISSED'}, target <= 1.0), "
                      f"{fmt(t['vs_floor'])} x floor ({'ok' if t['time_vs_floor_ok'] else 'MISSED'}, target <= 1.5)")
@@ -501,7 +501,7 @@ def plot(sizes: list[dict], path: Path) -> bool:
             pts = [(x, max(y / 2**20, 0.1)) for x, y in zip(xs, ys) if y is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=method)
-        ax.plot(xs, bound, "k--", label="target: 2 x largest tensor + 64 MB")
+        ax.plot(xs, bound, "k--", label="target: 2 x largest tensor + 64 MiB")
         ax.set(xscale="log", yscale="log", xlabel="model weights (MiB)", ylabel=f"peak extra {title} (MiB)",
                title=f"peak extra {title} during the export call")
         ax.grid(True, which="both", alpha=0.3)

@@ -23,7 +23,9 @@ Requirements: all ranks see ``out_dir``'s parent on one shared filesystem, and c
 same arguments. The ranks' plans are compared (a fingerprint of shards, dtypes, shapes and folded weights)
 and must match. When CUDA is available and ``device`` is not given, each rank folds on
 ``cuda:$LOCAL_RANK``. A process that exports alone while ``torch.distributed`` is initialised (the
-``if rank == 0: save_clean(...)`` pattern) must pass a single-rank group: ``group=dist.new_group([rank])``.
+``if rank == 0: save_clean(...)`` pattern) must pass a single-rank group,
+``group=dist.new_group([rank], use_local_synchronization=True)``; otherwise it waits for the other ranks
+until ``timeout`` and raises.
 
 One process, several GPUs: :func:`stream_lanes` folds each unit on its own fold device, one thread per
 device, feeding the single writer; the shard writer ``pwrite``s at planned offsets, so the order in which

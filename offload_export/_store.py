@@ -7,6 +7,8 @@ Reading through mmap (what accelerate and safetensors do) grows the process's RS
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import struct
 import threading
@@ -16,7 +18,7 @@ import torch
 
 from ._hooks import Store
 
-__all__ = ["SAFETENSORS_DTYPES", "read_store", "safetensors_header", "write_store"]
+__all__ = ["SAFETENSORS_DTYPES", "anon_empty", "read_store", "safetensors_header", "write_store"]
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -25,6 +27,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
 _lock = threading.Lock()
+_ANON_MIN_BYTES = 1 << 20
 
 
 @lru_cache(maxsize=256)
@@ -58,8 +61,21 @@ def _pread_into(path: str, offset: int, out: torch.Tensor) -> None:
         os.close(fd)
 
 
+def anon_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in its own anonymous mapping, returned to the OS as soon as it dies.
+
+    Transient multi-MB buffers from the C heap are kept by glibc after ``free`` (its adaptive mmap
+    threshold and per-thread arenas), so a streaming export's RSS would creep up to several times the
+    live data; a private mapping per buffer keeps RSS equal to what is alive.
+    """
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < _ANON_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(dtype).view(shape)
+
+
 def _read_file(path: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype)
+    out = anon_empty(shape, dtype)
     if out.numel():
         _pread_into(path, offset, out)
     return out

@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -319,19 +320,33 @@ def _write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: bo
     from .distributed import stream_lanes
     writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, {"format": "pt"}) for s in plan.shards}
     shard_of = plan.weight_map
+
+    def write(unit, outputs):
+        for spec in unit.outputs:
+            writers[shard_of[spec.name]].write(spec.name, outputs.pop(spec.name))
+            if bar is not None:
+                bar.update(spec.nbytes)
+
+    # one unit is written behind while the next one is folded: the disk and the CPU/GPU work at once
+    behind = ThreadPoolExecutor(1, thread_name_prefix="offload-export-writer")
+    pending = None
     try:
         for unit, outputs in stream_lanes(reader, plan.units, read_ahead_bytes=_read_ahead_bytes(plan)):
-            for spec in unit.outputs:
-                writers[shard_of[spec.name]].write(spec.name, outputs.pop(spec.name))
-                if bar is not None:
-                    bar.update(spec.nbytes)
+            if pending is not None:
+                pending.result()
+            pending = behind.submit(write, unit, outputs)
+            del outputs
+        if pending is not None:
+            pending.result()
         for w in writers.values():
             w.close()
     except BaseException:
+        behind.shutdown(wait=True, cancel_futures=True)
         for w in writers.values():
             w.abort()
         raise
     finally:
+        behind.shutdown(wait=True)
         if bar is not None:
             bar.close()
     return list(writers)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._hooks import align_hooks, offloaded_tensors
+from ._store import anon_empty
 from .layout import layout
 from .materialize import onloaded
 from .quantizers import register_quantizer
@@ -42,6 +43,7 @@ E4M3_MAX = 448.0
 E2M1_MAX = 6.0
 _INT_MAX = {"int8": 127.0, "int4-g128": 7.0}
 _GROUP = {"int8": None, "fp8": None, "int4-g128": 128, "nvfp4": 16}
+_CHUNK_ELEMENTS = 1 << 20  # rows per fold step: about this many elements
 _EPS = 1.0 / (1 << 24)  # ModelOpt: an amax at or below this quantizes its group to 0 (int) / uses 1 (fp8)
 _E2M1_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 _E2M1_TIES_UP = torch.tensor([0.75, 1.75, 3.5])  # ties that round up to the even code (ModelOpt _cast_fp4)
@@ -62,13 +64,15 @@ def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def _int_fake_quant(x: torch.Tensor, amax: torch.Tensor, max_bound: float) -> torch.Tensor:
-    """ModelOpt ``_tensor_quant`` with ``narrow_range=False``: integers in ``[-max_bound - 1, max_bound]``."""
+    """ModelOpt ``_tensor_quant`` with ``narrow_range=False``: integers in ``[-max_bound - 1, max_bound]``.
+
+    Works in place on ``x`` (a float32 scratch copy): the same operations, in the same order.
+    """
     bound = torch.tensor(max_bound, device=amax.device)
     scale = bound / amax
     zero = amax <= _EPS
     scale = torch.where(zero, 0.0, scale)  # a group with amax 0 quantizes to 0 ...
-    q = torch.clamp((x * scale).round_(), -max_bound - 1.0, max_bound)
-    return q / torch.where(zero, 1.0, scale)  # ... and is divided by 1, as ModelOpt does
+    return x.mul_(scale).round_().clamp_(-max_bound - 1.0, max_bound).div_(torch.where(zero, 1.0, scale))
 
 
 def _fp8_fake_quant(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
@@ -76,8 +80,8 @@ def _fp8_fake_quant(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     safe_amax = torch.where(amax <= _EPS, torch.ones_like(amax), amax)
     scale = E4M3_MAX / safe_amax
     scale_inv = 1 / scale
-    x = (x * scale).clamp(min=-E4M3_MAX, max=E4M3_MAX)
-    return x.to(torch.float8_e4m3fn).to(torch.float32) * scale_inv
+    x = x.mul_(scale).clamp_(min=-E4M3_MAX, max=E4M3_MAX)
+    return x.to(torch.float8_e4m3fn).to(torch.float32).mul_(scale_inv)
 
 
 def _e2m1_round(x: torch.Tensor) -> torch.Tensor:
@@ -207,15 +211,23 @@ class FakeQuantizer(nn.Module):
         if not self.enabled:
             return w
         self._check(w, rows)
-        rows = rows if rows is not None else slice(None)
-        x = _groups(w.to(torch.float32), self.group_size)
+        start = range(self.shape[0])[rows or slice(None)].start if len(w) else 0
+        out = anon_empty(tuple(w.shape), w.dtype) if w.device.type == "cpu" else torch.empty_like(w)
+        # a few MB of float32 per step: the temporaries stay in cache and memory stays near the weight's size
+        step = max(1, _CHUNK_ELEMENTS // w.shape[1])
+        for a in range(0, w.shape[0], step):
+            out[a:a + step] = self._fake_quant(w[a:a + step], slice(start + a, start + a + len(w[a:a + step])))
+        return out
+
+    def _fake_quant(self, w: torch.Tensor, rows: slice) -> torch.Tensor:
+        x = _groups(w.to(torch.float32, copy=True), self.group_size)
         if self.scheme == "nvfp4":
             out = _nvfp4_fake_quant(x, self.block_scale[rows], self.global_scale)
         elif self.scheme == "fp8":
             out = _fp8_fake_quant(x, self.amax[rows].unsqueeze(-1))
         else:
             out = _int_fake_quant(x, self.amax[rows].unsqueeze(-1), _INT_MAX[self.scheme])
-        return out.reshape(out.shape[0], -1)[:, : self.shape[1]].to(w.dtype)
+        return out.reshape(out.shape[0], -1)[:, : self.shape[1]]
 
 
 register_quantizer(FakeQuantizer)

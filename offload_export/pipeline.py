@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ._hooks import offloaded_tensors
-from ._store import read_store
+from ._store import anon_empty, read_store
 from .layout import Layout, TensorInfo
 from .materialize import onloaded
 from .plan import Unit
@@ -77,10 +77,13 @@ class UnitReader:
         try:
             # the quantizer's own state may be offloaded too; the weight itself we already hold
             with onloaded(q.owner, dev, self._refs, skip=frozenset({(id(q.owner), q.target)})):
-                return q.adapter.fold(q, weight.to(dev, non_blocking=True)).to("cpu")
+                folded = q.adapter.fold(q, weight.to(dev, non_blocking=True))
         except Exception as e:
             hint = " (its kernel may need CUDA: pass device='cuda')" if dev.type == "cpu" else ""
             raise RuntimeError(f"folding {q.name} into {key} on {dev} failed{hint}: {e}") from e
+        if folded.device.type == "cpu":
+            return folded
+        return anon_empty(tuple(folded.shape), folded.dtype).copy_(folded)
 
 
 class _ByteBudget:

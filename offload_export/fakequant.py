@@ -45,9 +45,6 @@ _INT_MAX = {"int8": 127.0, "int4-g128": 7.0}
 _GROUP = {"int8": None, "fp8": None, "int4-g128": 128, "nvfp4": 16}
 _CHUNK_ELEMENTS = 1 << 20  # rows per fold step: about this many elements
 _EPS = 1.0 / (1 << 24)  # ModelOpt: an amax at or below this quantizes its group to 0 (int) / uses 1 (fp8)
-_E2M1_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-_E2M1_TIES_UP = torch.tensor([0.75, 1.75, 3.5])  # ties that round up to the even code (ModelOpt _cast_fp4)
-_E2M1_VALUES = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6])
 
 
 def _check_scheme(scheme: str) -> None:
@@ -85,12 +82,16 @@ def _fp8_fake_quant(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
 
 
 def _e2m1_round(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest E2M1 value, ties to even, saturating at +-6 (ModelOpt ``_cast_fp4``)."""
-    magnitude = x.abs()
-    code = torch.searchsorted(_E2M1_BOUNDS.to(x.device), magnitude)
-    code += (magnitude.unsqueeze(-1) == _E2M1_TIES_UP.to(x.device)).any(-1)
-    code += (x < 0) * 8  # a negative value that rounds to 0 becomes +0, as in ModelOpt's table
-    return _E2M1_VALUES.to(x.device)[code]
+    """Round to the nearest E2M1 value, ties to even, saturating at +-6 (ModelOpt ``_cast_fp4``).
+
+    E2M1 is evenly spaced within each binade ([0, 2) by 0.5, [2, 4) by 1, [4, 6] by 2), and ties to the even
+    code are ties to the even multiple of that spacing, i.e. ``round`` (half to even) after scaling. A
+    negative value that rounds to 0 becomes +0, as in ModelOpt's table.
+    """
+    m = x.abs()
+    r = torch.where(m < 2, (m * 2).round_().mul_(0.5), torch.where(m < 4, m.round(), (m * 0.5).round_().mul_(2)))
+    r.clamp_(max=E2M1_MAX)
+    return torch.where(x < 0, -r, r).add_(0.0)  # -0 + 0 = +0
 
 
 def _nvfp4_fake_quant(x: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:

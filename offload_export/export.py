@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import _atomic
+from ._hooks import offloaded_tensors
 from ._store import read_store
 from .layout import Layout, _declared_ties, layout
 from .pipeline import UnitReader
@@ -185,7 +186,8 @@ def _write_config(model: nn.Module, tmp: Path, dtype: torch.dtype | None, notes:
 def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, fold: bool = True,
                max_shard_size: int | str = "5GB", dtype: torch.dtype | str | None = None,
                device: torch.device | str | None = None, overwrite: bool = False, tokenizer=None,
-               progress: bool = False, group=None, verify: bool = False) -> ExportReport:
+               progress: bool = False, group=None, verify: bool = False,
+               vllm_fq_state: bool = False) -> ExportReport:
     """Export ``model`` (offloaded or not, fake-quantized or not) as a clean Hugging Face checkpoint.
 
     One module at a time: its tensors are read from wherever they live (GPU, CPU offload, ``.dat``
@@ -210,6 +212,8 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, fold: bool = Tru
             with several ranks, the default group. Every rank of the group must call ``save_clean``.
         verify: before committing, check the written files against the model with
             :func:`offload_export.verify` (a second pass over the model); any mismatch aborts the export.
+        vllm_fq_state: also write ``vllm_fq_modelopt_state.pth`` for ModelOpt's vLLM fake-quant worker
+            (ModelOpt models only; tensors and plain types, loadable with ``torch.load(weights_only=True)``).
 
     Returns:
         An :class:`ExportReport`.
@@ -225,9 +229,9 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, fold: bool = Tru
     """
     from . import distributed
     if group is not None or distributed.default_group() is not None:
-        if verify:
-            raise ValueError("verify=True is not supported for a distributed export; call "
-                             "offload_export.verify(model, out_dir) after it instead")
+        if verify or vllm_fq_state:
+            raise ValueError("verify=True and vllm_fq_state=True are not supported for a distributed export; "
+                             "call offload_export.verify(model, out_dir) after it, or export from one process")
         return distributed.save_clean_distributed(
             model, out_dir, fold=fold, max_shard_size=max_shard_size, dtype=dtype, device=device,
             overwrite=overwrite, tokenizer=tokenizer, progress=progress, group=group)
@@ -238,6 +242,9 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, fold: bool = Tru
     with _atomic.staging(job.out_dir, overwrite=overwrite) as tmp:
         files = _write_weights(job.reader(model), job.plan, tmp, progress)
         files += _write_metadata(model, job, tmp, tokenizer, notes)
+        if vllm_fq_state:
+            from .vllm_fq import write_vllm_fq_state
+            files.append(write_vllm_fq_state(model, job.quantizers, offloaded_tensors(model), set(job.folds), tmp))
         if verify:
             from .verify import check_staged
             check_staged(model, job, tmp)

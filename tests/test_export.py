@@ -143,3 +143,43 @@ def test_modelopt_export_of_a_reloaded_disk_offloaded_model_reloads_offloaded(ki
                                                     offload_folder=str(tmp_path / "reload-offload"))
     assert oe.layout(reloaded).summary().get("safetensors")  # really offloaded
     assert torch.allclose(forward_logits(reloaded), forward_logits(resident), atol=1e-5)
+
+
+def _load_state(path: Path):
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def _assert_same_state(actual, expected, where="state"):
+    assert type(actual) is type(expected), where
+    if isinstance(expected, torch.Tensor):
+        assert actual.dtype == expected.dtype and torch.equal(actual, expected), where
+    elif isinstance(expected, dict):
+        assert sorted(actual, key=str) == sorted(expected, key=str), where
+        for k in expected:
+            _assert_same_state(actual[k], expected[k], f"{where}.{k}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            _assert_same_state(a, e, f"{where}[{i}]")
+    else:
+        assert actual == expected, where
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("method", ["resident", "cpu_offload", "disk_offload"])
+def test_vllm_fq_state_equals_modelopts_and_loads_weights_only(kind, method, tmp_path):
+    quantized = _int8(make_model(kind), fixed_input_ids(seed=7))
+    _modelopt_reference(quantized, tmp_path / "modelopt")
+    model, _ = apply_layout_with_artifacts(quantized, LayoutSpec(method, offload_buffers=True), tmp_path / "layout")
+    before = _state(model)
+    report = oe.save_clean(model, tmp_path / "out", vllm_fq_state=True)
+    assert "vllm_fq_modelopt_state.pth" in report.files
+    _assert_same_state(_load_state(tmp_path / "out" / "vllm_fq_modelopt_state.pth"),
+                       _load_state(tmp_path / "modelopt" / "vllm_fq_modelopt_state.pth"))
+    assert _state(model) == before  # quantizer states and (offloaded) buffers as they were
+
+
+def test_vllm_fq_state_needs_modelopt(tmp_path):
+    with pytest.raises(ValueError, match="ModelOpt"):
+        oe.save_clean(make_model("llama_untied"), tmp_path / "out", vllm_fq_state=True)
+    assert not (tmp_path / "out").exists()

@@ -189,7 +189,7 @@ def stream_lanes(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes:
 def _exchange(ctl, fn: Callable[[], str]) -> list[str]:
     """Run ``fn`` on every rank and gather the strings it returns; if it raised anywhere, raise everywhere.
 
-    Strings travel as uint8 tensors (never pickle). The failing rank re-raises its own exception; the
+    Strings travel as uint8 tensors (no object serialization). The failing rank re-raises its own exception; the
     others raise a ``RuntimeError`` naming the failing rank and its message.
     """
     error = None

@@ -22,6 +22,7 @@ from ._store import SAFETENSORS_DTYPES, _read_file, safetensors_header
 from .export import (_CONFIG_KEYS_DROPPED, INDEX_NAME, QUANTIZER_STATE_NAME, _Job, _prepare, _quantizer_state,
                      _read_ahead_bytes)
 from .pipeline import stream
+from .vllm_fq import VLLM_FQ_STATE_NAME
 from .writer import TensorSpec
 
 __all__ = ["VerifyReport", "check", "check_staged", "verify"]
@@ -206,8 +207,8 @@ def _check_files(model: nn.Module, job: _Job, out_dir: Path, weight_files: set[s
             problems.append(f"unexpected directory: {name}")
         elif name.endswith(".safetensors") and name not in weight_files and name != QUANTIZER_STATE_NAME:
             problems.append(f"unexpected file: {name} (a weight file that the index does not reference)")
-        elif name.endswith(_PICKLE_SUFFIXES):
-            problems.append(f"unexpected file: {name} (pickle-based weights do not belong in this checkpoint)")
+        elif name.endswith(_PICKLE_SUFFIXES) and name != VLLM_FQ_STATE_NAME:  # the opt-in vLLM file
+            problems.append(f"unexpected file: {name} (only safetensors weights belong in this checkpoint)")
     if job.quantizers and QUANTIZER_STATE_NAME not in names:
         problems.append(f"missing file: {QUANTIZER_STATE_NAME} (the model has {len(job.quantizers)} quantizer(s))")
     if not hasattr(getattr(model, "config", None), "save_pretrained"):

@@ -172,7 +172,7 @@ def test_vllm_fq_state_equals_modelopts_and_loads_weights_only(kind, method, tmp
     _modelopt_reference(quantized, tmp_path / "modelopt")
     model, _ = apply_layout_with_artifacts(quantized, LayoutSpec(method, offload_buffers=True), tmp_path / "layout")
     before = _state(model)
-    report = oe.save_clean(model, tmp_path / "out", vllm_fq_state=True)
+    report = oe.save_clean(model, tmp_path / "out", vllm_fq_state=True, verify=True)
     assert "vllm_fq_modelopt_state.pth" in report.files
     _assert_same_state(_load_state(tmp_path / "out" / "vllm_fq_modelopt_state.pth"),
                        _load_state(tmp_path / "modelopt" / "vllm_fq_modelopt_state.pth"))

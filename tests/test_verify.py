@@ -101,7 +101,7 @@ DAMAGE = {
     "tensor mapped to another shard": (lambda ck: _edit_index(ck, _move_tensor_in_index), "whose header does not have it"),
     "tensor missing from index": (lambda ck: _edit_index(ck, lambda i: i["weight_map"].pop(_sharing(i))),
                                   "does not list it"),
-    "pickle file": (lambda ck: (ck / "pytorch_model.bin").write_bytes(b"x"), "pytorch_model.bin (pickle"),
+    "pickle file": (lambda ck: (ck / "pytorch_model.bin").write_bytes(b"x"), "pytorch_model.bin (only safetensors weights"),
     "unreferenced shard": (lambda ck: shutil.copy(_shards(ck)[0], ck / "model-extra.safetensors"),
                            "model-extra.safetensors (a weight file that the index does not reference)"),
     "no quantizer state": (lambda ck: (ck / QUANTIZER_STATE_NAME).unlink(), f"missing file: {QUANTIZER_STATE_NAME}"),

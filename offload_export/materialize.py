@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils import swap_tensors
 
-from ._hooks import StoreRef, offloaded_tensors
+from ._hooks import CacheHook, StoreRef, offloaded_tensors
 from ._store import read_store, write_store
 
 __all__ = ["materialized"]
@@ -142,13 +142,19 @@ def materialized(module: nn.Module, device: torch.device | str | None = None, *,
         ``module`` itself.
 
     Raises:
-        RuntimeError: a meta tensor has no hook in ``module`` that can supply it, or a writeback failed.
+        RuntimeError: a meta tensor has no hook in ``module`` that can supply it, a writeback failed, or
+            ``writeback`` was asked for a module offloaded by compressed-tensors' ``OffloadCache``.
 
     Example:
         >>> with offload_export.materialized(model.model.layers[3]) as layer:  # doctest: +SKIP
         ...     print(layer.mlp.up_proj.weight.abs().max())
     """
-    with onloaded(module, device, offloaded_tensors(module), writeback=writeback):
+    refs = offloaded_tensors(module)
+    if writeback and any(isinstance(r.hook, CacheHook) for r in refs.values()):
+        raise RuntimeError("materialized(writeback=True) does not support modules offloaded by compressed-tensors'\n"
+                           "  own OffloadCache (it hands out a fresh copy on every access, so edits would be lost);\n"
+                           "  edit through compressed-tensors' `update_offload_parameter` instead")
+    with onloaded(module, device, refs, writeback=writeback):
         yield module
 
 

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["CacheHook", "Store", "StoreRef", "align_hooks", "execution_device", "no_onloading", "offloaded_tensors",
-           "resolve_store"]
+__all__ = ["CacheHook", "Store", "StoreRef", "add_store_entry", "align_hooks", "execution_device", "no_onloading",
+           "offloaded_tensors", "resolve_store"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,28 @@ def execution_device(hook) -> torch.device:
     return torch.device(device)
 
 
+def _unprefix(weights_map: Mapping, name: str) -> tuple[Mapping, str]:
+    """The innermost mapping under ``PrefixedDataset`` wrappers and ``name``'s full key in it."""
+    dataset, key = weights_map, name
+    while hasattr(dataset, "prefix") and hasattr(dataset, "dataset"):
+        dataset, key = dataset.dataset, f"{dataset.prefix}{key}"
+    return dataset, key
+
+
+def add_store_entry(weights_map: Mapping, name: str, value: torch.Tensor) -> None:
+    """Add a CPU copy of ``value`` as ``name`` to a hook's ``weights_map`` (a dict, or a loader's RAM entries).
+
+    Raises:
+        RuntimeError: the store cannot take new entries.
+    """
+    dataset, key = _unprefix(weights_map, name)
+    if isinstance(getattr(dataset, "state_dict", None), MutableMapping) and hasattr(dataset, "index"):
+        dataset = dataset.state_dict  # OffloadedWeightsLoader looks its RAM entries up first
+    if not isinstance(dataset, MutableMapping):
+        raise RuntimeError(f"cannot add {key} to an offload store of type {type(dataset).__name__}")
+    dataset[key] = value.detach().to("cpu", copy=True)
+
+
 def resolve_store(weights_map: Mapping, name: str) -> Store:
     """Follow ``PrefixedDataset`` wrappers down to the entry that holds ``name``.
 
@@ -92,9 +114,7 @@ def resolve_store(weights_map: Mapping, name: str) -> Store:
     Raises:
         KeyError: the store has no entry for ``name``.
     """
-    dataset, key = weights_map, name
-    while hasattr(dataset, "prefix") and hasattr(dataset, "dataset"):
-        dataset, key = dataset.dataset, f"{dataset.prefix}{key}"
+    dataset, key = _unprefix(weights_map, name)
     loader_state = getattr(dataset, "state_dict", None)
     index = getattr(dataset, "index", None)
     if isinstance(loader_state, Mapping) and isinstance(index, Mapping):  # OffloadedWeightsLoader

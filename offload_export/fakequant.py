@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable
 from types import MethodType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._hooks import align_hooks, offloaded_tensors
+from ._hooks import add_store_entry, align_hooks, offloaded_tensors
 from ._store import anon_empty
 from .layout import layout
 from .materialize import onloaded
@@ -276,18 +276,6 @@ def _install(name: str, linear: nn.Linear, quantizer: FakeQuantizer) -> None:
         linear._old_forward = MethodType(linear.__class__.forward, linear)
 
 
-def _store_put(weights_map: Mapping, key: str, value: torch.Tensor) -> None:
-    """Add an entry to a hook's ``weights_map`` (a ``PrefixedDataset`` chain over a dict or loader)."""
-    dataset = weights_map
-    while hasattr(dataset, "prefix") and hasattr(dataset, "dataset"):
-        dataset, key = dataset.dataset, f"{dataset.prefix}{key}"
-    if isinstance(getattr(dataset, "state_dict", None), MutableMapping) and hasattr(dataset, "index"):
-        dataset = dataset.state_dict  # OffloadedWeightsLoader looks its RAM entries up first
-    if not isinstance(dataset, MutableMapping):
-        raise RuntimeError(f"cannot add {key} to an offload store of type {type(dataset).__name__}")
-    dataset[key] = value.detach().to("cpu", copy=True)
-
-
 def _add_to_offloading_hooks(model: nn.Module, name: str, quantizer: FakeQuantizer) -> None:
     """Give the quantizer's buffers a store entry in hooks that load the buffers of submodules.
 
@@ -301,7 +289,7 @@ def _add_to_offloading_hooks(model: nn.Module, name: str, quantizer: FakeQuantiz
         for hook in align_hooks(owner):
             if hook.offload and hook.offload_buffers and hook.place_submodules and hook.weights_map is not None:
                 for buffer_name, buffer in quantizer.named_buffers():
-                    _store_put(hook.weights_map, f"{prefix}.{buffer_name}", buffer)
+                    add_store_entry(hook.weights_map, f"{prefix}.{buffer_name}", buffer)
 
 
 def _targets(model: nn.Module, modules: Iterable[str] | None, skip: Iterable[str]) -> list[tuple[str, nn.Linear]]:

@@ -86,7 +86,7 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def _check_model(model: nn.Module, lay: Layout, *, allow_missing: bool = False) -> None:
     if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
-        raise ValueError("save_clean got a torch.compile wrapper; pass the original module: model._orig_mod")
+        raise ValueError("got a torch.compile wrapper; pass the original module: model._orig_mod")
     missing = [k for k, i in lay.items() if i.kind == "missing"]
     if missing and not allow_missing:
         raise RuntimeError(
@@ -113,11 +113,11 @@ def _check_shared_storage(model: nn.Module, lay: Layout, skip: set[str]) -> None
 
 def _conversion(model: nn.Module, lay: Layout) -> Callable | None:
     """transformers' save-time weight conversion (fused experts -> per-expert), or None when it is the identity."""
+    if not hasattr(model, "config"):
+        return None
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:
-        return None
-    if not hasattr(model, "config"):
         return None
     meta = {k: torch.empty(i.shape, dtype=i.dtype, device="meta") for k, i in lay.items()}
     out = revert_weight_conversion(model, dict(meta))

@@ -79,7 +79,8 @@ class UnitReader:
             with onloaded(q.owner, dev, self._refs, skip=frozenset({(id(q.owner), q.target)})):
                 folded = q.adapter.fold(q, weight.to(dev, non_blocking=True))
         except Exception as e:
-            hint = " (its kernel may need CUDA: pass device='cuda')" if dev.type == "cpu" else ""
+            needs_cuda = dev.type == "cpu" and "cuda" in f"{type(e).__name__} {e}".lower()
+            hint = " (its kernel may need CUDA: pass device='cuda')" if needs_cuda else ""
             raise RuntimeError(f"folding {q.name} into {key} on {dev} failed{hint}: {e}") from e
         if folded.device.type == "cpu":
             return folded

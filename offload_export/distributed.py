@@ -103,9 +103,8 @@ def assign_shards(sizes: Sequence[int], readable: Sequence[Sequence[bool]]) -> t
 def _fold_lane(reader: UnitReader, unit: Unit) -> Hashable:
     """The device a unit is folded on (the one of its first folded weight), else where its first tensor is."""
     for key in unit.sources:
-        q = reader.folds.get(key)
-        if q is not None:
-            return reader.device or q.adapter.fold_device(q) or reader.lay[key].device
+        if key in reader.folds:
+            return reader.fold_device(key)
     return reader.device or reader.lay[unit.sources[0]].device
 
 

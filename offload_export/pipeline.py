@@ -71,9 +71,14 @@ class UnitReader:
             values = self.convert(values)
         return values
 
+    def fold_device(self, key: str) -> torch.device:
+        """Where ``key`` is folded: ``device=``, else the quantizer's state, else the module's execution device."""
+        q = self.folds[key]
+        return self.device or q.adapter.fold_device(q) or self.lay[key].device
+
     def _fold(self, key: str, weight: torch.Tensor) -> torch.Tensor:
         q = self.folds[key]
-        dev = self.device or q.adapter.fold_device(q) or self.lay[key].device
+        dev = self.fold_device(key)
         try:
             # the quantizer's own state may be offloaded too; the weight itself we already hold
             with onloaded(q.owner, dev, self._refs, skip=frozenset({(id(q.owner), q.target)})):

@@ -71,10 +71,7 @@ Surprises found while reading/using accelerate 1.15 + transformers 5.24 (CPU onl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
-import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,7 +85,8 @@ from accelerate.hooks import AlignDevicesHook, ModelHook, SequentialHook, add_ho
 from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, offload_state_dict
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwen3Config, Qwen3MoeConfig
-from transformers.utils import logging as hf_logging
+
+from offload_export.demo import _quiet_libraries  # the same silencing the demo uses
 
 __all__ = [
     "MODEL_KINDS",
@@ -145,27 +143,6 @@ def _config(kind: str):
     raise ValueError(f"unknown model kind {kind!r}; expected one of {MODEL_KINDS}")
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Silence the expected accelerate/transformers chatter (meta-device warnings, tqdm bars)."""
-    loggers = [logging.getLogger(n) for n in ("accelerate", "accelerate.big_modeling", "accelerate.utils.modeling")]
-    old_levels = [lg.level for lg in loggers]
-    old_verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        yield
-    finally:
-        for lg, lvl in zip(loggers, old_levels):
-            lg.setLevel(lvl)
-        hf_logging.set_verbosity(old_verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def make_model(kind: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
     """Tiny deterministic causal LM (hidden 64, 2 layers, vocab 128) in eval mode.
 
@@ -176,7 +153,7 @@ def make_model(kind: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) 
     """
     cfg = _config(kind)
     torch.manual_seed(seed)
-    with _quiet():
+    with _quiet_libraries():
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     gen = torch.Generator().manual_seed(10_007 + seed)
     with torch.no_grad():
@@ -461,7 +438,7 @@ def apply_layout_with_artifacts(model: nn.Module, spec: LayoutSpec, tmp_dir) -> 
     tmp_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{spec.method}-", dir=tmp_dir))
     art = LayoutArtifacts(workdir=work)
-    with _quiet():
+    with _quiet_libraries():
         if spec.method == "resident":
             out = model
         elif spec.method == "cpu_offload":

@@ -46,8 +46,9 @@ SCHEMES = {  # scheme -> compressed-tensors format written
     "fp8_w8a8": ("FP8", "float-quantized"),
     "fp8_dynamic": ("FP8_DYNAMIC", "float-quantized"),
     "nvfp4": ("NVFP4", "nvfp4-pack-quantized"),
+    "fp8_block": ("FP8_BLOCK", "float-quantized"),
 }
-SMALL_GROUPS = [s for s in SCHEMES if "g128" not in s]  # the layouts' models have hidden size 64
+SMALL_GROUPS = [s for s in SCHEMES if "g128" not in s and "block" not in s]  # the layouts' models have hidden size 64
 FAST = settings(max_examples=5, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -61,8 +62,22 @@ def quantize_ct(model, scheme_name: str):
                               show_progress=False)
     for module in model.modules():
         if hasattr(module, "quantization_scheme"):
-            _calibrate(module)
+            (_calibrate_blocks if module.quantization_scheme.weights.strategy == "block" else _calibrate)(module)
     return model
+
+
+def _calibrate_blocks(module) -> None:
+    """Static per-block weight scales from each block's min/max (inputs are dynamic), then FROZEN."""
+    from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.quantization.utils import calculate_qparams, maybe_pad_tensor_for_block_quant
+    args = module.quantization_scheme.weights
+    w = maybe_pad_tensor_for_block_quant(module.weight.detach(), tuple(args.block_structure))  # partial blocks: 0s
+    (bh, bw), (rows, cols) = args.block_structure, w.shape
+    blocks = w.reshape(rows // bh, bh, cols // bw, bw)
+    scale, zp = calculate_qparams(blocks.amin((1, 3)), blocks.amax((1, 3)), args)
+    module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+    module.weight_zero_point.data.copy_(zp.reshape(module.weight_zero_point.shape))
+    module.quantization_status = QuantizationStatus.FROZEN
 
 
 def ct_model(scheme_name: str, arch: str = "qwen3"):
@@ -136,6 +151,18 @@ def test_equals_llm_compressor_save(tmp_path_factory, scheme_name, arch, how):
     assert oe.verify(model, tmp / "out", format=CT).ok
     assert_untouched(model, before)
     assert torch.equal(forward_logits(model), logits)
+
+
+def test_dtype_casts_only_unpacked_tensors(tmp_path):
+    """dtype= casts the tensors of unquantized modules; packed modules keep compressed-tensors' dtypes."""
+    oe.save_clean(ct_model("fp8_w8a8"), tmp_path / "a", format=CT)
+    oe.save_clean(ct_model("fp8_w8a8"), tmp_path / "b", format=CT, dtype="bfloat16")
+    (plain, _), (cast, config) = read_dir(tmp_path / "a"), read_dir(tmp_path / "b")
+    assert sorted(plain) == sorted(cast) and config["dtype"] == "bfloat16"
+    for key, value in plain.items():
+        packed = key.rpartition(".")[0].endswith("_proj")
+        expected = value if packed or not value.is_floating_point() else value.to(torch.bfloat16)
+        assert cast[key].dtype == expected.dtype and torch.equal(_bits(cast[key]), _bits(expected)), key
 
 
 @pytest.mark.parametrize("scheme_name", sorted(SCHEMES))
@@ -329,6 +356,15 @@ def _ct_preset(preset: str):
     return model
 
 
+def _status(status: str):
+    def make():
+        from compressed_tensors.quantization import QuantizationStatus
+        model = ct_model("w8a16_channel")
+        model.model.layers[0].self_attn.k_proj.quantization_status = QuantizationStatus(status)
+        return model
+    return make
+
+
 def _disabled():
     model = ct_model("w8a16_channel")
     model.model.layers[0].mlp.up_proj.quantization_enabled = False
@@ -342,6 +378,9 @@ BAD = {
     "mxfp4": (lambda: _ct_preset("MXFP4A16"), {}, r"model\.layers\.0\..*'mxfp4-pack-quantized' is not written"),
     "fold=False": (lambda: ct_model("w8a16_channel"), {"fold": False}, r"model\.layers\.0\..*disabled or not applied \(fold=False\)"),
     "disabled": (_disabled, {}, r"model\.layers\.0\.mlp\.up_proj: its weight quantizer"),
+    "decompressed": (_status("decompressed"), {}, r"model\.layers\.0\.self_attn\.k_proj: .*'decompressed'"),
+    "compressed": (_status("compressed"), {}, r"model\.layers\.0\.self_attn\.k_proj: already compressed"),
+    "uncalibrated": (_status("initialized"), {}, r"model\.layers\.0\.self_attn\.k_proj: .*never calibrated"),
 }
 
 
@@ -349,7 +388,8 @@ BAD = {
 def test_bad_input_raises_before_writing(tmp_path, case):
     make, kwargs, message = BAD[case]
     model = make()
-    with pytest.raises(ValueError, match=r"format='compressed-tensors': " + message):
+    error = RuntimeError if case == "uncalibrated" else ValueError  # a bad state, not a bad argument
+    with pytest.raises(error, match=r"format='compressed-tensors': " + message):
         oe.save_clean(model, tmp_path / "out", format=CT, **kwargs)
     assert list(tmp_path.iterdir()) == []
 

@@ -77,13 +77,24 @@ def _ct_scheme_format(q: Quantizer) -> tuple[Any, str]:
     if not isinstance(owner, COMPRESSIBLE_MODULE_TYPES):
         raise _fail(q.owner_name, f"a {type(owner).__name__} with a compressed-tensors scheme (attention / KV-cache "
                                   f"quantization) is not packed by this export", "export with format='fake-quant'")
+    fmt = getattr(scheme.format, "value", scheme.format) or infer_module_format(type(owner), scheme).value
+    if fmt not in FORMATS_WRITTEN:
+        raise _fail(q.owner_name, f"compressed-tensors format {fmt!r} is not written by this export (it writes "
+                                  f"{', '.join(FORMATS_WRITTEN)})", "export with format='fake-quant'")
     if status == "compressed":
         raise _fail(q.owner_name, "already compressed (quantization_status='compressed'): its weight holds packed "
                                   "values", "save it with model.save_pretrained, or decompress it first")
+    if status == "initialized":
+        raise RuntimeError(f"format={NAME!r}: {q.owner_name}: weight_scale was never calibrated (quantization_status="
+                           f"'initialized': compressed-tensors allocates it with torch.empty).\n  Calibrate the scales "
+                           f"and set quantization_status to QuantizationStatus.FROZEN before exporting")
+    if status == "decompressed":
+        raise _fail(q.owner_name, "quantization_status='decompressed': its forward no longer quantizes the weight",
+                    "set quantization_status to QuantizationStatus.FROZEN to pack it (a decompressed weight "
+                    "quantizes back to the same codes), or export with format='fake-quant'")
     if scheme.weights.dynamic:
         raise _fail(q.owner_name, "dynamic weight quantization has no stored scales to pack",
                     "export with format='fake-quant'")
-    fmt = getattr(scheme.format, "value", scheme.format) or infer_module_format(type(owner), scheme).value
     return scheme, fmt
 
 
@@ -138,9 +149,6 @@ def packings(source: Source) -> dict[str, Packing]:
         if key not in source.folds:
             raise _fail(q.owner_name, f"its weight quantizer {q.name} is disabled or not applied (fold=False)",
                         "enable it and pass fold=True: a packed weight is the quantized weight")
-        if fmt not in FORMATS_WRITTEN:
-            raise _fail(q.owner_name, f"compressed-tensors format {fmt!r} is not written by this export (it writes "
-                                      f"{', '.join(FORMATS_WRITTEN)})", "export with format='fake-quant'")
         qparams = {} if not ct else {k.rpartition(".")[2]: k for p in source.quantizers if p.owner is q.owner
                                      for k in p.state_keys}
         out[key] = Packing(key, q.owner_name, fmt, scheme, qparams, q)

@@ -186,16 +186,21 @@ def _hook_tensors(module: nn.Module, hook) -> Iterator[tuple[str, nn.Module, str
                     yield prefix + attr, owner, attr
 
 
-def offloaded_tensors(model: nn.Module) -> dict[tuple[int, str], StoreRef]:
+def offloaded_tensors(model: nn.Module, *, include_suspended: bool = False) -> dict[tuple[int, str], StoreRef]:
     """Map every offloaded tensor slot ``(id(owner), attr)`` of ``model`` to its hook and store.
 
-    Only hooks with ``offload=True`` (also while ``materialized`` suspends it) and a ``weights_map`` count; a slot covered by several hooks
+    Only hooks with ``offload=True`` and a ``weights_map`` count; a slot covered by several hooks
     (nested ``place_submodules``) is attributed to the innermost one, as accelerate loads it last.
+
+    Args:
+        model: the module to scan.
+        include_suspended: also count hooks that ``materialized`` holds off right now (their tensors are
+            real until the block ends). Off by default: inside a block, those tensors read as resident.
     """
     refs: dict[tuple[int, str], StoreRef] = {}
     for module_name, module in model.named_modules():
         for hook in align_hooks(module):
-            if not offloads(hook) or hook.weights_map is None:
+            if not (offloads(hook) if include_suspended else hook.offload) or hook.weights_map is None:
                 continue
             device = execution_device(hook)
             for rel, owner, attr in _hook_tensors(module, hook):

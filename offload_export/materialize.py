@@ -300,7 +300,7 @@ def _release(block: _Block, error: BaseException | None) -> None:
         RuntimeError: (without ``error``) a tensor could not be restored.
         KeyboardInterrupt: arrived while restoring (after everything was restored).
     """
-    failures: list[tuple[str, BaseException]] = []
+    failures: list[tuple[object, BaseException]] = []
     for claim in reversed(block.claims):
         claim.count -= 1
         if claim.count == 0:
@@ -308,7 +308,7 @@ def _release(block: _Block, error: BaseException | None) -> None:
             try:
                 claim.restore()
             except BaseException as e:  # noqa: B036 - restore the others first
-                failures.append((claim.name, e))
+                failures.append((claim, e))
     block.claims.clear()
     for hook in block.hooks:
         resume_offload(hook)
@@ -329,16 +329,17 @@ def _forget(claim) -> None:
 def _report_release(block: _Block, failures: list, error: BaseException | None) -> None:
     if not failures:
         return
-    text = "; ".join(f"{name}: {type(e).__name__}: {e}" for name, e in failures)
+    text = "; ".join(f"{claim.name}: {type(e).__name__}: {e}"
+                     + (f" (held by {_holders(claim.live)})" if isinstance(claim, _Onloaded) else "")
+                     for claim, e in failures)
     if error is not None:
         add_note(error, f"restoring {block.label} after this error also failed for {text}")
         return
     interrupt = next((e for _, e in failures if not isinstance(e, Exception)), None)
     if interrupt is not None:
         raise interrupt
-    name, first = failures[0]
     raise RuntimeError(f"materialized({block.label}): {len(failures)} tensor(s) could not be put back on their "
-                       f"offload device: {text}") from first
+                       f"offload device: {text}") from failures[0][1]
 
 
 def _write_back(block: _Block) -> None:
@@ -424,7 +425,8 @@ def onloaded(module: nn.Module, device: torch.device | str | None, refs: dict[_K
     """
     device = torch.device(device) if device is not None else None
     with state_lock:
-        block = _enter(module, device, offloaded_tensors(module) if refs is None else refs, skip)
+        refs = offloaded_tensors(module, include_suspended=True) if refs is None else refs
+        block = _enter(module, device, refs, skip)
     try:
         yield
     except BaseException as error:

@@ -9,6 +9,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from layouts import LayoutSpec, draw_offloaded, forward_logits
 from torch import nn
 
@@ -337,3 +339,74 @@ def test_writeback_through_compressed_tensors_offload_cache(where, tmp_path):
             proj.weight = nn.Parameter(proj.weight.detach().half(), requires_grad=False)
     assert proj._parameters is caches["model.layers.0.mlp.up_proj"][0]
     assert torch.equal(proj.weight, ref_proj.weight)
+
+
+# --- any interleaving ----------------------------------------------------------------------------------------
+
+BLOCK_MODULES = ("", "model.layers.0", "model.layers.0.mlp", "model.layers.0.self_attn", "model.layers.1")
+OPS = st.lists(st.tuples(st.sampled_from(["open", "close", "edit", "forward"]), st.integers(0, 99), st.booleans()),
+               max_size=14)
+
+
+def _covered(offloaded: list[str], prefix: str) -> set[str]:
+    return {k for k in offloaded if not prefix or k.startswith(prefix + ".")}
+
+
+class _Interleaving:
+    """Blocks opened and closed in a drawn order, with the expected store and onloaded values alongside."""
+
+    def __init__(self, model, reference):
+        self.model, self.blocks, self.live = model, [], {}
+        self.stored = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+        self.offloaded = [k for k, v in model.state_dict(keep_vars=True).items() if v.device.type == "meta"]
+
+    def open_names(self) -> set[str]:
+        return set().union(*(_covered(self.offloaded, p) for _, p, _ in self.blocks))
+
+    def step(self, op: str, n: int, writeback: bool) -> None:
+        if op == "open":
+            prefix = BLOCK_MODULES[n % len(BLOCK_MODULES)]
+            block = oe.materialized(self.model.get_submodule(prefix), writeback=writeback)
+            block.__enter__()
+            self.blocks.append((block, prefix, writeback))
+            for k in _covered(self.offloaded, prefix):
+                self.live.setdefault(k, self.stored[k].clone())
+        elif op == "close" and self.blocks:
+            self.close(n % len(self.blocks))
+        elif op == "edit" and self.open_names():
+            key = sorted(self.open_names())[n % len(self.open_names())]
+            self.model.state_dict(keep_vars=True)[key].data.add_(1.0)
+            self.live[key] += 1.0
+        elif op == "forward":
+            forward_logits(self.model)
+
+    def close(self, i: int) -> None:
+        block, prefix, writeback = self.blocks.pop(i)
+        block.__exit__(None, None, None)
+        if writeback:
+            self.stored.update({k: self.live[k].clone() for k in _covered(self.offloaded, prefix)})
+        self.live = {k: v for k, v in self.live.items() if k in self.open_names()}
+
+    def check(self) -> None:
+        held = self.open_names()
+        for key, value in self.model.state_dict(keep_vars=True).items():
+            if key in self.offloaded:
+                assert (value.device.type != "meta") == (key in held), key
+                assert key not in held or torch.equal(value, self.live[key]), key
+
+
+@settings(max_examples=20, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(layout=st.sampled_from([k for k in LAYOUTS if k != "place_submodules"]), ops=OPS, order=st.randoms())
+def test_any_interleaving_of_blocks_restores_and_keeps_every_writeback(layout, ops, order, tmp_path):
+    reference, model = _build(layout, tmp_path)
+    before, run = _state(model), _Interleaving(model, reference)
+    for op in ops:
+        run.step(*op)
+        run.check()
+    while run.blocks:
+        run.close(order.randrange(len(run.blocks)))
+        run.check()
+    assert _state(model) == before
+    reference.load_state_dict(run.stored)
+    _assert_restored(model, before, reference)

@@ -169,22 +169,22 @@ class _CacheSwap:
     name: str  # "<prefix>parameters" / "<prefix>buffers", for messages
     prefix: str
     owner: nn.Module
-    field: str
+    dict_name: str  # "_parameters" | "_buffers"
     cache: Mapping
     plain: dict
     skipped: frozenset[str]
     count: int = 0
 
     @classmethod
-    def load(cls, name: str, owner: nn.Module, field: str, device: torch.device | None,
+    def load(cls, name: str, owner: nn.Module, dict_name: str, device: torch.device | None,
              skip: frozenset[_Key]) -> _CacheSwap:
-        """Onload every value of ``getattr(owner, field)`` (skipped ones as meta) and swap the dict in."""
-        cache = getattr(owner, field)
+        """Onload every value of ``getattr(owner, dict_name)`` (skipped ones as meta) and swap the dict in."""
+        cache = getattr(owner, dict_name)
         device = device or torch.device(cache.onload_device)
         skipped = frozenset(k for k in cache.offloaded_values if (id(owner), k) in skip)
         plain = {k: _onload_cached(cache, k, device, k in skipped) for k in cache.offloaded_values}
-        setattr(owner, field, plain)
-        return cls(f"{name}{field.lstrip('_')}", name, owner, field, cache, plain, skipped)
+        setattr(owner, dict_name, plain)
+        return cls(f"{name}{dict_name.lstrip('_')}", name, owner, dict_name, cache, plain, skipped)
 
     def write_back(self) -> None:
         """Persist changed values through compressed-tensors' own ``cache[key] = value`` (``update_offload``)."""
@@ -200,7 +200,7 @@ class _CacheSwap:
                 self.cache[key] = value.detach()
 
     def restore(self) -> None:
-        setattr(self.owner, self.field, self.cache)
+        setattr(self.owner, self.dict_name, self.cache)
 
 
 def _onload_cached(cache, key: str, device: torch.device, skipped: bool) -> torch.Tensor | None:
@@ -318,7 +318,7 @@ def _release(block: _Block, error: BaseException | None) -> None:
 
 def _forget(claim) -> None:
     if isinstance(claim, _CacheSwap):
-        del _swaps[(id(claim.owner), claim.field)]
+        del _swaps[(id(claim.owner), claim.dict_name)]
         return
     _by_tensor.pop(id(claim.live), None)
     _by_tensor.pop(id(claim.meta), None)

@@ -239,7 +239,7 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, fold: bool = Tru
     job = _prepare(model, out_dir, fold=fold, max_shard_size=max_shard_size, dtype=dtype, device=device,
                    overwrite=overwrite)
     notes: list[str] = []
-    with _atomic.staging(job.out_dir, overwrite=overwrite) as tmp:
+    with _atomic.staging(job.out_dir, overwrite=overwrite, notes=notes) as tmp:
         files = _write_weights(job.reader(model), job.plan, tmp, progress)
         files += _write_metadata(model, job, tmp, tokenizer, notes)
         if vllm_fq_state:
@@ -275,9 +275,9 @@ def _prepare(model: nn.Module, out_dir, *, fold: bool, max_shard_size, dtype, de
     shard_bytes = parse_size(max_shard_size)
     dtype = _as_dtype(dtype)
     device = torch.device(device) if device is not None else None
-    if check_out:
-        _atomic.check_destination(out_dir, overwrite=overwrite)
     lay = layout(model)
+    if check_out:
+        _atomic.check_destination(out_dir, overwrite=overwrite, protected=lay.source_paths())
     _check_model(model, lay, allow_missing=allow_missing)
     quantizers = find_quantizers(model)
     quantizer_keys = {k for q in quantizers for k in q.state_keys}

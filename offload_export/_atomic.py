@@ -15,12 +15,15 @@ stays). The commit is then:
 * Elsewhere (macOS, NFS, CIFS, overlayfs, old glibc; ``renameat2`` missing or ``EINVAL``): a check then a
   rename; with ``overwrite``, two renames. Between them the previous checkpoint is
   ``.<dest>.offload-export-…-backup``: if the export dies there, the next export into the same parent
-  directory moves it back to ``<dest>``; no cleanup ever deletes a backup whose destination is missing.
+  directory moves it back to ``<dest>`` (one that cannot judge the dead process keeps it and says so); no
+  cleanup ever deletes a backup whose destination is missing.
   A rival export can still slip in between the check and the rename of a fresh destination only when the
   destination is an empty directory, which counts as absent.
 
-Files and directories are fsynced (``F_FULLFSYNC`` where the platform has it, as on macOS). Windows is not
-tested: directories are not fsynced there and no staging directory is ever judged dead.
+Files and directories are fsynced (``F_FULLFSYNC`` where the platform has it, as on macOS). Without /proc
+(macOS) an owner is judged by ``kill(pid, 0)`` alone: a free PID means dead, a PID in use keeps the directory.
+Windows is not tested: directories are not fsynced there and no other process's staging directory is ever
+judged dead.
 """
 
 from __future__ import annotations
@@ -210,15 +213,18 @@ def _judge(owner: str, pid: int, start: str) -> str | None:
 
 def _restore(backup: Path, dest: Path) -> list[str]:
     """Handle the backup of a dead overwrite: put it back where the destination is missing, else drop it."""
-    if dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
-        dest.rmdir()  # an empty destination counts as absent
-    if dest.exists() or dest.is_symlink():  # the new checkpoint made it to the destination
-        shutil.rmtree(backup, ignore_errors=True)
-        return []
-    if _move_noreplace(backup, dest):
-        _fsync(dest.parent)
-        return [f"restored {dest} from {backup.name}: an export that was replacing it died between the two "
-                f"renames of its commit"]
+    try:
+        if dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
+            dest.rmdir()  # an empty destination counts as absent
+        if dest.exists() or dest.is_symlink():  # the new checkpoint made it to the destination
+            shutil.rmtree(backup, ignore_errors=True)
+            return []
+        if _move_noreplace(backup, dest):
+            _fsync(dest.parent)
+            return [f"restored {dest} from {backup.name}: an export that was replacing it died between the "
+                    f"two renames of its commit"]
+    except FileNotFoundError:
+        return []  # another export's cleanup got there first
     return [f"kept {backup}: the previous checkpoint of {dest}, which appeared meanwhile; delete it by hand "
             f"if {dest} is what you want"]
 
@@ -321,13 +327,20 @@ def _swap(tmp: Path, out_dir: Path) -> None:
     try:
         os.rename(out_dir, backup)
         os.rename(tmp, out_dir)
+        _rename_quietly(backup, tmp)  # a plain staging name: removed by staging(), or as stale if we die first
     except BaseException:
         if not os.path.lexists(out_dir) and backup.is_dir():
             os.rename(backup, out_dir)
         raise
     finally:
         _active.discard(str(backup))
-    os.rename(backup, tmp)  # a plain staging name: removed by staging(), or as stale if we die first
+
+
+def _rename_quietly(src: Path, dst: Path) -> None:
+    try:
+        os.rename(src, dst)
+    except OSError:
+        pass  # the new checkpoint is in place: the next export's cleanup drops the backup
 
 
 def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:

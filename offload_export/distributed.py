@@ -244,9 +244,11 @@ def _export(model: nn.Module, out_dir, options: dict, tokenizer, progress: bool,
     surveys = [json.loads(s) for s in _exchange(ctl, prepare)]
     owner = _assign(job, surveys, rank)
     share = _share(job.plan, owner, rank)
+    cleanup_notes: list[str] = []
     with ExitStack() as stack:
         def stage() -> str:
-            return str(stack.enter_context(_atomic.staging(job.out_dir, overwrite=options["overwrite"])))
+            return str(stack.enter_context(_atomic.staging(job.out_dir, overwrite=options["overwrite"],
+                                                           notes=cleanup_notes)))
 
         tmp = Path(_exchange(ctl, stage if rank == 0 else lambda: "")[0])
 
@@ -262,7 +264,7 @@ def _export(model: nn.Module, out_dir, options: dict, tokenizer, progress: bool,
             nonlocal committed
             if rank != 0:
                 return ""
-            notes = [_split_note(job.plan, owner, dist.get_world_size(ctl))]
+            notes = [_split_note(job.plan, owner, dist.get_world_size(ctl)), *cleanup_notes]
             files = write_metadata(job, tmp, tokenizer=tokenizer, notes=notes)
             stack.close()  # fsync and rename into place: the checkpoint is committed
             committed = ExportReport.of(job, files, time.perf_counter() - start, notes)

@@ -1,0 +1,388 @@
+"""``format="modelopt"``: the checkpoint ModelOpt's ``export_hf_checkpoint`` writes, streamed one module at a time.
+
+ModelOpt's resident export packs every quantized linear in place (NVFP4: two E2M1 per byte + FP8
+``weight_scale`` per 16 + FP32 ``weight_scale_2``; FP8; INT8; INT4/W4A8 AWQ: two int4 per byte along
+the output dim + ``weight_scale`` per block + ``pre_quant_scale``), adds ``input_scale`` and KV-cache
+scales, writes ``hf_quant_config.json`` and a ``quantization_config`` into ``config.json``. Before
+that it resmooths modules that read one input (``requantize_resmooth_fused_llm_layers``).
+
+:class:`ModelOptPacker` gives the same tensors for a model in any offload layout without touching it:
+the model-level resmoothing is replayed on shadows (copies of each quantized module with its
+quantizer state and a meta weight), and each module is packed on a fresh copy holding its real weight
+with ModelOpt's own ``_dispatch_export_handler`` and ``_postprocess_single_tensor``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ._modelopt_replay import Step, clone_module, group_weight_amax, shared_input_groups
+
+__all__ = ["HF_QUANT_CONFIG_NAME", "ModelOptPacker"]
+
+HF_QUANT_CONFIG_NAME = "hf_quant_config.json"
+FORMAT = "format='modelopt'"
+_KV_MAX_BOUND = 448  # ModelOpt: "kv cache scale as amax / 448 for both FP8 and NVFP4 KV cache"
+# formats whose shared-input groups ModelOpt leaves alone (_fuse_shared_input_modules)
+_NO_FUSION = ("fp8", "fp8_pb_real", None)
+_PACKED = ("int8_wo", "int8_sq", "fp8", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq", "w4a16_nvfp4")
+
+
+@dataclass
+class _Quantized:
+    """One module ModelOpt's export packs: its pristine copy, its shadow and the steps between them."""
+
+    name: str
+    fmt: str
+    pristine: nn.Module       # quantizer state as in the model (CPU), meta weight
+    shadow: nn.Module         # quantizer state after resmoothing (CPU), meta weight
+    steps: list[Step] = field(default_factory=list)
+
+
+def _modelopt_quantizers(model: nn.Module):
+    from ..quantizers import ModelOptAdapter, find_quantizers
+
+    return [q for q in find_quantizers(model) if isinstance(q.adapter, ModelOptAdapter)]
+
+
+def _meta_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    own = {**{k: v for k, v in module._parameters.items() if v is not None},
+           **{k: v for k, v in module._buffers.items() if v is not None}}
+    return {k: torch.empty_like(v, device="meta") for k, v in own.items()}
+
+
+class ModelOptPacker:
+    """What ``export_hf_checkpoint`` writes for ``model``, module by module, from small state read up front.
+
+    Args:
+        model: a transformers model quantized with ``modelopt.torch.quantization`` (any offload layout).
+        read: ``state-dict key -> tensor`` for the few weights the resmoothing needs before packing
+            (AWQ groups with a per-tensor weight scale); called one key at a time.
+        refs: the model's offload map (``offloaded_tensors(model)``), to onload quantizer buffers.
+        dtype: the export dtype (``export_hf_checkpoint(dtype=)``); the model's own when None.
+
+    Raises:
+        ValueError: no ModelOpt quantizers, a MoE model, a format or weight shape ModelOpt cannot pack.
+    """
+
+    def __init__(self, model: nn.Module, *, read, refs: dict, dtype: torch.dtype | None = None):
+        from modelopt.torch.export.quant_utils import get_quant_config
+        from modelopt.torch.export.unified_export_hf import _resolve_export_dtype
+
+        from ..materialize import onloaded
+
+        quantizers = _modelopt_quantizers(model)
+        if not quantizers:
+            raise ValueError(f"{FORMAT} needs a model quantized by NVIDIA ModelOpt (mtq.quantize); "
+                             f"{type(model).__name__} has no ModelOpt quantizers. Use format='fake-quant'")
+        self.dtype = _resolve_export_dtype(model, dtype)
+        self.modules: dict[str, _Quantized] = {}
+        self.kv: dict[str, dict[str, torch.Tensor]] = {}      # k_proj/v_proj name -> {out name: scale}
+        self.norms: dict[str, torch.Tensor] = {}              # layernorm name -> pre_quant_scale folded in
+        with ExitStack() as stack:
+            for q in quantizers:
+                stack.enter_context(onloaded(q.handle, None, refs))
+            self._check_moe(model)
+            self.hf_quant_config = get_quant_config(model)
+            self._snapshot(model, {q.owner_name for q in quantizers})
+        self._check_shapes()
+        self._resmooth(model, read)
+
+    # ---------------------------------------------------------------- state read up front
+
+    @staticmethod
+    def _check_moe(model: nn.Module) -> None:
+        from modelopt.torch.export.layer_utils import is_moe
+
+        for name, module in model.named_modules():
+            if is_moe(module):
+                raise ValueError(f"{FORMAT}: {name} ({type(module).__name__}) is a mixture of experts; packing "
+                                 f"MoE experts is not supported yet. Export it with format='fake-quant', or with "
+                                 f"ModelOpt's export_hf_checkpoint on a resident model")
+
+    def _snapshot(self, model: nn.Module, owners: set[str]) -> None:
+        from modelopt.torch.export.quant_utils import get_quantization_format
+
+        kv_format = self.hf_quant_config["quantization"]["kv_cache_quant_algo"]
+        for name in sorted(owners, key=list(dict(model.named_modules())).index):
+            module = model.get_submodule(name)
+            if hasattr(module, "k_bmm_quantizer") or hasattr(module, "v_bmm_quantizer"):
+                self._snapshot_kv(name, module, kv_format)
+            if not hasattr(module, "weight_quantizer") or not isinstance(getattr(module, "weight", None), torch.Tensor):
+                continue
+            pristine = clone_module(module, _meta_tensors(module), torch.device("cpu"))
+            fmt = get_quantization_format(pristine)
+            if fmt not in _PACKED and fmt is not None:
+                raise ValueError(f"{FORMAT}: {name} is quantized as {fmt!r}, which this export does not pack "
+                                 f"(supported: {', '.join(_PACKED)}). Use format='fake-quant'")
+            if fmt is None:
+                continue
+            self.modules[name] = _Quantized(name, fmt, pristine, clone_module(pristine))
+
+    def _snapshot_kv(self, name: str, attn: nn.Module, kv_format) -> None:
+        from modelopt.torch.export.quant_utils import _postprocess_single_tensor
+
+        for qname in ("k_bmm_quantizer", "v_bmm_quantizer"):
+            q = getattr(attn, qname, None)
+            if q is None or not q.is_enabled:
+                continue
+            for key, value in q.state_dict().items():
+                full = f"{name}.{qname}.{key}"
+                out, tensor = _postprocess_single_tensor(full, value.detach().to("cpu", copy=True), _KV_MAX_BOUND, kv_format)
+                if out is not None:
+                    self.kv.setdefault(out.rpartition(".")[0], {})[out] = tensor.contiguous()
+
+    def _check_shapes(self) -> None:
+        from modelopt.torch.export.quant_utils import get_weight_block_size
+
+        for name, q in self.modules.items():
+            shape = tuple(q.pristine.weight.shape)
+            block = get_weight_block_size(q.pristine)
+            if q.fmt in ("int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq", "w4a16_nvfp4"):
+                if len(shape) != 2 or not block or shape[-1] % block:
+                    raise ValueError(f"{FORMAT}: {name}.weight has shape {shape}; ModelOpt packs {q.fmt} only when "
+                                     f"the input dim is a multiple of the block size {block} (partial blocks are not "
+                                     f"supported). Exclude this module from quantization, or use format='fake-quant'")
+                if q.fmt in ("int4_awq", "w4a8_awq") and shape[0] % 2:
+                    raise ValueError(f"{FORMAT}: {name}.weight has an odd output dim {shape[0]}; {q.fmt} packs two "
+                                     f"rows per byte. Exclude this module from quantization, or use format='fake-quant'")
+
+    # ---------------------------------------------------------------- requantize_resmooth_fused_llm_layers
+
+    def _resmooth(self, model: nn.Module, read) -> None:
+        if "nvfp4_awq" in {q.fmt for q in self.modules.values()}:
+            self._fuse_prequant_to_linear(model)
+        if all(q.fmt in _NO_FUSION for q in self.modules.values()):
+            return
+        groups, norms = shared_input_groups(model, _input_device(model))
+        for i, names in enumerate(groups):
+            members = [self.modules[n] for n in names if n in self.modules]
+            if len(names) < 2 or len(members) != len(names) or members[0].fmt in _NO_FUSION:
+                continue
+            self._fuse_group(members, read)
+            if i in norms and "awq" in members[0].fmt:
+                self._fuse_layernorm(norms[i], members)
+
+    def _fuse_prequant_to_linear(self, model: nn.Module) -> None:
+        """``fuse_prequant_to_linear``: o_proj/down_proj's ``pre_quant_scale`` into v_proj/up_proj rows."""
+        import warnings
+
+        from modelopt.torch.export.quant_utils import PQS_FUSE_MODULE_MAPPING
+
+        for parent_name, parent in model.named_modules():
+            for types, (into_attr, from_attr) in PQS_FUSE_MODULE_MAPPING:
+                if not any(t in type(parent).__name__ for t in types):
+                    continue
+                prefix = f"{parent_name}." if parent_name else ""
+                into, src = self.modules.get(prefix + into_attr), self.modules.get(prefix + from_attr)
+                pqs = getattr(src.shadow.input_quantizer, "_pre_quant_scale", None) if src else None
+                if into is None or pqs is None:
+                    continue
+                if pqs.numel() != into.shadow.weight.shape[-2]:
+                    warnings.warn(f"Skipping pattern fuse prequant for {type(parent).__name__}pre_quant_scale dim "
+                                  f"{pqs.numel()} != out_channel dim {into.shadow.weight.shape[-2]}")
+                    continue
+                self._step(into, Step("fuse_rows", pqs.clone()))
+                self._step(src, Step("drop_pqs"))
+
+    def _fuse_group(self, members: list[_Quantized], read) -> None:
+        """``preprocess_linear_fusion``: mean ``pre_quant_scale`` (weights resmoothed), max input and weight amax."""
+        from modelopt.torch.export.quant_utils import all_items_same, get_quantization_format
+
+        shadows = [m.shadow for m in members]
+        if not all_items_same([get_quantization_format(s) for s in shadows]):
+            raise ValueError(f"{FORMAT}: {[m.name for m in members]} read the same input but are quantized "
+                             f"differently; ModelOpt's export requires one format per group (its assertion)")
+        if shadows[0].input_quantizer.pre_quant_scale is not None:
+            avg = torch.mean(torch.stack([s.input_quantizer.pre_quant_scale for s in shadows]), dim=0)
+            for m in members:
+                if not torch.equal(m.shadow.input_quantizer.pre_quant_scale, avg):
+                    self._step(m, Step("update_pqs", avg))
+        iq = shadows[0].input_quantizer
+        if iq.is_enabled and iq.amax is not None:
+            self._step_all(members, Step("input_amax", torch.max(torch.stack([s.input_quantizer.amax for s in shadows]))))
+        if group_weight_amax(shadows[0]) is not None:
+            amaxes = [self._weight_amax_after_steps(m, read) for m in members]
+            self._step_all(members, Step("weight_amax", torch.max(torch.stack(amaxes))))
+
+    def _fuse_layernorm(self, norm: str, members: list[_Quantized]) -> None:
+        """``fuse_prequant_layernorm``: the group's ``pre_quant_scale`` into the layernorm weight."""
+        pqs = getattr(members[0].shadow.input_quantizer, "_pre_quant_scale", None)
+        if pqs is None:
+            return
+        self.norms[norm] = pqs.clone()
+        self._step_all(members, Step("drop_pqs"))
+
+    @staticmethod
+    def _step(m: _Quantized, step: Step) -> None:
+        m.steps.append(step)
+        step.apply(m.shadow)
+
+    def _step_all(self, members: list[_Quantized], step: Step) -> None:
+        for m in members:
+            self._step(m, step)
+
+    def _weight_amax_after_steps(self, m: _Quantized, read) -> torch.Tensor:
+        """The weight amax after this module's weight steps: read the weight once and replay them on a copy."""
+        if not any(s.needs_weight for s in m.steps):
+            return group_weight_amax(m.shadow)
+        weight = read(f"{m.name}.weight")
+        work = self._replay(m, {"weight": weight, **self._bias(m, read)}, weight.device)
+        return group_weight_amax(work).detach().to("cpu", copy=True)
+
+    @staticmethod
+    def _bias(m: _Quantized, read) -> dict[str, torch.Tensor]:
+        return {"bias": read(f"{m.name}.bias")} if getattr(m.pristine, "bias", None) is not None else {}
+
+    def _replay(self, m: _Quantized, tensors: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+        work = clone_module(m.pristine, tensors, device)
+        for step in m.steps:
+            step.apply(work)
+        return work
+
+    # ---------------------------------------------------------------- per module
+
+    def outputs(self, module: str, keys: tuple[str, ...], meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Plan time: output name -> meta tensor (exact dtype and shape) of the unit made of ``keys``."""
+        q = self.modules.get(module)
+        if q is None:
+            out = dict(meta)
+        else:
+            out = {}
+            for key in keys:
+                attr = key.rpartition(".")[2]
+                if attr == "weight":
+                    out.update(self._packed_specs(q, meta[key]))
+                else:
+                    out[key] = meta[key]
+            out.update(self._quantizer_outputs(q))
+        for name, t in self.kv.get(module, {}).items():
+            out[name] = torch.empty_like(t, device="meta")
+        return out
+
+    def _packed_specs(self, q: _Quantized, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        from modelopt.torch.export.quant_utils import (
+            get_activation_scaling_factor,
+            get_weight_scaling_factor,
+            get_weight_scaling_factor_2,
+        )
+
+        s, fmt, p = q.shadow, q.fmt, f"{q.name}."
+        rows, cols = weight.shape
+        meta = lambda shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+        packed = {"fp8": ((rows, cols), torch.float8_e4m3fn), "int8_wo": ((rows, cols), torch.int8),
+                  "int8_sq": ((rows, cols), torch.int8), "int4_awq": ((rows // 2, cols), torch.uint8),
+                  "w4a8_awq": ((rows // 2, cols), torch.uint8)}.get(fmt, ((rows, cols // 2), torch.uint8))
+        out = {p + "weight": meta(*packed)}
+        if fmt == "fp8":
+            amax = s.weight_quantizer._amax
+            out[p + "weight_scale"] = meta(() if amax.dim() == 1 else tuple(amax.shape), torch.float32)
+            if hasattr(s.input_quantizer, "_amax"):
+                out[p + "input_scale"] = meta(tuple(s.input_quantizer._amax.squeeze().shape), torch.float32)
+            return out
+        if "nvfp4" in fmt:
+            block = s.weight_quantizer.block_sizes[-1]
+            out[p + "weight_scale"] = meta((rows, cols // block), torch.float8_e4m3fn)
+        else:
+            out[p + "weight_scale"] = _like(get_weight_scaling_factor(s))
+        iq = s.input_quantizer
+        if iq is not None and "disabled" not in repr(iq) and iq.amax is not None:
+            out[p + "input_scale"] = _like(get_activation_scaling_factor(s).squeeze())
+        if fmt in ("nvfp4", "nvfp4_awq", "w4a16_nvfp4", "w4a8_awq"):
+            out[p + "weight_scale_2"] = _like(get_weight_scaling_factor_2(s).squeeze())
+        return out
+
+    def _quantizer_outputs(self, q: _Quantized) -> dict[str, torch.Tensor]:
+        """Quantizer state that survives ModelOp's postprocess_state_dict (``pre_quant_scale``)."""
+        from modelopt.torch.export.quant_utils import _postprocess_single_tensor
+
+        out = {}
+        for attr, child in q.shadow.named_children():
+            for key, value in child.state_dict().items():
+                name, value = _postprocess_single_tensor(f"{q.name}.{attr}.{key}", value, _KV_MAX_BOUND, None)
+                if name is not None:
+                    out[name] = _like(value)
+        return out
+
+    def pack(self, module: str, values: dict[str, torch.Tensor], device: torch.device | None = None,
+             owner: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Run time: the unit's source tensors (``key -> tensor``) -> its output tensors, as ModelOpt writes them.
+
+        ``owner`` is the model's module (only its class and structure are used); required for packed and
+        layernorm-fused units.
+        """
+        out = self._pack(module, values, device, owner)
+        for name, t in self.kv.get(module, {}).items():
+            out[name] = t.to(device) if device is not None else t.clone()
+        return out
+
+    def _pack(self, module: str, values, device, owner) -> dict[str, torch.Tensor]:
+        from modelopt.torch.export.quant_utils import _postprocess_single_tensor, fuse_prequant_layernorm
+        from modelopt.torch.export.registry import ExportContext
+        from modelopt.torch.export.unified_export_hf import _dispatch_export_handler
+
+        prefix = f"{module}." if module else ""
+        own = {k[len(prefix):]: v for k, v in values.items()}
+        q = self.modules.get(module)
+        if q is not None:
+            device = device or next(iter(values.values())).device
+            work = self._replay(q, own, device)
+            with torch.no_grad():
+                _dispatch_export_handler(module, work, ExportContext(model=work, dtype=self.dtype))
+            out = {}
+            for key, value in work.state_dict(prefix=prefix).items():
+                name, value = _postprocess_single_tensor(key, value, _KV_MAX_BOUND, None)
+                if name is not None:
+                    out[name] = value.detach().contiguous()
+            return out
+        if module in self.norms:
+            holder = nn.Module()
+            holder.input_quantizer = self._pqs_holder(module)
+            work = clone_module(owner, own, device)
+            with torch.no_grad():
+                fuse_prequant_layernorm(work, [holder])
+            return {prefix + k: v.detach().contiguous() for k, v in work.state_dict().items() if prefix + k in values}
+        return dict(values)
+
+    def _pqs_holder(self, norm: str) -> nn.Module:
+        """A quantizer whose ``_pre_quant_scale`` is the one folded into layernorm ``norm``."""
+        from modelopt.torch.quantization.nn import TensorQuantizer
+
+        holder = TensorQuantizer()
+        holder.register_buffer("_pre_quant_scale", self.norms[norm])
+        return holder
+
+    # ---------------------------------------------------------------- metadata
+
+    def config_quantization(self) -> dict:
+        """``quantization_config`` for config.json (ModelOpt's ``convert_hf_quant_config_format``)."""
+        from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+        return convert_hf_quant_config_format(copy.deepcopy(self.hf_quant_config))
+
+    def hf_quant_config_text(self) -> str:
+        """``hf_quant_config.json`` as ModelOpt writes it."""
+        return json.dumps(self.hf_quant_config, indent=4)
+
+
+def _like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where ModelOpt's dummy forward would put its input: the embedding's execution device, else the model's."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hook = getattr(emb, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):
+        if getattr(h, "execution_device", None) is not None:
+            return torch.device(h.execution_device)
+    for p in model.parameters():
+        if not p.is_meta:
+            return p.device
+    return torch.device("cpu")

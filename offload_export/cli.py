@@ -70,7 +70,7 @@ def _add_loading(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``offload-export`` argument parser with its subcommands."""
     from . import demo
-    from .fakequant import SCHEMES
+    from .adapters.builtin import SCHEMES
 
     parser = _Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
                      description="Export fake-quantized, accelerate-offloaded Hugging Face models into clean, "
@@ -140,10 +140,10 @@ def _offload_folder(folder: str | None) -> Iterator[str]:
 def _load(args: argparse.Namespace, offload_folder: str):
     from transformers import AutoModelForCausalLM
 
-    from .demo import _quiet_libraries
+    from .quiet import quiet_libraries
 
     src = _checkpoint_dir(args.src)
-    with _quiet_libraries():  # "some parameters are on the meta device" is the point here, not news
+    with quiet_libraries():  # "some parameters are on the meta device" is the point here, not news
         model = AutoModelForCausalLM.from_pretrained(src, device_map="auto", max_memory=dict(args.max_memory) or None,
                                                      offload_folder=offload_folder, dtype=args.dtype,
                                                      trust_remote_code=False)
@@ -165,7 +165,7 @@ def _summary(lay) -> str:
 
 def _load_quantized(args: argparse.Namespace, offload_folder: str, say):
     from . import layout
-    from .fakequant import quantize_weights
+    from .adapters.builtin import quantize_weights
 
     model = _load(args, offload_folder)
     say(f"loaded {args.src}: {_summary(layout(model))}")
@@ -242,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except (OSError, ValueError, RuntimeError) as e:
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        text = "\n".join([str(e), *getattr(e, "__notes__", ())])  # a toolkit's own error carries our context as notes
+        message = " ".join(line.strip() for line in text.splitlines() if line.strip())
         print(f"{PROG}: error: {message or type(e).__name__}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -103,7 +103,7 @@ def _named_slots(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     return slots
 
 
-def _declared_ties(model: nn.Module) -> dict[str, str]:
+def declared_ties(model: nn.Module) -> dict[str, str]:
     """transformers' ``{tied key: source key}``, empty for other models."""
     ties = getattr(model, "all_tied_weights_keys", None)
     if ties is None:
@@ -136,7 +136,7 @@ def _tie_groups(keys: list[str], infos: dict[str, TensorInfo], model: nn.Module)
         if ident in by_identity:
             union(key, by_identity[ident])
         by_identity.setdefault(ident, key)
-    for tied, source in _declared_ties(model).items():
+    for tied, source in declared_ties(model).items():
         if tied in infos and source in infos and (infos[tied].offloaded or infos[source].offloaded) \
                 and infos[tied].shape == infos[source].shape:
             union(tied, source)
@@ -148,7 +148,7 @@ def _tie_groups(keys: list[str], infos: dict[str, TensorInfo], model: nn.Module)
 
 def _primary(group: list[str], model: nn.Module) -> str:
     """The key transformers keeps for a tie group: the first (sorted) that is not a declared tie target."""
-    tied_targets = set(_declared_ties(model))
+    tied_targets = set(declared_ties(model))
     for key in sorted(group):
         if key not in tied_targets:
             return key

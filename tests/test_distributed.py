@@ -22,8 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import offload_export as oe
-from offload_export import distributed
-from offload_export.fakequant import FakeQuantizer, quantize_weights
+from offload_export import distributed, pipeline
+from offload_export.adapters.builtin import FakeQuantizer, quantize_weights
 
 SHARD = 60_000  # bytes: the tiny model below makes about ten shards
 _PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "accelerate", "hypothesis",
@@ -180,7 +180,7 @@ def test_lanes_write_the_same_bytes_as_one_lane(monkeypatch):
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         expected = _reference(work)
-        monkeypatch.setattr(distributed, "_fold_lane", _lane_by_layer)
+        monkeypatch.setattr(pipeline, "_fold_lane", _lane_by_layer)
         threads = threading.active_count()
         oe.save_clean(_tiny_model(offload_dir=work / "offload"), work / "out", max_shard_size=SHARD)
         assert _files(work / "out") == expected
@@ -191,7 +191,7 @@ def test_a_failing_lane_fails_the_export_and_stops_every_lane(monkeypatch):
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = _tiny_model(offload_dir=work / "offload", explode="model.layers.2.mlp.down_proj")
-        monkeypatch.setattr(distributed, "_fold_lane", _lane_by_layer)
+        monkeypatch.setattr(pipeline, "_fold_lane", _lane_by_layer)
         threads = threading.active_count()
         with pytest.raises(RuntimeError, match="injected fault"):
             oe.save_clean(model, work / "out", max_shard_size=SHARD)

@@ -22,9 +22,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._modelopt_replay import Step, clone_module, group_weight_amax, shared_input_groups
+from pathlib import Path
 
-__all__ = ["HF_QUANT_CONFIG_NAME", "ModelOptPacker"]
+from .._errors import add_note
+from .._hooks import offloaded_tensors
+from .._store import anon_empty, read_store
+from ._modelopt_replay import Step, clone_module, group_weight_amax, shared_input_groups
+from .base import Format, Source, StateDict, register_format
+
+__all__ = ["HF_QUANT_CONFIG_NAME", "ModelOpt", "ModelOptPacker"]
 
 HF_QUANT_CONFIG_NAME = "hf_quant_config.json"
 FORMAT = "format='modelopt'"
@@ -45,12 +51,6 @@ class _Quantized:
     steps: list[Step] = field(default_factory=list)
 
 
-def _modelopt_quantizers(model: nn.Module):
-    from ..quantizers import ModelOptAdapter, find_quantizers
-
-    return [q for q in find_quantizers(model) if isinstance(q.adapter, ModelOptAdapter)]
-
-
 def _meta_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     own = {**{k: v for k, v in module._parameters.items() if v is not None},
            **{k: v for k, v in module._buffers.items() if v is not None}}
@@ -62,6 +62,7 @@ class ModelOptPacker:
 
     Args:
         model: a transformers model quantized with ``modelopt.torch.quantization`` (any offload layout).
+        quantizers: the model's quantizers (:func:`offload_export.find_quantizers`); ModelOpt's are used.
         read: ``state-dict key -> tensor`` for the few weights the resmoothing needs before packing
             (AWQ groups with a per-tensor weight scale); called one key at a time.
         refs: the model's offload map (``offloaded_tensors(model)``), to onload quantizer buffers.
@@ -71,16 +72,17 @@ class ModelOptPacker:
         ValueError: no ModelOpt quantizers, a MoE model, a format or weight shape ModelOpt cannot pack.
     """
 
-    def __init__(self, model: nn.Module, *, read, refs: dict, dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, *, quantizers: list, read, refs: dict, dtype: torch.dtype | None = None):
         from modelopt.torch.export.quant_utils import get_quant_config
         from modelopt.torch.export.unified_export_hf import _resolve_export_dtype
 
         from ..materialize import onloaded
 
-        quantizers = _modelopt_quantizers(model)
+        quantizers = [q for q in quantizers if q.adapter.name == "modelopt"]
         if not quantizers:
             raise ValueError(f"{FORMAT} needs a model quantized by NVIDIA ModelOpt (mtq.quantize); "
                              f"{type(model).__name__} has no ModelOpt quantizers. Use format='fake-quant'")
+        self._model = model
         self.dtype = _resolve_export_dtype(model, dtype)
         self.modules: dict[str, _Quantized] = {}
         self.kv: dict[str, dict[str, torch.Tensor]] = {}      # k_proj/v_proj name -> {out name: scale}
@@ -366,9 +368,102 @@ class ModelOptPacker:
 
         return convert_hf_quant_config_format(copy.deepcopy(self.hf_quant_config))
 
+    def sanitized_config(self) -> dict:
+        """config.json keys ModelOpt's ``sanitize_hf_config_for_deployment`` changes for this model."""
+        from modelopt.torch.export.plugins import sanitize_hf_config_for_deployment
+
+        config = getattr(self._model, "config", None)
+        if config is None or not hasattr(config, "to_dict"):
+            return {}
+        data = json.loads(config.to_json_string(use_diff=False))
+        before = copy.deepcopy(data)
+        sanitize_hf_config_for_deployment(data, self._model)
+        return {k: v for k, v in data.items() if before.get(k) != v}
+
     def hf_quant_config_text(self) -> str:
         """``hf_quant_config.json`` as ModelOpt writes it."""
         return json.dumps(self.hf_quant_config, indent=4)
+
+
+@register_format
+class ModelOpt(Format):
+    """``format="modelopt"``: what ModelOpt's ``export_hf_checkpoint`` writes for the model kept resident.
+
+    Packed weights and their scales under ModelOpt's names, ``hf_quant_config.json``, and ModelOpt's
+    ``quantization_config`` in config.json; built with ModelOpt's own functions on copies of one module at
+    a time, after replaying its resmoothing of modules that share an input. The model is never changed.
+
+    Raises:
+        ValueError: no ModelOpt quantizers, a MoE model, or a format/weight shape ModelOpt cannot pack
+            (raised when the export is planned, before anything is written).
+    """
+
+    name = "modelopt"
+
+    def __init__(self, source: Source):
+        super().__init__(source)
+        self._refs = offloaded_tensors(source.model)
+        self.packer = ModelOptPacker(source.model, quantizers=source.quantizers, read=self._read, refs=self._refs, dtype=source.dtype)
+
+    def _device(self, key: str) -> torch.device:
+        dev = self.source.lay[key].device
+        return torch.device("cpu") if dev is None or torch.device(dev).type == "meta" else torch.device(dev)
+
+    def _read(self, key: str) -> torch.Tensor:
+        info = self.source.lay[key]
+        t = info.tensor.detach() if info.kind == "resident" else read_store(info.ref.store, info.dtype, info.shape)
+        return t.to(self._device(key))
+
+    def _module(self, keys) -> str:
+        return self.source.lay[next(iter(keys))].module
+
+    def outputs(self, meta: StateDict) -> StateDict:
+        return self.packer.outputs(self._module(meta), tuple(meta), meta)
+
+    def finish(self, reader, unit, values: StateDict) -> StateDict:
+        module, dtype = unit.module, self.source.dtype
+        weight = f"{module}.weight" if module else "weight"
+        if reader.device is not None:
+            device = reader.device
+        elif weight in self.source.folds:
+            device = reader.fold_device(weight)
+        else:
+            device = self._device(next(iter(values)))
+        values = {k: v.to(device, non_blocking=True) for k, v in values.items()}
+        if dtype is not None and module not in self.packer.modules:
+            values = {k: v.to(dtype) if v.is_floating_point() else v for k, v in values.items()}
+        try:
+            out = self.packer.pack(module, values, device, owner=self.source.model.get_submodule(module))
+        except Exception as e:
+            add_note(e, f"offload_export: packing {module} for format='modelopt' on {device} failed")
+            raise
+        return {spec.name: _on_cpu(_checked(spec, out, module)) for spec in unit.outputs}
+
+    def config_updates(self) -> dict:
+        return {"quantization_config": self.packer.config_quantization(), **self.packer.sanitized_config()}
+
+    def write_files(self, tmp: Path) -> list[str]:
+        if self.packer.hf_quant_config["quantization"].get("quant_algo") is None and \
+                self.packer.hf_quant_config["quantization"].get("kv_cache_quant_algo") is None:
+            return []
+        (tmp / HF_QUANT_CONFIG_NAME).write_text(self.packer.hf_quant_config_text())
+        return [HF_QUANT_CONFIG_NAME]
+
+
+def _checked(spec, out: StateDict, module: str) -> torch.Tensor:
+    t = out.get(spec.name)
+    if t is None or t.dtype != spec.dtype or tuple(t.shape) != tuple(spec.shape):
+        got = "nothing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+        raise RuntimeError(f"format='modelopt': packing {module} gave {got} for {spec.name}, planned {spec.dtype} "
+                           f"{tuple(spec.shape)} (outputs: {sorted(out)}); please report this with the model's "
+                           f"quantization config")
+    return t
+
+
+def _on_cpu(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cpu":
+        return t.contiguous()
+    return anon_empty(tuple(t.shape), t.dtype).copy_(t)
 
 
 def _like(t: torch.Tensor) -> torch.Tensor:

@@ -84,6 +84,8 @@ class ModelOptPacker:
                              f"{type(model).__name__} has no ModelOpt quantizers. Use format='fake-quant'")
         self._model = model
         self.dtype = _resolve_export_dtype(model, dtype)
+        if isinstance(self.dtype, str):  # config.torch_dtype is a string after a save_pretrained round trip
+            self.dtype = getattr(torch, self.dtype.removeprefix("torch."))
         self.modules: dict[str, _Quantized] = {}
         self.kv: dict[str, dict[str, torch.Tensor]] = {}      # k_proj/v_proj name -> {out name: scale}
         self.norms: dict[str, torch.Tensor] = {}              # layernorm name -> pre_quant_scale folded in

@@ -327,24 +327,17 @@ class ModelOptPacker:
         return out
 
     def _pack(self, module: str, values, device, owner) -> dict[str, torch.Tensor]:
-        from modelopt.torch.export.quant_utils import _postprocess_single_tensor, fuse_prequant_layernorm
-        from modelopt.torch.export.registry import ExportContext
-        from modelopt.torch.export.unified_export_hf import _dispatch_export_handler
+        from modelopt.torch.export.quant_utils import fuse_prequant_layernorm
 
         prefix = f"{module}." if module else ""
         own = {k[len(prefix):]: v for k, v in values.items()}
         q = self.modules.get(module)
         if q is not None:
             device = device or next(iter(values.values())).device
-            work = self._replay(q, own, device)
-            with torch.no_grad():
-                _dispatch_export_handler(module, work, ExportContext(model=work, dtype=self.dtype))
-            out = {}
-            for key, value in work.state_dict(prefix=prefix).items():
-                name, value = _postprocess_single_tensor(key, value, _KV_MAX_BOUND, None)
-                if name is not None:
-                    out[name] = value.detach().contiguous()
-            return out
+            step = _row_step(q, own["weight"])
+            if step is not None:
+                return self._pack_rows(q, own, device, prefix, step)
+            return _export_copy(self._replay(q, own, device), module, prefix, self.dtype)
         if module in self.norms:
             holder = nn.Module()
             holder.input_quantizer = self._pqs_holder(module)
@@ -353,6 +346,27 @@ class ModelOptPacker:
                 fuse_prequant_layernorm(work, [holder])
             return {prefix + k: v.detach().contiguous() for k, v in work.state_dict().items() if prefix + k in values}
         return dict(values)
+
+    def _pack_rows(self, q: _Quantized, own: dict, device, prefix: str, step: int) -> dict[str, torch.Tensor]:
+        """Pack a large weight ``step`` rows at a time (every format here packs rows independently), so that
+        ModelOpt's float32 temporaries stay small; the per-row and per-block parts are stitched together."""
+        rows = own["weight"].shape[0]
+        out: dict[str, torch.Tensor] = {}
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            chunk = {k: v[r0:r1] if k in ("weight", "bias") else v for k, v in own.items()}
+            work = self._replay(q, chunk, device)
+            _slice_rows(work.weight_quantizer, r0, r1, rows)
+            for name, t in _export_copy(work, q.name, prefix, self.dtype).items():
+                if not _per_row(name, t):
+                    out.setdefault(name, t)
+                    continue
+                factor = t.shape[0] / (r1 - r0)  # 1/2 for int4 (two rows a byte)
+                if name not in out:
+                    shape = (round(rows * factor), *t.shape[1:])
+                    out[name] = anon_empty(shape, t.dtype) if t.device.type == "cpu" else t.new_empty(shape)
+                out[name][round(r0 * factor):round(r0 * factor) + t.shape[0]].copy_(t)
+        return out
 
     def _pqs_holder(self, norm: str) -> nn.Module:
         """A quantizer whose ``_pre_quant_scale`` is the one folded into layernorm ``norm``."""
@@ -385,6 +399,64 @@ class ModelOptPacker:
     def hf_quant_config_text(self) -> str:
         """``hf_quant_config.json`` as ModelOpt writes it."""
         return json.dumps(self.hf_quant_config, indent=4)
+
+
+_ROW_CHUNK_BYTES = 16 * 2**20
+_ROW_FORMATS = ("int8_wo", "int8_sq", "fp8", "int4_awq", "w4a8_awq", "nvfp4", "w4a16_nvfp4")
+
+
+def _export_copy(work: nn.Module, module: str, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """ModelOpt's per-module export on ``work`` (a copy), then its per-tensor postprocessing of the state dict."""
+    from modelopt.torch.export.quant_utils import _postprocess_single_tensor
+    from modelopt.torch.export.registry import ExportContext
+    from modelopt.torch.export.unified_export_hf import _dispatch_export_handler
+
+    with torch.no_grad():
+        _dispatch_export_handler(module, work, ExportContext(model=work, dtype=dtype))
+    out = {}
+    for key, value in work.state_dict(prefix=prefix).items():
+        name, value = _postprocess_single_tensor(key, value, _KV_MAX_BOUND, None)
+        if name is not None:
+            out[name] = value.detach().contiguous()
+    return out
+
+
+def _weight_leaves(wq: nn.Module) -> list[nn.Module]:
+    return list(wq) if isinstance(wq, (nn.ModuleList, nn.Sequential)) else [wq]
+
+
+def _row_step(q: _Quantized, weight: torch.Tensor) -> int | None:
+    """Rows per chunk for a large 2-D weight whose quantizer state splits by rows; None to pack it whole.
+
+    Weights that the resmoothing rewrites (their amax is re-collected over the whole tensor) are packed whole.
+    """
+    if q.fmt not in _ROW_FORMATS or weight.dim() != 2 or any(s.needs_weight for s in q.steps):
+        return None
+    rows, cols = weight.shape
+    if weight.numel() * weight.element_size() <= _ROW_CHUNK_BYTES or rows < 4:
+        return None
+    for leaf in _weight_leaves(q.pristine.weight_quantizer):
+        for buf in leaf._buffers.values():
+            if buf is not None and buf.numel() > 1 and (buf.dim() == 0 or buf.shape[0] % rows):
+                return None
+    return max(2, _ROW_CHUNK_BYTES // (cols * weight.element_size()) // 2 * 2)
+
+
+def _slice_rows(wq: nn.Module, r0: int, r1: int, rows: int) -> None:
+    """Keep rows ``r0:r1`` of every per-row / per-block buffer of a (copied) weight quantizer."""
+    for leaf in _weight_leaves(wq):
+        for name, buf in list(leaf._buffers.items()):
+            if buf is not None and buf.numel() > 1:
+                k = buf.shape[0] // rows
+                leaf._buffers[name] = buf[r0 * k:r1 * k].clone()
+        shape = getattr(leaf, "_amax_shape_for_export", None)  # (rows, blocks per row) for block quantizers
+        if shape is not None and len(shape) and shape[0] == rows:
+            leaf._amax_shape_for_export = (r1 - r0, *shape[1:])
+
+
+def _per_row(name: str, t: torch.Tensor) -> bool:
+    """Outputs made of the chunk's rows (stitched), as opposed to per-tensor values (taken once)."""
+    return t.dim() >= 1 and name.rpartition(".")[2] in ("weight", "weight_scale", "bias")
 
 
 @register_format

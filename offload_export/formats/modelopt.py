@@ -236,16 +236,28 @@ class ModelOptPacker:
         """The weight amax after this module's weight steps: read the weight once and replay them on a copy."""
         if not any(s.needs_weight for s in m.steps):
             return group_weight_amax(m.shadow)
-        weight = read(f"{m.name}.weight")
-        work = self._replay(m, {"weight": weight, **self._bias(m, read)}, weight.device)
-        return group_weight_amax(work).detach().to("cpu", copy=True)
+        own = {"weight": read(f"{m.name}.weight"), **self._bias(m, read)}
+        rows, step = own["weight"].shape[0], _row_step(m, own["weight"])
+        if step is None:
+            return group_weight_amax(self._replay(m, own, own["weight"].device)).detach().to("cpu", copy=True)
+        # the amax taken here is per tensor (a max calibration): the max over row chunks is the same number
+        amaxes = []
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            chunk = {k: v[r0:r1] for k, v in own.items()}
+            amaxes.append(group_weight_amax(self._replay(m, chunk, own["weight"].device, (r0, r1, rows))).detach())
+        return torch.max(torch.stack(amaxes)).to("cpu", copy=True)
 
     @staticmethod
     def _bias(m: _Quantized, read) -> dict[str, torch.Tensor]:
         return {"bias": read(f"{m.name}.bias")} if getattr(m.pristine, "bias", None) is not None else {}
 
-    def _replay(self, m: _Quantized, tensors: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    def _replay(self, m: _Quantized, tensors: dict[str, torch.Tensor], device: torch.device,
+                rows: tuple[int, int, int] | None = None) -> nn.Module:
+        """A copy of ``m`` holding ``tensors`` after its steps; ``rows=(r0, r1, n)``: rows r0:r1 of n only."""
         work = clone_module(m.pristine, tensors, device)
+        if rows is not None:
+            _slice_rows(work.weight_quantizer, *rows)
         for step in m.steps:
             step.apply(work)
         return work
@@ -355,8 +367,7 @@ class ModelOptPacker:
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             chunk = {k: v[r0:r1] if k in ("weight", "bias") else v for k, v in own.items()}
-            work = self._replay(q, chunk, device)
-            _slice_rows(work.weight_quantizer, r0, r1, rows)
+            work = self._replay(q, chunk, device, (r0, r1, rows))
             for name, t in _export_copy(work, q.name, prefix, self.dtype).items():
                 if not _per_row(name, t):
                     out.setdefault(name, t)
@@ -401,7 +412,7 @@ class ModelOptPacker:
         return json.dumps(self.hf_quant_config, indent=4)
 
 
-_ROW_CHUNK_BYTES = 16 * 2**20
+_ROW_CHUNK_BYTES = 4 * 2**20
 _ROW_FORMATS = ("int8_wo", "int8_sq", "fp8", "int4_awq", "w4a8_awq", "nvfp4", "w4a16_nvfp4")
 
 
@@ -428,14 +439,24 @@ def _weight_leaves(wq: nn.Module) -> list[nn.Module]:
 def _row_step(q: _Quantized, weight: torch.Tensor) -> int | None:
     """Rows per chunk for a large 2-D weight whose quantizer state splits by rows; None to pack it whole.
 
-    Weights that the resmoothing rewrites (their amax is re-collected over the whole tensor) are packed whole.
+    A weight the resmoothing rewrites has its weight quantizer re-calibrated (max) on the rewritten weight:
+    per-row / per-block amax come out the same chunk by chunk, a per-tensor one only if the group's max is
+    set over it afterwards (a ``weight_amax`` step); otherwise the weight is packed whole.
     """
-    if q.fmt not in _ROW_FORMATS or weight.dim() != 2 or any(s.needs_weight for s in q.steps):
+    if q.fmt not in _ROW_FORMATS or weight.dim() != 2:
+        return None
+    last_rewrite = max((i for i, s in enumerate(q.steps) if s.needs_weight), default=-1)
+    per_tensor = any(b is not None and b.numel() == 1 for leaf in _weight_leaves(q.pristine.weight_quantizer)
+                     for b in leaf._buffers.values())
+    if last_rewrite >= 0 and per_tensor and not any(s.kind == "weight_amax" for s in q.steps[last_rewrite:]):
         return None
     rows, cols = weight.shape
     if weight.numel() * weight.element_size() <= _ROW_CHUNK_BYTES or rows < 4:
         return None
     for leaf in _weight_leaves(q.pristine.weight_quantizer):
+        reshape = getattr(leaf, "_block_reshape_size", None)
+        if reshape is not None and (len(reshape) != 2 or reshape[0] != -1):  # blocks across rows
+            return None
         for buf in leaf._buffers.values():
             if buf is not None and buf.numel() > 1 and (buf.dim() == 0 or buf.shape[0] % rows):
                 return None
@@ -452,6 +473,9 @@ def _slice_rows(wq: nn.Module, r0: int, r1: int, rows: int) -> None:
         shape = getattr(leaf, "_amax_shape_for_export", None)  # (rows, blocks per row) for block quantizers
         if shape is not None and len(shape) and shape[0] == rows:
             leaf._amax_shape_for_export = (r1 - r0, *shape[1:])
+        shape = getattr(leaf, "_original_shape", None)  # the weight's shape, checked when re-calibrating
+        if shape is not None and len(shape) and shape[0] == rows:
+            leaf._original_shape = torch.Size((r1 - r0, *shape[1:]))
 
 
 def _per_row(name: str, t: torch.Tensor) -> bool:

@@ -73,7 +73,7 @@ class ModelOptPacker:
     """
 
     def __init__(self, model: nn.Module, *, quantizers: list, read, refs: dict, dtype: torch.dtype | None = None):
-        from modelopt.torch.export.quant_utils import get_quant_config
+        from modelopt.torch.export.quant_utils import get_quant_config, get_quantization_format
         from modelopt.torch.export.unified_export_hf import _resolve_export_dtype
 
         from ..materialize import onloaded
@@ -93,6 +93,7 @@ class ModelOptPacker:
             for q in quantizers:
                 stack.enter_context(onloaded(q.handle, None, refs))
             self._check_moe(model)
+            self.model_format = get_quantization_format(model)  # the first quantized module's, as ModelOpt reads it
             self.hf_quant_config = get_quant_config(model)
             self._snapshot(model, {q.owner_name for q in quantizers})
         self._check_shapes()
@@ -160,7 +161,7 @@ class ModelOptPacker:
     # ---------------------------------------------------------------- requantize_resmooth_fused_llm_layers
 
     def _resmooth(self, model: nn.Module, read) -> None:
-        if "nvfp4_awq" in {q.fmt for q in self.modules.values()}:
+        if self.model_format is not None and "nvfp4_awq" in self.model_format.lower():
             self._fuse_prequant_to_linear(model)
         if all(q.fmt in _NO_FUSION for q in self.modules.values()):
             return

@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, replace
@@ -88,16 +89,17 @@ def assign_shards(sizes: Sequence[int], readable: Sequence[Sequence[bool]]) -> t
     return tuple(owner)
 
 
-def _exchange(ctl, fn: Callable[[], str]) -> list[str]:
+def _exchange(ctl, fn: Callable[[], str], outcome: str = "no checkpoint was written") -> list[str]:
     """Run ``fn`` on every rank and gather the strings it returns; if it raised anywhere, raise everywhere.
 
-    Strings travel as uint8 tensors (no object serialization). The failing rank re-raises its own exception; the
-    others raise a ``RuntimeError`` naming the failing rank and its message.
+    Strings travel as uint8 tensors (no object serialization). The failing rank re-raises its own exception (a
+    ``KeyboardInterrupt`` or ``SystemExit`` too, after telling the others, so that they need not wait for the
+    timeout); the others raise a ``RuntimeError`` naming the failing rank, its error and ``outcome``.
     """
     error = None
     try:
         text = fn()
-    except Exception as e:
+    except BaseException as e:
         error, text = e, f"{type(e).__name__}: {e}"
     data = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8) if text else torch.empty(0, dtype=torch.uint8)
     world = dist.get_world_size(ctl)
@@ -115,7 +117,7 @@ def _exchange(ctl, fn: Callable[[], str]) -> list[str]:
         raise error
     if failed:
         raise RuntimeError(f"save_clean failed on rank {failed[0]} ({len(failed)} of {world} rank(s) failed); "
-                           f"no checkpoint was written:\n  {texts[failed[0]]}")
+                           f"{outcome}:\n  {texts[failed[0]]}")
     return texts
 
 
@@ -242,9 +244,11 @@ def _export(model: nn.Module, out_dir, options: dict, tokenizer, progress: bool,
     surveys = [json.loads(s) for s in _exchange(ctl, prepare)]
     owner = _assign(job, surveys, rank)
     share = _share(job.plan, owner, rank)
+    cleanup_notes: list[str] = []
     with ExitStack() as stack:
         def stage() -> str:
-            return str(stack.enter_context(_atomic.staging(job.out_dir, overwrite=options["overwrite"])))
+            return str(stack.enter_context(_atomic.staging(job.out_dir, overwrite=options["overwrite"],
+                                                           notes=cleanup_notes)))
 
         tmp = Path(_exchange(ctl, stage if rank == 0 else lambda: "")[0])
 
@@ -254,16 +258,35 @@ def _export(model: nn.Module, out_dir, options: dict, tokenizer, progress: bool,
 
         _exchange(ctl, write)
 
+        committed: ExportReport | None = None
+
         def finish() -> str:
+            nonlocal committed
             if rank != 0:
                 return ""
-            notes = [_split_note(job.plan, owner, dist.get_world_size(ctl))]
+            notes = [_split_note(job.plan, owner, dist.get_world_size(ctl)), *cleanup_notes]
             files = write_metadata(job, tmp, tokenizer=tokenizer, notes=notes)
             stack.close()  # fsync and rename into place: the checkpoint is committed
-            return json.dumps(asdict(ExportReport.of(job, files, time.perf_counter() - start, notes)))
+            committed = ExportReport.of(job, files, time.perf_counter() - start, notes)
+            return json.dumps(asdict(committed))
 
-        report = json.loads(_exchange(ctl, finish)[0])
-    return ExportReport(**report)
+        try:
+            texts = _exchange(ctl, finish, outcome=f"rank 0 was committing {job.out_dir}: check it with "
+                                                   f"offload_export.verify before using it")
+        except Exception as e:
+            if committed is None:
+                raise
+            return _confirmed_alone(committed, e)
+    return ExportReport(**json.loads(texts[0]))
+
+
+def _confirmed_alone(report: ExportReport, error: Exception) -> ExportReport:
+    """Rank 0 committed the checkpoint but a peer left before confirming: the export stands, and says so."""
+    note = (f"the checkpoint is committed and complete, but another rank left before confirming "
+            f"({type(error).__name__}: {error})")
+    warnings.warn(f"save_clean: {report.out_dir}: {note}", RuntimeWarning, stacklevel=3)
+    report.notes.append(note)
+    return report
 
 
 def _split_note(plan: ExportPlan, owner: tuple[int, ...], ranks: int) -> str:

@@ -143,7 +143,7 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "f
     start = time.perf_counter()
     job = prepare_job(model, out_dir, **options)
     notes: list[str] = []
-    with _atomic.staging(job.out_dir, overwrite=overwrite) as tmp:
+    with _atomic.staging(job.out_dir, overwrite=overwrite, notes=notes) as tmp:
         files = write_weights(job.reader(), job.plan, tmp, progress)
         files += write_metadata(job, tmp, tokenizer=tokenizer, notes=notes)
         if vllm_fq_state:

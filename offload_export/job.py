@@ -140,7 +140,8 @@ def prepare_job(model: nn.Module, out_dir, *, fold: bool = True, format: str = "
         The :class:`Job`.
 
     Raises:
-        ValueError: a bad argument or a model that cannot be exported in ``format``.
+        ValueError: a bad argument, a model that cannot be exported in ``format``, or an ``out_dir`` that is
+            (or contains) an offload folder or source file the model reads its weights from.
         RuntimeError: a meta tensor that no hook supplies.
         FileExistsError, PermissionError: ``out_dir`` cannot be written.
     """
@@ -149,9 +150,9 @@ def prepare_job(model: nn.Module, out_dir, *, fold: bool = True, format: str = "
     shard_bytes = parse_size(max_shard_size)
     dtype = as_dtype(dtype)
     device = torch.device(device) if device is not None else None
-    if check_out:
-        _atomic.check_destination(out_dir, overwrite=overwrite)
     lay = layout(model)
+    if check_out:
+        _atomic.check_destination(out_dir, overwrite=overwrite, protected=lay.source_paths())
     _check_model(model, lay, allow_missing=allow_missing)
     quantizers = find_quantizers(model)
     quantizer_keys = {k for q in quantizers for k in q.state_keys}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -71,6 +72,26 @@ class Layout(Mapping):
             if infos:
                 out[kind] = (len(infos), sum(i.nbytes for i in infos))
         return out
+
+    def source_paths(self) -> list[str]:
+        """The files and folders the offloaded entries are read from (and written back to), sorted.
+
+        Returns:
+            Offload folders (of ``.dat`` entries, and those an offload loader writes into) and safetensors
+            files (usually the user's own checkpoint); empty when nothing is offloaded to disk. An export
+            must not replace any of them: pass them to ``check_destination(..., protected=...)``.
+        """
+        paths = set()
+        for info in self._entries.values():
+            store = info.ref.store if info.ref is not None else None
+            if store is None:
+                continue
+            if store.path is not None:
+                paths.add(os.path.dirname(store.path) if store.kind == "disk" else store.path)
+            folder = getattr(store.dataset, "save_folder", None)  # an OffloadedWeightsLoader's offload folder
+            if store.kind in ("disk", "safetensors") and folder:
+                paths.add(str(folder))
+        return sorted(paths)
 
     def __repr__(self) -> str:
         rows = [("key", "kind", "device", "dtype", "shape", "MB", "source")]

@@ -238,7 +238,8 @@ class ModelOptPacker:
         if not any(s.needs_weight for s in m.steps):
             return group_weight_amax(m.shadow)
         own = {"weight": read(f"{m.name}.weight"), **self._bias(m, read)}
-        rows, step = own["weight"].shape[0], _row_step(m, own["weight"])
+        # the group max taken over this amax comes next: chunked re-calibration gives the same max
+        rows, step = own["weight"].shape[0], _row_step(m, own["weight"], group_max_follows=True)
         if step is None:
             return group_weight_amax(self._replay(m, own, own["weight"].device)).detach().to("cpu", copy=True)
         # the amax taken here is per tensor (a max calibration): the max over row chunks is the same number
@@ -413,7 +414,7 @@ class ModelOptPacker:
         return json.dumps(self.hf_quant_config, indent=4)
 
 
-_ROW_CHUNK_BYTES = 4 * 2**20
+_ROW_CHUNK_BYTES = 2 * 2**20
 _ROW_FORMATS = ("int8_wo", "int8_sq", "fp8", "int4_awq", "w4a8_awq", "nvfp4", "w4a16_nvfp4")
 
 
@@ -437,7 +438,7 @@ def _weight_leaves(wq: nn.Module) -> list[nn.Module]:
     return list(wq) if isinstance(wq, (nn.ModuleList, nn.Sequential)) else [wq]
 
 
-def _row_step(q: _Quantized, weight: torch.Tensor) -> int | None:
+def _row_step(q: _Quantized, weight: torch.Tensor, *, group_max_follows: bool = False) -> int | None:
     """Rows per chunk for a large 2-D weight whose quantizer state splits by rows; None to pack it whole.
 
     A weight the resmoothing rewrites has its weight quantizer re-calibrated (max) on the rewritten weight:
@@ -449,7 +450,8 @@ def _row_step(q: _Quantized, weight: torch.Tensor) -> int | None:
     last_rewrite = max((i for i, s in enumerate(q.steps) if s.needs_weight), default=-1)
     per_tensor = any(b is not None and b.numel() == 1 for leaf in _weight_leaves(q.pristine.weight_quantizer)
                      for b in leaf._buffers.values())
-    if last_rewrite >= 0 and per_tensor and not any(s.kind == "weight_amax" for s in q.steps[last_rewrite:]):
+    replaced = group_max_follows or any(s.kind == "weight_amax" for s in q.steps[last_rewrite:])
+    if last_rewrite >= 0 and per_tensor and not replaced:
         return None
     rows, cols = weight.shape
     if weight.numel() * weight.element_size() <= _ROW_CHUNK_BYTES or rows < 4:

@@ -12,11 +12,12 @@ config (NVFP4, FP8, INT4 AWQ, NVFP4 AWQ):
 3. ModelOpt's ``export_hf_checkpoint`` of the same offloaded model (its 0.47 streaming path) is timed and
    measured the same way and compared too; then whether the model still runs.
 
-Prints a compact table and writes ``gpu_packed_check.json``.
+Prints a compact table and writes ``gpu_packed_check_<shapes>.json``.
 
-Usage (on the GPU machine, modelopt installed from wheels):
-    python benchmarks/gpu_packed_check.py [--shapes 0.6b,4b] [--configs NVFP4_DEFAULT_CFG,FP8_DEFAULT_CFG,INT4_AWQ_CFG]
-        [--layers N] [--out DIR]
+Usage (on the GPU machine, modelopt installed from wheels; one shape per call keeps each under 10 min):
+    python benchmarks/gpu_packed_check.py --shapes 0.6b            # NVFP4, FP8, INT4 AWQ + NVFP4 AWQ
+    python benchmarks/gpu_packed_check.py --shapes 4b --out $OUT   # NVFP4, FP8, INT4 AWQ
+    options: [--configs A,B] [--nvfp4-awq-shapes 0.6b] [--layers N] (fewer layers for a quick run)
 """
 
 from __future__ import annotations
@@ -213,7 +214,8 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="0.6b,4b")
-    ap.add_argument("--configs", default="NVFP4_DEFAULT_CFG,FP8_DEFAULT_CFG,INT4_AWQ_CFG,NVFP4_AWQ_LITE_CFG")
+    ap.add_argument("--configs", default="NVFP4_DEFAULT_CFG,FP8_DEFAULT_CFG,INT4_AWQ_CFG")
+    ap.add_argument("--nvfp4-awq-shapes", default="0.6b", help="shapes that also run NVFP4_AWQ_LITE_CFG ('' for none)")
     ap.add_argument("--layers", type=int, default=None, help="override the number of layers (quick runs)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -224,7 +226,9 @@ def main() -> None:
     for shape in args.shapes.split(","):
         work = Path(tempfile.mkdtemp(prefix=f"packed_{shape}_"))
         build_checkpoint(work / "src", config(shape, args.layers))
-        for cfg_name in args.configs.split(","):
+        configs = [c for c in args.configs.split(",") if c]
+        configs += ["NVFP4_AWQ_LITE_CFG"] if shape in args.nvfp4_awq_shapes.split(",") else []
+        for cfg_name in configs:
             case_dir = work / cfg_name
             case_dir.mkdir()
             try:
@@ -238,7 +242,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         shutil.rmtree(work, ignore_errors=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gpu_packed_check.json").write_text(json.dumps(result, indent=2))
+    (Path(args.out) / f"gpu_packed_check_{args.shapes.replace(',', '_')}.json").write_text(json.dumps(result, indent=2))
     print(table(result["rows"]))
 
 

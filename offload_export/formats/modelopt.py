@@ -505,6 +505,13 @@ class ModelOpt(Format):
         super().__init__(source)
         self._refs = offloaded_tensors(source.model)
         self.packer = ModelOptPacker(source.model, quantizers=source.quantizers, read=self._read, refs=self._refs, dtype=source.dtype)
+        tied = {i.tied_to for i in source.lay.values() if i.kind == "tied"}
+        for name in self.packer.modules:
+            key = f"{name}.weight" if name else "weight"
+            if key in tied or source.lay[key].kind == "tied":
+                raise ValueError(f"format='modelopt': {key} is quantized and tied to another weight; ModelOpt's export "
+                                 f"leaves such a weight unpacked. Disable its weight quantizer, untie it, or use "
+                                 f"format='fake-quant'")
 
     def _device(self, key: str) -> torch.device:
         dev = self.source.lay[key].device

@@ -7,9 +7,9 @@
 """
 
 from .base import FORMATS, Format, Reader, Source, get_format, register_format
-from .compressed_tensors import CompressedTensors
-from .fake_quant import FakeQuant
+from .fake_quant import FakeQuant  # registered first: the default leads every list of formats
 from .modelopt import ModelOpt
+from .compressed_tensors import CompressedTensors  # noqa: I001
 
 __all__ = ["FORMATS", "CompressedTensors", "FakeQuant", "Format", "ModelOpt", "Reader", "Source", "get_format",
            "register_format"]

@@ -17,6 +17,7 @@ from torch import nn
 from . import _atomic
 from ._hooks import offloaded_tensors
 from ._store import read_store
+from .conversion import save_conversion
 from .layout import Layout, _declared_ties, layout
 from .pipeline import UnitReader
 from .plan import ExportPlan, parse_size, plan_export
@@ -283,7 +284,7 @@ def _prepare(model: nn.Module, out_dir, *, fold: bool, max_shard_size, dtype, de
     quantizer_keys = {k for q in quantizers for k in q.state_keys}
     _check_shared_storage(model, lay, quantizer_keys)
     folds = _weight_folds(quantizers, lay) if fold else {}
-    convert = _conversion(model, lay)
+    convert = save_conversion(model, lay, exclude=quantizer_keys)
     plan = plan_export(lay, quantizer_keys=quantizer_keys, ignore=sorted(getattr(model, "_keys_to_ignore_on_save", None) or ()),
                        dtype=dtype, max_shard_size=shard_bytes, convert=convert)
     return _Job(out_dir, lay, quantizers, folds, convert, plan, dtype, device)

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import _atomic
 from ._hooks import offloaded_tensors
-from ._store import read_store
+from ._store import check_store, read_store
 from .conversion import save_conversion
 from .layout import Layout, _declared_ties, layout
 from .pipeline import UnitReader
@@ -280,6 +280,9 @@ def _prepare(model: nn.Module, out_dir, *, fold: bool, max_shard_size, dtype, de
         _atomic.check_destination(out_dir, overwrite=overwrite)
     lay = layout(model)
     _check_model(model, lay, allow_missing=allow_missing)
+    for info in lay.values():  # corrupt offload files fail here, before anything is written
+        if info.ref is not None:
+            check_store(info.ref.store, info.shape)
     quantizers = find_quantizers(model)
     quantizer_keys = {k for q in quantizers for k in q.state_keys}
     _check_shared_storage(model, lay, quantizer_keys)

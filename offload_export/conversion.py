@@ -88,7 +88,7 @@ class _WeightConversion:
                               f"of {type(self._model).__name__} failed on {sorted(weights)}")
 
 
-def save_conversion(model: nn.Module, lay: Mapping[str, Any], *, exclude: set[str] | frozenset[str] = frozenset()
+def save_conversion(model: nn.Module, lay: Mapping[str, Any], exclude: set[str] | frozenset[str] = frozenset()
                     ) -> Conversion | None:
     """transformers' save-time weight conversion of ``model``, applied to weights only; ``None`` when it is the identity.
 

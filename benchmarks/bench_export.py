@@ -178,7 +178,7 @@ def load_offloaded(src: Path, offload_dir: Path, scheme: str):
     model = AutoModelForCausalLM.from_pretrained(src, device_map={"": "disk"}, offload_folder=str(offload_dir),
                                                  dtype=torch.bfloat16)
     if scheme != "none":
-        from offload_export.fakequant import quantize_weights
+        from offload_export.adapters.builtin import quantize_weights
 
         quantize_weights(model, scheme=scheme)
     return model
@@ -550,7 +550,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="one ~50 MB model, one repeat: a smoke run for CI")
     p.add_argument("--scheme", default="auto",
                    help="fake quantization before export: none | int8 | fp8 | int4-g128 | nvfp4 | auto "
-                        "(int8 when offload_export.fakequant exists, else none)")
+                        "(int8 when offload_export.adapters.builtin exists, else none)")
     p.add_argument("--cold", action="store_true", help="drop the sources from the page cache before each run")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--child", metavar="METHOD", help=argparse.SUPPRESS)
@@ -566,7 +566,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
     if args.scheme == "auto":
-        args.scheme = "int8" if importlib.util.find_spec("offload_export.fakequant") else "none"
+        args.scheme = "int8" if importlib.util.find_spec("offload_export.adapters.builtin") else "none"
     return args
 
 

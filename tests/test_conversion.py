@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, MixtralConfig
 
 import offload_export as oe
 from offload_export.conversion import save_conversion
-from offload_export.demo import _quiet_libraries
+from offload_export.quiet import quiet_libraries
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 pytest.importorskip("transformers.core_model_loading", reason="transformers 4.x has no fused experts")
@@ -42,7 +42,7 @@ def _mixtral(seed: int = 0) -> nn.Module:
                         num_key_value_heads=2, head_dim=16, intermediate_size=32, max_position_embeddings=64,
                         num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False, initializer_range=0.1)
     torch.manual_seed(seed)
-    with _quiet_libraries():
+    with quiet_libraries():
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     gen = torch.Generator().manual_seed(10_007 + seed)
     with torch.no_grad():
@@ -57,7 +57,7 @@ def _model(kind: str) -> nn.Module:
 
 
 def _quantized(kind: str, scheme: str) -> nn.Module:
-    with _quiet_libraries():
+    with quiet_libraries():
         return mtq.quantize(_model(kind), getattr(mtq, SCHEMES[scheme]), lambda m: m(input_ids=CALIB, use_cache=False))
 
 
@@ -69,7 +69,7 @@ def _saved_names(kind: str, tmp: Path) -> set[str]:
 def _modelopt_reference(model: nn.Module, out: Path) -> dict[str, torch.Tensor]:
     from modelopt.torch.export.plugins.vllm_fakequant_hf import export_hf_vllm_fq_checkpoint
 
-    with _quiet_libraries():
+    with quiet_libraries():
         export_hf_vllm_fq_checkpoint(copy.deepcopy(model), out)
     return read_checkpoint(out)
 

@@ -104,7 +104,6 @@ __all__ = [
     "draw_offloaded",
     "fixed_input_ids",
     "forward_logits",
-    "skip_if_tied_offload_forward_is_broken",
 ]
 
 MODEL_KINDS = ("qwen3_tied", "llama_untied", "qwen3_moe")
@@ -538,17 +537,3 @@ def draw_offloaded(
         _cast_params_like_from_pretrained(reference, getattr(torch, spec.load_dtype))
     offloaded = apply_layout(make_model(kind, dtype=dtype, seed=seed), spec, tmp_dir)
     return reference, offloaded
-
-
-def skip_if_tied_offload_forward_is_broken(kind: str) -> None:
-    """Skip on transformers < 5.13 for tied models: there ``from_pretrained(device_map=...)`` with ``lm_head``
-    offloaded leaves ``lm_head.weight`` out of the hook's weights_map, so the model's own forward (and any
-    calibration) raises ``KeyError: 'lm_head.weight'``; ``save_clean`` still exports such a model correctly."""
-    import transformers
-    from packaging.version import Version
-
-    if kind == "qwen3_tied" and Version(transformers.__version__) < Version("5.13"):
-        import pytest
-
-        pytest.skip(f"transformers {transformers.__version__}: forward of a tied model with lm_head offloaded "
-                    f"by from_pretrained raises KeyError (fixed in 5.13)")

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from layouts import (MODEL_KINDS, LayoutSpec, apply_layout_with_artifacts, draw_offloaded, fixed_input_ids,
-                     forward_logits, layout_specs, make_model, skip_if_tied_offload_forward_is_broken)
+                     forward_logits, layout_specs, make_model)
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -128,7 +128,6 @@ def test_modelopt_int8_export_matches_modelopt_resident_export_on_every_layout(k
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_modelopt_export_of_a_reloaded_disk_offloaded_model_reloads_offloaded(kind, tmp_path):
     """Quantize after from_pretrained(device_map) (ModelOpt's accelerate plugin), export, reload offloaded."""
-    skip_if_tied_offload_forward_is_broken(kind)
     calib = fixed_input_ids(seed=7)
     resident = _int8(make_model(kind), calib)
     expected = _modelopt_reference(resident, tmp_path / "modelopt")

@@ -32,7 +32,6 @@ from layouts import (
     offload_hooks,
     offloaded_keys,
     resident_state_dict,
-    skip_if_tied_offload_forward_is_broken,
 )
 
 FAST = settings(
@@ -213,7 +212,6 @@ def test_dispatch_stores(kind, data, tmp_path_factory):
 @FAST
 @given(data=st.data(), dtype=DTYPES)
 def test_from_pretrained_disk_points_into_source(kind, data, dtype, tmp_path_factory):
-    skip_if_tied_offload_forward_is_broken(kind)
     spec = data.draw(layout_specs(kind).filter(lambda s: s.method == "from_pretrained"), label="spec")
     model, art = apply_layout_with_artifacts(make_model(kind, dtype=dtype), spec, tmp_path_factory.mktemp("fp"))
     assert art.source_file.is_file()

@@ -12,13 +12,15 @@ import mmap
 import os
 import struct
 import threading
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from ._hooks import Store
 
-__all__ = ["SAFETENSORS_DTYPES", "anon_empty", "read_store", "safetensors_header", "write_store"]
+__all__ = ["SAFETENSORS_DTYPES", "FileSpan", "anon_empty", "read_store", "safetensors_header", "store_span",
+           "write_store"]
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -80,6 +82,52 @@ def _read_file(path: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...
     if out.numel():
         _pread_into(path, offset, out)
     return out
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    """A tensor's bytes in a file, not read yet: ``read()`` returns what :func:`read_store` would.
+
+    A writer can copy the bytes file to file inside the kernel instead (``copy_file_range``), and a
+    checker can compare them without decoding.
+    """
+
+    path: str
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+    def read(self) -> torch.Tensor:
+        return _read_file(self.path, self.offset, self.dtype, self.shape)
+
+
+def store_span(store: Store, dtype: torch.dtype, shape: tuple[int, ...]) -> FileSpan | None:
+    """The file bytes of a store entry when they already are the tensor ``read_store`` returns, else None.
+
+    That is a ``.dat`` or safetensors entry stored in ``dtype`` with ``shape``; anything that needs a
+    cast, another shape (``read_store`` raises for it) or is not in a file gives None.
+    """
+    if store.kind == "disk":
+        if store.file_dtype != dtype:
+            return None
+        span = FileSpan(store.path, 0, dtype, tuple(shape))
+        try:
+            size = os.path.getsize(store.path)
+        except OSError:
+            return None  # read_store reports it
+        return span if size >= span.nbytes else None
+    if store.kind == "safetensors":
+        start, header = safetensors_header(store.path)
+        entry = header.get(store.file_key)
+        if entry is None or SAFETENSORS_DTYPES.get(entry["dtype"]) != dtype or tuple(entry["shape"]) != tuple(shape):
+            return None
+        span = FileSpan(store.path, start + entry["data_offsets"][0], dtype, tuple(shape))
+        return span if entry["data_offsets"][1] - entry["data_offsets"][0] == span.nbytes else None
+    return None
 
 
 def read_store(store: Store, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

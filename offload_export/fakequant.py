@@ -44,6 +44,7 @@ E2M1_MAX = 6.0
 _INT_MAX = {"int8": 127.0, "int4-g128": 7.0}
 _GROUP = {"int8": None, "fp8": None, "int4-g128": 128, "nvfp4": 16}
 _CHUNK_ELEMENTS = 1 << 20  # rows per fold step: about this many elements
+_WIDENED_EXACTLY = (torch.bfloat16, torch.float16, torch.float32)
 _EPS = 1.0 / (1 << 24)  # ModelOpt: an amax at or below this quantizes its group to 0 (int) / uses 1 (fp8)
 
 
@@ -63,39 +64,56 @@ def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
 def _int_fake_quant(x: torch.Tensor, amax: torch.Tensor, max_bound: float) -> torch.Tensor:
     """ModelOpt ``_tensor_quant`` with ``narrow_range=False``: integers in ``[-max_bound - 1, max_bound]``.
 
-    Works in place on ``x`` (a float32 scratch copy): the same operations, in the same order.
+    ``x`` is the weight (bf16, fp16 or fp32; left unchanged): the first multiply by the float32 scale
+    widens it exactly, as ModelOpt's ``.float()`` does, and the rest works in place on that result.
     """
     bound = torch.tensor(max_bound, device=amax.device)
     scale = bound / amax
     zero = amax <= _EPS
     scale = torch.where(zero, 0.0, scale)  # a group with amax 0 quantizes to 0 ...
-    return x.mul_(scale).round_().clamp_(-max_bound - 1.0, max_bound).div_(torch.where(zero, 1.0, scale))
+    return torch.mul(x, scale).round_().clamp_(-max_bound - 1.0, max_bound).div_(torch.where(zero, 1.0, scale))
 
 
 def _fp8_fake_quant(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """ModelOpt ``_fp8_eager``: ``e4m3(clamp(x * (448 / amax))) * (1 / (448 / amax))``."""
+    """ModelOpt ``_fp8_eager``: ``e4m3(clamp(x * (448 / amax))) * (1 / (448 / amax))`` (``x`` left unchanged)."""
     safe_amax = torch.where(amax <= _EPS, torch.ones_like(amax), amax)
     scale = E4M3_MAX / safe_amax
     scale_inv = 1 / scale
-    x = x.mul_(scale).clamp_(min=-E4M3_MAX, max=E4M3_MAX)
-    return x.to(torch.float8_e4m3fn).to(torch.float32).mul_(scale_inv)
+    x = torch.mul(x, scale).clamp_(min=-E4M3_MAX, max=E4M3_MAX)
+    return _round_mantissa(x, mantissa_bits=3, min_exponent=-6).mul_(scale_inv)
+
+
+def _round_mantissa(x: torch.Tensor, *, mantissa_bits: int, min_exponent: int) -> torch.Tensor:
+    """Round float32 ``x`` in place to ``mantissa_bits`` bits, ties to even, subnormal below ``2**min_exponent``.
+
+    Equal bit for bit to a cast to a small float format and back (E4M3: 3 and -6; E2M1: 1 and 0) for
+    values that format holds without saturating, signed zeros included, at a third of the cost of
+    torch's scalar fp8 conversions: with ``e`` the power of two at or below ``|x|`` (at least
+    ``2**min_exponent``), the step between neighbours is ``q = e * 2**-mantissa_bits``, and
+    ``(|x| + C) - C`` with ``C = q * 2**23`` rounds ``|x|`` to a multiple of ``q`` by the FPU's own
+    round-half-even (``|x| + C`` stays in ``C``'s binade, where one ulp is ``q``).
+    """
+    magic = x.view(torch.int32).bitwise_and(0x7F800000)  # e, as float32 bits (the exponent of |x|)
+    magic.clamp_(min=(min_exponent + 127) << 23).add_((23 - mantissa_bits) << 23)  # C = e * 2**(23 - m)
+    c = magic.view(torch.float32)
+    return x.abs().add_(c).sub_(c).copysign_(x)
 
 
 def _e2m1_round(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest E2M1 value, ties to even, saturating at +-6 (ModelOpt ``_cast_fp4``).
 
     E2M1 is evenly spaced within each binade ([0, 2) by 0.5, [2, 4) by 1, [4, 6] by 2), and ties to the even
-    code are ties to the even multiple of that spacing, i.e. ``round`` (half to even) after scaling. A
-    negative value that rounds to 0 becomes +0, as in ModelOpt's table.
+    code are ties to the even multiple of that spacing: :func:`_round_mantissa` with one mantissa bit and
+    no exponent below 0, then the saturation. A negative value that rounds to 0 becomes +0, as in
+    ModelOpt's table. Works in place on ``x``.
     """
-    m = x.abs()
-    r = torch.where(m < 2, (m * 2).round_().mul_(0.5), torch.where(m < 4, m.round(), (m * 0.5).round_().mul_(2)))
-    r.clamp_(max=E2M1_MAX)
-    return torch.where(x < 0, -r, r).add_(0.0)  # -0 + 0 = +0
+    return _round_mantissa(x, mantissa_bits=1, min_exponent=0).clamp_(min=-E2M1_MAX, max=E2M1_MAX).add_(0.0)
 
 
 def _nvfp4_fake_quant(x: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     scale = (block_scale.to(torch.float32) * global_scale).unsqueeze(-1)
+    if bool((scale > 0).all()):
+        return _e2m1_round(torch.div(x, scale)).mul_(scale)
     scaled = torch.where(scale > 0, x / scale, 0.0)  # an all-zero weight has global_scale 0
     return _e2m1_round(scaled) * scale
 
@@ -221,7 +239,8 @@ class FakeQuantizer(nn.Module):
         return out
 
     def _fake_quant(self, w: torch.Tensor, rows: slice) -> torch.Tensor:
-        x = _groups(w.to(torch.float32, copy=True), self.group_size)
+        # bf16/fp16/fp32 weights widen exactly inside the kernels' first float32 operation (one pass fewer)
+        x = _groups(w if w.dtype in _WIDENED_EXACTLY else w.to(torch.float32), self.group_size)
         if self.scheme == "nvfp4":
             out = _nvfp4_fake_quant(x, self.block_scale[rows], self.global_scale)
         elif self.scheme == "fp8":

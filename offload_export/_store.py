@@ -30,6 +30,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 _lock = threading.Lock()
 _ANON_MIN_BYTES = 1 << 20
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
 
 
 @lru_cache(maxsize=256)
@@ -74,6 +76,13 @@ def anon_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if nbytes < _ANON_MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
     buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: counted as RssAnon
+    if nbytes >= _HUGE_PAGE and _MADV_HUGEPAGE is not None:
+        # 2 MiB pages: a fresh mapping's first touch costs one fault per 2 MiB instead of per 4 KiB (measured
+        # 0.65 -> 0.12 CPU s per GB here); a hint, ignored where transparent huge pages are off
+        try:
+            buffer.madvise(_MADV_HUGEPAGE)
+        except OSError:
+            pass
     return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
 
 

@@ -44,7 +44,6 @@ E2M1_MAX = 6.0
 _INT_MAX = {"int8": 127.0, "int4-g128": 7.0}
 _GROUP = {"int8": None, "fp8": None, "int4-g128": 128, "nvfp4": 16}
 _CHUNK_ELEMENTS = 1 << 20  # rows per fold step: about this many elements
-_WIDENED_EXACTLY = (torch.bfloat16, torch.float16, torch.float32)
 _EPS = 1.0 / (1 << 24)  # ModelOpt: an amax at or below this quantizes its group to 0 (int) / uses 1 (fp8)
 
 
@@ -64,22 +63,21 @@ def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
 def _int_fake_quant(x: torch.Tensor, amax: torch.Tensor, max_bound: float) -> torch.Tensor:
     """ModelOpt ``_tensor_quant`` with ``narrow_range=False``: integers in ``[-max_bound - 1, max_bound]``.
 
-    ``x`` is the weight (bf16, fp16 or fp32; left unchanged): the first multiply by the float32 scale
-    widens it exactly, as ModelOpt's ``.float()`` does, and the rest works in place on that result.
+    Works in place on ``x`` (a float32 scratch copy): the same operations, in the same order.
     """
     bound = torch.tensor(max_bound, device=amax.device)
     scale = bound / amax
     zero = amax <= _EPS
     scale = torch.where(zero, 0.0, scale)  # a group with amax 0 quantizes to 0 ...
-    return torch.mul(x, scale).round_().clamp_(-max_bound - 1.0, max_bound).div_(torch.where(zero, 1.0, scale))
+    return x.mul_(scale).round_().clamp_(-max_bound - 1.0, max_bound).div_(torch.where(zero, 1.0, scale))
 
 
 def _fp8_fake_quant(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """ModelOpt ``_fp8_eager``: ``e4m3(clamp(x * (448 / amax))) * (1 / (448 / amax))`` (``x`` left unchanged)."""
+    """ModelOpt ``_fp8_eager``: ``e4m3(clamp(x * (448 / amax))) * (1 / (448 / amax))`` in place on ``x``."""
     safe_amax = torch.where(amax <= _EPS, torch.ones_like(amax), amax)
     scale = E4M3_MAX / safe_amax
     scale_inv = 1 / scale
-    x = torch.mul(x, scale).clamp_(min=-E4M3_MAX, max=E4M3_MAX)
+    x = x.mul_(scale).clamp_(min=-E4M3_MAX, max=E4M3_MAX)
     return _round_mantissa(x, mantissa_bits=3, min_exponent=-6).mul_(scale_inv)
 
 
@@ -113,7 +111,7 @@ def _e2m1_round(x: torch.Tensor) -> torch.Tensor:
 def _nvfp4_fake_quant(x: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     scale = (block_scale.to(torch.float32) * global_scale).unsqueeze(-1)
     if bool((scale > 0).all()):
-        return _e2m1_round(torch.div(x, scale)).mul_(scale)
+        return _e2m1_round(x.div_(scale)).mul_(scale)
     scaled = torch.where(scale > 0, x / scale, 0.0)  # an all-zero weight has global_scale 0
     return _e2m1_round(scaled) * scale
 
@@ -239,8 +237,7 @@ class FakeQuantizer(nn.Module):
         return out
 
     def _fake_quant(self, w: torch.Tensor, rows: slice) -> torch.Tensor:
-        # bf16/fp16/fp32 weights widen exactly inside the kernels' first float32 operation (one pass fewer)
-        x = _groups(w if w.dtype in _WIDENED_EXACTLY else w.to(torch.float32), self.group_size)
+        x = _groups(w.to(torch.float32, copy=True), self.group_size)
         if self.scheme == "nvfp4":
             out = _nvfp4_fake_quant(x, self.block_scale[rows], self.global_scale)
         elif self.scheme == "fp8":

@@ -83,7 +83,7 @@ def child(args) -> None:
     from accelerate import disk_offload
 
     import offload_export as oe
-    from offload_export.fakequant import quantize_weights
+    from offload_export.adapters.builtin import quantize_weights
 
     local = int(os.environ.get("LOCAL_RANK", 0))
     gpu = torch.cuda.is_available() and args.backend == "nccl"

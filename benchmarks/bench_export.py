@@ -739,7 +739,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sizes qwen3-0.6b, methods: the floors, save_clean@<each scheme>, save_pretrained_fsync@none/int8")
     p.add_argument("--scheme", default="auto",
                    help="fake quantization before export: none | int8 | fp8 | int4-g128 | nvfp4 | auto "
-                        "(int8 when offload_export.fakequant exists, else none)")
+                        "(int8 when offload_export.adapters.builtin exists, else none)")
     p.add_argument("--cold", action="store_true", help="drop the sources from the page cache before each run")
     p.add_argument("--methods", help=f"comma-separated, each one of {','.join(METHODS)}, optionally @scheme "
                                      f"(default {','.join(DEFAULT_METHODS)})")

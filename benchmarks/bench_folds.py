@@ -25,7 +25,7 @@ import offload_export as oe
 try:
     from offload_export.adapters import builtin as fq  # after the package layout change
 except ImportError:  # pragma: no cover
-    from offload_export import fakequant as fq
+    from offload_export import fakequant as fq  # noqa: F401  (before the package layout change)
 
 SCHEMES = ("int8", "int4-g128", "fp8", "nvfp4")
 QWEN3_LAYER = ((2048, 1024), (1024, 1024), (1024, 1024), (1024, 2048), (3072, 1024), (3072, 1024), (1024, 3072))

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 import offload_export as oe
-from offload_export.fakequant import quantize_weights
+from offload_export.adapters.builtin import quantize_weights
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Export fake-quantized, accelerate-offloaded models into clean, streaming, atomic safetensors checkpoints."""
 
+from .adapters import SCHEMES, FakeQuantizer, quantize_weights  # registers the adapters that ship
 from .export import ExportReport, save_clean
-from .fakequant import SCHEMES, FakeQuantizer, quantize_weights
 from .layout import Layout, TensorInfo, layout
 from .materialize import materialized
 from .quantizers import (
@@ -13,7 +13,7 @@ from .quantizers import (
     register_quantizer,
 )
 from .verify import VerifyReport, verify
-from . import compressed_tensors as _compressed_tensors  # registers the compressed-tensors adapter
+from . import distributed  # noqa: F401  (registers the export over torch.distributed ranks behind save_clean(group=...))
 
 __all__ = [
     "ExportReport",

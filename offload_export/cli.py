@@ -70,7 +70,8 @@ def _add_loading(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``offload-export`` argument parser with its subcommands."""
     from . import demo
-    from .fakequant import SCHEMES
+    from .adapters.builtin import SCHEMES
+    from .formats import FORMATS
 
     parser = _Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
                      description="Export fake-quantized, accelerate-offloaded Hugging Face models into clean, "
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="the destination directory (must be absent or empty)")
     p.add_argument("--scheme", choices=(*SCHEMES, "none"), default="none",
                    help="built-in fake quantization folded into the weights (default: none)")
+    p.add_argument("--format", choices=tuple(FORMATS), default="fake-quant",
+                   help="fake-quant: weights with the quantization folded in (default); a packed format writes what "
+                        "that toolkit's own exporter writes")
     p.add_argument("--max-shard-size", type=_shard_size, default="5GB", help="bytes per shard (default: 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT once the export is complete")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no report")
@@ -109,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="the checkpoint written by 'export'")
     p.add_argument("--scheme", choices=(*SCHEMES, "none"), default="none",
                    help="the scheme OUT was exported with (default: none)")
+    p.add_argument("--format", choices=tuple(FORMATS), default="fake-quant",
+                   help="the format OUT was exported in (default: fake-quant)")
     p.add_argument("--quiet", action="store_true", help="no report; the exit code tells the result")
 
     p = sub.add_parser("layout", help="print where every weight would live when loaded with device_map='auto'",
@@ -140,10 +146,10 @@ def _offload_folder(folder: str | None) -> Iterator[str]:
 def _load(args: argparse.Namespace, offload_folder: str):
     from transformers import AutoModelForCausalLM
 
-    from .demo import _quiet_libraries
+    from .quiet import quiet_libraries
 
     src = _checkpoint_dir(args.src)
-    with _quiet_libraries():  # "some parameters are on the meta device" is the point here, not news
+    with quiet_libraries():  # "some parameters are on the meta device" is the point here, not news
         model = AutoModelForCausalLM.from_pretrained(src, device_map="auto", max_memory=dict(args.max_memory) or None,
                                                      offload_folder=offload_folder, dtype=args.dtype,
                                                      trust_remote_code=False)
@@ -165,7 +171,7 @@ def _summary(lay) -> str:
 
 def _load_quantized(args: argparse.Namespace, offload_folder: str, say):
     from . import layout
-    from .fakequant import quantize_weights
+    from .adapters.builtin import quantize_weights
 
     model = _load(args, offload_folder)
     say(f"loaded {args.src}: {_summary(layout(model))}")
@@ -183,8 +189,9 @@ def _run_export(args: argparse.Namespace) -> int:
     say = (lambda *a: None) if args.quiet else print
     with _offload_folder(args.offload_folder) as folder:
         model = _load_quantized(args, folder, say)
-        report = save_clean(model, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                            tokenizer=_tokenizer(args.src), progress=not args.quiet and sys.stdout.isatty())
+        report = save_clean(model, args.out, format=args.format, max_shard_size=args.max_shard_size,
+                            overwrite=args.overwrite, tokenizer=_tokenizer(args.src),
+                            progress=not args.quiet and sys.stdout.isatty())
     say(report)
     return 0
 
@@ -196,7 +203,7 @@ def _run_verify(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.out}: no such directory")
     say = (lambda *a: None) if args.quiet else print
     with _offload_folder(args.offload_folder) as folder:
-        report = verify(_load_quantized(args, folder, say), args.out)
+        report = verify(_load_quantized(args, folder, say), args.out, format=args.format)
     say(report)
     if not report.ok:
         raise RuntimeError(f"{args.out} differs from {args.src}: {len(report.mismatches)} mismatch(es), "
@@ -242,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except (OSError, ValueError, RuntimeError) as e:
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        text = "\n".join([str(e), *getattr(e, "__notes__", ())])  # a toolkit's own error carries our context as notes
+        message = " ".join(line.strip() for line in text.splitlines() if line.strip())
         print(f"{PROG}: error: {message or type(e).__name__}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

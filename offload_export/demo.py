@@ -2,23 +2,23 @@
 
 Everything goes through the real libraries: the checkpoint is written with safetensors, reloaded with
 transformers + accelerate (``from_pretrained(device_map=..., offload_folder=...)`` or ``dispatch_model``),
-fake-quantized with :mod:`offload_export.fakequant`, exported with :func:`offload_export.save_clean` and
+fake-quantized with :mod:`offload_export.adapters.builtin`, exported with :func:`offload_export.save_clean` and
 reloaded with plain ``AutoModelForCausalLM.from_pretrained`` to compare logits.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .quiet import quiet_libraries
 
 __all__ = ["LAYOUTS", "SIZES", "DemoResult", "PeakMemory", "build_checkpoint", "execution_device",
            "load_offloaded", "run_demo"]
@@ -110,27 +110,6 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-
-
-@contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
-    """Silence transformers' and accelerate's expected chatter (offload warnings, loading bars)."""
-    from transformers.utils import logging as hf_logging
-
-    loggers = [logging.getLogger(n) for n in ("accelerate", "accelerate.big_modeling", "accelerate.utils.modeling")]
-    levels, verbosity, bars = [lg.level for lg in loggers], hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _init_value(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
@@ -252,7 +231,7 @@ def run_demo(out: str | Path | None = None, *, layout: str = "mixed", scheme: st
     Args:
         out: the export directory (must be absent or empty); a temporary one, deleted at the end, if None.
         layout: ``"cpu"``, ``"disk"`` or ``"mixed"`` (resident + cpu + disk).
-        scheme: a built-in fake-quantization scheme (:data:`offload_export.fakequant.SCHEMES`).
+        scheme: a built-in fake-quantization scheme (:data:`offload_export.builtin.SCHEMES`).
         size: ``"tiny"`` or ``"small"``.
         log: where report lines go.
         progress: show the export's progress bar.
@@ -265,15 +244,15 @@ def run_demo(out: str | Path | None = None, *, layout: str = "mixed", scheme: st
         ValueError: an unknown layout, scheme or size.
         FileExistsError: ``out`` is not empty.
     """
-    from . import fakequant
+    from .adapters import builtin
 
-    if scheme not in fakequant.SCHEMES:
-        raise ValueError(f"scheme={scheme!r}: expected one of {', '.join(fakequant.SCHEMES)}")
+    if scheme not in builtin.SCHEMES:
+        raise ValueError(f"scheme={scheme!r}: expected one of {', '.join(builtin.SCHEMES)}")
     if size not in SIZES:
         raise ValueError(f"size={size!r}: expected one of {', '.join(SIZES)}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {', '.join(LAYOUTS)}")
-    with tempfile.TemporaryDirectory(prefix="offload-export-demo-") as work, _quiet_libraries():
+    with tempfile.TemporaryDirectory(prefix="offload-export-demo-") as work, quiet_libraries():
         return _run(Path(work), Path(out) if out is not None else Path(work) / "export", layout, scheme, size,
                     log, progress, keep=out is not None)
 
@@ -281,7 +260,7 @@ def run_demo(out: str | Path | None = None, *, layout: str = "mixed", scheme: st
 def _run(work: Path, out: Path, layout: str, scheme: str, size: str, log, progress: bool, keep: bool) -> DemoResult:
     from transformers import AutoModelForCausalLM
 
-    from . import fakequant
+    from .adapters import builtin
     from .export import save_clean
     from ._atomic import check_destination
     from .layout import layout as layout_of
@@ -298,7 +277,7 @@ def _run(work: Path, out: Path, layout: str, scheme: str, size: str, log, progre
     log("layout (" + layout + "): " + ", ".join(f"{k} {n} tensors {b / 1e6:.1f} MB" for k, (n, b) in summary.items()))
     device = execution_device()
     plain = _logits(model, device)
-    quantized = fakequant.quantize_weights(model, scheme=scheme)
+    quantized = builtin.quantize_weights(model, scheme=scheme)
     expected = _logits(model, device)
     log(f"fake-quantized: {quantized} linear weights ({scheme})")
     with PeakMemory() as mem:

@@ -1,4 +1,4 @@
-"""The same export split over ``torch.distributed`` ranks, and over the GPUs of one process.
+"""The same export split over ``torch.distributed`` ranks.
 
 Several processes (``torchrun``; gloo on CPU, NCCL on GPU): :func:`save_clean` with ``group=`` (or with
 ``torch.distributed`` initialised over several ranks) computes the same plan on every rank, assigns each
@@ -27,9 +27,11 @@ and must match. When CUDA is available and ``device`` is not given, each rank fo
 ``group=dist.new_group([rank], use_local_synchronization=True)``; otherwise it waits for the other ranks
 until ``timeout`` and raises.
 
-One process, several GPUs: :func:`stream_lanes` folds each unit on its own fold device, one thread per
-device, feeding the single writer; the shard writer ``pwrite``s at planned offsets, so the order in which
-units arrive does not change a byte. With one fold device it is the plain sequential stream.
+One process, several GPUs needs none of this: :func:`offload_export.pipeline.stream_lanes` folds each unit
+on its own fold device within ``save_clean`` itself.
+
+This module builds on the one-process export (job, pipeline, checkpoint files, atomic staging) and registers
+:func:`save_clean_distributed` as the export that ``save_clean(group=...)`` runs.
 """
 
 from __future__ import annotations
@@ -37,11 +39,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
-import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from contextlib import ExitStack, closing
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
@@ -51,20 +52,12 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _atomic
-from .export import ExportReport, _Job, _prepare, _report, _write_metadata, _write_weights
-from .pipeline import UnitReader, stream
-from .plan import ExportPlan, Unit
+from .checkpoint import write_metadata, write_weights
+from .export import DEFAULT_TIMEOUT, ExportReport, register_group_export
+from .job import Job, prepare_job
+from .plan import ExportPlan
 
-__all__ = ["assign_shards", "default_group", "save_clean_distributed", "stream_lanes"]
-
-DEFAULT_TIMEOUT = timedelta(minutes=30)
-
-
-def default_group():
-    """The default process group when ``torch.distributed`` is initialised with more than one rank, else ``None``."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.group.WORLD
-    return None
+__all__ = ["assign_shards", "save_clean_distributed"]
 
 
 def assign_shards(sizes: Sequence[int], readable: Sequence[Sequence[bool]]) -> tuple[int, ...]:
@@ -96,105 +89,17 @@ def assign_shards(sizes: Sequence[int], readable: Sequence[Sequence[bool]]) -> t
     return tuple(owner)
 
 
-# ---------------------------------------------------------------------------------------------------
-# One process, several devices
-
-
-def _fold_lane(reader: UnitReader, unit: Unit) -> Hashable:
-    """The device a unit is folded on (the one of its first folded weight), else where its first tensor is."""
-    for key in unit.sources:
-        if key in reader.folds:
-            return reader.fold_device(key)
-    return reader.device or reader.lay[unit.sources[0]].device
-
-
-_DONE = object()
-
-
-def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
-    while not stop.is_set():
-        try:
-            out.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            pass
-    return False
-
-
-def stream_lanes(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int,
-                 lane: Callable[[UnitReader, Unit], Hashable] | None = None
-                 ) -> Iterator[tuple[Unit, dict[str, torch.Tensor]]]:
-    """:func:`offload_export.pipeline.stream` with one worker thread per fold device, working concurrently.
-
-    Units arrive in no fixed order across devices (in order within one); the consumer writes them at
-    planned offsets. With a single lane this is ``stream`` itself, in the calling thread's order.
-
-    Args:
-        reader: the unit reader.
-        units: the units to produce.
-        read_ahead_bytes: read-ahead budget of each lane.
-        lane: ``(reader, unit) -> key`` grouping units into lanes; by default the unit's fold device.
-
-    Yields:
-        ``(unit, outputs)`` as each lane finishes a unit.
-    """
-    units = list(units)
-    lanes: dict[Hashable, list[Unit]] = {}
-    for unit in units:
-        lanes.setdefault((lane or _fold_lane)(reader, unit), []).append(unit)
-    if len(lanes) <= 1:
-        yield from stream(reader, units, read_ahead_bytes=read_ahead_bytes)
-        return
-    out: queue.Queue = queue.Queue(maxsize=len(lanes))
-    stop = threading.Event()
-
-    def work(key: Hashable, lane_units: list[Unit]) -> None:
-        try:
-            if isinstance(key, torch.device) and key.type == "cuda":
-                torch.cuda.set_device(key)  # kernels that allocate on the current device
-            with closing(stream(reader, lane_units, read_ahead_bytes=read_ahead_bytes)) as items:
-                for item in items:
-                    if not _put(out, item, stop):
-                        return
-        except BaseException as e:  # handed to the consumer
-            _put(out, e, stop)
-        finally:
-            _put(out, _DONE, stop)
-
-    threads = [threading.Thread(target=work, args=item, name=f"offload-export-lane-{item[0]}", daemon=True)
-               for item in lanes.items()]
-    for t in threads:
-        t.start()
-    try:
-        running = len(threads)
-        while running:
-            item = out.get()
-            if item is _DONE:
-                running -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Several processes
-
-
-def _exchange(ctl, fn: Callable[[], str]) -> list[str]:
+def _exchange(ctl, fn: Callable[[], str], outcome: str = "no checkpoint was written") -> list[str]:
     """Run ``fn`` on every rank and gather the strings it returns; if it raised anywhere, raise everywhere.
 
-    Strings travel as uint8 tensors (no object serialization). The failing rank re-raises its own exception; the
-    others raise a ``RuntimeError`` naming the failing rank and its message.
+    Strings travel as uint8 tensors (no object serialization). The failing rank re-raises its own exception (a
+    ``KeyboardInterrupt`` or ``SystemExit`` too, after telling the others, so that they need not wait for the
+    timeout); the others raise a ``RuntimeError`` naming the failing rank, its error and ``outcome``.
     """
     error = None
     try:
         text = fn()
-    except Exception as e:
+    except BaseException as e:
         error, text = e, f"{type(e).__name__}: {e}"
     data = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8) if text else torch.empty(0, dtype=torch.uint8)
     world = dist.get_world_size(ctl)
@@ -212,11 +117,11 @@ def _exchange(ctl, fn: Callable[[], str]) -> list[str]:
         raise error
     if failed:
         raise RuntimeError(f"save_clean failed on rank {failed[0]} ({len(failed)} of {world} rank(s) failed); "
-                           f"no checkpoint was written:\n  {texts[failed[0]]}")
+                           f"{outcome}:\n  {texts[failed[0]]}")
     return texts
 
 
-def _needs(job: _Job) -> dict[str, set[str]]:
+def _needs(job: Job) -> dict[str, set[str]]:
     """``output name -> layout keys`` a rank must be able to read to produce it (quantizer state included)."""
     state = {key: set(q.state_keys) for key, q in job.folds.items()}
     needs = {}
@@ -227,17 +132,17 @@ def _needs(job: _Job) -> dict[str, set[str]]:
     return needs
 
 
-def _missing(job: _Job, keys: Iterable[str]) -> str | None:
+def _missing(job: Job, keys: Iterable[str]) -> str | None:
     """The first of ``keys`` this rank holds no data for (a meta tensor without an offloading hook)."""
     return next((k for k in sorted(keys) if k in job.lay and job.lay[k].kind == "missing"), None)
 
 
-def _fingerprint(job: _Job) -> str:
+def _fingerprint(job: Job) -> str:
     shards = [[s.filename, [[t.name, str(t.dtype), list(t.shape)] for t in s.tensors]] for s in job.plan.shards]
     return hashlib.sha256(json.dumps([shards, sorted(job.folds)]).encode()).hexdigest()
 
 
-def _survey(job: _Job) -> str:
+def _survey(job: Job) -> str:
     """This rank's plan fingerprint and, per shard (then the quantizer state), whether it can read it."""
     needs = _needs(job)
     readable = ["0" if _missing(job, {k for t in s.tensors for k in needs[t.name]}) else "1" for s in job.plan.shards]
@@ -245,7 +150,7 @@ def _survey(job: _Job) -> str:
     return json.dumps({"plan": _fingerprint(job), "readable": "".join(readable)})
 
 
-def _assign(job: _Job, surveys: list[dict], rank: int) -> tuple[int, ...]:
+def _assign(job: Job, surveys: list[dict], rank: int) -> tuple[int, ...]:
     """The owner rank of each shard, identical on every rank; raises the same error on every rank."""
     if len({s["plan"] for s in surveys}) > 1:
         raise RuntimeError("the ranks planned different exports (tensor names, dtypes, shapes or folded weights "
@@ -286,7 +191,8 @@ def _rank_device(device) -> torch.device | None:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
 
 
-def save_clean_distributed(model: nn.Module, out_dir: str | os.PathLike, *, fold: bool = True,
+def save_clean_distributed(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "fake-quant",
+                           fold: bool = True,
                            max_shard_size: int | str = "5GB", dtype: torch.dtype | str | None = None,
                            device: torch.device | str | None = None, overwrite: bool = False, tokenizer=None,
                            progress: bool = False, group=None, timeout: timedelta = DEFAULT_TIMEOUT
@@ -294,7 +200,7 @@ def save_clean_distributed(model: nn.Module, out_dir: str | os.PathLike, *, fold
     """:func:`offload_export.save_clean` with the shards split over the ranks of ``group``; call it on every rank.
 
     Args:
-        model, out_dir, fold, max_shard_size, dtype, device, overwrite, tokenizer, progress: as for
+        model, out_dir, format, fold, max_shard_size, dtype, device, overwrite, tokenizer, progress: as for
             ``save_clean`` (``device`` defaults to ``cuda:$LOCAL_RANK`` when CUDA is available; the
             progress bar is rank 0's).
         group: the process group (default: the whole world). ``torch.distributed`` must be initialised.
@@ -319,8 +225,8 @@ def save_clean_distributed(model: nn.Module, out_dir: str | os.PathLike, *, fold
     ctl = dist.new_group(dist.get_process_group_ranks(group), timeout=timeout, backend="gloo",
                          use_local_synchronization=True)
     try:
-        options = dict(fold=fold, max_shard_size=max_shard_size, dtype=dtype, device=_rank_device(device),
-                       overwrite=overwrite)
+        options = dict(format=format, fold=fold, max_shard_size=max_shard_size, dtype=dtype,
+                       device=_rank_device(device), overwrite=overwrite)
         return _export(model, out_dir, options, tokenizer, progress and rank == 0, ctl, rank)
     finally:
         dist.destroy_process_group(ctl)
@@ -328,41 +234,65 @@ def save_clean_distributed(model: nn.Module, out_dir: str | os.PathLike, *, fold
 
 def _export(model: nn.Module, out_dir, options: dict, tokenizer, progress: bool, ctl, rank: int) -> ExportReport:
     start = time.perf_counter()
-    job: _Job | None = None
+    job: Job | None = None
 
     def prepare() -> str:
         nonlocal job
-        job = _prepare(model, out_dir, allow_missing=True, **options)
+        job = prepare_job(model, out_dir, allow_missing=True, **options)
         return _survey(job)
 
     surveys = [json.loads(s) for s in _exchange(ctl, prepare)]
     owner = _assign(job, surveys, rank)
     share = _share(job.plan, owner, rank)
+    cleanup_notes: list[str] = []
     with ExitStack() as stack:
         def stage() -> str:
-            return str(stack.enter_context(_atomic.staging(job.out_dir, overwrite=options["overwrite"])))
+            return str(stack.enter_context(_atomic.staging(job.out_dir, overwrite=options["overwrite"],
+                                                           notes=cleanup_notes)))
 
         tmp = Path(_exchange(ctl, stage if rank == 0 else lambda: "")[0])
 
         def write() -> str:
-            _write_weights(job.reader(model), share, tmp, progress)
+            write_weights(job.reader(), share, tmp, progress)
             return ""
 
         _exchange(ctl, write)
 
+        committed: ExportReport | None = None
+
         def finish() -> str:
+            nonlocal committed
             if rank != 0:
                 return ""
-            notes = [_split_note(job.plan, owner, dist.get_world_size(ctl))]
-            files = _write_metadata(model, job, tmp, tokenizer, notes)
+            notes = [_split_note(job.plan, owner, dist.get_world_size(ctl)), *cleanup_notes]
+            files = write_metadata(job, tmp, tokenizer=tokenizer, notes=notes)
             stack.close()  # fsync and rename into place: the checkpoint is committed
-            return json.dumps(asdict(_report(job, files, time.perf_counter() - start, notes)))
+            committed = ExportReport.of(job, files, time.perf_counter() - start, notes)
+            return json.dumps(asdict(committed))
 
-        report = json.loads(_exchange(ctl, finish)[0])
-    return ExportReport(**report)
+        try:
+            texts = _exchange(ctl, finish, outcome=f"rank 0 was committing {job.out_dir}: check it with "
+                                                   f"offload_export.verify before using it")
+        except Exception as e:
+            if committed is None:
+                raise
+            return _confirmed_alone(committed, e)
+    return ExportReport(**json.loads(texts[0]))
+
+
+def _confirmed_alone(report: ExportReport, error: Exception) -> ExportReport:
+    """Rank 0 committed the checkpoint but a peer left before confirming: the export stands, and says so."""
+    note = (f"the checkpoint is committed and complete, but another rank left before confirming "
+            f"({type(error).__name__}: {error})")
+    warnings.warn(f"save_clean: {report.out_dir}: {note}", RuntimeWarning, stacklevel=3)
+    report.notes.append(note)
+    return report
 
 
 def _split_note(plan: ExportPlan, owner: tuple[int, ...], ranks: int) -> str:
     per_rank = [sum(s.nbytes for s, r in zip(plan.shards, owner) if r == rank) for rank in range(ranks)]
     return "shards written by rank: " + ", ".join(
         f"{rank}: {owner.count(rank)} ({per_rank[rank] / 1e6:.1f} MB)" for rank in range(ranks))
+
+
+register_group_export(save_clean_distributed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -72,6 +73,26 @@ class Layout(Mapping):
                 out[kind] = (len(infos), sum(i.nbytes for i in infos))
         return out
 
+    def source_paths(self) -> list[str]:
+        """The files and folders the offloaded entries are read from (and written back to), sorted.
+
+        Returns:
+            Offload folders (of ``.dat`` entries, and those an offload loader writes into) and safetensors
+            files (usually the user's own checkpoint); empty when nothing is offloaded to disk. An export
+            must not replace any of them: pass them to ``check_destination(..., protected=...)``.
+        """
+        paths = set()
+        for info in self._entries.values():
+            store = info.ref.store if info.ref is not None else None
+            if store is None:
+                continue
+            if store.path is not None:
+                paths.add(os.path.dirname(store.path) if store.kind == "disk" else store.path)
+            folder = getattr(store.dataset, "save_folder", None)  # an OffloadedWeightsLoader's offload folder
+            if store.kind in ("disk", "safetensors") and folder:
+                paths.add(str(folder))
+        return sorted(paths)
+
     def __repr__(self) -> str:
         rows = [("key", "kind", "device", "dtype", "shape", "MB", "source")]
         for info in self._entries.values():
@@ -103,7 +124,7 @@ def _named_slots(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     return slots
 
 
-def _declared_ties(model: nn.Module) -> dict[str, str]:
+def declared_ties(model: nn.Module) -> dict[str, str]:
     """transformers' ``{tied key: source key}``, empty for other models."""
     ties = getattr(model, "all_tied_weights_keys", None)
     if ties is None:
@@ -136,7 +157,7 @@ def _tie_groups(keys: list[str], infos: dict[str, TensorInfo], model: nn.Module)
         if ident in by_identity:
             union(key, by_identity[ident])
         by_identity.setdefault(ident, key)
-    for tied, source in _declared_ties(model).items():
+    for tied, source in declared_ties(model).items():
         if tied in infos and source in infos and (infos[tied].offloaded or infos[source].offloaded) \
                 and infos[tied].shape == infos[source].shape:
             union(tied, source)
@@ -148,7 +169,7 @@ def _tie_groups(keys: list[str], infos: dict[str, TensorInfo], model: nn.Module)
 
 def _primary(group: list[str], model: nn.Module) -> str:
     """The key transformers keeps for a tie group: the first (sorted) that is not a declared tie target."""
-    tied_targets = set(_declared_ties(model))
+    tied_targets = set(declared_ties(model))
     for key in sorted(group):
         if key not in tied_targets:
             return key

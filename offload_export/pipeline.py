@@ -1,51 +1,43 @@
-"""The export's data path: read ahead (a background thread under a byte budget), fold, cast, convert.
+"""The export's data path: read ahead (a background thread under a byte budget), then the format's fold or pack.
 
-``stream()`` yields, unit after unit, the final tensors of each planned output. The writer (and
-``verify``) consume it; nothing here touches files other than reading the offload stores.
+``stream()`` yields, unit after unit, the final tensors of each planned output; ``stream_lanes()`` does
+the same with one worker per fold device (several GPUs in one process). The writer (and ``verify``)
+consume them; nothing here touches files other than reading the offload stores.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from contextlib import closing, contextmanager
 
 import torch
-from torch import nn
 
+from ._errors import add_note
 from ._hooks import offloaded_tensors
 from ._store import anon_empty, read_store
-from .layout import Layout, TensorInfo
+from .formats import Format, Source
+from .layout import TensorInfo
 from .materialize import onloaded
 from .plan import Unit
-from .quantizers import Quantizer
 
-__all__ = ["UnitReader", "stream"]
+__all__ = ["UnitReader", "stream", "stream_lanes"]
 
 
-@dataclass
 class UnitReader:
     """Turns a unit's source tensors into its output tensors.
 
     Args:
-        model: the model (quantizers are onloaded from its hooks for folding).
-        lay: its layout.
-        folds: ``state-dict key -> enabled weight quantizer`` to fold.
-        dtype: cast floating-point outputs to this dtype.
+        source: the model being exported (layout, quantizers, folds).
+        format: the output format, whose ``finish`` makes the outputs.
         device: fold on this device instead of the quantizer's / module's.
-        convert: the model's save-time weight conversion for converted units.
     """
 
-    model: nn.Module
-    lay: Layout
-    folds: dict[str, Quantizer]
-    dtype: torch.dtype | None = None
-    device: torch.device | None = None
-    convert: Callable | None = None
-
-    def __post_init__(self):
-        self._refs = offloaded_tensors(self.model)  # the whole model's: hooks above an owner count too
+    def __init__(self, source: Source, format: Format, *, device: torch.device | None = None):
+        self.source, self.format, self.device = source, format, device
+        self.lay, self.folds = source.lay, source.folds
+        self._refs = offloaded_tensors(source.model)  # the whole model's: hooks above an owner count too
 
     def read(self, unit: Unit) -> dict[str, torch.Tensor]:
         """The unit's raw source tensors: resident tensors as they are, offloaded ones read from their store."""
@@ -61,32 +53,39 @@ class UnitReader:
         return sum(self.lay[k].nbytes for k in unit.sources if self.lay[k].kind != "resident")
 
     def finish(self, unit: Unit, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Fold, cast and convert a unit's raw tensors into its outputs (name -> CPU or device tensor)."""
-        values = {}
-        for key, tensor in raw.items():
-            if key in self.folds:
-                tensor = self._fold(key, tensor)
-            values[key] = tensor.to(self.dtype) if self.dtype is not None and tensor.is_floating_point() else tensor
-        if unit.converted:
-            values = self.convert(values)
-        return values
+        """A unit's raw tensors made into its outputs by the format (name -> CPU or device tensor)."""
+        return self.format.finish(self, unit, raw)
 
     def fold_device(self, key: str) -> torch.device:
         """Where ``key`` is folded: ``device=``, else the quantizer's state, else the module's execution device."""
         q = self.folds[key]
         return self.device or q.adapter.fold_device(q) or self.lay[key].device
 
-    def _fold(self, key: str, weight: torch.Tensor) -> torch.Tensor:
+    @contextmanager
+    def onloaded_quantizers(self, key: str) -> Iterator[torch.device]:
+        """A block in which the module owning weight ``key`` (its quantizers' state included) is real on the
+        fold device, the weight itself excepted (the caller holds it); yields that device."""
+        q = self.folds[key]
+        dev = self.fold_device(key)
+        with onloaded(q.owner, dev, self._refs, skip=frozenset({(id(q.owner), q.target)})):
+            yield dev
+
+    def fold(self, key: str, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` passed through its enabled quantizer on :meth:`fold_device`; a CPU tensor or a device one.
+
+        An exception from the quantizer propagates as its own type with a note naming the quantizer, the
+        weight and the device (and a hint when its kernel seems to need CUDA).
+        """
         q = self.folds[key]
         dev = self.fold_device(key)
         try:
-            # the quantizer's own state may be offloaded too; the weight itself we already hold
-            with onloaded(q.owner, dev, self._refs, skip=frozenset({(id(q.owner), q.target)})):
+            with self.onloaded_quantizers(key):
                 folded = q.adapter.fold(q, weight.to(dev, non_blocking=True))
         except Exception as e:
             needs_cuda = dev.type == "cpu" and "cuda" in f"{type(e).__name__} {e}".lower()
             hint = " (its kernel may need CUDA: pass device='cuda')" if needs_cuda else ""
-            raise RuntimeError(f"folding {q.name} into {key} on {dev} failed{hint}: {e}") from e
+            add_note(e, f"offload_export: folding {q.name} into {key} on {dev} failed{hint}")
+            raise
         if folded.device.type == "cpu":
             return folded
         return anon_empty(tuple(folded.shape), folded.dtype).copy_(folded)
@@ -153,3 +152,81 @@ def stream(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int
     finally:
         stop.set()
         thread.join()
+
+
+def _fold_lane(reader: UnitReader, unit: Unit) -> Hashable:
+    """The device a unit is folded on (the one of its first folded weight), else where its first tensor is."""
+    for key in unit.sources:
+        if key in reader.folds:
+            return reader.fold_device(key)
+    return reader.device or reader.lay[unit.sources[0]].device
+
+
+def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def stream_lanes(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int,
+                 lane: Callable[[UnitReader, Unit], Hashable] | None = None
+                 ) -> Iterator[tuple[Unit, dict[str, torch.Tensor]]]:
+    """:func:`stream` with one worker thread per fold device, working concurrently.
+
+    Units arrive in no fixed order across devices (in order within one); the consumer writes them at
+    planned offsets. With a single lane this is ``stream`` itself, in the calling thread's order.
+
+    Args:
+        reader: the unit reader.
+        units: the units to produce.
+        read_ahead_bytes: read-ahead budget of each lane.
+        lane: ``(reader, unit) -> key`` grouping units into lanes; by default the unit's fold device.
+
+    Yields:
+        ``(unit, outputs)`` as each lane finishes a unit.
+    """
+    units = list(units)
+    lanes: dict[Hashable, list[Unit]] = {}
+    for unit in units:
+        lanes.setdefault((lane or _fold_lane)(reader, unit), []).append(unit)
+    if len(lanes) <= 1:
+        yield from stream(reader, units, read_ahead_bytes=read_ahead_bytes)
+        return
+    out: queue.Queue = queue.Queue(maxsize=len(lanes))
+    stop = threading.Event()
+
+    def work(key: Hashable, lane_units: list[Unit]) -> None:
+        try:
+            if isinstance(key, torch.device) and key.type == "cuda":
+                torch.cuda.set_device(key)  # kernels that allocate on the current device
+            with closing(stream(reader, lane_units, read_ahead_bytes=read_ahead_bytes)) as items:
+                for item in items:
+                    if not _put(out, item, stop):
+                        return
+        except BaseException as e:  # handed to the consumer
+            _put(out, e, stop)
+        finally:
+            _put(out, _DONE, stop)
+
+    threads = [threading.Thread(target=work, args=item, name=f"offload-export-lane-{item[0]}", daemon=True)
+               for item in lanes.items()]
+    for t in threads:
+        t.start()
+    try:
+        running = len(threads)
+        while running:
+            item = out.get()
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()

@@ -1,8 +1,9 @@
 """The export plan: which tensors are written, under which names, in which shard — computed without data.
 
 Pure functions over a :class:`~offload_export.layout.Layout`: quantizer state and ignored keys are dropped,
-tied aliases collapse onto the key the model's own convention keeps, and transformers' weight
-conversions (fused MoE experts saved per expert) are applied to meta tensors to learn the output names.
+tied aliases collapse onto the key the model's own convention keeps, and the output format's mapping
+(transformers' fused-expert conversion, packing) is applied to meta tensors to learn the output names,
+dtypes and shapes.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def parse_size(size: int | str) -> int:
 class Unit:
     """Source keys read together and the output tensors made from them (one module at a time).
 
-    ``outputs`` maps each output name to the source key it comes from; a converted unit (fused experts)
-    runs ``convert`` on the folded source tensors to produce them.
+    Without ``converted``, each output is the source of the same name; a converted unit's outputs are made
+    from all of its sources together (fused experts split per expert, packed weights with their scales).
     """
 
     module: str
@@ -119,7 +120,7 @@ def _ignored(key: str, patterns: Sequence[str]) -> bool:
 
 def plan_export(lay: Layout, *, quantizer_keys: set[str], ignore: Sequence[str] = (),
                 dtype: torch.dtype | None = None, max_shard_size: int = 5 * 10**9,
-                convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+                outputs: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
                 ) -> ExportPlan:
     """Plan an export from a layout.
 
@@ -129,8 +130,8 @@ def plan_export(lay: Layout, *, quantizer_keys: set[str], ignore: Sequence[str] 
         ignore: keys (or regexes) the model declares as not saved (``_keys_to_ignore_on_save``).
         dtype: cast floating-point tensors to this dtype.
         max_shard_size: bytes per shard.
-        convert: the model's save-time weight conversion (``state dict -> state dict``), run on meta
-            tensors here and on real ones at write time; ``None`` for none.
+        outputs: one unit's ``state dict -> output state dict`` on meta tensors (the format's
+            :meth:`~offload_export.formats.Format.outputs`); ``None`` writes the sources as they are.
 
     Returns:
         The plan.
@@ -149,8 +150,9 @@ def plan_export(lay: Layout, *, quantizer_keys: set[str], ignore: Sequence[str] 
     units = []
     for module, keys in kept.items():
         meta = {k: torch.empty(lay[k].shape, dtype=_out_dtype(lay[k].dtype, dtype), device="meta") for k in keys}
-        out = convert(dict(meta)) if convert is not None else meta
-        converted = set(out) != set(keys)
+        out = outputs(dict(meta)) if outputs is not None else meta
+        converted = set(out) != set(keys) or any(out[k].dtype != meta[k].dtype or out[k].shape != meta[k].shape
+                                                 for k in keys)
         out = out if converted else meta
         units.append(Unit(module, tuple(keys),
                           tuple(TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in out.items()), converted))

@@ -1,9 +1,10 @@
 """Fake quantizers of any toolkit behind one small protocol, and ``quantizers_disabled()``.
 
 An adapter finds a toolkit's quantizers in a model and knows how to switch each one off and back,
-fold it into a weight, and describe its state as tensors + JSON. Adapters for NVIDIA ModelOpt (duck-typed,
-no import), module quantizers that follow the ``enabled`` convention (the built-in ones, a user's own)
-and compressed-tensors ship with the package; :func:`register_adapter` adds more.
+fold it into a weight, and describe its state as tensors + JSON. The adapters that ship with the package
+live in :mod:`offload_export.adapters` (ModelOpt, compressed-tensors, the built-in fake quantizers); module
+quantizers that follow the ``enabled`` convention (a user's own) are one :func:`register_quantizer` away, and
+:func:`register_adapter` adds any other.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._errors import add_note
+
 __all__ = [
-    "ModelOptAdapter",
     "ModuleQuantizerAdapter",
     "Quantizer",
     "QuantizerAdapter",
     "find_quantizers",
+    "json_safe",
+    "module_quantizers",
     "quantizers_disabled",
     "register_adapter",
     "register_quantizer",
@@ -167,6 +171,8 @@ def quantizers_disabled(model: nn.Module, which: str = "weight") -> Iterator[lis
 
     Raises:
         ValueError: ``which`` is not one of the accepted values.
+        Exception: an adapter's own error while switching a quantizer off or back, as its own type with a
+            note naming the quantizer; every other quantizer is restored first.
 
     Example:
         >>> with offload_export.quantizers_disabled(model, which="all"):  # doctest: +SKIP
@@ -176,12 +182,31 @@ def quantizers_disabled(model: nn.Module, which: str = "weight") -> Iterator[lis
     saved = []
     try:
         for q in quantizers:
-            saved.append((q, q.adapter.snapshot(q)))
-            q.adapter.disable(q)
+            try:
+                saved.append((q, q.adapter.snapshot(q)))
+                q.adapter.disable(q)
+            except Exception as e:
+                add_note(e, f"offload_export: disabling {q.name} ({q.adapter.name}) failed; the quantizers "
+                            f"switched off so far were restored")
+                raise
         yield quantizers
     finally:
-        for q, snap in reversed(saved):
+        _restore_all(saved)
+
+
+def _restore_all(saved: list[tuple[Quantizer, Any]]) -> None:
+    """Restore every quantizer, even when one fails; then raise the first failure (its own type, with a note)."""
+    failed: list[tuple[Quantizer, Exception]] = []
+    for q, snap in reversed(saved):
+        try:
             q.adapter.restore(q, snap)
+        except Exception as e:
+            failed.append((q, e))
+    if failed:
+        q, error = failed[0]
+        add_note(error, f"offload_export: restoring {q.name} ({q.adapter.name}) failed; "
+                        f"{len(saved) - len(failed)} of {len(saved)} quantizer(s) were restored")
+        raise error
 
 
 def _role_of(attr: str) -> tuple[str, str | None]:
@@ -199,7 +224,7 @@ def _state_keys(model: nn.Module, name: str) -> tuple[str, ...]:
     return tuple(f"{name}.{k}" for k in module.state_dict(keep_vars=True))
 
 
-def _module_quantizers(model: nn.Module, adapter: QuantizerAdapter, is_quantizer) -> Iterator[Quantizer]:
+def module_quantizers(model: nn.Module, adapter: QuantizerAdapter, is_quantizer) -> Iterator[Quantizer]:
     """Quantizer modules found as named children (``*_quantizer`` or ``*_quantizers`` lists) of their owners."""
     for owner_name, owner in model.named_modules():
         for attr, child in owner.named_children():
@@ -212,91 +237,14 @@ def _module_quantizers(model: nn.Module, adapter: QuantizerAdapter, is_quantizer
             yield Quantizer(name, owner, owner_name, role, target, child, adapter, _state_keys(model, name))
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda o: o.model_dump() if hasattr(o, "model_dump") else repr(o)))
-
-
-class ModelOptAdapter(QuantizerAdapter):
-    """NVIDIA ModelOpt ``TensorQuantizer`` / ``SequentialQuantizer``, duck-typed (modelopt is not imported).
-
-    The fold is ModelOpt's own (``export_hf_vllm_fq_checkpoint``): ``quantizer(w.float()).to(w.dtype)``, then
-    the input quantizer's ``pre_quant_scale`` multiplied in when that input quantizer is disabled. Fused
-    MoE experts (``*_weight_quantizers`` lists) fold one expert slice at a time.
-    """
-
-    name = "modelopt"
-    _SAVED = ("_disabled", "_rotate", "_enable_pre_quant_scale")
-
-    @staticmethod
-    def _is_tensor_quantizer(m: nn.Module) -> bool:
-        return type(m).__module__.startswith("modelopt.") and hasattr(m, "_disabled") and hasattr(m, "is_enabled")
-
-    def _is_quantizer(self, m: nn.Module) -> bool:
-        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m):
-            return all(self._is_tensor_quantizer(c) for c in m)
-        return self._is_tensor_quantizer(m)
-
-    def _leaves(self, q: Quantizer) -> list[nn.Module]:
-        return list(q.handle) if isinstance(q.handle, (nn.ModuleList, nn.Sequential)) else [q.handle]
-
-    def find(self, model):
-        return _module_quantizers(model, self, self._is_quantizer)
-
-    def is_enabled(self, q):
-        leaves = self._leaves(q)
-        return any(leaf.is_enabled and getattr(leaf, "fake_quant", True) for leaf in leaves)
-
-    def snapshot(self, q):
-        return [{a: getattr(leaf, a) for a in self._SAVED if hasattr(leaf, a)} for leaf in self._leaves(q)]
-
-    def disable(self, q):
-        for leaf in self._leaves(q):
-            leaf._disabled = True  # not disable(): some subclasses override it; the flag is the truth
-            if hasattr(leaf, "_enable_pre_quant_scale"):
-                leaf._enable_pre_quant_scale = False
-            if getattr(leaf, "_rotate", False):
-                leaf.disable_rotate()
-
-    def restore(self, q, snapshot):
-        for leaf, saved in zip(self._leaves(q), snapshot):
-            for attr, value in saved.items():
-                setattr(leaf, attr, value)  # never enable(): HardDisabledTensorQuantizer.enable() raises
-
-    def _pre_quant_scale(self, q: Quantizer) -> torch.Tensor | None:
-        attr = q.name.rpartition(".")[2].replace("weight_quantizer", "input_quantizer")
-        inp = getattr(q.owner, attr, None)
-        scale = getattr(inp, "_pre_quant_scale", None)
-        if scale is None or inp.is_enabled:
-            return None
-        return scale
-
-    def fold(self, q, weight):
-        with torch.no_grad():
-            if isinstance(q.handle, nn.ModuleList):  # fused experts: one quantizer per leading slice
-                out = weight.clone()
-                for i, leaf in enumerate(q.handle):
-                    if leaf.is_enabled and leaf.fake_quant:
-                        out[i] = leaf(weight[i].float()).to(weight.dtype)
-                return out
-            out = q.handle(weight.float()).to(weight.dtype)
-            scale = self._pre_quant_scale(q)
-            if scale is not None:
-                out = (out * scale.squeeze().to(device=out.device)[None, :]).to(out.dtype)
-            return out
-
-    def state(self, q):
-        tensors, config = super().state(q)
-        leaves = self._leaves(q)
-        states = [leaf.get_modelopt_state() if hasattr(leaf, "get_modelopt_state") else {} for leaf in leaves]
-        config["modelopt_state"] = _json_safe(states[0] if len(states) == 1 else states)
-        config["class"] = type(q.handle).__name__
-        return tensors, config
 
 
 class ModuleQuantizerAdapter(QuantizerAdapter):
     """Quantizer modules of class ``cls`` stored as ``<x>_quantizer`` children, switched by a bool attribute.
 
-    The convention of the built-in :mod:`offload_export.fakequant` quantizers, and the quickest way to
+    The convention of the built-in :mod:`offload_export.adapters.builtin` quantizers, and the quickest way to
     plug in a user's own (see :func:`register_quantizer`): ``module(weight)`` returns the fake-quantized
     weight and ``module.<enabled_attr>`` turns it on and off.
     """
@@ -306,7 +254,7 @@ class ModuleQuantizerAdapter(QuantizerAdapter):
         self.name = name or f"{cls.__module__}.{cls.__qualname__}"
 
     def find(self, model):
-        return _module_quantizers(model, self, lambda m: isinstance(m, self.cls))
+        return module_quantizers(model, self, lambda m: isinstance(m, self.cls))
 
     def is_enabled(self, q):
         return bool(getattr(q.handle, self.enabled_attr))
@@ -329,7 +277,7 @@ class ModuleQuantizerAdapter(QuantizerAdapter):
         extra = getattr(q.handle, "config", None)
         config["class"] = type(q.handle).__qualname__
         if callable(extra):
-            config["config"] = _json_safe(extra())
+            config["config"] = json_safe(extra())
         return tensors, config
 
 
@@ -354,4 +302,3 @@ def register_quantizer(cls: type[nn.Module], *, enabled_attr: str = "enabled") -
     return register_adapter(ModuleQuantizerAdapter(cls, enabled_attr=enabled_attr))
 
 
-register_adapter(ModelOptAdapter())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,8 +20,8 @@ import torch
 from torch import nn
 
 from ._store import SAFETENSORS_DTYPES, _read_file, safetensors_header
-from .export import (_CONFIG_KEYS_DROPPED, INDEX_NAME, QUANTIZER_STATE_NAME, _Job, _prepare, _quantizer_state,
-                     _read_ahead_bytes)
+from .checkpoint import write_model_files
+from .job import INDEX_NAME, Job, prepare_job, read_ahead_bytes
 from .pipeline import stream
 from .vllm_fq import VLLM_FQ_STATE_NAME
 from .writer import TensorSpec
@@ -199,47 +200,75 @@ def _check_names(specs: Iterable[TensorSpec], entries: dict[str, _Entry], droppe
         problems.append(f"unexpected tensor: {name} should not be among the weights{why}")
 
 
-def _check_files(model: nn.Module, job: _Job, out_dir: Path, weight_files: set[str], problems: list[str]) -> None:
-    """Extra and missing files, and a config.json without the keys the export drops."""
+def _check_files(out_dir: Path, weight_files: set[str], expected: set[str], problems: list[str]) -> None:
+    """Directories, pickles, unreferenced weight files and missing model files."""
     names = {p.name: p for p in out_dir.iterdir()}
     for name, path in sorted(names.items()):
         if path.is_dir():
             problems.append(f"unexpected directory: {name}")
-        elif name.endswith(".safetensors") and name not in weight_files and name != QUANTIZER_STATE_NAME:
+        elif name.endswith(".safetensors") and name not in weight_files and name not in expected:
             problems.append(f"unexpected file: {name} (a weight file that the index does not reference)")
         elif name.endswith(_PICKLE_SUFFIXES) and name != VLLM_FQ_STATE_NAME:  # the opt-in vLLM file
             problems.append(f"unexpected file: {name} (only safetensors weights belong in this checkpoint)")
-    if job.quantizers and QUANTIZER_STATE_NAME not in names:
-        problems.append(f"missing file: {QUANTIZER_STATE_NAME} (the model has {len(job.quantizers)} quantizer(s))")
-    if not hasattr(getattr(model, "config", None), "save_pretrained"):
-        return
-    if "config.json" not in names:
-        problems.append("missing file: config.json")
-        return
+    for name in sorted(expected - set(names)):
+        problems.append(f"missing file: {name}")
+
+
+def _compare_json(name: str, want: dict, got_path: Path, problems: list[str]) -> None:
     try:
-        config = json.loads(names["config.json"].read_text())
+        got = json.loads(got_path.read_text())
     except (OSError, ValueError) as e:
-        problems.append(f"config.json: unreadable ({e})")
+        problems.append(f"{name}: unreadable ({e})")
         return
-    for key in sorted(set(config) & set(_CONFIG_KEYS_DROPPED)):
-        problems.append(f"config.json: has {key!r}, which the export drops")
-
-
-def _check_quantizer_state(job: _Job, out_dir: Path, problems: list[str]) -> None:
-    path = out_dir / QUANTIZER_STATE_NAME
-    if not job.quantizers or not path.is_file():
+    if not isinstance(got, dict):
+        problems.append(f"{name}: not a JSON object")
         return
-    entries = _read_header(path, problems) or {}
-    tensors, _ = _quantizer_state(job.quantizers, job.lay, set(job.folds))
-    for name in sorted(set(tensors) - set(entries)):
-        problems.append(f"{QUANTIZER_STATE_NAME}: missing {name}")
-    for name in sorted(set(entries) - set(tensors)):
-        problems.append(f"{QUANTIZER_STATE_NAME}: unexpected {name}")
-    for name in sorted(set(tensors) & set(entries)):
-        _compare(f"{QUANTIZER_STATE_NAME}: {name}", tensors[name], entries[name], out_dir, problems)
+    for key in sorted(set(got) - set(want)):
+        problems.append(f"{name}: has {key!r}, which the export does not write")
+    for key in sorted(set(want) - set(got)):
+        problems.append(f"{name}: lacks {key!r} (the export writes {want[key]!r})")
+    for key in sorted(k for k in set(want) & set(got) if want[k] != got[k]):
+        problems.append(f"{name}: {key!r} is {got[key]!r}, the model gives {want[key]!r}")
 
 
-def check(model: nn.Module, job: _Job, out_dir: Path) -> VerifyReport:
+def _compare_safetensors(name: str, ref: Path, got_path: Path, problems: list[str]) -> None:
+    want = _read_header(ref, problems)
+    got = _read_header(got_path, problems)
+    if want is None or got is None:
+        return
+    if safetensors_header(str(ref))[1].get("__metadata__") != safetensors_header(str(got_path))[1].get("__metadata__"):
+        problems.append(f"{name}: its metadata differs from what the model gives")
+    for key in sorted(set(want) - set(got)):
+        problems.append(f"{name}: missing {key}")
+    for key in sorted(set(got) - set(want)):
+        problems.append(f"{name}: unexpected {key}")
+    for key in sorted(set(want) & set(got)):
+        expected = _read_file(str(ref), want[key].offset, want[key].dtype, want[key].shape)
+        _compare(f"{name}: {key}", expected, got[key], got_path.parent, problems)
+
+
+def _check_model_files(job: Job, out_dir: Path, problems: list[str]) -> set[str]:
+    """Write the model's own files (format files, config.json, ...) aside and compare them with ``out_dir``'s.
+
+    Returns:
+        Their names.
+    """
+    with tempfile.TemporaryDirectory(prefix=".offload-export-verify-") as ref:
+        names = set(write_model_files(job, Path(ref), []))
+        for name in sorted(names):
+            got = out_dir / name
+            if not got.is_file():
+                continue  # reported by _check_files
+            if name.endswith(".json"):
+                _compare_json(name, json.loads((Path(ref) / name).read_text()), got, problems)
+            elif name.endswith(".safetensors"):
+                _compare_safetensors(name, Path(ref) / name, got, problems)
+            elif (Path(ref) / name).read_bytes() != got.read_bytes():
+                problems.append(f"{name}: differs from what the model gives")
+    return names
+
+
+def check(job: Job, out_dir: Path) -> VerifyReport:
     """Verify ``out_dir`` against an export job (the plan, quantizers and reader of :func:`save_clean`)."""
     start = time.perf_counter()
     report = VerifyReport(str(out_dir))
@@ -251,32 +280,34 @@ def check(model: nn.Module, job: _Job, out_dir: Path) -> VerifyReport:
     plan = job.plan
     _check_names([s for u in plan.units for s in u.outputs], entries, dict(plan.dropped), problems)
     wanted = [u for u in plan.units if any(s.name in entries for s in u.outputs)]
-    for unit, outputs in stream(job.reader(model), wanted, read_ahead_bytes=_read_ahead_bytes(plan)):
+    for unit, outputs in stream(job.reader(), wanted, read_ahead_bytes=read_ahead_bytes(plan)):
         for spec in unit.outputs:
             tensor = outputs.pop(spec.name)
             if spec.name in entries and _compare(spec.name, tensor, entries[spec.name], out_dir, problems):
                 report.tensors += 1
                 report.bytes += spec.nbytes
             del tensor
-    _check_files(model, job, out_dir, weight_files, problems)
-    _check_quantizer_state(job, out_dir, problems)
+    expected = _check_model_files(job, out_dir, problems)
+    _check_files(out_dir, weight_files, expected, problems)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def verify(model: nn.Module, out_dir: str | os.PathLike, *, fold: bool = True,
+def verify(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "fake-quant", fold: bool = True,
            dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> VerifyReport:
     """Check a checkpoint written by :func:`~offload_export.save_clean` against ``model``, tensor by tensor.
 
     The model is streamed one unit at a time through the export's own read / fold / cast path and each
     expected tensor is compared byte for byte with the file (read with ``pread``). Also checked: the
     index against the files and their headers, ``metadata.total_size``, tensor names, dtypes and
-    shapes, extra or missing files, the quantizer state and ``config.json``. The model is not changed.
+    shapes, extra or missing files, and the content of the files that follow from the model (the
+    quantizer state, ``config.json``, ``generation_config.json``, a packed format's own files), written
+    again aside and compared key by key and tensor by tensor. The model is not changed.
 
     Args:
         model: the model that was exported.
         out_dir: the checkpoint directory.
-        fold, dtype, device: as given to :func:`~offload_export.save_clean`.
+        format, fold, dtype, device: as given to :func:`~offload_export.save_clean`.
 
     Returns:
         A :class:`VerifyReport`; ``report.ok`` is True when nothing differs, ``report.mismatches``
@@ -290,18 +321,18 @@ def verify(model: nn.Module, out_dir: str | os.PathLike, *, fold: bool = True,
         >>> report = offload_export.verify(model, "out/")  # doctest: +SKIP
         >>> assert report.ok, report
     """
-    job = _prepare(model, out_dir, fold=fold, max_shard_size=_ANY_SHARD_SIZE, dtype=dtype, device=device,
-                   overwrite=True, check_out=False)
-    return check(model, job, Path(out_dir))
+    job = prepare_job(model, out_dir, format=format, fold=fold, max_shard_size=_ANY_SHARD_SIZE, dtype=dtype,
+                      device=device, overwrite=True, check_out=False)
+    return check(job, Path(out_dir))
 
 
-def check_staged(model: nn.Module, job: _Job, tmp: Path) -> None:
+def check_staged(job: Job, tmp: Path) -> None:
     """``save_clean(verify=True)``: check the temporary directory before it is committed.
 
     Raises:
         RuntimeError: the files differ from the model; every mismatch is listed.
     """
-    report = check(model, job, tmp)
+    report = check(job, tmp)
     if not report.ok:
         raise RuntimeError(f"verify found {len(report.mismatches)} mismatch(es) in the export to "
                            f"{job.out_dir}; nothing was committed:\n" + "\n".join(f"  - {m}" for m in report.mismatches))

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .materialize import onloaded
-from .quantizers import ModelOptAdapter, Quantizer
+from .adapters.modelopt import ModelOptAdapter
+from .quantizers import Quantizer
 
 __all__ = ["VLLM_FQ_STATE_NAME", "write_vllm_fq_state"]
 
@@ -28,7 +29,7 @@ def _folded_pre_quant_scales(model: nn.Module, weight_qs: list[Quantizer], folde
 
     names = set()
     for q in weight_qs:
-        if f"{q.owner_name}.{q.target}" in folded and q.adapter._pre_quant_scale(q) is not None:
+        if f"{q.owner_name}.{q.target}" in folded and q.adapter.pre_quant_scale(q) is not None:
             attr = q.name.rpartition(".")[2].replace("weight_quantizer", "input_quantizer")
             names.add(get_unwrapped_name(f"{q.owner_name}.{attr}" if q.owner_name else attr, model))
     return names
@@ -41,7 +42,7 @@ def _switch_off(weight_qs: list[Quantizer], stack: ExitStack) -> None:
             continue
         snapshot = q.adapter.snapshot(q)
         stack.callback(q.adapter.restore, q, snapshot)
-        for leaf in q.adapter._leaves(q):
+        for leaf in q.adapter.leaves(q):
             leaf._disabled = True
             if getattr(leaf, "_rotate", False):
                 leaf.disable_rotate()

@@ -1,8 +1,9 @@
 """A streaming safetensors writer: the header comes from the plan, tensor bytes arrive one at a time.
 
-The file is byte-identical to ``safetensors.torch.save_file(tensors, metadata=...)`` of the same tensors,
-but no shard is ever held in memory: each tensor is ``pwrite``-n straight from its own buffer, or, when
-its bytes pass through unchanged from a file (:class:`FileSpan`), copied by the kernel
+The file is byte-identical to ``safetensors.torch.save_file(tensors, metadata=...)`` of the same tensors (for
+metadata of at most one key: safetensors serializes a longer map in random order, this writer in the order
+given), but no shard is ever held in memory: each tensor is ``pwrite``-n straight from its own buffer, or,
+when its bytes pass through unchanged from a file (:class:`FileSpan`), copied by the kernel
 (``copy_file_range``) without entering the process at all.
 
 Descriptors are bounded: a shard's file is opened at its first write, fsync-ed and closed as soon as its
@@ -31,6 +32,10 @@ _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _DEFAULT_MAX_OPEN = 64
 _COPY_CHUNK = 1 << 30  # bytes per copy_file_range call (the kernel caps one call near 2 GiB anyway)
 _PWRITE_CHUNK = 1 << 30  # bytes per pwrite call: Linux writes at most 0x7ffff000 bytes in one call
+# safetensors lays tensors out by its ``Dtype`` enum, descending, then by name (not by element size: BF16
+# comes before F16, F32 before U32 and I32, F8_E4M3 before I8 and U8)
+_LAYOUT_ORDER = ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E8M0", "F8_E4M3",
+                 "F8_E5M2", "I8", "U8", "F4", "BOOL")
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ def safetensors_layout(specs: Sequence[TensorSpec], metadata: dict[str, str] | N
                        ) -> tuple[bytes, dict[str, int]]:
     """The header bytes of a safetensors file and each tensor's absolute byte offset in it.
 
-    Tensors are laid out as safetensors does: by decreasing element size, then by name.
+    Tensors are laid out as safetensors does: by its dtype order, then by name.
 
     Raises:
         ValueError: a dtype safetensors cannot store, or a duplicate name.
@@ -62,13 +67,14 @@ def safetensors_layout(specs: Sequence[TensorSpec], metadata: dict[str, str] | N
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"duplicate tensor names in one shard: {dup}")
-    order = sorted(specs, key=lambda s: (-torch.empty((), dtype=s.dtype).element_size(), s.name))
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    relative, pos = {}, 0
-    for s in order:
+    for s in specs:
         if s.dtype not in _DTYPE_NAMES:
             raise ValueError(f"tensor {s.name!r} has dtype {s.dtype}, which safetensors cannot store; "
                              f"pass dtype= to save_clean to cast it")
+    order = sorted(specs, key=lambda s: (_LAYOUT_ORDER.index(_DTYPE_NAMES[s.dtype]), s.name))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    relative, pos = {}, 0
+    for s in order:
         header[s.name] = {"dtype": _DTYPE_NAMES[s.dtype], "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
         relative[s.name] = pos
         pos += s.nbytes

@@ -86,7 +86,7 @@ from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, offload_st
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwen3Config, Qwen3MoeConfig
 
-from offload_export.demo import _quiet_libraries  # the same silencing the demo uses
+from offload_export.quiet import quiet_libraries  # the same silencing the demo uses
 
 __all__ = [
     "MODEL_KINDS",
@@ -153,7 +153,7 @@ def make_model(kind: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) 
     """
     cfg = _config(kind)
     torch.manual_seed(seed)
-    with _quiet_libraries():
+    with quiet_libraries():
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     gen = torch.Generator().manual_seed(10_007 + seed)
     with torch.no_grad():
@@ -438,7 +438,7 @@ def apply_layout_with_artifacts(model: nn.Module, spec: LayoutSpec, tmp_dir) -> 
     tmp_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{spec.method}-", dir=tmp_dir))
     art = LayoutArtifacts(workdir=work)
-    with _quiet_libraries():
+    with quiet_libraries():
         if spec.method == "resident":
             out = model
         elif spec.method == "cpu_offload":

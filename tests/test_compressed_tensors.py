@@ -14,6 +14,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 import offload_export as oe
+from offload_export.formats.fake_quant import QUANTIZER_STATE_NAME
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.quantization import (  # noqa: E402
@@ -116,7 +117,7 @@ def _read_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
     weights, state, meta = {}, {}, {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(file, "pt") as f:
-            if file.name == oe.export.QUANTIZER_STATE_NAME:
+            if file.name == QUANTIZER_STATE_NAME:
                 state = {k: f.get_tensor(k) for k in f.keys()}
                 meta = json.loads(f.metadata()["quantizers"])
             else:

@@ -22,16 +22,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import offload_export as oe
-from offload_export import distributed
-from offload_export.fakequant import FakeQuantizer, quantize_weights
+from offload_export import distributed, pipeline
+from offload_export.adapters.builtin import FakeQuantizer, quantize_weights
 
 SHARD = 60_000  # bytes: the tiny model below makes about ten shards
 _PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "accelerate", "hypothesis",
-            "offload_export", "offload_export.fakequant"]
+            "offload_export", "offload_export.adapters.builtin"]
 JOIN_TIMEOUT = 60  # seconds for all ranks of one scenario; a hang fails the test instead of blocking it
 
 
-def _tiny_model(*, offload_dir: Path | None, explode: str | None = None):
+def _tiny_model(*, offload_dir: Path | None, explode: str | None = None, fault: type | None = None):
     """A tiny int8-quantized Llama, the same in every process; quantizers under ``explode`` fail to fold."""
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -40,7 +40,7 @@ def _tiny_model(*, offload_dir: Path | None, explode: str | None = None):
     quantize_weights(model, "int8")
     for name, module in model.named_modules():
         if explode is not None and type(module) is FakeQuantizer and name.startswith(explode):
-            module.__class__ = _Exploding  # before offloading: accelerate's hook wraps the forward it finds
+            module.__class__ = fault or _Exploding  # before offloading: accelerate's hook wraps the forward it finds
     if offload_dir is not None:
         model = disk_offload(model, str(offload_dir), execution_device=torch.device("cpu"))
     return model
@@ -49,8 +49,18 @@ def _tiny_model(*, offload_dir: Path | None, explode: str | None = None):
 class _Exploding(FakeQuantizer):
     """A fake quantizer whose fold fails: the fault injected on one rank."""
 
+    error: type[BaseException] = RuntimeError
+
     def forward(self, *args, **kwargs):
-        raise RuntimeError("injected fault in a quantizer kernel")
+        raise self.error("injected fault in a quantizer kernel")
+
+
+class _Interrupted(_Exploding):
+    error = KeyboardInterrupt
+
+
+class _Exiting(_Exploding):
+    error = SystemExit
 
 
 def _rank_model(scenario: str, rank: int, work: Path):
@@ -64,8 +74,22 @@ def _rank_model(scenario: str, rank: int, work: Path):
         model = _tiny_model(offload_dir=None)
         model.model.layers[0].input_layernorm.to("meta")
         return model
-    explode = "model." if scenario == "fault" and rank == 1 else None
-    return _tiny_model(offload_dir=work / f"offload-{rank}", explode=explode)
+    faults = {"fault": _Exploding, "interrupt": _Interrupted, "exit": _Exiting}
+    explode = "model." if scenario in faults and rank == 1 else None
+    return _tiny_model(offload_dir=work / f"offload-{rank}", explode=explode, fault=faults.get(scenario, _Exploding))
+
+
+def _leave_before_confirming(rank: int) -> None:
+    """Rank 1 exits as rank 0 commits: the last agreement never hears from it."""
+    exchange, calls = distributed._exchange, []
+
+    def leaving(ctl, fn, *args, **kwargs):
+        calls.append(fn)
+        if rank == 1 and len(calls) == 4:  # prepare, stage, write, finish
+            os._exit(3)
+        return exchange(ctl, fn, *args, **kwargs)
+
+    distributed._exchange = leaving
 
 
 def _rank_main(rank: int, world: int, port: int, work: str, scenario: str) -> None:
@@ -77,9 +101,11 @@ def _rank_main(rank: int, world: int, port: int, work: str, scenario: str) -> No
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=JOIN_TIMEOUT))
         model = _rank_model(scenario, rank, work)
-        report = oe.save_clean(model, work / "out", max_shard_size=SHARD)
+        if scenario == "leave":
+            _leave_before_confirming(rank)
+        report = oe.save_clean(model, work / "out", max_shard_size=SHARD, timeout=timedelta(hours=1))
         result = {"ok": True, "report": asdict(report)}
-    except Exception as e:
+    except BaseException as e:  # KeyboardInterrupt and SystemExit too: the scenario injects them
         result = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
     finally:
         (work / f"result-{rank}.json").write_text(json.dumps(result))
@@ -108,7 +134,8 @@ def _run_ranks(world: int, work: Path, scenario: str) -> list[dict]:
             p.kill()
             p.join()
     assert not hung, f"ranks {hung} did not finish within {JOIN_TIMEOUT} s"
-    return [json.loads((work / f"result-{r}.json").read_text()) for r in range(world)]
+    return [json.loads(f.read_text()) if (f := work / f"result-{r}.json").exists() else {"exited": p.exitcode}
+            for r, p in enumerate(procs)]
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -137,7 +164,8 @@ def test_ranks_write_the_single_process_checkpoint_byte_for_byte(world, scenario
         assert not [p for p in work.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("scenario, message", [("fault", "injected fault"), ("unreadable", "no rank can read")])
+@pytest.mark.parametrize("scenario, message", [("fault", "injected fault"), ("unreadable", "no rank can read"),
+                                               ("interrupt", "KeyboardInterrupt"), ("exit", "SystemExit")])
 def test_a_failure_on_any_rank_raises_on_every_rank_and_leaves_nothing(scenario, message):
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -146,6 +174,17 @@ def test_a_failure_on_any_rank_raises_on_every_rank_and_leaves_nothing(scenario,
         assert all(message in r["error"] for r in results), [r["error"] for r in results]
         assert not (work / "out").exists()
         assert not [p for p in work.iterdir() if p.name.startswith(".")]
+
+
+def test_a_rank_that_leaves_after_the_commit_does_not_fail_the_committed_export():
+    # rank 0 must neither raise nor wait out the hour-long timeout for a checkpoint it committed whole
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        results = _run_ranks(2, work, "leave")
+        assert results[1] == {"exited": 3}
+        assert results[0]["ok"], results[0].get("trace")
+        assert any("another rank left before confirming" in n for n in results[0]["report"]["notes"])
+        assert _files(work / "out") == _reference(work)
 
 
 @settings(max_examples=200, deadline=None)
@@ -180,7 +219,7 @@ def test_lanes_write_the_same_bytes_as_one_lane(monkeypatch):
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         expected = _reference(work)
-        monkeypatch.setattr(distributed, "_fold_lane", _lane_by_layer)
+        monkeypatch.setattr(pipeline, "_fold_lane", _lane_by_layer)
         threads = threading.active_count()
         oe.save_clean(_tiny_model(offload_dir=work / "offload"), work / "out", max_shard_size=SHARD)
         assert _files(work / "out") == expected
@@ -191,7 +230,7 @@ def test_a_failing_lane_fails_the_export_and_stops_every_lane(monkeypatch):
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = _tiny_model(offload_dir=work / "offload", explode="model.layers.2.mlp.down_proj")
-        monkeypatch.setattr(distributed, "_fold_lane", _lane_by_layer)
+        monkeypatch.setattr(pipeline, "_fold_lane", _lane_by_layer)
         threads = threading.active_count()
         with pytest.raises(RuntimeError, match="injected fault"):
             oe.save_clean(model, work / "out", max_shard_size=SHARD)

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import offload_export as oe
+from offload_export.formats.fake_quant import QUANTIZER_STATE_NAME
 
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -26,7 +27,7 @@ shard_sizes = st.sampled_from([10**9, 40_000, 9_000])
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory, checking the index against the files."""
-    files = sorted(p.name for p in path.glob("*.safetensors") if p.name != oe.export.QUANTIZER_STATE_NAME)
+    files = sorted(p.name for p in path.glob("*.safetensors") if p.name != QUANTIZER_STATE_NAME)
     tensors = {}
     for name in files:
         with safe_open(path / name, "pt") as f:
@@ -115,7 +116,7 @@ def test_modelopt_int8_export_matches_modelopt_resident_export_on_every_layout(k
         assert report.folded and set(report.folded) <= set(oe.layout(model))
         assert _state(model) == before
         assert torch.equal(forward_logits(model), fake_quant_logits)
-        with safe_open(tmp / "out" / oe.export.QUANTIZER_STATE_NAME, "pt") as f:
+        with safe_open(tmp / "out" / QUANTIZER_STATE_NAME, "pt") as f:
             configs = json.loads(f.metadata()["quantizers"])
             assert any(k.endswith("weight_quantizer._amax") for k in f.keys())
         assert all(c["adapter"] == "modelopt" for c in configs.values())

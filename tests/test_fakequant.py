@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torch import nn
 
 import offload_export as oe
-from offload_export.fakequant import E4M3_MAX, _e2m1_round, _round_mantissa
+from offload_export.adapters.builtin import E4M3_MAX, _e2m1_round, _round_mantissa
 from layouts import LayoutSpec, apply_layout, forward_logits, make_model
 
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}

@@ -164,8 +164,8 @@ def laid_out(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("action, error, at, overwrite", [
-    ("raise", RuntimeError, "first", False), ("raise", RuntimeError, "middle", True),
-    ("raise", RuntimeError, "last", False), ("interrupt", KeyboardInterrupt, "middle", False),
+    ("raise", ValueError, "first", False), ("raise", ValueError, "middle", True),
+    ("raise", ValueError, "last", False), ("interrupt", KeyboardInterrupt, "middle", False),
     ("interrupt", KeyboardInterrupt, "last", True)])
 def test_failure_part_way_leaves_model_stores_and_destination_as_they_were(laid_out, tmp_path, action, error, at,
                                                                            overwrite):
@@ -178,8 +178,9 @@ def test_failure_part_way_leaves_model_stores_and_destination_as_they_were(laid_
     with trapped(action, k), pytest.raises(error) as info:
         oe.save_clean(model, dest, max_shard_size=SHARD, overwrite=overwrite)
     assert StepQuantizer.calls == k
-    if action == "raise":
-        assert "weight_quantizer" in str(info.value) and "injected failure" in str(info.value)
+    if action == "raise":  # the quantizer's own exception, our context as a note
+        assert type(info.value) is ValueError and str(info.value).startswith("injected failure")
+        assert "weight_quantizer" in "\n".join(info.value.__notes__)
     assert same_state(model_state(model), before[0])
     assert tree_hash(work) == before[1]
     assert tree_hash(tmp_path) == before[2] and leftovers(tmp_path) == []  # nothing at or beside dest
@@ -219,28 +220,6 @@ def test_overwrite_swaps_in_the_complete_checkpoint_and_removes_the_old_one(tmp_
         (tmp / "new").write_text("new")
         assert os.listdir(dest) == ["old"]  # untouched until the new one is complete
     assert os.listdir(dest) == ["new"] and os.listdir(tmp_path) == ["out"]
-
-
-def test_only_temp_dirs_of_dead_exports_are_removed(tmp_path):
-    host, parent = _atomic._host_id(), os.getppid()  # the parent: a live process that is not us
-    started = _atomic._proc_stat(parent)[1]
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    names = {
-        "dead": f".out{_atomic._TAG}{host}-{int(dead.stdout)}-1-0000000a",
-        "pid reused": f".out{_atomic._TAG}{host}-{parent}-{int(started) + 1}-0000000b",
-        "ours, abandoned": f".out{_atomic._TAG}{host}-{os.getpid()}-0-0000000e",
-        "alive": f".out{_atomic._TAG}{host}-{parent}-{started}-0000000c",
-        "other host": f".out{_atomic._TAG}{'0' * 8 if host != '0' * 8 else '1' * 8}-{dead.stdout.strip()}-1-0000000d",
-        "not ours": f".out.offload-export-whatever",
-    }
-    for name in names.values():
-        (tmp_path / name).mkdir()
-    with _atomic.staging(tmp_path / "next", overwrite=False):
-        pass
-    left = {p.name for p in tmp_path.iterdir()}
-    assert left == {"next", names["alive"], names["other host"], names["not ours"]}
-
-
 
 
 def run_child(mode: str, args: dict, timeout: float = 120) -> list[dict]:

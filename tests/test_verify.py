@@ -15,7 +15,8 @@ from test_faults import leftovers, model_state, same_state
 from torch import nn
 
 import offload_export as oe
-from offload_export.export import INDEX_NAME, QUANTIZER_STATE_NAME
+from offload_export.formats.fake_quant import QUANTIZER_STATE_NAME
+from offload_export.job import INDEX_NAME
 
 SHARD = 40_000
 MIXED = LayoutSpec("dispatch", (("model.embed_tokens", "resident"), ("model.layers.0", "cpu"),
@@ -93,6 +94,12 @@ def _add_auto_map(ck: Path) -> None:
     (ck / "config.json").write_text(json.dumps(config))
 
 
+def _edit_json(ck: Path, name: str, key: str, value) -> None:
+    data = json.loads((ck / name).read_text())
+    data[key] = value
+    (ck / name).write_text(json.dumps(data))
+
+
 DAMAGE = {
     "flipped byte": (_flip_last_byte, "elements differ in model-00002"),
     "deleted shard": (lambda ck: _shards(ck)[0].unlink(), "missing file: model-00001"),
@@ -110,6 +117,14 @@ DAMAGE = {
     "garbage header": (lambda ck: _shards(ck)[0].write_bytes(b"\xff" * 64), "not a safetensors file"),
     "leftover directory": (lambda ck: (ck / ".out.offload-export-0-0-0-0").mkdir(), "unexpected directory"),
     "no config": (lambda ck: (ck / "config.json").unlink(), "missing file: config.json"),
+    "edited num_hidden_layers": (lambda ck: _edit_json(ck, "config.json", "num_hidden_layers", 1),
+                                 "config.json: 'num_hidden_layers' is 1, the model gives"),
+    "edited rms_norm_eps": (lambda ck: _edit_json(ck, "config.json", "rms_norm_eps", 0.5),
+                            "config.json: 'rms_norm_eps' is 0.5, the model gives"),
+    "edited hidden_act": (lambda ck: _edit_json(ck, "config.json", "hidden_act", "gelu"),
+                          "config.json: 'hidden_act' is 'gelu', the model gives"),
+    "edited generation config": (lambda ck: _edit_json(ck, "generation_config.json", "eos_token_id", 12345),
+                                 "generation_config.json: 'eos_token_id' is 12345"),
 }
 
 

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._hooks import add_store_entry, align_hooks, offloaded_tensors
-from ._store import anon_empty
-from .layout import layout
-from .materialize import onloaded
-from .quantizers import register_quantizer
+from .._hooks import add_store_entry, align_hooks, offloaded_tensors
+from .._store import anon_empty
+from ..layout import layout
+from ..materialize import onloaded
+from ..quantizers import register_quantizer
 
 __all__ = ["SCHEMES", "FakeQuantizer", "quantize_weights"]
 

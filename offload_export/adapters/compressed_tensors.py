@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._hooks import offloaded_tensors
-from ._store import read_store
-from .quantizers import Quantizer, QuantizerAdapter, register_adapter
+from .._hooks import offloaded_tensors
+from .._store import read_store
+from ..quantizers import Quantizer, QuantizerAdapter, register_adapter
 
 __all__ = ["CompressedTensorsAdapter"]
 

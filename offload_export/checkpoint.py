@@ -1,0 +1,126 @@
+"""The files of a checkpoint: weight shards written from the stream, then index, format files, config, tokenizer.
+
+Used by ``save_clean`` and its distributed form to write, and by ``verify`` to know what should be there.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+from .job import INDEX_NAME, Job, read_ahead_bytes
+from .pipeline import UnitReader, stream_lanes
+from .plan import ExportPlan
+from .writer import ShardWriter
+
+__all__ = ["write_metadata", "write_model_files", "write_weights"]
+
+
+def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: bool) -> list[str]:
+    """Stream every unit of ``plan`` into its shards in ``tmp``; one unit is written while the next is made.
+
+    Returns:
+        The shard file names.
+    """
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="offload-export")
+    writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, {"format": "pt"}) for s in plan.shards}
+    shard_of = plan.weight_map
+
+    def write(unit, outputs):
+        for spec in unit.outputs:
+            writers[shard_of[spec.name]].write(spec.name, outputs.pop(spec.name))
+            if bar is not None:
+                bar.update(spec.nbytes)
+
+    # one unit is written behind while the next one is folded: the disk and the CPU/GPU work at once
+    behind = ThreadPoolExecutor(1, thread_name_prefix="offload-export-writer")
+    pending = None
+    try:
+        for unit, outputs in stream_lanes(reader, plan.units, read_ahead_bytes=read_ahead_bytes(plan)):
+            if pending is not None:
+                pending.result()
+            pending = behind.submit(write, unit, outputs)
+            del outputs
+        if pending is not None:
+            pending.result()
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        behind.shutdown(wait=True, cancel_futures=True)
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        behind.shutdown(wait=True)
+        if bar is not None:
+            bar.close()
+    return list(writers)
+
+
+def _write_config(job: Job, tmp: Path, notes: list[str]) -> list[str]:
+    model = job.model
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        notes.append("not a transformers model: weights written, config.json skipped")
+        return []
+    config = copy.deepcopy(config)
+    config.architectures = [type(model).__name__]
+    if job.source.dtype is not None:
+        config.dtype = job.source.dtype
+    dropped = job.format.dropped_config_keys
+    for key in dropped:
+        if hasattr(config, key):
+            delattr(config, key)
+            notes.append(f"config.json: dropped {key}")
+    config.save_pretrained(tmp)
+    data = json.loads((tmp / "config.json").read_text())
+    for key in dropped:
+        data.pop(key, None)
+    data.update(job.format.config_updates())
+    (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    written = ["config.json"]
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(model, "can_generate", lambda: False)():
+        generation.save_pretrained(tmp)
+        written.append("generation_config.json")
+    return written
+
+
+def write_model_files(job: Job, tmp: Path, notes: list[str]) -> list[str]:
+    """The files that follow from the model alone: the format's own, config.json, generation_config.json.
+
+    ``verify`` writes them again to compare; everything here is deterministic (sorted keys, planned bytes).
+    """
+    return job.format.write_files(tmp) + _write_config(job, tmp, notes)
+
+
+def write_metadata(job: Job, tmp: Path, *, tokenizer=None, notes: list[str] | None = None) -> list[str]:
+    """Everything but the weight shards: index, the format's own files, config, generation config, tokenizer.
+
+    Args:
+        job: the export.
+        tmp: the (staging) directory.
+        tokenizer: saved with ``save_pretrained`` when given.
+        notes: receives what the report should say (keys dropped from config.json, ...).
+
+    Returns:
+        The file names written.
+    """
+    notes = notes if notes is not None else []
+    files = []
+    if len(job.plan.shards) > 1:
+        index = {"metadata": {"total_size": job.plan.total_size},
+                 "weight_map": dict(sorted(job.plan.weight_map.items()))}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        files.append(INDEX_NAME)
+    files += write_model_files(job, tmp, notes)
+    if tokenizer is not None:
+        files += [os.path.basename(f) for f in tokenizer.save_pretrained(tmp)]
+    return files

@@ -1,0 +1,72 @@
+"""``format="fake-quant"`` (the default): weights with fake quantization folded in, quantizer state beside them.
+
+Every enabled weight quantizer is folded into its weight on the quantizer's device (``w_q = quantizer(w)``),
+floating-point weights are cast to the export dtype, and fused experts are converted to the names
+``save_pretrained`` writes. The quantizers' own state goes into ``quantizer_state.safetensors`` (tensors,
+with each quantizer's JSON configuration in the metadata), never among the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+from .._store import read_store
+from ..writer import ShardWriter, TensorSpec
+from .base import Format, Source, StateDict, register_format
+
+__all__ = ["QUANTIZER_STATE_NAME", "FakeQuant", "quantizer_state"]
+
+QUANTIZER_STATE_NAME = "quantizer_state.safetensors"
+
+
+def quantizer_state(source: Source) -> tuple[StateDict, dict]:
+    """Every quantizer's tensors (``<quantizer>.<name>``, read from their store when offloaded) and configurations.
+
+    Returns:
+        ``(tensors on the CPU, {quantizer name: JSON-able configuration})``; the configuration says whether
+        the export folded the quantizer into its weight.
+    """
+    tensors, configs = {}, {}
+    for q in source.quantizers:
+        state, config = q.adapter.state(q)
+        for k, t in state.items():
+            info = source.lay.get(f"{q.name}.{k}")
+            if t.device.type == "meta" and info is not None and info.ref is not None:
+                t = read_store(info.ref.store, info.dtype, info.shape)
+            tensors[f"{q.name}.{k}"] = t.detach().to("cpu").contiguous()
+        config["folded"] = q.role == "weight" and f"{q.owner_name}.{q.target}" in source.folds
+        configs[q.name] = config
+    return tensors, configs
+
+
+@register_format
+class FakeQuant(Format):
+    """Weights as the fake-quantized model computes with them: what evaluation and vLLM's fake-quant worker read."""
+
+    name = "fake-quant"
+
+    def outputs(self, meta: StateDict) -> StateDict:
+        return self.source.convert(meta) if self.source.convert is not None else meta
+
+    def finish(self, reader, unit, values: StateDict) -> StateDict:
+        dtype = self.source.dtype
+        out = {}
+        for key, tensor in values.items():
+            if key in self.source.folds:
+                tensor = reader.fold(key, tensor)
+            out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        return self.source.convert(out) if unit.converted else out
+
+    def write_files(self, tmp: Path) -> list[str]:
+        if not self.source.quantizers:
+            return []
+        tensors, configs = quantizer_state(self.source)
+        # our writer, not safetensors' save_file: its metadata map is serialized in random order
+        writer = ShardWriter(str(tmp / QUANTIZER_STATE_NAME), [TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()],
+                             {"format": "pt", "quantizers": json.dumps(configs, sort_keys=True)})
+        for key, value in tensors.items():
+            writer.write(key, value)
+        writer.close()
+        return [QUANTIZER_STATE_NAME]

@@ -15,7 +15,7 @@ from pathlib import Path
 from .job import INDEX_NAME, Job, read_ahead_bytes
 from .pipeline import UnitReader, stream_lanes
 from .plan import ExportPlan
-from .writer import ShardWriter
+from .writer import Descriptors, ShardWriter
 
 __all__ = ["write_metadata", "write_model_files", "write_weights"]
 
@@ -30,7 +30,10 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="offload-export")
-    writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, {"format": "pt"}) for s in plan.shards}
+    # files open at their first tensor and close (fsync-ed) at their last; at most a few at once
+    descriptors = Descriptors()
+    writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, {"format": "pt"}, descriptors=descriptors)
+               for s in plan.shards}
     shard_of = plan.weight_map
 
     def write(unit, outputs):

@@ -16,7 +16,7 @@ import torch
 
 from ._errors import add_note
 from ._hooks import offloaded_tensors
-from ._store import anon_empty, read_store
+from ._store import FileSpan, anon_empty, read_store, store_span
 from .formats import Format, Source
 from .layout import TensorInfo
 from .materialize import onloaded
@@ -39,9 +39,19 @@ class UnitReader:
         self.lay, self.folds = source.lay, source.folds
         self._refs = offloaded_tensors(source.model)  # the whole model's: hooks above an owner count too
 
-    def read(self, unit: Unit) -> dict[str, torch.Tensor]:
-        """The unit's raw source tensors: resident tensors as they are, offloaded ones read from their store."""
-        return {k: self._read_one(self.lay[k]) for k in unit.sources}
+    def read(self, unit: Unit) -> dict[str, torch.Tensor | FileSpan]:
+        """The unit's raw source tensors: resident tensors as they are, offloaded ones read from their store.
+
+        A tensor the format passes through unchanged (:meth:`Format.unchanged`) whose store is a file
+        holding exactly its bytes is not read: it comes as a :class:`FileSpan` for the writer to copy.
+        """
+        return {k: self._passed_through(unit, k) or self._read_one(self.lay[k]) for k in unit.sources}
+
+    def _passed_through(self, unit: Unit, key: str) -> FileSpan | None:
+        info = self.lay[key]
+        if info.kind == "resident" or info.ref is None or not self.format.unchanged(unit, key):
+            return None
+        return store_span(info.ref.store, info.dtype, info.shape)
 
     @staticmethod
     def _read_one(info: TensorInfo) -> torch.Tensor:
@@ -50,11 +60,19 @@ class UnitReader:
         return read_store(info.ref.store, info.dtype, info.shape)
 
     def offloaded_bytes(self, unit: Unit) -> int:
-        return sum(self.lay[k].nbytes for k in unit.sources if self.lay[k].kind != "resident")
+        """Bytes that reading ``unit`` brings into memory (passed-through file spans excluded)."""
+        return sum(self.lay[k].nbytes for k in unit.sources
+                   if self.lay[k].kind != "resident" and self._passed_through(unit, k) is None)
 
-    def finish(self, unit: Unit, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A unit's raw tensors made into its outputs by the format (name -> CPU or device tensor)."""
-        return self.format.finish(self, unit, raw)
+    def finish(self, unit: Unit, raw: dict[str, torch.Tensor | FileSpan]) -> dict[str, torch.Tensor | FileSpan]:
+        """A unit's raw tensors made into its outputs by the format (name -> CPU or device tensor, or a
+        :class:`FileSpan` passed through)."""
+        spans = {k: v for k, v in raw.items() if isinstance(v, FileSpan)}
+        if not spans:
+            return self.format.finish(self, unit, raw)
+        out = self.format.finish(self, unit, {k: v for k, v in raw.items() if k not in spans}) if len(spans) < len(raw) else {}
+        out.update(spans)
+        return out
 
     def fold_device(self, key: str) -> torch.device:
         """Where ``key`` is folded: ``device=``, else the quantizer's state, else the module's execution device."""

@@ -13,13 +13,14 @@ import struct
 import tempfile
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ._store import SAFETENSORS_DTYPES, _read_file, safetensors_header
+from ._store import SAFETENSORS_DTYPES, FileSpan, _read_file, safetensors_header
 from .checkpoint import write_model_files
 from .job import INDEX_NAME, Job, prepare_job, read_ahead_bytes
 from .pipeline import stream
@@ -165,28 +166,89 @@ def _read_entries(out_dir: Path, problems: list[str]) -> tuple[dict[str, _Entry]
     return entries, set(files)
 
 
-def _compare(name: str, expected: torch.Tensor, entry: _Entry, out_dir: Path, problems: list[str]) -> bool:
-    """Compare ``expected`` with the file's bytes for ``name``; True when they were compared."""
+_CHUNK = 8 << 20  # bytes compared at a time
+
+
+class _Buffers:
+    """Two reused chunk buffers (expected bytes, file bytes) and a thread that reads the expected side's file
+    while the calling thread reads the checkpoint's: a comparison holds 16 MiB, never a tensor's worth."""
+
+    def __init__(self):
+        self.want = torch.empty(_CHUNK, dtype=torch.uint8)
+        self.got = torch.empty(_CHUNK, dtype=torch.uint8)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="offload-export-verify")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _pread_exact(fd: int, out: torch.Tensor, offset: int) -> None:
+    view, done = memoryview(out.numpy()), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise OSError(f"unexpected end of file at byte {offset + done}")
+        done += n
+
+
+def _same_bytes(expected: torch.Tensor | FileSpan, path: Path, offset: int, nbytes: int, bufs: _Buffers) -> bool:
+    """Whether the file's ``nbytes`` at ``offset`` are ``expected``'s bytes (a tensor's, or another file's)."""
+    span = expected if isinstance(expected, FileSpan) else None
+    flat = None if span is not None else expected.reshape(-1).view(torch.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    src = os.open(span.path, os.O_RDONLY) if span is not None else -1
+    try:
+        for pos in range(0, nbytes, _CHUNK):
+            n = min(_CHUNK, nbytes - pos)
+            pending = bufs.pool.submit(_pread_exact, src, bufs.want[:n], span.offset + pos) if span else None
+            _pread_exact(fd, bufs.got[:n], offset + pos)
+            if pending is not None:
+                pending.result()
+            want = bufs.want[:n] if span is not None else flat[pos:pos + n]
+            if not torch.equal(want, bufs.got[:n]):
+                return False
+        return True
+    finally:
+        os.close(fd)
+        if src >= 0:
+            os.close(src)
+
+
+def _compare(name: str, expected: torch.Tensor | FileSpan, entry: _Entry, out_dir: Path, problems: list[str],
+             bufs: _Buffers | None = None) -> bool:
+    """Compare ``expected`` with the file's bytes for ``name``; True when they were compared.
+
+    Bytes are compared a chunk at a time (a :class:`FileSpan` file to file, without decoding); only a
+    mismatch reads the whole tensor, to say which elements differ.
+    """
     if expected.dtype != entry.dtype or tuple(expected.shape) != entry.shape:
         problems.append(f"{name}: expected {expected.dtype} {list(expected.shape)}, "
                         f"{entry.file} has {entry.dtype} {list(entry.shape)}")
         return False
-    want = expected.detach().to("cpu").contiguous()
-    if not want.numel():
+    if not isinstance(expected, FileSpan):
+        expected = expected.detach().to("cpu").contiguous()
+    if not entry.nbytes:
         return True
+    own = bufs is None
+    bufs = bufs or _Buffers()
     try:
+        if _same_bytes(expected, out_dir / entry.file, entry.offset, entry.nbytes, bufs):
+            return True
+        want = expected.read() if isinstance(expected, FileSpan) else expected
         got = _read_file(str(out_dir / entry.file), entry.offset, want.dtype, tuple(want.shape))
     except OSError as e:
         problems.append(f"{name}: cannot read its bytes from {entry.file} ({e})")
         return False
+    finally:
+        if own:
+            bufs.close()
     a = want.reshape(-1).view(torch.uint8).view(want.numel(), -1)
     b = got.reshape(-1).view(torch.uint8).view(want.numel(), -1)
     differ = (a != b).any(dim=1)
-    if bool(differ.any()):
-        first = int(differ.nonzero()[0])
-        problems.append(f"{name}: {int(differ.sum())} of {want.numel()} elements differ in {entry.file} "
-                        f"(first at flat index {first}: expected {want.reshape(-1)[first].item()}, "
-                        f"file has {got.reshape(-1)[first].item()})")
+    first = int(differ.nonzero()[0])
+    problems.append(f"{name}: {int(differ.sum())} of {want.numel()} elements differ in {entry.file} "
+                    f"(first at flat index {first}: expected {want.reshape(-1)[first].item()}, "
+                    f"file has {got.reshape(-1)[first].item()})")
     return True
 
 
@@ -280,13 +342,17 @@ def check(job: Job, out_dir: Path) -> VerifyReport:
     plan = job.plan
     _check_names([s for u in plan.units for s in u.outputs], entries, dict(plan.dropped), problems)
     wanted = [u for u in plan.units if any(s.name in entries for s in u.outputs)]
-    for unit, outputs in stream(job.reader(), wanted, read_ahead_bytes=read_ahead_bytes(plan)):
-        for spec in unit.outputs:
-            tensor = outputs.pop(spec.name)
-            if spec.name in entries and _compare(spec.name, tensor, entries[spec.name], out_dir, problems):
-                report.tensors += 1
-                report.bytes += spec.nbytes
-            del tensor
+    bufs = _Buffers()
+    try:
+        for unit, outputs in stream(job.reader(), wanted, read_ahead_bytes=read_ahead_bytes(plan)):
+            for spec in unit.outputs:
+                tensor = outputs.pop(spec.name)
+                if spec.name in entries and _compare(spec.name, tensor, entries[spec.name], out_dir, problems, bufs):
+                    report.tensors += 1
+                    report.bytes += spec.nbytes
+                del tensor
+    finally:
+        bufs.close()
     expected = _check_model_files(job, out_dir, problems)
     _check_files(out_dir, weight_files, expected, problems)
     report.seconds = time.perf_counter() - start

@@ -59,6 +59,12 @@ class FakeQuant(Format):
             out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         return self.source.convert(out) if unit.converted else out
 
+    def unchanged(self, unit, key: str) -> bool:
+        if unit.converted or key in self.source.folds:
+            return False
+        dtype = self.source.dtype
+        return dtype is None or not self.source.lay[key].dtype.is_floating_point or self.source.lay[key].dtype == dtype
+
     def write_files(self, tmp: Path) -> list[str]:
         if not self.source.quantizers:
             return []

@@ -52,6 +52,10 @@ def instrument() -> None:
         if cls is not None and hasattr(cls, meth):
             setattr(cls, meth, timed(f"{cls_name}.{meth}", getattr(cls, meth)))
     writer.ShardWriter.write = timed("ShardWriter.write", writer.ShardWriter.write)
+    verify = __import__("offload_export.verify", fromlist=["x"])
+    for name in ("_compare", "_check_model_files", "_read_entries"):
+        if hasattr(verify, name):
+            setattr(verify, name, timed(f"verify.{name}", getattr(verify, name)))
     os.fsync = timed("os.fsync", os.fsync)
     del offload_export
 

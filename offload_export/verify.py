@@ -174,12 +174,24 @@ class _Buffers:
     while the calling thread reads the checkpoint's: a comparison holds 16 MiB, never a tensor's worth."""
 
     def __init__(self):
-        self.want = torch.empty(_CHUNK, dtype=torch.uint8)
-        self.got = torch.empty(_CHUNK, dtype=torch.uint8)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="offload-export-verify")
+        self._want = self._got = None
+        self._pool = None
+
+    def views(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._want is None or len(self._want) < n:
+            size = min(_CHUNK, max(n, 1 << 16))
+            self._want, self._got = (torch.empty(size, dtype=torch.uint8) for _ in range(2))
+        return self._want[:n], self._got[:n]
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="offload-export-verify")
+        return self._pool
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 def _pread_exact(fd: int, out: torch.Tensor, offset: int) -> None:
@@ -200,12 +212,12 @@ def _same_bytes(expected: torch.Tensor | FileSpan, path: Path, offset: int, nbyt
     try:
         for pos in range(0, nbytes, _CHUNK):
             n = min(_CHUNK, nbytes - pos)
-            pending = bufs.pool.submit(_pread_exact, src, bufs.want[:n], span.offset + pos) if span else None
-            _pread_exact(fd, bufs.got[:n], offset + pos)
+            want, got = bufs.views(n)
+            pending = bufs.pool.submit(_pread_exact, src, want, span.offset + pos) if span is not None else None
+            _pread_exact(fd, got, offset + pos)
             if pending is not None:
                 pending.result()
-            want = bufs.want[:n] if span is not None else flat[pos:pos + n]
-            if not torch.equal(want, bufs.got[:n]):
+            if not torch.equal(want if span is not None else flat[pos:pos + n], got):
                 return False
         return True
     finally:
@@ -304,9 +316,13 @@ def _compare_safetensors(name: str, ref: Path, got_path: Path, problems: list[st
         problems.append(f"{name}: missing {key}")
     for key in sorted(set(got) - set(want)):
         problems.append(f"{name}: unexpected {key}")
-    for key in sorted(set(want) & set(got)):
-        expected = _read_file(str(ref), want[key].offset, want[key].dtype, want[key].shape)
-        _compare(f"{name}: {key}", expected, got[key], got_path.parent, problems)
+    bufs = _Buffers()
+    try:
+        for key in sorted(set(want) & set(got)):
+            expected = FileSpan(str(ref), want[key].offset, want[key].dtype, want[key].shape)
+            _compare(f"{name}: {key}", expected, got[key], got_path.parent, problems, bufs)
+    finally:
+        bufs.close()
 
 
 def _check_model_files(job: Job, out_dir: Path, problems: list[str]) -> set[str]:
@@ -343,15 +359,28 @@ def check(job: Job, out_dir: Path) -> VerifyReport:
     _check_names([s for u in plan.units for s in u.outputs], entries, dict(plan.dropped), problems)
     wanted = [u for u in plan.units if any(s.name in entries for s in u.outputs)]
     bufs = _Buffers()
+
+    def compare(unit, outputs):
+        for spec in unit.outputs:
+            tensor = outputs.pop(spec.name)
+            if spec.name in entries and _compare(spec.name, tensor, entries[spec.name], out_dir, problems, bufs):
+                report.tensors += 1
+                report.bytes += spec.nbytes
+            del tensor
+
+    # one unit is compared behind while the next one is read and folded, as the export writes behind
+    behind = ThreadPoolExecutor(1, thread_name_prefix="offload-export-verify-compare")
+    pending = None
     try:
         for unit, outputs in stream(job.reader(), wanted, read_ahead_bytes=read_ahead_bytes(plan)):
-            for spec in unit.outputs:
-                tensor = outputs.pop(spec.name)
-                if spec.name in entries and _compare(spec.name, tensor, entries[spec.name], out_dir, problems, bufs):
-                    report.tensors += 1
-                    report.bytes += spec.nbytes
-                del tensor
+            if pending is not None:
+                pending.result()
+            pending = behind.submit(compare, unit, outputs)
+            del outputs
+        if pending is not None:
+            pending.result()
     finally:
+        behind.shutdown(wait=True, cancel_futures=True)
         bufs.close()
     expected = _check_model_files(job, out_dir, problems)
     _check_files(out_dir, weight_files, expected, problems)

@@ -46,7 +46,7 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
     behind = ThreadPoolExecutor(1, thread_name_prefix="offload-export-writer")
     pending = None
     try:
-        for unit, outputs in stream_lanes(reader, plan.units, read_ahead_bytes=read_ahead_bytes(plan)):
+        for unit, outputs in stream_lanes(reader, plan.units, read_ahead_bytes=read_ahead_bytes(plan), held=True):
             if pending is not None:
                 pending.result()
             pending = behind.submit(write, unit, outputs)

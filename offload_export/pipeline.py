@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import closing, contextmanager
 
@@ -60,6 +61,13 @@ class UnitReader:
             return info.tensor.detach()
         return read_store(info.ref.store, info.dtype, info.shape)
 
+    def held_bytes(self, unit: Unit) -> int:
+        """Memory a unit holds from its read until its outputs are written: the larger of its offloaded
+        sources and its outputs (passed-through file spans excluded)."""
+        spans = {k for k in unit.sources if self.lay[k].kind != "resident" and self._passed_through(unit, k) is not None}
+        outputs = sum(spec.nbytes for spec in unit.outputs if spec.name not in spans)
+        return max(self.offloaded_bytes(unit), outputs)
+
     def offloaded_bytes(self, unit: Unit) -> int:
         """Bytes that reading ``unit`` brings into memory (passed-through file spans excluded)."""
         return sum(self.lay[k].nbytes for k in unit.sources
@@ -71,8 +79,9 @@ class UnitReader:
         spans = {k: v for k, v in raw.items() if isinstance(v, FileSpan)}
         if len(spans) == len(raw):
             return spans
+        values = {k: raw.pop(k) for k in list(raw) if k not in spans}  # the format may consume them
         with _intra_op_threads(_fold_threads()):
-            out = self.format.finish(self, unit, {k: v for k, v in raw.items() if k not in spans})
+            out = self.format.finish(self, unit, values)
         out.update(spans)
         return out
 
@@ -162,13 +171,24 @@ class _ByteBudget:
 _DONE = object()
 
 
-def stream(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int
+class _Outputs(dict):
+    """A unit's outputs as yielded by :func:`stream` (``held=True``): its bytes count until the dict is gone."""
+
+    __slots__ = ("__weakref__",)
+
+
+def stream(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int, held: bool = False
            ) -> Iterator[tuple[Unit, dict[str, torch.Tensor]]]:
     """Yield ``(unit, outputs)`` in order while a background thread reads the next units' sources.
 
-    At most ``read_ahead_bytes`` of offloaded data are held beyond the unit being yielded (a unit larger
-    than that is read alone). Errors in the reader thread are raised here; closing the generator early
-    (an exception in the consumer) stops the thread.
+    At most ``read_ahead_bytes`` of unit data are in flight (a unit larger than that alone): read ahead,
+    and, with ``held``, also every unit whose outputs dict is still alive (being written behind), each
+    counted at the larger of its offloaded sources and its outputs. Only the unit being finished (its
+    sources and outputs at once during a fold) comes on top, so memory stays under about
+    ``read_ahead_bytes`` + the largest unit. With ``held`` the consumer must drop each outputs dict when
+    done with it, or reading stalls; without it a unit stops counting once the consumer asks for the next.
+    Errors in the reader thread are raised here; closing the generator early (an exception in the
+    consumer) stops the thread.
     """
     budget = _ByteBudget(read_ahead_bytes)
     stop = threading.Event()
@@ -177,7 +197,7 @@ def stream(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int
     def produce():
         try:
             for unit in units:
-                n = reader.offloaded_bytes(unit)
+                n = reader.held_bytes(unit) if held else reader.offloaded_bytes(unit)
                 if not budget.acquire(n, stop):
                     return
                 ready.put((unit, reader.read(unit), n))
@@ -192,11 +212,25 @@ def stream(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int
             if isinstance(item, BaseException):
                 raise item
             unit, raw, n = item
+            del item  # the sources die with ``raw``, right after the fold
             try:
-                yield unit, reader.finish(unit, raw)
+                outputs = reader.finish(unit, raw)
+            except BaseException:
+                budget.release(n)
+                raise
             finally:
                 del raw
-                budget.release(n)
+            if not held:
+                try:
+                    yield unit, outputs
+                finally:
+                    del outputs
+                    budget.release(n)
+                continue
+            outputs = _Outputs(outputs)
+            weakref.finalize(outputs, budget.release, n)
+            yield unit, outputs
+            del outputs
     finally:
         stop.set()
         thread.join()
@@ -221,7 +255,7 @@ def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
 
 
 def stream_lanes(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int,
-                 lane: Callable[[UnitReader, Unit], Hashable] | None = None
+                 lane: Callable[[UnitReader, Unit], Hashable] | None = None, held: bool = False
                  ) -> Iterator[tuple[Unit, dict[str, torch.Tensor]]]:
     """:func:`stream` with one worker thread per fold device, working concurrently.
 
@@ -232,6 +266,7 @@ def stream_lanes(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes:
         reader: the unit reader.
         units: the units to produce.
         read_ahead_bytes: read-ahead budget of each lane.
+        held: as for :func:`stream`.
         lane: ``(reader, unit) -> key`` grouping units into lanes; by default the unit's fold device.
 
     Yields:
@@ -242,7 +277,7 @@ def stream_lanes(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes:
     for unit in units:
         lanes.setdefault((lane or _fold_lane)(reader, unit), []).append(unit)
     if len(lanes) <= 1:
-        yield from stream(reader, units, read_ahead_bytes=read_ahead_bytes)
+        yield from stream(reader, units, read_ahead_bytes=read_ahead_bytes, held=held)
         return
     out: queue.Queue = queue.Queue(maxsize=len(lanes))
     stop = threading.Event()
@@ -251,9 +286,11 @@ def stream_lanes(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes:
         try:
             if isinstance(key, torch.device) and key.type == "cuda":
                 torch.cuda.set_device(key)  # kernels that allocate on the current device
-            with closing(stream(reader, lane_units, read_ahead_bytes=read_ahead_bytes)) as items:
+            with closing(stream(reader, lane_units, read_ahead_bytes=read_ahead_bytes, held=held)) as items:
                 for item in items:
-                    if not _put(out, item, stop):
+                    put = _put(out, item, stop)
+                    del item  # with ``held``, a unit counts until the consumer drops it
+                    if not put:
                         return
         except BaseException as e:  # handed to the consumer
             _put(out, e, stop)
@@ -274,6 +311,7 @@ def stream_lanes(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes:
                 raise item
             else:
                 yield item
+            del item
     finally:
         stop.set()
         for t in threads:

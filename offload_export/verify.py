@@ -372,7 +372,7 @@ def check(job: Job, out_dir: Path) -> VerifyReport:
     behind = ThreadPoolExecutor(1, thread_name_prefix="offload-export-verify-compare")
     pending = None
     try:
-        for unit, outputs in stream(job.reader(), wanted, read_ahead_bytes=read_ahead_bytes(plan)):
+        for unit, outputs in stream(job.reader(), wanted, read_ahead_bytes=read_ahead_bytes(plan), held=True):
             if pending is not None:
                 pending.result()
             pending = behind.submit(compare, unit, outputs)

@@ -84,7 +84,11 @@ class Format(ABC):
 
     @abstractmethod
     def finish(self, reader: Reader, unit: Unit, values: StateDict) -> StateDict:
-        """Run time: one unit's source tensors (real, raw) -> its output tensors, as planned."""
+        """Run time: one unit's source tensors (real, raw) -> its output tensors, as planned.
+
+        ``values`` is the pipeline's own dict: pop each source from it when done with it, so that a large
+        source is freed before the next output is made (memory stays near two tensors, not three).
+        """
 
     def unchanged(self, unit: Unit, key: str) -> bool:
         """True when ``finish`` returns the unit's source ``key`` as it is (same name, dtype and bytes).

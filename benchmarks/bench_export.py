@@ -31,7 +31,7 @@ from pathlib import Path
 CHUNK = 64 * 2**20  # read chunk of page-cache warming and hashing
 FLOOR_CHUNK = 4 * 2**20  # pread/pwrite chunk of the floor_pread method
 SAMPLE_PERIOD_S = 0.005
-FLOORS = ("floor_copy_file_range", "floor_sendfile", "floor_pread")
+FLOORS = ("floor_copy_file_range", "floor_sendfile", "floor_pread", "floor_copy_file_range_wb")
 METHODS = ("save_clean", "save_pretrained", "save_pretrained_fsync", "accelerate_hub", "naive", *FLOORS)
 DEFAULT_METHODS = ("save_clean", "save_pretrained", "accelerate_hub", "naive", *FLOORS)
 ISSUE15_METHODS = (*FLOORS, "save_clean@none", "save_clean@int8", "save_clean@int4-g128", "save_clean@fp8",
@@ -45,6 +45,8 @@ DESCRIPTIONS = {
     "floor_copy_file_range": "copy the source safetensors files into out/ with os.copy_file_range, fsync each",
     "floor_sendfile": "copy the source safetensors files into out/ with shutil.copyfile (sendfile), fsync each",
     "floor_pread": "copy the source safetensors files into out/ by 4 MiB pread/pwrite through one buffer, fsync each",
+    "floor_copy_file_range_wb": "as floor_copy_file_range in 64 MiB steps, each step's writeback started at once "
+                                "(posix_fadvise DONTNEED, as save_clean's writer does), fsync each",
 }
 FSYNCS = {"save_clean": True, "save_pretrained": False, "save_pretrained_fsync": True, "accelerate_hub": False,
           "naive": False, **{f: True for f in FLOORS}}
@@ -117,6 +119,7 @@ def build_checkpoint(label: str, src: Path, seed: int = 0) -> dict:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.to_empty(device="cpu")  # uninitialised memory: no slow init, filled below
+    model.tie_weights()  # to_empty gives tied parameters their own memory
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # non-persistent buffers, recomputed
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -188,6 +191,27 @@ def _copy_file_range(src: str, dst: Path) -> None:
         os.close(fo)
 
 
+def _copy_file_range_wb(src: str, dst: Path) -> None:
+    size, step = os.path.getsize(src), 64 * 2**20
+    fi = os.open(src, os.O_RDONLY)
+    fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        offset = 0
+        while offset < size:
+            end = min(size, offset + step)
+            start = offset
+            while offset < end:
+                n = os.copy_file_range(fi, fo, end - offset, offset, offset)
+                if n == 0:
+                    raise OSError(f"{src}: short copy")
+                offset += n
+            os.posix_fadvise(fo, start, end - start, os.POSIX_FADV_DONTNEED)
+        os.fsync(fo)
+    finally:
+        os.close(fi)
+        os.close(fo)
+
+
 def _copy_sendfile(src: str, dst: Path) -> None:
     shutil.copyfile(src, dst)  # sendfile on Linux
     _fsync_path(dst)
@@ -196,7 +220,8 @@ def _copy_sendfile(src: str, dst: Path) -> None:
 def io_floor(method: str, paths: list[str], out: Path) -> None:
     """The same bytes as the export reads (the source safetensors files) copied into ``out``, each fsync-ed,
     then the directory fsync-ed: what any exporter that syncs must at least do."""
-    copy = {"floor_copy_file_range": _copy_file_range, "floor_sendfile": _copy_sendfile, "floor_pread": _copy_pread}[method]
+    copy = {"floor_copy_file_range": _copy_file_range, "floor_sendfile": _copy_sendfile, "floor_pread": _copy_pread,
+            "floor_copy_file_range_wb": _copy_file_range_wb}[method]
     out.mkdir(parents=True)
     for path in paths:
         copy(path, out / os.path.basename(path))
@@ -375,13 +400,13 @@ def child_main(args: argparse.Namespace) -> None:
     _say("done")
     sys.stdin.readline()  # the parent has stopped sampling
     hwm = _proc_status("self")["VmHWM"] if hwm_reset else None
-    fsync_s = fsync_clock[0]
+    fsync_s, fadvise_s = fsync_clock
     t0 = time.perf_counter()
     os.sync()
     flush = time.perf_counter() - t0
     files = [p for p in out.rglob("*") if p.is_file() and p.name != "quantizer_state.safetensors"]
     out_bytes = sum(p.stat().st_size for p in files if p.suffix in (".safetensors", ".bin"))
-    result = {"seconds": seconds, "fsync_s": fsync_s, "sync_after_s": flush, "out_bytes": out_bytes, "hwm": hwm,
+    result = {"seconds": seconds, "fsync_s": fsync_s, "fadvise_s": fadvise_s, "sync_after_s": flush, "out_bytes": out_bytes, "hwm": hwm,
               "load_before": load, "source_files": len(paths),
               "source_bytes": sum(os.path.getsize(p) for p in paths)}
     if args.child == "save_clean":
@@ -391,18 +416,22 @@ def child_main(args: argparse.Namespace) -> None:
 
 
 def _time_fsyncs() -> list[float]:
-    """Wrap ``os.fsync`` so that the seconds spent in it (any thread) add up in the returned cell."""
-    clock = [0.0]
-    real = os.fsync
+    """Wrap ``os.fsync`` and ``os.posix_fadvise`` (which starts writeback) so that the seconds spent in them
+    (any thread) add up in the returned cells: ``[fsync, fadvise]``."""
+    clock = [0.0, 0.0]
 
-    def timed(fd):
-        t0 = time.perf_counter()
-        try:
-            return real(fd)
-        finally:
-            clock[0] += time.perf_counter() - t0
+    def wrap(real, cell):
+        def timed(*args):
+            t0 = time.perf_counter()
+            try:
+                return real(*args)
+            finally:
+                clock[cell] += time.perf_counter() - t0
+        return timed
 
-    os.fsync = timed
+    os.fsync = wrap(os.fsync, 0)
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise = wrap(os.posix_fadvise, 1)
     return clock
 
 
@@ -533,7 +562,8 @@ def summarize(runs: list[dict]) -> dict:
             "out_bytes": good[0]["out_bytes"], "gb_per_s": good[0]["out_bytes"] / 1e9 / statistics.median(secs),
             "peak_extra_anon": worst("peak_extra_anon"), "peak_extra_rss": worst("peak_extra_rss"),
             "peak_extra_hwm": worst("peak_extra_hwm"), "sync_after_s_median": median("sync_after_s"),
-            "fsync_s_median": median("fsync_s"), "verify_s_median": median("verify_s"),
+            "fsync_s_median": median("fsync_s"), "fadvise_s_median": median("fadvise_s"),
+            "verify_s_median": median("verify_s"),
             "verify_ok": all(r.get("verify_ok", True) for r in good),
             "verify_peak_extra_hwm": worst("verify_peak_extra_hwm"), "load_max": worst("load_before"),
             "check": "; ".join(checks), "failed_repeats": len(runs) - len(good)}
@@ -609,6 +639,7 @@ def targets(size: dict) -> dict:
         row = {"method": method, "seconds": v["seconds_median"],
                "x_floor": v["seconds_median"] / floor_s if floor_s else None,
                "fsync_share": (v["fsync_s_median"] or 0) / v["seconds_median"],
+               "writeback_start_share": (v["fadvise_s_median"] or 0) / v["seconds_median"],
                "verify_x_export": (v["verify_s_median"] / v["seconds_median"]) if v["verify_s_median"] else None,
                "verify_ok": v["verify_ok"], "peak_extra_anon": v["peak_extra_anon"], "peak_extra_rss": v["peak_extra_rss"],
                "memory_ok": max(v["peak_extra_anon"], v["peak_extra_rss"]) <= bound}
@@ -664,7 +695,7 @@ def targets_text(sizes: list[dict]) -> str:
         for r in t["rows"]:
             lines.append(f"  {r['method']:24s} {num(r['x_floor'])} x floor, "
                          f"{num(r.get('x_save_pretrained_fsync'))} x save_pretrained+fsync, fsync {pct(r['fsync_share'])}"
-                         f" of the time, verify {num(r['verify_x_export'])} x export "
+                         f" of the time (+ {pct(r['writeback_start_share'])} starting writeback), verify {num(r['verify_x_export'])} x export "
                          f"({'ok' if r['verify_ok'] else 'FOUND MISMATCHES'}), +RssAnon {r['peak_extra_anon'] / 2**20:.0f}"
                          f" / +VmRSS {r['peak_extra_rss'] / 2**20:.0f} MiB ({'ok' if r['memory_ok'] else 'OVER'})")
     return "\n".join(lines)

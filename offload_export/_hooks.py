@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,8 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["CacheHook", "Store", "StoreRef", "add_store_entry", "align_hooks", "execution_device", "no_onloading",
-           "offloaded_tensors", "resolve_store"]
+__all__ = ["CacheHook", "Store", "StoreRef", "add_store_entry", "align_hooks", "cache_store", "execution_device",
+           "is_offload_cache", "no_onloading", "offloaded_tensors", "offloads", "resolve_store", "resume_offload",
+           "state_lock", "suspend_offload"]
+
+# Guards every change :func:`offload_export.materialized` makes to hooks, modules and stores (one lock for all
+# of them, so that blocks entered from several threads compose). Re-entrant: a block may enter another.
+state_lock = threading.RLock()
+_suspended: dict[int, list] = {}  # id(hook) -> [hook, number of suspensions, offload flag to restore]
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,31 @@ def align_hooks(module: nn.Module) -> Iterator[object]:
             stack[:0] = list(hook.hooks)
         elif hasattr(hook, "weights_map") and hasattr(hook, "offload"):
             yield hook
+
+
+def suspend_offload(hook) -> None:
+    """Stop ``hook`` from loading weights before and offloading them after a forward; counted, so it nests.
+
+    Call with :data:`state_lock` held; every call needs one :func:`resume_offload`.
+    """
+    entry = _suspended.setdefault(id(hook), [hook, 0, hook.offload])
+    entry[1] += 1
+    hook.offload = False
+
+
+def resume_offload(hook) -> None:
+    """Undo one :func:`suspend_offload`; the last one gives ``hook`` back its own ``offload`` flag."""
+    entry = _suspended[id(hook)]
+    entry[1] -= 1
+    if entry[1] == 0:
+        hook.offload = entry[2]
+        del _suspended[id(hook)]
+
+
+def offloads(hook) -> bool:
+    """Whether ``hook`` offloads its module's tensors, also while :func:`suspend_offload` holds it off."""
+    entry = _suspended.get(id(hook))
+    return bool(entry[2] if entry is not None else hook.offload)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -154,16 +186,21 @@ def _hook_tensors(module: nn.Module, hook) -> Iterator[tuple[str, nn.Module, str
                     yield prefix + attr, owner, attr
 
 
-def offloaded_tensors(model: nn.Module) -> dict[tuple[int, str], StoreRef]:
+def offloaded_tensors(model: nn.Module, *, include_suspended: bool = False) -> dict[tuple[int, str], StoreRef]:
     """Map every offloaded tensor slot ``(id(owner), attr)`` of ``model`` to its hook and store.
 
     Only hooks with ``offload=True`` and a ``weights_map`` count; a slot covered by several hooks
     (nested ``place_submodules``) is attributed to the innermost one, as accelerate loads it last.
+
+    Args:
+        model: the module to scan.
+        include_suspended: also count hooks that ``materialized`` holds off right now (their tensors are
+            real until the block ends). Off by default: inside a block, those tensors read as resident.
     """
     refs: dict[tuple[int, str], StoreRef] = {}
     for module_name, module in model.named_modules():
         for hook in align_hooks(module):
-            if not hook.offload or hook.weights_map is None:
+            if not (offloads(hook) if include_suspended else hook.offload) or hook.weights_map is None:
                 continue
             device = execution_device(hook)
             for rel, owner, attr in _hook_tensors(module, hook):
@@ -187,8 +224,8 @@ def offloaded_tensors(model: nn.Module) -> dict[tuple[int, str], StoreRef]:
 class CacheHook:
     """Stands in for an accelerate hook over one compressed-tensors ``OffloadCache``.
 
-    ``offload`` is the flag :func:`offload_export.materialized` suspends; an ``OffloadCache`` onloads on
-    every access and has no post-forward offload, so the flag changes nothing there.
+    ``materialized`` does not suspend it: it replaces the module's ``OffloadCache`` by a dict of onloaded
+    copies for the block instead (an ``OffloadCache`` onloads a fresh copy on every access).
     """
 
     def __init__(self, cache: Mapping):
@@ -196,11 +233,12 @@ class CacheHook:
         self.offload = True
 
 
-def _is_offload_cache(mapping: object) -> bool:
+def is_offload_cache(mapping: object) -> bool:
+    """Whether ``mapping`` (a module's ``_parameters`` / ``_buffers``) is a compressed-tensors ``OffloadCache``."""
     return not isinstance(mapping, dict) and hasattr(mapping, "offloaded_values") and hasattr(mapping, "onload_device")
 
 
-def _cache_store(cache, name: str) -> Store:
+def cache_store(cache, name: str) -> Store:
     """CPU-offloaded values are read in place; disk/device ones through the cache itself (its own onload)."""
     value = cache.offloaded_values[name]
     if str(getattr(cache, "offload_device", "")) == "cpu" and value.device.type == "cpu":
@@ -213,12 +251,12 @@ def _ct_offloaded_tensors(model: nn.Module) -> dict[tuple[int, str], StoreRef]:
     refs: dict[tuple[int, str], StoreRef] = {}
     for module_name, module in model.named_modules():
         for cache in (module._parameters, module._buffers):
-            if not _is_offload_cache(cache):
+            if not is_offload_cache(cache):
                 continue
             hook, device = CacheHook(cache), torch.device(cache.onload_device)
             for name, value in cache.offloaded_values.items():
                 if value is not None:
-                    refs[(id(module), name)] = StoreRef(hook, module_name, device, _cache_store(cache, name))
+                    refs[(id(module), name)] = StoreRef(hook, module_name, device, cache_store(cache, name))
     return refs
 
 

@@ -185,7 +185,8 @@ def _run_export(args: argparse.Namespace) -> int:
     from ._atomic import check_destination
 
     _checkpoint_dir(args.src)
-    check_destination(Path(args.out), overwrite=args.overwrite)  # before the (long) load
+    protected = [args.src, *([args.offload_folder] if args.offload_folder else [])]
+    check_destination(Path(args.out), overwrite=args.overwrite, protected=protected)  # before the (long) load
     say = (lambda *a: None) if args.quiet else print
     with _offload_folder(args.offload_folder) as folder:
         model = _load_quantized(args, folder, say)

@@ -102,6 +102,9 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "f
             ``generation_config.json`` too.
         out_dir: the destination directory; must be absent or empty unless ``overwrite``.
         format: ``"fake-quant"`` (default): the weights as the fake-quantized model computes with them.
+            ``"compressed-tensors"``: the packed checkpoint llm-compressor writes (``pack-quantized``,
+            ``float-quantized``, ``int-quantized``, ``nvfp4-pack-quantized`` with ``quantization_config``), for
+            compressed-tensors schemes and the built-in ones (:func:`offload_export.quantize_weights`).
         fold: write enabled weight quantizers' fake-quantized values instead of the raw weights.
         max_shard_size: bytes per shard, an int or a string like ``"5GB"``.
         dtype: cast floating-point weights to this dtype.

@@ -1,177 +1,437 @@
-"""``materialized()``: offloaded weights made real for the duration of a block, then restored exactly."""
+"""``materialized()``: offloaded weights made real for the duration of a block, then restored exactly.
+
+All blocks share one registry under :data:`._hooks.state_lock`, so they nest, overlap out of order and run in
+several threads:
+
+- each onloaded tensor is an :class:`_Onloaded`, claimed once per block and slot; the last claim released
+  puts it back on the meta device, whichever block (or thread) that is;
+- each compressed-tensors ``OffloadCache`` is replaced for the block by a dict of onloaded copies
+  (:class:`_CacheSwap`), counted the same way;
+- each accelerate hook's ``offload`` flag is suspended and resumed with a count (``_hooks.suspend_offload``).
+
+A ``writeback=True`` block that exits normally writes every tensor it covers whose value differs from the
+store when *it* exits, even while other blocks keep the tensor onloaded.
+"""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+import contextlib
+import sys
+import warnings
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils import swap_tensors
 
-from ._hooks import CacheHook, StoreRef, offloaded_tensors
+from ._errors import add_note
+from ._hooks import (StoreRef, cache_store, is_offload_cache, offloaded_tensors, resume_offload, state_lock,
+                     suspend_offload)
 from ._store import read_store, write_store
 
-__all__ = ["materialized"]
+__all__ = ["materialized", "onloaded"]
+
+_Key = tuple[int, str]  # (id(owner module), attribute name)
 
 
-@dataclass
-class _Onloaded:
-    """A module tensor made real: ``original`` now holds the data, ``placeholder`` the meta tensor."""
+@dataclass(frozen=True, eq=False)
+class _Slot:
+    """One place a tensor lives: ``owner._parameters[attr]`` or ``owner._buffers[attr]``."""
 
-    original: torch.Tensor
-    placeholder: torch.Tensor
-    ref: StoreRef
     name: str
-    depth: int = 1
+    owner: nn.Module
+    attr: str
+    ref: StoreRef | None
+    is_param: bool
 
+    def current(self) -> torch.Tensor | None:
+        return (self.owner._parameters if self.is_param else self.owner._buffers).get(self.attr)
 
-# Shared by all contexts so that nesting (and threads onloading different modules) compose: a tensor is
-# onloaded by the first context that needs it and restored by the last one that leaves.
-_lock = threading.RLock()
-_active: dict[int, _Onloaded] = {}
-_suspended: dict[int, list] = {}  # id(hook) -> [hook, depth]
+    def put(self, tensor: torch.Tensor) -> None:
+        (self.owner._parameters if self.is_param else self.owner._buffers)[self.attr] = tensor
 
 
 def _real_twin(meta: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    if isinstance(meta, nn.Parameter):
-        return type(meta)(value, requires_grad=meta.requires_grad)
+    """``value`` dressed like ``meta``: same class, ``requires_grad`` and Python attributes."""
+    twin = type(meta)(value, requires_grad=meta.requires_grad) if isinstance(meta, nn.Parameter) else value
+    if twin is not value or type(meta) is not torch.Tensor:
+        twin.__dict__.update(meta.__dict__)
+    return twin
+
+
+def _holders(tensor: torch.Tensor) -> str:
+    """What may still reference ``tensor``, in words, for errors and warnings."""
+    refs = len(weakref.getweakrefs(tensor))
+    return (f"{tensor._use_count() - 1} other reference(s) to its data (a view of it, or an autograd graph built "
+            f"from it with grad enabled)" + (f" and {refs} weakref(s)" if refs else ""))
+
+
+def _check_value(name: str, value: object, like: torch.Tensor) -> torch.Tensor:
+    """The value to persist for ``name``: a tensor of ``like``'s shape and dtype.
+
+    Raises:
+        ValueError: ``value`` is missing, not a tensor, or of another shape or dtype.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"materialized(writeback=True): {name} was removed or replaced by {type(value).__name__};\n"
+                         f"  the offload store keeps a {like.dtype} tensor of shape {tuple(like.shape)}: "
+                         f"assign a tensor of that shape and dtype, or leave the block without writeback")
+    if value.shape != like.shape or value.dtype != like.dtype:
+        raise ValueError(f"materialized(writeback=True): {name} was replaced by a tensor the offload store cannot take\n"
+                         f"  expected: {like.dtype}, shape {tuple(like.shape)}\n"
+                         f"  actual:   {value.dtype}, shape {tuple(value.shape)}\n"
+                         f"  cast/reshape it (or copy_ into the existing tensor) before the block ends")
     return value
 
 
-def _onload(name: str, tensor: torch.Tensor, ref: StoreRef, device: torch.device) -> _Onloaded:
-    value = read_store(ref.store, tensor.dtype, tuple(tensor.shape))
-    copy = ref.store.kind == "cpu" or value.device == device  # never hand out the store's own memory
-    value = value.to(device, copy=copy)
-    twin = _real_twin(tensor, value)
-    swap_tensors(tensor, twin)  # `tensor` keeps its identity (and every reference to it) but now holds data
-    return _Onloaded(tensor, twin, ref, name)
+def _differs(store, value: torch.Tensor) -> bool:
+    """Whether ``store`` holds something other than ``value`` (read back and compared exactly)."""
+    stored = read_store(store, value.dtype, tuple(value.shape))
+    return not torch.equal(stored, value.detach().to(stored.device))
 
 
-def _offload(entry: _Onloaded, writeback: bool) -> None:
+@dataclass(eq=False)
+class _Onloaded:
+    """An accelerate-offloaded tensor made real.
+
+    ``live`` sits in every slot and holds the data; ``meta`` goes back on restore. Normally ``live`` is the
+    module's own object (its content swapped with a real twin, so references to it stay valid) and ``meta`` the
+    twin; where that swap was impossible, ``live`` is the twin and ``meta`` the module's own object.
+    """
+
+    name: str
+    live: torch.Tensor
+    meta: torch.Tensor
+    swapped: bool
+    slots: dict[_Key, _Slot] = field(default_factory=dict)
+    count: int = 0
+
+    @classmethod
+    def load(cls, slot: _Slot, tensor: torch.Tensor, device: torch.device) -> _Onloaded:
+        """Read ``tensor``'s store entry onto ``device`` and put the data under ``tensor`` (or in its slot)."""
+        value = read_store(slot.ref.store, tensor.dtype, tuple(tensor.shape))
+        copy = slot.ref.store.kind in ("cpu", "mapping")  # never hand out the store's own memory
+        twin = _real_twin(tensor, value.to(device, copy=copy))
+        try:
+            swap_tensors(tensor, twin)  # `tensor` keeps its identity but now holds the data
+            return cls(slot.name, tensor, twin, True)
+        except RuntimeError:  # a weakref or a view holds the meta tensor: work on the slot instead
+            slot.put(twin)
+            return cls(slot.name, twin, tensor, False)
+
+    def write_back(self) -> None:
+        """Persist each slot's current value (also a replacement Parameter) into that slot's store."""
+        for slot in self.slots.values():
+            if slot.ref is not None:
+                value = _check_value(slot.name, slot.current(), self.meta)
+                if _differs(slot.ref.store, value):
+                    write_store(slot.ref.store, value.detach())
+
+    def restore(self) -> None:
+        """Back on meta; every slot holds the module's own object again (its meta placeholder as a last resort)."""
+        if self.swapped:
+            try:
+                swap_tensors(self.live, self.meta)
+            except RuntimeError:
+                self._restore_by_slot()
+                return
+        own = self.live if self.swapped else self.meta
+        for slot in self.slots.values():
+            if slot.current() is not own:
+                slot.put(own)
+
+    def _restore_by_slot(self) -> None:
+        for slot in self.slots.values():
+            slot.put(self.meta)
+        warnings.warn(
+            f"materialized(): {self.name} is still referenced after the block ({_holders(self.live)}), so it could "
+            f"not be put back on meta in place.\n  The module now holds its meta placeholder (a new "
+            f"{type(self.meta).__name__} object); the old object keeps its {self.live.device} memory until those "
+            f"references go. Read it under torch.no_grad() and drop views before the block ends.",
+            ResourceWarning, stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """``warnings.warn``'s stacklevel of the first frame outside this module and ``contextlib``."""
+    ours = {__file__, contextlib.__file__}
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename in ours:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+@dataclass(eq=False)
+class _CacheSwap:
+    """A compressed-tensors ``OffloadCache`` (``owner._parameters`` or ``_buffers``) replaced by onloaded copies."""
+
+    name: str  # "<prefix>parameters" / "<prefix>buffers", for messages
+    prefix: str
+    owner: nn.Module
+    dict_name: str  # "_parameters" | "_buffers"
+    cache: Mapping
+    plain: dict
+    skipped: frozenset[str]
+    count: int = 0
+
+    @classmethod
+    def load(cls, name: str, owner: nn.Module, dict_name: str, device: torch.device | None,
+             skip: frozenset[_Key]) -> _CacheSwap:
+        """Onload every value of ``getattr(owner, dict_name)`` (skipped ones as meta) and swap the dict in."""
+        cache = getattr(owner, dict_name)
+        device = device or torch.device(cache.onload_device)
+        skipped = frozenset(k for k in cache.offloaded_values if (id(owner), k) in skip)
+        plain = {k: _onload_cached(cache, k, device, k in skipped) for k in cache.offloaded_values}
+        setattr(owner, dict_name, plain)
+        return cls(f"{name}{dict_name.lstrip('_')}", name, owner, dict_name, cache, plain, skipped)
+
+    def write_back(self) -> None:
+        """Persist changed values through compressed-tensors' own ``cache[key] = value`` (``update_offload``)."""
+        stored = self.cache.offloaded_values
+        for key in sorted(set(stored) | set(self.plain)):
+            if key not in stored:
+                raise ValueError(f"materialized(writeback=True): {self.prefix}{key} was added inside the block;\n"
+                                 f"  register it outside materialized() (compressed-tensors offloads it then)")
+            if key in self.skipped or stored[key] is None:
+                continue
+            value = _check_value(f"{self.prefix}{key}", self.plain.get(key), stored[key])
+            if _differs(cache_store(self.cache, key), value):
+                self.cache[key] = value.detach()
+
+    def restore(self) -> None:
+        setattr(self.owner, self.dict_name, self.cache)
+
+
+def _onload_cached(cache, key: str, device: torch.device, skipped: bool) -> torch.Tensor | None:
+    offloaded = cache.offloaded_values[key]
+    if offloaded is None:
+        return None
+    if skipped:
+        return _real_twin(offloaded, torch.empty_like(offloaded, device="meta"))
+    value = read_store(cache_store(cache, key), offloaded.dtype, tuple(offloaded.shape))
+    return _real_twin(offloaded, value.to(device, copy=True))
+
+
+# The registry: what is onloaded now, by slot and by tensor object (tied: one tensor in several slots).
+_by_slot: dict[_Key, _Onloaded] = {}
+_by_tensor: dict[int, _Onloaded] = {}
+_swaps: dict[_Key, _CacheSwap] = {}
+
+
+@dataclass(eq=False)
+class _Block:
+    """What one ``with`` block claimed: entries (once per claim) and the hooks it suspended."""
+
+    label: str
+    claims: list = field(default_factory=list)
+    hooks: list = field(default_factory=list)
+
+
+def _claim_caches(block: _Block, prefix: str, owner: nn.Module, device, skip: frozenset[_Key]) -> None:
+    for name in ("_parameters", "_buffers"):
+        key = (id(owner), name)
+        swap = _swaps.get(key)
+        if swap is None:
+            if not is_offload_cache(owner.__dict__.get(name)):
+                continue
+            swap = _swaps[key] = _CacheSwap.load(prefix, owner, name, device, skip)
+        swap.count += 1
+        block.claims.append(swap)
+
+
+def _claim_tensor(block: _Block, slot: _Slot, tensor: torch.Tensor, device) -> None:
+    key = (id(slot.owner), slot.attr)
+    entry = _by_slot.get(key) or _by_tensor.get(id(tensor))
+    if entry is None:
+        if slot.ref is None:
+            if tensor.device.type == "meta":
+                raise RuntimeError(
+                    f"{slot.name} is on the meta device and no offloading hook inside this module supplies it;\n"
+                    f"  if an enclosing module's hook owns it (place_submodules), materialize that module")
+            return
+        entry = _Onloaded.load(slot, tensor, device or slot.ref.execution_device)
+        _by_tensor[id(entry.live)] = _by_tensor[id(entry.meta)] = entry
+    if key not in entry.slots:
+        entry.slots[key] = slot
+        _by_slot[key] = entry
+        if slot.current() is entry.meta:  # a tied slot of a tensor that could not be swapped in place
+            slot.put(entry.live)
+    entry.count += 1
+    block.claims.append(entry)
+    hook = slot.ref.hook if slot.ref is not None else None
+    if hook is not None and all(h is not hook for h in block.hooks):
+        suspend_offload(hook)  # accelerate's post_forward would set the weights back to meta
+        block.hooks.append(hook)
+
+
+def _enter(module: nn.Module, device, refs: dict[_Key, StoreRef], skip: frozenset[_Key]) -> _Block:
+    """Claim every offloaded tensor of ``module`` for a new block (onloading those nobody holds yet)."""
+    block = _Block(type(module).__name__)
+    try:
+        named = list(module.named_modules(remove_duplicate=False))
+        for prefix, owner in named:  # compressed-tensors caches first: their dicts are then plain
+            _claim_caches(block, f"{prefix}." if prefix else "", owner, device, skip)
+        for prefix, owner in named:
+            for name in ("_parameters", "_buffers"):
+                if (id(owner), name) not in _swaps:
+                    _claim_dict(block, prefix, owner, name, device, refs, skip)
+    except BaseException as error:
+        _release(block, error)
+        raise
+    return block
+
+
+def _claim_dict(block, prefix: str, owner: nn.Module, name: str, device, refs, skip) -> None:
+    for attr, tensor in list(getattr(owner, name).items()):
+        if tensor is not None and (id(owner), attr) not in skip:
+            slot = _Slot(f"{prefix}.{attr}" if prefix else attr, owner, attr, refs.get((id(owner), attr)),
+                         name == "_parameters")
+            _claim_tensor(block, slot, tensor, device)
+
+
+def _release(block: _Block, error: BaseException | None) -> None:
+    """Drop the block's claims; the last claim of an entry restores it. Hooks resume afterwards.
+
+    Every claim is released even if one restore fails (or a ``KeyboardInterrupt`` arrives meanwhile). With
+    ``error`` given (the block is already failing), restore failures become notes on it.
+
+    Raises:
+        RuntimeError: (without ``error``) a tensor could not be restored.
+        KeyboardInterrupt: arrived while restoring (after everything was restored).
+    """
+    failures: list[tuple[object, BaseException]] = []
+    for claim in reversed(block.claims):
+        claim.count -= 1
+        if claim.count == 0:
+            _forget(claim)
+            try:
+                claim.restore()
+            except BaseException as e:  # noqa: B036 - restore the others first
+                failures.append((claim, e))
+    block.claims.clear()
+    for hook in block.hooks:
+        resume_offload(hook)
+    block.hooks.clear()
+    _report_release(block, failures, error)
+
+
+def _forget(claim) -> None:
+    if isinstance(claim, _CacheSwap):
+        del _swaps[(id(claim.owner), claim.dict_name)]
+        return
+    _by_tensor.pop(id(claim.live), None)
+    _by_tensor.pop(id(claim.meta), None)
+    for key in claim.slots:
+        _by_slot.pop(key, None)
+
+
+def _report_release(block: _Block, failures: list, error: BaseException | None) -> None:
+    if not failures:
+        return
+    text = "; ".join(f"{claim.name}: {type(e).__name__}: {e}"
+                     + (f" (held by {_holders(claim.live)})" if isinstance(claim, _Onloaded) else "")
+                     for claim, e in failures)
+    if error is not None:
+        add_note(error, f"restoring {block.label} after this error also failed for {text}")
+        return
+    interrupt = next((e for _, e in failures if not isinstance(e, Exception)), None)
+    if interrupt is not None:
+        raise interrupt
+    raise RuntimeError(f"materialized({block.label}): {len(failures)} tensor(s) could not be put back on their "
+                       f"offload device: {text}") from failures[0][1]
+
+
+def _write_back(block: _Block) -> None:
+    """Persist every changed tensor the block covers; all are tried, the first failure is raised with a note."""
+    done, failed, first = [], [], None
+    for claim in dict.fromkeys(block.claims):  # once each, in claim order
+        try:
+            claim.write_back()
+            done.append(claim.name)
+        except Exception as e:
+            failed.append(claim.name)
+            first = first or e
+    if first is not None:
+        add_note(first, f"while writing back {failed[0]} on exit from materialized({block.label}, writeback=True); "
+                        f"every tensor was restored to its offload device.\n  written back: {done or 'none'}\n"
+                        f"  not written back: {failed}")
+        raise first
+
+
+def _leave(block: _Block, writeback: bool) -> None:
     try:
         if writeback:
-            stored = read_store(entry.ref.store, entry.original.dtype, tuple(entry.original.shape))
-            if not torch.equal(stored, entry.original.detach().to(stored.device)):
-                write_store(entry.ref.store, entry.original.detach())
-    finally:
-        swap_tensors(entry.original, entry.placeholder)
-
-
-def _slots(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
-    for owner_name, owner in module.named_modules(remove_duplicate=False):
-        prefix = f"{owner_name}." if owner_name else ""
-        for attr, tensor in list(owner._parameters.items()) + list(owner._buffers.items()):
-            if tensor is not None:
-                yield prefix + attr, owner, attr, tensor
-
-
-def _enter(module: nn.Module, device: torch.device | None, refs: dict, skip: frozenset
-           ) -> tuple[list[_Onloaded], list]:
-    mine: list[_Onloaded] = []
-    hooks: list = []
-    try:
-        for name, owner, attr, tensor in _slots(module):
-            if (id(owner), attr) in skip:
-                continue
-            ref = refs.get((id(owner), attr))
-            if ref is None:
-                if tensor.device.type == "meta" and id(tensor) not in _active:
-                    raise RuntimeError(
-                        f"{name} is on the meta device and no offloading hook inside this module supplies it;\n"
-                        f"  if an enclosing module's hook owns it (place_submodules), materialize that module")
-                continue
-            if id(tensor) in _active:
-                _active[id(tensor)].depth += 1
-            else:
-                _active[id(tensor)] = _onload(name, tensor, ref, device or ref.execution_device)
-            mine.append(_active[id(tensor)])
-            if id(ref.hook) not in {id(h) for h in hooks}:
-                hooks.append(ref.hook)
-    except BaseException:
-        _exit(mine, [], writeback=False)
+            _write_back(block)
+    except BaseException as error:
+        _release(block, error)
         raise
-    for hook in hooks:  # accelerate's post_forward would set the weights back to meta
-        entry = _suspended.setdefault(id(hook), [hook, 0, hook.offload])
-        entry[1] += 1
-        hook.offload = False
-    return mine, hooks
+    _release(block, None)
 
 
-def _exit(mine: list[_Onloaded], hooks: list, writeback: bool) -> None:
-    for hook in hooks:
-        entry = _suspended[id(hook)]
-        entry[1] -= 1
-        if entry[1] == 0:
-            hook.offload = entry[2]
-            del _suspended[id(hook)]
-    errors = []
-    for entry in reversed(mine):
-        entry.depth -= 1
-        if entry.depth:
-            continue
-        del _active[id(entry.original)]
-        try:
-            _offload(entry, writeback)
-        except Exception as e:  # restore every other tensor before reporting
-            errors.append((entry.name, e))
-    if errors:
-        name, error = errors[0]
-        raise RuntimeError(f"writing back {name} failed ({len(errors)} tensor(s) failed): {error}") from error
-
-
-@contextmanager
+@contextlib.contextmanager
 def materialized(module: nn.Module, device: torch.device | str | None = None, *,
                  writeback: bool = False) -> Iterator[nn.Module]:
     """Make every offloaded parameter and buffer of ``module`` real for the duration of the block.
 
-    Inside, each offloaded tensor holds its stored value on its hook's execution device (or ``device``),
-    and accelerate's hooks do not offload them again after a forward. On exit (also on an exception or
-    ``KeyboardInterrupt``) every tensor is the same object as before, back on the meta device, and the
-    hooks are as they were. Contexts nest, also on overlapping modules.
+    Inside, each offloaded tensor holds its stored value on its hook's execution device (or ``device``; a
+    tensor another open block already holds stays where that block put it), and accelerate's hooks do not
+    offload them again after a forward. Modules offloaded by compressed-tensors' own ``OffloadCache`` get a
+    dict of onloaded copies for the block. Blocks nest, overlap in any order and may run in several
+    threads: each tensor is restored when the last block holding it exits. On exit (also on an exception
+    or ``KeyboardInterrupt``) every tensor is the same object as before, back on the meta device, and the
+    hooks are as they were; a tensor still referenced from outside (a view, an autograd graph) cannot be
+    swapped back in place, so its slot gets a meta placeholder instead (with a ``ResourceWarning``).
 
     Args:
-        module: a model or any submodule carrying (or below) accelerate ``AlignDevicesHook``s.
+        module: a model or any submodule carrying (or below) accelerate ``AlignDevicesHook``s or
+            compressed-tensors ``OffloadCache``s.
         device: where to put the onloaded tensors instead of each hook's execution device.
-        writeback: on a normal exit, persist tensors whose values changed into the offload store
-            (a ``.dat`` in the offload folder, the CPU dict, never the user's own safetensors file).
+        writeback: on a normal exit of *this* block, persist every tensor it covers whose value differs from
+            the store (in-place edits and replaced Parameters alike) into the offload store (the CPU dict, a
+            ``.dat`` in the offload folder, compressed-tensors' cache; never the user's own safetensors file),
+            also while an enclosing or overlapping block keeps the tensor onloaded.
 
     Yields:
         ``module`` itself.
 
     Raises:
-        RuntimeError: a meta tensor has no hook in ``module`` that can supply it, a writeback failed, or
-            ``writeback`` was asked for a module offloaded by compressed-tensors' ``OffloadCache``.
+        ValueError: with ``writeback``, a tensor was replaced by one of another shape or dtype (or removed).
+        RuntimeError: a meta tensor has no hook in ``module`` that can supply it.
+        Exception: anything raised inside the block or by a store write passes through with its own type and
+            a note saying what was restored and written.
 
     Example:
         >>> with offload_export.materialized(model.model.layers[3]) as layer:  # doctest: +SKIP
         ...     print(layer.mlp.up_proj.weight.abs().max())
     """
-    refs = offloaded_tensors(module)
-    if writeback and any(isinstance(r.hook, CacheHook) for r in refs.values()):
-        raise RuntimeError("materialized(writeback=True) does not support modules offloaded by compressed-tensors'\n"
-                           "  own OffloadCache (it hands out a fresh copy on every access, so edits would be lost);\n"
-                           "  edit through compressed-tensors' `update_offload_parameter` instead")
-    with onloaded(module, device, refs, writeback=writeback):
-        yield module
+    with onloaded(module, device, None, writeback=writeback):
+        try:
+            yield module
+        except Exception as e:
+            add_note(e, f"raised inside offload_export.materialized({type(module).__name__}): its offloaded "
+                        f"tensors were restored{', nothing was written back' if writeback else ''}")
+            raise
 
 
-@contextmanager
-def onloaded(module: nn.Module, device: torch.device | str | None, refs: dict[tuple[int, str], StoreRef], *,
-             writeback: bool = False, skip: frozenset[tuple[int, str]] = frozenset()) -> Iterator[None]:
+@contextlib.contextmanager
+def onloaded(module: nn.Module, device: torch.device | str | None, refs: dict[_Key, StoreRef] | None, *,
+             writeback: bool = False, skip: frozenset[_Key] = frozenset()) -> Iterator[None]:
     """:func:`materialized` with the offload map given, e.g. the whole model's (hooks above ``module``).
 
-    ``skip`` lists ``(id(owner), attr)`` slots to leave offloaded (the caller already holds their data).
+    Args:
+        refs: ``offloaded_tensors(model)`` of a model containing ``module``; ``None``: ``module``'s own.
+        skip: ``(id(owner), attr)`` slots to leave offloaded (the caller already holds their data).
     """
     device = torch.device(device) if device is not None else None
-    with _lock:
-        mine, hooks = _enter(module, device, refs, skip)
-    ok = False
+    with state_lock:
+        refs = offloaded_tensors(module, include_suspended=True) if refs is None else refs
+        block = _enter(module, device, refs, skip)
     try:
         yield
-        ok = True
-    finally:
-        with _lock:
-            _exit(mine, hooks, writeback=writeback and ok)
+    except BaseException as error:
+        with state_lock:
+            _release(block, error)
+        raise
+    with state_lock:
+        _leave(block, writeback)

@@ -186,3 +186,12 @@ def test_help_lists_commands_and_examples(capsys):
     assert code == 0
     for text in ("demo", "export", "layout", "examples:", "offload-export demo --size small"):
         assert text in stdout
+
+
+def test_export_onto_its_own_source_is_refused_before_loading(tmp_path, capsys):
+    src = tmp_path / "src"
+    build_checkpoint(src, "tiny")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    assert main(["export", str(src), str(src), "--overwrite", "--quiet"]) == 1
+    assert "model reads its offloaded weights from" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._hooks import add_store_entry, align_hooks, offloaded_tensors
+from .._hooks import add_store_entry, align_hooks, offloaded_tensors, offloads
 from .._store import anon_empty
 from ..layout import layout
 from ..materialize import onloaded
@@ -326,7 +326,7 @@ def _add_to_offloading_hooks(model: nn.Module, name: str, quantizer: FakeQuantiz
         owner = model.get_submodule(".".join(parts[:i]))
         prefix = ".".join([*parts[i:], "weight_quantizer"])
         for hook in align_hooks(owner):
-            if hook.offload and hook.offload_buffers and hook.place_submodules and hook.weights_map is not None:
+            if offloads(hook) and hook.offload_buffers and hook.place_submodules and hook.weights_map is not None:
                 for buffer_name, buffer in quantizer.named_buffers():
                     add_store_entry(hook.weights_map, f"{prefix}.{buffer_name}", buffer)
 

@@ -1,0 +1,208 @@
+"""Replay of what ModelOpt's ``export_hf_checkpoint`` does to each module, on copies.
+
+ModelOpt's resident export edits the model in place: ``requantize_resmooth_fused_llm_layers`` (shared
+``pre_quant_scale`` for modules that read one input, max of their ``amax``, ``pre_quant_scale`` folded
+into the preceding layernorm for AWQ), then ``_export_quantized_weight`` per module, then
+``postprocess_state_dict``. Here the model-level part runs once on *shadows* -- copies of each quantized
+module holding its quantizer state (small) and a meta weight -- and records, per module, the steps its
+weight goes through. The per-module part then runs on a fresh copy of one module at a time, holding
+that module's real weight, with ModelOpt's own functions. The model is never touched.
+
+Only ModelOpt's public-ish export helpers are called; numerics are never re-derived here.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["Step", "clone_module", "shared_input_groups"]
+
+# instance attributes that accelerate's add_hook_to_module puts on a module
+_HOOK_ATTRS = frozenset({"_hf_hook", "_old_forward", "forward"})
+_TENSOR_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+def clone_module(module: nn.Module, tensors: dict[str, torch.Tensor] | None = None,
+                 device: torch.device | None = None) -> nn.Module:
+    """An independent copy of ``module`` (same class), without accelerate hooks or torch hooks.
+
+    Direct parameters/buffers come from ``tensors`` (by attribute name) when given there, else are
+    cloned (meta stays meta). Children are cloned recursively. Python attributes are deep-copied, so
+    ModelOpt's in-place setters (``amax``, ``pre_quant_scale``, the calibrator's ``reset``) only ever
+    reach the copy.
+    """
+    tensors = tensors or {}
+    new = object.__new__(type(module))
+    state = {}
+    for key, value in module.__dict__.items():
+        if key in _HOOK_ATTRS or key in _TENSOR_DICTS:
+            continue
+        if "hooks" in key and isinstance(value, dict):
+            state[key] = type(value)()
+        elif isinstance(value, (nn.Module, torch.Tensor)):
+            state[key] = value  # a reference held outside the module tree (e.g. a parent); never edited
+        else:
+            state[key] = copy.deepcopy(value)
+    new.__dict__.update(state)
+    new._parameters = OrderedDict()
+    for name, p in module._parameters.items():
+        value = tensors[name] if name in tensors else _copy_tensor(p, device)
+        new._parameters[name] = None if value is None else nn.Parameter(value, requires_grad=False)
+    new._buffers = OrderedDict(
+        (name, tensors[name] if name in tensors else _copy_tensor(b, device)) for name, b in module._buffers.items())
+    new._modules = OrderedDict(
+        (name, None if child is None else clone_module(child, device=device)) for name, child in module._modules.items())
+    return new
+
+
+def _copy_tensor(t: torch.Tensor | None, device: torch.device | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    t = t.detach()
+    if t.is_meta:
+        return torch.empty_like(t, device="meta")
+    return t.to(device, copy=True) if device is not None else t.clone()
+
+
+@dataclass
+class Step:
+    """One thing ``requantize_resmooth_fused_llm_layers`` does to a module, replayed in order.
+
+    kind:
+        ``"fuse_rows"``: ``weight *= value[:, None]`` and its weight quantizer recalibrated
+        (``fuse_prequant_to_linear``, NVFP4-AWQ); ``"update_pqs"``: ``_update_pre_quant_scale(m, value)``
+        (weight resmoothed to the group's mean ``pre_quant_scale``, weight quantizer recalibrated);
+        ``"input_amax"`` / ``"weight_amax"``: the group's max set into the quantizer;
+        ``"drop_pqs"``: ``pre_quant_scale`` deleted (folded elsewhere), ``fused_with_prequant`` set.
+    """
+
+    kind: str
+    value: torch.Tensor | None = None
+    needs_weight: bool = field(init=False)
+
+    def __post_init__(self):
+        self.needs_weight = self.kind in ("fuse_rows", "update_pqs")
+
+    def apply(self, m: nn.Module) -> None:
+        from modelopt.torch.export.quant_utils import _update_pre_quant_scale
+        from modelopt.torch.quantization.nn import NVFP4StaticQuantizer, SequentialQuantizer
+
+        if self.kind == "fuse_rows":
+            # the statements of modelopt.torch.export.quant_utils.fuse_prequant_to_linear
+            pqs = self.value.to(_device_of(m))
+            if m.weight is not None and not m.weight.is_meta:
+                m.weight = nn.Parameter(m.weight * pqs.view(-1, 1))
+                if getattr(m, "bias", None) is not None:
+                    m.bias = nn.Parameter(m.bias * pqs)
+                recalibrate(m)
+        elif self.kind == "update_pqs":
+            if m.weight is not None and not m.weight.is_meta:
+                _update_pre_quant_scale(m, self.value.to(_device_of(m)))
+            else:  # a shadow: only the quantizer's side of _update_pre_quant_scale
+                m.input_quantizer.pre_quant_scale = self.value
+        elif self.kind == "input_amax":
+            m.input_quantizer.amax = self.value.to(_device_of(m))
+        elif self.kind == "weight_amax":
+            wq = m.weight_quantizer
+            value = self.value.to(_device_of(m))
+            if isinstance(wq, SequentialQuantizer):
+                wq[-1].amax = value
+            elif isinstance(wq, NVFP4StaticQuantizer):
+                wq.global_amax = value
+            else:
+                wq.amax = value
+        elif self.kind == "drop_pqs":
+            if hasattr(m.input_quantizer, "_pre_quant_scale"):
+                delattr(m.input_quantizer, "_pre_quant_scale")
+            m.fused_with_prequant = True
+        else:
+            raise AssertionError(self.kind)
+
+
+def recalibrate(m: nn.Module) -> None:
+    """ModelOpt's "Redo weights collection": reset the weight quantizer's amax and calibrate it on the weight."""
+    from modelopt.torch.quantization.model_calib import enable_stats_collection, finish_stats_collection
+
+    m.weight_quantizer.reset_amax()
+    enable_stats_collection(m.weight_quantizer)
+    m.weight_quantizer(m.weight)
+    finish_stats_collection(m.weight_quantizer)
+
+
+def _device_of(m: nn.Module) -> torch.device:
+    w = getattr(m, "weight", None)
+    if isinstance(w, torch.Tensor) and not w.is_meta:
+        return w.device
+    for b in m.buffers():
+        if not b.is_meta:
+            return b.device
+    return torch.device("cpu")
+
+
+def group_weight_amax(m: nn.Module) -> torch.Tensor | None:
+    """The weight amax ``preprocess_linear_fusion`` takes the group max of, or None when it takes none."""
+    from modelopt.torch.quantization.nn import NVFP4StaticQuantizer, SequentialQuantizer
+
+    wq = m.weight_quantizer
+    if isinstance(wq, SequentialQuantizer):
+        return wq[-1].amax if wq[-1].is_enabled else None
+    if isinstance(wq, NVFP4StaticQuantizer):
+        return wq.global_amax
+    if wq.is_enabled and wq.amax is not None and wq.amax.numel() == 1:
+        return wq.amax
+    return None
+
+
+def shared_input_groups(model: nn.Module, device: torch.device) -> tuple[list[list[str]], dict[int, str]]:
+    """Which quantized linears read the same input tensor, and the layernorm that produced it.
+
+    ModelOpt's ``collect_shared_input_modules``, without its side effects: forward hooks on quantized
+    linears (any quantizer enabled) and layernorms, one forward of ``ones(1, 2)`` with every quantizer
+    off, no cache. Returns the groups in first-call order (module names in call order) and, for each
+    group index, the name of the layernorm whose output the group reads (when there is one).
+    """
+    from modelopt.torch.export.layer_utils import is_layernorm, is_quantlinear
+    from modelopt.torch.export.unified_export_hf import _is_enabled_quantizer
+    from modelopt.torch.utils.dataset_utils import _disable_use_cache
+
+    from ..quantizers import quantizers_disabled
+
+    inputs: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    outputs: dict[int, tuple[torch.Tensor, str]] = {}
+    handles = []
+
+    def on_linear(name):
+        def hook(module, args, output):
+            if args and isinstance(args[0], torch.Tensor):
+                inputs.setdefault(id(args[0]), (args[0], []))[1].append(name)
+        return hook
+
+    def on_norm(name):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                outputs[id(output)] = (output, name)
+        return hook
+
+    for name, module in model.named_modules():
+        if is_layernorm(module):
+            handles.append(module.register_forward_hook(on_norm(name)))
+        elif is_quantlinear(module) and (_is_enabled_quantizer(module.input_quantizer)
+                                         or _is_enabled_quantizer(module.weight_quantizer)):
+            handles.append(module.register_forward_hook(on_linear(name)))
+    try:
+        with torch.no_grad(), quantizers_disabled(model, "all"), _disable_use_cache(model):
+            model(torch.ones([1, 2], dtype=torch.long, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    groups, norms = [], {}
+    for key, (_, names) in inputs.items():
+        if key in outputs:
+            norms[len(groups)] = outputs[key][1]
+        groups.append(names)
+    return groups, norms

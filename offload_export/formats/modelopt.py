@@ -1,0 +1,591 @@
+"""``format="modelopt"``: the checkpoint ModelOpt's ``export_hf_checkpoint`` writes, streamed one module at a time.
+
+ModelOpt's resident export packs every quantized linear in place (NVFP4: two E2M1 per byte + FP8
+``weight_scale`` per 16 + FP32 ``weight_scale_2``; FP8; INT8; INT4/W4A8 AWQ: two int4 per byte along
+the output dim + ``weight_scale`` per block + ``pre_quant_scale``), adds ``input_scale`` and KV-cache
+scales, writes ``hf_quant_config.json`` and a ``quantization_config`` into ``config.json``. Before
+that it resmooths modules that read one input (``requantize_resmooth_fused_llm_layers``).
+
+:class:`ModelOptPacker` gives the same tensors for a model in any offload layout without touching it:
+the model-level resmoothing is replayed on shadows (copies of each quantized module with its
+quantizer state and a meta weight), and each module is packed on a fresh copy holding its real weight
+with ModelOpt's own ``_dispatch_export_handler`` and ``_postprocess_single_tensor``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pathlib import Path
+
+from .._errors import add_note
+from .._hooks import offloaded_tensors
+from .._store import anon_empty, read_store
+from ._modelopt_replay import Step, clone_module, group_weight_amax, shared_input_groups
+from .base import Format, Source, StateDict, register_format
+
+__all__ = ["HF_QUANT_CONFIG_NAME", "ModelOpt", "ModelOptPacker"]
+
+HF_QUANT_CONFIG_NAME = "hf_quant_config.json"
+FORMAT = "format='modelopt'"
+_KV_MAX_BOUND = 448  # ModelOpt: "kv cache scale as amax / 448 for both FP8 and NVFP4 KV cache"
+# formats whose shared-input groups ModelOpt leaves alone (_fuse_shared_input_modules)
+_NO_FUSION = ("fp8", "fp8_pb_real", None)
+_PACKED = ("int8_wo", "int8_sq", "fp8", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq", "w4a16_nvfp4")
+
+
+@dataclass
+class _Quantized:
+    """One module ModelOpt's export packs: its pristine copy, its shadow and the steps between them."""
+
+    name: str
+    fmt: str
+    pristine: nn.Module       # quantizer state as in the model (CPU), meta weight
+    shadow: nn.Module         # quantizer state after resmoothing (CPU), meta weight
+    steps: list[Step] = field(default_factory=list)
+
+
+def _meta_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    own = {**{k: v for k, v in module._parameters.items() if v is not None},
+           **{k: v for k, v in module._buffers.items() if v is not None}}
+    return {k: torch.empty_like(v, device="meta") for k, v in own.items()}
+
+
+class ModelOptPacker:
+    """What ``export_hf_checkpoint`` writes for ``model``, module by module, from small state read up front.
+
+    Args:
+        model: a transformers model quantized with ``modelopt.torch.quantization`` (any offload layout).
+        quantizers: the model's quantizers (:func:`offload_export.find_quantizers`); ModelOpt's are used.
+        read: ``state-dict key -> tensor`` for the few weights the resmoothing needs before packing
+            (AWQ groups with a per-tensor weight scale); called one key at a time.
+        refs: the model's offload map (``offloaded_tensors(model)``), to onload quantizer buffers.
+        dtype: the export dtype (``export_hf_checkpoint(dtype=)``); the model's own when None.
+
+    Raises:
+        ValueError: no ModelOpt quantizers, a MoE model, a format or weight shape ModelOpt cannot pack.
+    """
+
+    def __init__(self, model: nn.Module, *, quantizers: list, read, refs: dict, dtype: torch.dtype | None = None):
+        from modelopt.torch.export.quant_utils import get_quant_config, get_quantization_format
+        from modelopt.torch.export.unified_export_hf import _resolve_export_dtype
+
+        from ..materialize import onloaded
+
+        quantizers = [q for q in quantizers if q.adapter.name == "modelopt"]
+        if not quantizers:
+            raise ValueError(f"{FORMAT} needs a model quantized by NVIDIA ModelOpt (mtq.quantize); "
+                             f"{type(model).__name__} has no ModelOpt quantizers. Use format='fake-quant'")
+        self._model = model
+        self.dtype = _resolve_export_dtype(model, dtype)
+        if isinstance(self.dtype, str):  # config.torch_dtype is a string after a save_pretrained round trip
+            self.dtype = getattr(torch, self.dtype.removeprefix("torch."))
+        self.modules: dict[str, _Quantized] = {}
+        self.kv: dict[str, dict[str, torch.Tensor]] = {}      # k_proj/v_proj name -> {out name: scale}
+        self.norms: dict[str, torch.Tensor] = {}              # layernorm name -> pre_quant_scale folded in
+        with ExitStack() as stack:
+            for q in quantizers:
+                stack.enter_context(onloaded(q.handle, None, refs))
+            self._check_moe(model)
+            self.model_format = get_quantization_format(model)  # the first quantized module's, as ModelOpt reads it
+            self.hf_quant_config = get_quant_config(model)
+            self._snapshot(model, {q.owner_name for q in quantizers})
+        self._check_shapes()
+        self._resmooth(model, read)
+
+    # ---------------------------------------------------------------- state read up front
+
+    @staticmethod
+    def _check_moe(model: nn.Module) -> None:
+        from modelopt.torch.export.layer_utils import is_moe
+
+        for name, module in model.named_modules():
+            if is_moe(module):
+                raise ValueError(f"{FORMAT}: {name} ({type(module).__name__}) is a mixture of experts; packing "
+                                 f"MoE experts is not supported yet. Export it with format='fake-quant', or with "
+                                 f"ModelOpt's export_hf_checkpoint on a resident model")
+
+    def _snapshot(self, model: nn.Module, owners: set[str]) -> None:
+        from modelopt.torch.export.quant_utils import get_quantization_format
+
+        kv_format = self.hf_quant_config["quantization"]["kv_cache_quant_algo"]
+        for name in sorted(owners, key=list(dict(model.named_modules())).index):
+            module = model.get_submodule(name)
+            if hasattr(module, "k_bmm_quantizer") or hasattr(module, "v_bmm_quantizer"):
+                self._snapshot_kv(name, module, kv_format)
+            if not hasattr(module, "weight_quantizer") or not isinstance(getattr(module, "weight", None), torch.Tensor):
+                continue
+            pristine = clone_module(module, _meta_tensors(module), torch.device("cpu"))
+            fmt = get_quantization_format(pristine)
+            if fmt not in _PACKED and fmt is not None:
+                raise ValueError(f"{FORMAT}: {name} is quantized as {fmt!r}, which this export does not pack "
+                                 f"(supported: {', '.join(_PACKED)}). Use format='fake-quant'")
+            if fmt is None:
+                continue
+            self.modules[name] = _Quantized(name, fmt, pristine, clone_module(pristine))
+
+    def _snapshot_kv(self, name: str, attn: nn.Module, kv_format) -> None:
+        from modelopt.torch.export.quant_utils import _postprocess_single_tensor
+
+        for qname in ("k_bmm_quantizer", "v_bmm_quantizer"):
+            q = getattr(attn, qname, None)
+            if q is None or not q.is_enabled:
+                continue
+            for key, value in q.state_dict().items():
+                full = f"{name}.{qname}.{key}"
+                out, tensor = _postprocess_single_tensor(full, value.detach().to("cpu", copy=True), _KV_MAX_BOUND, kv_format)
+                if out is not None:
+                    self.kv.setdefault(out.rpartition(".")[0], {})[out] = tensor.contiguous()
+
+    def _check_shapes(self) -> None:
+        from modelopt.torch.export.quant_utils import get_weight_block_size
+
+        for name, q in self.modules.items():
+            shape = tuple(q.pristine.weight.shape)
+            block = get_weight_block_size(q.pristine)
+            if q.fmt in ("int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq", "w4a16_nvfp4"):
+                if len(shape) != 2 or not block or shape[-1] % block:
+                    raise ValueError(f"{FORMAT}: {name}.weight has shape {shape}; ModelOpt packs {q.fmt} only when "
+                                     f"the input dim is a multiple of the block size {block} (partial blocks are not "
+                                     f"supported). Exclude this module from quantization, or use format='fake-quant'")
+                if q.fmt in ("int4_awq", "w4a8_awq") and shape[0] % 2:
+                    raise ValueError(f"{FORMAT}: {name}.weight has an odd output dim {shape[0]}; {q.fmt} packs two "
+                                     f"rows per byte. Exclude this module from quantization, or use format='fake-quant'")
+
+    # ---------------------------------------------------------------- requantize_resmooth_fused_llm_layers
+
+    def _resmooth(self, model: nn.Module, read) -> None:
+        if self.model_format is not None and "nvfp4_awq" in self.model_format.lower():
+            self._fuse_prequant_to_linear(model)
+        if all(q.fmt in _NO_FUSION for q in self.modules.values()):
+            return
+        groups, norms = shared_input_groups(model, _input_device(model))
+        for i, names in enumerate(groups):
+            members = [self.modules[n] for n in names if n in self.modules]
+            if len(names) < 2 or len(members) != len(names) or members[0].fmt in _NO_FUSION:
+                continue
+            self._fuse_group(members, read)
+            if i in norms and "awq" in members[0].fmt:
+                self._fuse_layernorm(norms[i], members)
+
+    def _fuse_prequant_to_linear(self, model: nn.Module) -> None:
+        """``fuse_prequant_to_linear``: o_proj/down_proj's ``pre_quant_scale`` into v_proj/up_proj rows."""
+        import warnings
+
+        from modelopt.torch.export.quant_utils import PQS_FUSE_MODULE_MAPPING
+
+        for parent_name, parent in model.named_modules():
+            for types, (into_attr, from_attr) in PQS_FUSE_MODULE_MAPPING:
+                if not any(t in type(parent).__name__ for t in types):
+                    continue
+                prefix = f"{parent_name}." if parent_name else ""
+                into, src = self.modules.get(prefix + into_attr), self.modules.get(prefix + from_attr)
+                pqs = getattr(src.shadow.input_quantizer, "_pre_quant_scale", None) if src else None
+                if into is None or pqs is None:
+                    continue
+                if pqs.numel() != into.shadow.weight.shape[-2]:
+                    warnings.warn(f"Skipping pattern fuse prequant for {type(parent).__name__}pre_quant_scale dim "
+                                  f"{pqs.numel()} != out_channel dim {into.shadow.weight.shape[-2]}")
+                    continue
+                self._step(into, Step("fuse_rows", pqs.clone()))
+                self._step(src, Step("drop_pqs"))
+
+    def _fuse_group(self, members: list[_Quantized], read) -> None:
+        """``preprocess_linear_fusion``: mean ``pre_quant_scale`` (weights resmoothed), max input and weight amax."""
+        from modelopt.torch.export.quant_utils import all_items_same, get_quantization_format
+
+        shadows = [m.shadow for m in members]
+        if not all_items_same([get_quantization_format(s) for s in shadows]):
+            raise ValueError(f"{FORMAT}: {[m.name for m in members]} read the same input but are quantized "
+                             f"differently; ModelOpt's export requires one format per group (its assertion)")
+        if shadows[0].input_quantizer.pre_quant_scale is not None:
+            avg = torch.mean(torch.stack([s.input_quantizer.pre_quant_scale for s in shadows]), dim=0)
+            for m in members:
+                if not torch.equal(m.shadow.input_quantizer.pre_quant_scale, avg):
+                    self._step(m, Step("update_pqs", avg))
+        iq = shadows[0].input_quantizer
+        if iq.is_enabled and iq.amax is not None:
+            self._step_all(members, Step("input_amax", torch.max(torch.stack([s.input_quantizer.amax for s in shadows]))))
+        if group_weight_amax(shadows[0]) is not None:
+            amaxes = [self._weight_amax_after_steps(m, read) for m in members]
+            self._step_all(members, Step("weight_amax", torch.max(torch.stack(amaxes))))
+
+    def _fuse_layernorm(self, norm: str, members: list[_Quantized]) -> None:
+        """``fuse_prequant_layernorm``: the group's ``pre_quant_scale`` into the layernorm weight."""
+        pqs = getattr(members[0].shadow.input_quantizer, "_pre_quant_scale", None)
+        if pqs is None:
+            return
+        self.norms[norm] = pqs.clone()
+        self._step_all(members, Step("drop_pqs"))
+
+    @staticmethod
+    def _step(m: _Quantized, step: Step) -> None:
+        m.steps.append(step)
+        step.apply(m.shadow)
+
+    def _step_all(self, members: list[_Quantized], step: Step) -> None:
+        for m in members:
+            self._step(m, step)
+
+    def _weight_amax_after_steps(self, m: _Quantized, read) -> torch.Tensor:
+        """The weight amax after this module's weight steps: read the weight once and replay them on a copy."""
+        if not any(s.needs_weight for s in m.steps):
+            return group_weight_amax(m.shadow)
+        own = {"weight": read(f"{m.name}.weight"), **self._bias(m, read)}
+        # the group max taken over this amax comes next: chunked re-calibration gives the same max
+        rows, step = own["weight"].shape[0], _row_step(m, own["weight"], group_max_follows=True)
+        if step is None:
+            return group_weight_amax(self._replay(m, own, own["weight"].device)).detach().to("cpu", copy=True)
+        # the amax taken here is per tensor (a max calibration): the max over row chunks is the same number
+        amaxes = []
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            chunk = {k: v[r0:r1] for k, v in own.items()}
+            amaxes.append(group_weight_amax(self._replay(m, chunk, own["weight"].device, (r0, r1, rows))).detach())
+        return torch.max(torch.stack(amaxes)).to("cpu", copy=True)
+
+    @staticmethod
+    def _bias(m: _Quantized, read) -> dict[str, torch.Tensor]:
+        return {"bias": read(f"{m.name}.bias")} if getattr(m.pristine, "bias", None) is not None else {}
+
+    def _replay(self, m: _Quantized, tensors: dict[str, torch.Tensor], device: torch.device,
+                rows: tuple[int, int, int] | None = None) -> nn.Module:
+        """A copy of ``m`` holding ``tensors`` after its steps; ``rows=(r0, r1, n)``: rows r0:r1 of n only."""
+        work = clone_module(m.pristine, tensors, device)
+        if rows is not None:
+            _slice_rows(work.weight_quantizer, *rows)
+        for step in m.steps:
+            step.apply(work)
+        return work
+
+    # ---------------------------------------------------------------- per module
+
+    def outputs(self, module: str, keys: tuple[str, ...], meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Plan time: output name -> meta tensor (exact dtype and shape) of the unit made of ``keys``."""
+        q = self.modules.get(module)
+        if q is None:
+            out = dict(meta)
+        else:
+            out = {}
+            for key in keys:
+                attr = key.rpartition(".")[2]
+                if attr == "weight":
+                    out.update(self._packed_specs(q, meta[key]))
+                else:
+                    out[key] = meta[key]
+            out.update(self._quantizer_outputs(q))
+        for name, t in self.kv.get(module, {}).items():
+            out[name] = torch.empty_like(t, device="meta")
+        return out
+
+    def _packed_specs(self, q: _Quantized, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        from modelopt.torch.export.quant_utils import (
+            get_activation_scaling_factor,
+            get_weight_scaling_factor,
+            get_weight_scaling_factor_2,
+        )
+
+        s, fmt, p = q.shadow, q.fmt, f"{q.name}."
+        rows, cols = weight.shape
+        meta = lambda shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+        packed = {"fp8": ((rows, cols), torch.float8_e4m3fn), "int8_wo": ((rows, cols), torch.int8),
+                  "int8_sq": ((rows, cols), torch.int8), "int4_awq": ((rows // 2, cols), torch.uint8),
+                  "w4a8_awq": ((rows // 2, cols), torch.uint8)}.get(fmt, ((rows, cols // 2), torch.uint8))
+        out = {p + "weight": meta(*packed)}
+        if fmt == "fp8":
+            amax = s.weight_quantizer._amax
+            out[p + "weight_scale"] = meta(() if amax.dim() == 1 else tuple(amax.shape), torch.float32)
+            if hasattr(s.input_quantizer, "_amax"):
+                out[p + "input_scale"] = meta(tuple(s.input_quantizer._amax.squeeze().shape), torch.float32)
+            return out
+        if "nvfp4" in fmt:
+            block = s.weight_quantizer.block_sizes[-1]
+            out[p + "weight_scale"] = meta((rows, cols // block), torch.float8_e4m3fn)
+        else:
+            out[p + "weight_scale"] = _like(get_weight_scaling_factor(s))
+        iq = s.input_quantizer
+        if iq is not None and "disabled" not in repr(iq) and iq.amax is not None:
+            out[p + "input_scale"] = _like(get_activation_scaling_factor(s).squeeze())
+        if fmt in ("nvfp4", "nvfp4_awq", "w4a16_nvfp4", "w4a8_awq"):
+            out[p + "weight_scale_2"] = _like(get_weight_scaling_factor_2(s).squeeze())
+        return out
+
+    def _quantizer_outputs(self, q: _Quantized) -> dict[str, torch.Tensor]:
+        """Quantizer state that survives ModelOp's postprocess_state_dict (``pre_quant_scale``)."""
+        from modelopt.torch.export.quant_utils import _postprocess_single_tensor
+
+        out = {}
+        for attr, child in q.shadow.named_children():
+            for key, value in child.state_dict().items():
+                name, value = _postprocess_single_tensor(f"{q.name}.{attr}.{key}", value, _KV_MAX_BOUND, None)
+                if name is not None:
+                    out[name] = _like(value)
+        return out
+
+    def pack(self, module: str, values: dict[str, torch.Tensor], device: torch.device | None = None,
+             owner: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Run time: the unit's source tensors (``key -> tensor``) -> its output tensors, as ModelOpt writes them.
+
+        ``owner`` is the model's module (only its class and structure are used); required for packed and
+        layernorm-fused units.
+        """
+        out = self._pack(module, values, device, owner)
+        for name, t in self.kv.get(module, {}).items():
+            out[name] = t.to(device) if device is not None else t.clone()
+        return out
+
+    def _pack(self, module: str, values, device, owner) -> dict[str, torch.Tensor]:
+        from modelopt.torch.export.quant_utils import fuse_prequant_layernorm
+
+        prefix = f"{module}." if module else ""
+        own = {k[len(prefix):]: v for k, v in values.items()}
+        q = self.modules.get(module)
+        if q is not None:
+            device = device or next(iter(values.values())).device
+            step = _row_step(q, own["weight"])
+            if step is not None:
+                return self._pack_rows(q, own, device, prefix, step)
+            return _export_copy(self._replay(q, own, device), module, prefix, self.dtype)
+        if module in self.norms:
+            holder = nn.Module()
+            holder.input_quantizer = self._pqs_holder(module)
+            work = clone_module(owner, own, device)
+            with torch.no_grad():
+                fuse_prequant_layernorm(work, [holder])
+            return {prefix + k: v.detach().contiguous() for k, v in work.state_dict().items() if prefix + k in values}
+        return dict(values)
+
+    def _pack_rows(self, q: _Quantized, own: dict, device, prefix: str, step: int) -> dict[str, torch.Tensor]:
+        """Pack a large weight ``step`` rows at a time (every format here packs rows independently), so that
+        ModelOpt's float32 temporaries stay small; the per-row and per-block parts are stitched together."""
+        rows = own["weight"].shape[0]
+        out: dict[str, torch.Tensor] = {}
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            chunk = {k: v[r0:r1] if k in ("weight", "bias") else v for k, v in own.items()}
+            work = self._replay(q, chunk, device, (r0, r1, rows))
+            for name, t in _export_copy(work, q.name, prefix, self.dtype).items():
+                if not _per_row(name, t):
+                    out.setdefault(name, t)
+                    continue
+                factor = t.shape[0] / (r1 - r0)  # 1/2 for int4 (two rows a byte)
+                if name not in out:
+                    shape = (round(rows * factor), *t.shape[1:])
+                    out[name] = anon_empty(shape, t.dtype) if t.device.type == "cpu" else t.new_empty(shape)
+                out[name][round(r0 * factor):round(r0 * factor) + t.shape[0]].copy_(t)
+        return out
+
+    def _pqs_holder(self, norm: str) -> nn.Module:
+        """A quantizer whose ``_pre_quant_scale`` is the one folded into layernorm ``norm``."""
+        from modelopt.torch.quantization.nn import TensorQuantizer
+
+        holder = TensorQuantizer()
+        holder.register_buffer("_pre_quant_scale", self.norms[norm])
+        return holder
+
+    # ---------------------------------------------------------------- metadata
+
+    def config_quantization(self) -> dict:
+        """``quantization_config`` for config.json (ModelOpt's ``convert_hf_quant_config_format``)."""
+        from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+        return convert_hf_quant_config_format(copy.deepcopy(self.hf_quant_config))
+
+    def sanitized_config(self) -> dict:
+        """config.json keys ModelOpt's ``sanitize_hf_config_for_deployment`` changes for this model."""
+        from modelopt.torch.export.plugins import sanitize_hf_config_for_deployment
+
+        config = getattr(self._model, "config", None)
+        if config is None or not hasattr(config, "to_dict"):
+            return {}
+        data = json.loads(config.to_json_string(use_diff=False))
+        before = copy.deepcopy(data)
+        sanitize_hf_config_for_deployment(data, self._model)
+        return {k: v for k, v in data.items() if before.get(k) != v}
+
+    def hf_quant_config_text(self) -> str:
+        """``hf_quant_config.json`` as ModelOpt writes it."""
+        return json.dumps(self.hf_quant_config, indent=4)
+
+
+_ROW_CHUNK_BYTES = 2 * 2**20
+_ROW_FORMATS = ("int8_wo", "int8_sq", "fp8", "int4_awq", "w4a8_awq", "nvfp4", "w4a16_nvfp4")
+
+
+def _export_copy(work: nn.Module, module: str, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """ModelOpt's per-module export on ``work`` (a copy), then its per-tensor postprocessing of the state dict."""
+    from modelopt.torch.export.quant_utils import _postprocess_single_tensor
+    from modelopt.torch.export.registry import ExportContext
+    from modelopt.torch.export.unified_export_hf import _dispatch_export_handler
+
+    with torch.no_grad():
+        _dispatch_export_handler(module, work, ExportContext(model=work, dtype=dtype))
+    out = {}
+    for key, value in work.state_dict(prefix=prefix).items():
+        name, value = _postprocess_single_tensor(key, value, _KV_MAX_BOUND, None)
+        if name is not None:
+            out[name] = value.detach().contiguous()
+    return out
+
+
+def _weight_leaves(wq: nn.Module) -> list[nn.Module]:
+    return list(wq) if isinstance(wq, (nn.ModuleList, nn.Sequential)) else [wq]
+
+
+def _row_step(q: _Quantized, weight: torch.Tensor, *, group_max_follows: bool = False) -> int | None:
+    """Rows per chunk for a large 2-D weight whose quantizer state splits by rows; None to pack it whole.
+
+    A weight the resmoothing rewrites has its weight quantizer re-calibrated (max) on the rewritten weight:
+    per-row / per-block amax come out the same chunk by chunk, a per-tensor one only if the group's max is
+    set over it afterwards (a ``weight_amax`` step); otherwise the weight is packed whole.
+    """
+    if q.fmt not in _ROW_FORMATS or weight.dim() != 2:
+        return None
+    last_rewrite = max((i for i, s in enumerate(q.steps) if s.needs_weight), default=-1)
+    per_tensor = any(b is not None and b.numel() == 1 for leaf in _weight_leaves(q.pristine.weight_quantizer)
+                     for b in leaf._buffers.values())
+    replaced = group_max_follows or any(s.kind == "weight_amax" for s in q.steps[last_rewrite:])
+    if last_rewrite >= 0 and per_tensor and not replaced:
+        return None
+    rows, cols = weight.shape
+    if weight.numel() * weight.element_size() <= _ROW_CHUNK_BYTES or rows < 4:
+        return None
+    for leaf in _weight_leaves(q.pristine.weight_quantizer):
+        reshape = getattr(leaf, "_block_reshape_size", None)
+        if reshape is not None and (len(reshape) != 2 or reshape[0] != -1):  # blocks across rows
+            return None
+        for buf in leaf._buffers.values():
+            if buf is not None and buf.numel() > 1 and (buf.dim() == 0 or buf.shape[0] % rows):
+                return None
+    return max(2, _ROW_CHUNK_BYTES // (cols * weight.element_size()) // 2 * 2)
+
+
+def _slice_rows(wq: nn.Module, r0: int, r1: int, rows: int) -> None:
+    """Keep rows ``r0:r1`` of every per-row / per-block buffer of a (copied) weight quantizer."""
+    for leaf in _weight_leaves(wq):
+        for name, buf in list(leaf._buffers.items()):
+            if buf is not None and buf.numel() > 1:
+                k = buf.shape[0] // rows
+                leaf._buffers[name] = buf[r0 * k:r1 * k].clone()
+        shape = getattr(leaf, "_amax_shape_for_export", None)  # (rows, blocks per row) for block quantizers
+        if shape is not None and len(shape) and shape[0] == rows:
+            leaf._amax_shape_for_export = (r1 - r0, *shape[1:])
+        shape = getattr(leaf, "_original_shape", None)  # the weight's shape, checked when re-calibrating
+        if shape is not None and len(shape) and shape[0] == rows:
+            leaf._original_shape = torch.Size((r1 - r0, *shape[1:]))
+
+
+def _per_row(name: str, t: torch.Tensor) -> bool:
+    """Outputs made of the chunk's rows (stitched), as opposed to per-tensor values (taken once)."""
+    return t.dim() >= 1 and name.rpartition(".")[2] in ("weight", "weight_scale", "bias")
+
+
+@register_format
+class ModelOpt(Format):
+    """``format="modelopt"``: what ModelOpt's ``export_hf_checkpoint`` writes for the model kept resident.
+
+    Packed weights and their scales under ModelOpt's names, ``hf_quant_config.json``, and ModelOpt's
+    ``quantization_config`` in config.json; built with ModelOpt's own functions on copies of one module at
+    a time, after replaying its resmoothing of modules that share an input. The model is never changed.
+
+    Raises:
+        ValueError: no ModelOpt quantizers, a MoE model, or a format/weight shape ModelOpt cannot pack
+            (raised when the export is planned, before anything is written).
+    """
+
+    name = "modelopt"
+
+    def __init__(self, source: Source):
+        super().__init__(source)
+        self._refs = offloaded_tensors(source.model)
+        self.packer = ModelOptPacker(source.model, quantizers=source.quantizers, read=self._read, refs=self._refs, dtype=source.dtype)
+        tied = {i.tied_to for i in source.lay.values() if i.kind == "tied"}
+        for name in self.packer.modules:
+            key = f"{name}.weight" if name else "weight"
+            if key in tied or source.lay[key].kind == "tied":
+                raise ValueError(f"format='modelopt': {key} is quantized and tied to another weight; ModelOpt's export "
+                                 f"leaves such a weight unpacked. Disable its weight quantizer, untie it, or use "
+                                 f"format='fake-quant'")
+
+    def _device(self, key: str) -> torch.device:
+        dev = self.source.lay[key].device
+        return torch.device("cpu") if dev is None or torch.device(dev).type == "meta" else torch.device(dev)
+
+    def _read(self, key: str) -> torch.Tensor:
+        info = self.source.lay[key]
+        t = info.tensor.detach() if info.kind == "resident" else read_store(info.ref.store, info.dtype, info.shape)
+        return t.to(self._device(key))
+
+    def _module(self, keys) -> str:
+        return self.source.lay[next(iter(keys))].module
+
+    def outputs(self, meta: StateDict) -> StateDict:
+        return self.packer.outputs(self._module(meta), tuple(meta), meta)
+
+    def finish(self, reader, unit, values: StateDict) -> StateDict:
+        module, dtype = unit.module, self.source.dtype
+        weight = f"{module}.weight" if module else "weight"
+        if reader.device is not None:
+            device = reader.device
+        elif weight in self.source.folds:
+            device = reader.fold_device(weight)
+        else:
+            device = self._device(next(iter(values)))
+        values = {k: v.to(device, non_blocking=True) for k, v in values.items()}
+        if dtype is not None and module not in self.packer.modules:
+            values = {k: v.to(dtype) if v.is_floating_point() else v for k, v in values.items()}
+        try:
+            out = self.packer.pack(module, values, device, owner=self.source.model.get_submodule(module))
+        except Exception as e:
+            add_note(e, f"offload_export: packing {module} for format='modelopt' on {device} failed")
+            raise
+        return {spec.name: _on_cpu(_checked(spec, out, module)) for spec in unit.outputs}
+
+    def config_updates(self) -> dict:
+        return {"quantization_config": self.packer.config_quantization(), **self.packer.sanitized_config()}
+
+    def write_files(self, tmp: Path) -> list[str]:
+        if self.packer.hf_quant_config["quantization"].get("quant_algo") is None and \
+                self.packer.hf_quant_config["quantization"].get("kv_cache_quant_algo") is None:
+            return []
+        (tmp / HF_QUANT_CONFIG_NAME).write_text(self.packer.hf_quant_config_text())
+        return [HF_QUANT_CONFIG_NAME]
+
+
+def _checked(spec, out: StateDict, module: str) -> torch.Tensor:
+    t = out.get(spec.name)
+    if t is None or t.dtype != spec.dtype or tuple(t.shape) != tuple(spec.shape):
+        got = "nothing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+        raise RuntimeError(f"format='modelopt': packing {module} gave {got} for {spec.name}, planned {spec.dtype} "
+                           f"{tuple(spec.shape)} (outputs: {sorted(out)}); please report this with the model's "
+                           f"quantization config")
+    return t
+
+
+def _on_cpu(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cpu":
+        return t.contiguous()
+    return anon_empty(tuple(t.shape), t.dtype).copy_(t)
+
+
+def _like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where ModelOpt's dummy forward would put its input: the embedding's execution device, else the model's."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hook = getattr(emb, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):
+        if getattr(h, "execution_device", None) is not None:
+            return torch.device(h.execution_device)
+    for p in model.parameters():
+        if not p.is_meta:
+            return p.device
+    return torch.device("cpu")

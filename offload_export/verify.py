@@ -15,7 +15,8 @@ import struct
 import tempfile
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -390,17 +391,18 @@ def check(job: Job, out_dir: Path) -> VerifyReport:
                 report.bytes += spec.nbytes
             del tensor
 
-    # one unit is compared behind while the next one is read and folded, as the export writes behind
+    # units are compared behind, in order, while the next ones are read and folded (as the export writes
+    # behind); the stream's byte budget bounds how far the comparisons may lag
     behind = ThreadPoolExecutor(1, thread_name_prefix="offload-export-verify-compare")
-    pending = None
+    pending: deque[Future] = deque()
     try:
         for unit, outputs in stream(job.reader(), wanted, read_ahead_bytes=read_ahead_bytes(plan), held=True):
-            if pending is not None:
-                pending.result()
-            pending = behind.submit(compare, unit, outputs)
+            while pending and pending[0].done():
+                pending.popleft().result()
+            pending.append(behind.submit(compare, unit, outputs))
             del outputs
-        if pending is not None:
-            pending.result()
+        while pending:
+            pending.popleft().result()
     finally:
         behind.shutdown(wait=True, cancel_futures=True)
         bufs.close()

@@ -2,6 +2,8 @@
 
     python benchmarks/bench_export.py [--sizes 100M,400M,1.5G] [--repeats 3] [--out benchmarks/results]
     python benchmarks/bench_export.py --quick          # one ~50 MB model, one repeat (CI smoke run)
+    python benchmarks/bench_export.py --issue15        # the issue-15 suite: Qwen3-0.6B shape (1.19 GB bf16),
+                                                       # floors, save_clean per scheme, save_pretrained + fsync, verify
 
 For each size a bf16 Llama-shaped checkpoint is built and saved once. Every (method, repeat) then runs in a
 fresh child interpreter that reloads the checkpoint with every module offloaded to disk and times ONLY the
@@ -26,17 +28,28 @@ import threading
 import time
 from pathlib import Path
 
-CHUNK = 64 * 2**20  # read/write chunk of the I/O floor and of page-cache warming
+CHUNK = 64 * 2**20  # read chunk of page-cache warming and hashing
+FLOOR_CHUNK = 4 * 2**20  # pread/pwrite chunk of the floor_pread method
 SAMPLE_PERIOD_S = 0.005
-METHODS = ("save_clean", "save_pretrained", "accelerate_hub", "naive", "io_floor")
+FLOORS = ("floor_copy_file_range", "floor_sendfile", "floor_pread", "floor_copy_file_range_wb")
+METHODS = ("save_clean", "save_pretrained", "save_pretrained_fsync", "accelerate_hub", "naive", *FLOORS)
+DEFAULT_METHODS = ("save_clean", "save_pretrained", "accelerate_hub", "naive", *FLOORS)
+ISSUE15_METHODS = (*FLOORS, "save_clean@none", "save_clean@int8", "save_clean@int4-g128", "save_clean@fp8",
+                   "save_clean@nvfp4", "save_pretrained_fsync@none", "save_pretrained_fsync@int8")
 DESCRIPTIONS = {
-    "save_clean": "offload_export.save_clean(model, out)",
+    "save_clean": "offload_export.save_clean(model, out) (then offload_export.verify(model, out), timed apart)",
     "save_pretrained": "transformers model.save_pretrained(out)",
+    "save_pretrained_fsync": "transformers model.save_pretrained(out), then fsync of every file and the directory",
     "accelerate_hub": "accelerate get_state_dict_offloaded_model + huggingface_hub save_torch_state_dict",
     "naive": "every weight from the hooks' weights_map into CPU RAM + safetensors save_file",
-    "io_floor": "read the source safetensors in 64 MB chunks into one buffer, write as many bytes, fsync",
+    "floor_copy_file_range": "copy the source safetensors files into out/ with os.copy_file_range, fsync each",
+    "floor_sendfile": "copy the source safetensors files into out/ with shutil.copyfile (sendfile), fsync each",
+    "floor_pread": "copy the source safetensors files into out/ by 4 MiB pread/pwrite through one buffer, fsync each",
+    "floor_copy_file_range_wb": "as floor_copy_file_range in 64 MiB steps, each step's writeback started at once "
+                                "(posix_fadvise DONTNEED, as save_clean's writer does), fsync each",
 }
-FSYNCS = {"save_clean": True, "save_pretrained": False, "accelerate_hub": False, "naive": False, "io_floor": True}
+FSYNCS = {"save_clean": True, "save_pretrained": False, "save_pretrained_fsync": True, "accelerate_hub": False,
+          "naive": False, **{f: True for f in FLOORS}}
 MAX_SHARD = "5GB"  # the same for every method that shards (save_torch_state_dict's default)
 CHILD_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1",
              "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -67,17 +80,46 @@ def llama_config(target_bytes: int):
                        tie_word_embeddings=False, dtype="bfloat16")
 
 
-def build_checkpoint(target_bytes: int, src: Path, seed: int = 0) -> dict:
-    """Build a random bf16 Llama on the meta device, fill it in place, ``save_pretrained`` it into ``src``."""
+def qwen3_config():
+    """The shape of Qwen3-0.6B (28 layers, hidden 1024, vocab 151936, tied embeddings): 1.19 GB of bf16."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                       max_position_embeddings=40960, dtype="bfloat16")
+
+
+def embed_config(target_bytes: int):
+    """A bf16 Llama whose (tied) embedding is about ``target_bytes`` and dominates: two small layers."""
+    from transformers import LlamaConfig
+
+    hidden = 1024
+    return LlamaConfig(vocab_size=int(target_bytes / 2 / hidden), hidden_size=hidden, intermediate_size=2816,
+                       num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=16,
+                       tie_word_embeddings=True, dtype="bfloat16")
+
+
+def model_config(label: str):
+    """``qwen3-0.6b``, ``embed-<size>`` (a dominant embedding) or a size for :func:`llama_config`."""
+    if label == "qwen3-0.6b":
+        return qwen3_config()
+    if label.startswith("embed-"):
+        return embed_config(parse_size(label.removeprefix("embed-")))
+    return llama_config(parse_size(label))
+
+
+def build_checkpoint(label: str, src: Path, seed: int = 0) -> dict:
+    """Build a random bf16 model on the meta device, fill it in place, ``save_pretrained`` it into ``src``."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    config = llama_config(target_bytes)
+    config = model_config(label)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.to_empty(device="cpu")  # uninitialised memory: no slow init, filled below
+    model.tie_weights()  # to_empty gives tied parameters their own memory
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # non-persistent buffers, recomputed
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -87,7 +129,8 @@ def build_checkpoint(target_bytes: int, src: Path, seed: int = 0) -> dict:
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     largest = max(p.numel() * p.element_size() for p in model.parameters())
     del model
-    return {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+    return {"architecture": config.model_type, "tie_word_embeddings": config.tie_word_embeddings,
+            "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
             "num_hidden_layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
             "weight_bytes": nbytes, "largest_tensor_bytes": largest}
 
@@ -106,13 +149,91 @@ def stream_read(paths: list[str], buf: bytearray, sink=None) -> int:
     return total
 
 
-def io_floor(paths: list[str], out: Path) -> None:
-    """Plain sequential copy of the source bytes into one file, fsync at the end (as save_clean does)."""
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_pread(src: str, dst: Path) -> None:
+    buf = memoryview(bytearray(FLOOR_CHUNK))
+    fi = os.open(src, os.O_RDONLY)
+    fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        offset = 0
+        while n := os.preadv(fi, [buf], offset):
+            done = 0
+            while done < n:
+                done += os.pwrite(fo, buf[done:n], offset + done)
+            offset += n
+        os.fsync(fo)
+    finally:
+        os.close(fi)
+        os.close(fo)
+
+
+def _copy_file_range(src: str, dst: Path) -> None:
+    size = os.path.getsize(src)
+    fi = os.open(src, os.O_RDONLY)
+    fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        offset = 0
+        while offset < size:
+            n = os.copy_file_range(fi, fo, min(size - offset, 1 << 30), offset, offset)
+            if n == 0:
+                raise OSError(f"{src}: short copy")
+            offset += n
+        os.fsync(fo)
+    finally:
+        os.close(fi)
+        os.close(fo)
+
+
+def _copy_file_range_wb(src: str, dst: Path) -> None:
+    size, step = os.path.getsize(src), 64 * 2**20
+    fi = os.open(src, os.O_RDONLY)
+    fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        offset = 0
+        while offset < size:
+            end = min(size, offset + step)
+            start = offset
+            while offset < end:
+                n = os.copy_file_range(fi, fo, end - offset, offset, offset)
+                if n == 0:
+                    raise OSError(f"{src}: short copy")
+                offset += n
+            os.posix_fadvise(fo, start, end - start, os.POSIX_FADV_DONTNEED)
+        os.fsync(fo)
+    finally:
+        os.close(fi)
+        os.close(fo)
+
+
+def _copy_sendfile(src: str, dst: Path) -> None:
+    shutil.copyfile(src, dst)  # sendfile on Linux
+    _fsync_path(dst)
+
+
+def io_floor(method: str, paths: list[str], out: Path) -> None:
+    """The same bytes as the export reads (the source safetensors files) copied into ``out``, each fsync-ed,
+    then the directory fsync-ed: what any exporter that syncs must at least do."""
+    copy = {"floor_copy_file_range": _copy_file_range, "floor_sendfile": _copy_sendfile, "floor_pread": _copy_pread,
+            "floor_copy_file_range_wb": _copy_file_range_wb}[method]
     out.mkdir(parents=True)
-    buf = bytearray(CHUNK)
-    with open(out / "floor.bin", "wb", buffering=0) as f:
-        stream_read(paths, buf, f.write)
-        os.fsync(f.fileno())
+    for path in paths:
+        copy(path, out / os.path.basename(path))
+    _fsync_path(out)
+
+
+def fsync_tree(out: Path) -> None:
+    """fsync every file under ``out`` and the directory (what save_clean does before its rename)."""
+    for path in sorted(out.rglob("*")):
+        if path.is_file():
+            _fsync_path(path)
+    _fsync_path(out)
 
 
 def naive_state_dict(model) -> dict:
@@ -153,6 +274,9 @@ def export(method: str, model, out: Path, paths: list[str]) -> None:
         offload_export.save_clean(model, out, max_shard_size=MAX_SHARD)
     elif method == "save_pretrained":
         model.save_pretrained(out, max_shard_size=MAX_SHARD)
+    elif method == "save_pretrained_fsync":
+        model.save_pretrained(out, max_shard_size=MAX_SHARD)
+        fsync_tree(out)
     elif method == "accelerate_hub":
         from accelerate.utils.modeling import get_state_dict_offloaded_model
         from huggingface_hub import save_torch_state_dict
@@ -164,8 +288,8 @@ def export(method: str, model, out: Path, paths: list[str]) -> None:
 
         out.mkdir(parents=True)
         save_file(naive_state_dict(model), out / "model.safetensors", metadata={"format": "pt"})
-    elif method == "io_floor":
-        io_floor(paths, out)
+    elif method in FLOORS:
+        io_floor(method, paths, out)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
@@ -178,9 +302,9 @@ def load_offloaded(src: Path, offload_dir: Path, scheme: str):
     model = AutoModelForCausalLM.from_pretrained(src, device_map={"": "disk"}, offload_folder=str(offload_dir),
                                                  dtype=torch.bfloat16)
     if scheme != "none":
-        from offload_export.adapters.builtin import quantize_weights
+        import offload_export
 
-        quantize_weights(model, scheme=scheme)
+        offload_export.quantize_weights(model, scheme=scheme)
     return model
 
 
@@ -265,24 +389,64 @@ def child_main(args: argparse.Namespace) -> None:
     paths = source_files(model)
     _release_free_memory()
     prepare_page_cache(paths, args.cold)
+    fsync_clock = _time_fsyncs()
     _say("ready")
     sys.stdin.readline()
     hwm_reset = _reset_hwm()
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     export(args.child, model, out, paths)
     seconds = time.perf_counter() - t0
     _say("done")
     sys.stdin.readline()  # the parent has stopped sampling
     hwm = _proc_status("self")["VmHWM"] if hwm_reset else None
+    fsync_s, fadvise_s = fsync_clock
     t0 = time.perf_counter()
     os.sync()
     flush = time.perf_counter() - t0
     files = [p for p in out.rglob("*") if p.is_file() and p.name != "quantizer_state.safetensors"]
     out_bytes = sum(p.stat().st_size for p in files if p.suffix in (".safetensors", ".bin"))
-    result = {"seconds": seconds, "sync_after_s": flush, "out_bytes": out_bytes, "hwm": hwm,
-              "source_files": len(paths), "source_bytes": sum(os.path.getsize(p) for p in paths),
-              "manifest": manifest(out) if args.child != "io_floor" else None}
+    result = {"seconds": seconds, "fsync_s": fsync_s, "fadvise_s": fadvise_s, "sync_after_s": flush, "out_bytes": out_bytes, "hwm": hwm,
+              "load_before": load, "source_files": len(paths),
+              "source_bytes": sum(os.path.getsize(p) for p in paths)}
+    if args.child == "save_clean":
+        result.update(time_verify(model, out))
+    result["manifest"] = manifest(out) if args.child not in FLOORS else None
     _say("result " + json.dumps(result))
+
+
+def _time_fsyncs() -> list[float]:
+    """Wrap ``os.fsync`` and ``os.posix_fadvise`` (which starts writeback) so that the seconds spent in them
+    (any thread) add up in the returned cells: ``[fsync, fadvise]``."""
+    clock = [0.0, 0.0]
+
+    def wrap(real, cell):
+        def timed(*args):
+            t0 = time.perf_counter()
+            try:
+                return real(*args)
+            finally:
+                clock[cell] += time.perf_counter() - t0
+        return timed
+
+    os.fsync = wrap(os.fsync, 0)
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise = wrap(os.posix_fadvise, 1)
+    return clock
+
+
+def time_verify(model, out: Path) -> dict:
+    """``offload_export.verify(model, out)`` right after the export (sources still warm): seconds and peak."""
+    import offload_export
+
+    _release_free_memory()
+    base = _proc_status("self")["VmRSS"]
+    hwm_reset = _reset_hwm()
+    t0 = time.perf_counter()
+    report = offload_export.verify(model, out)
+    seconds = time.perf_counter() - t0
+    hwm = _proc_status("self")["VmHWM"] if hwm_reset else None
+    return {"verify_s": seconds, "verify_ok": report.ok, "verify_peak_extra_hwm": None if hwm is None else hwm - base}
 
 
 def _reset_hwm() -> bool:
@@ -366,6 +530,12 @@ def run_child(method: str, src: Path, dest: Path, scheme: str, cold: bool, log: 
     return result
 
 
+def split_method(method: str, default_scheme: str) -> tuple[str, str]:
+    """``"save_clean@int8"`` -> ``("save_clean", "int8")``; no ``@``: the run's ``--scheme``."""
+    base, _, scheme = method.partition("@")
+    return base, scheme or default_scheme
+
+
 def compare(got: dict | None, reference: dict | None) -> str:
     """"ok", or how ``got``'s tensors (names, dtype, shape, bytes) differ from save_clean's."""
     if reference is None:
@@ -385,13 +555,18 @@ def summarize(runs: list[dict]) -> dict:
         return {"error": runs[0]["error"] if runs else "not run"}
     secs = [r["seconds"] for r in good]
     worst = lambda key: max((r[key] for r in good if r.get(key) is not None), default=None)  # noqa: E731
+    median = lambda key: (statistics.median(v) if (v := [r[key] for r in good if r.get(key) is not None])  # noqa: E731
+                          else None)
     checks = sorted({r["check"] for r in good})
     return {"seconds_median": statistics.median(secs), "seconds_min": min(secs), "seconds_max": max(secs),
             "out_bytes": good[0]["out_bytes"], "gb_per_s": good[0]["out_bytes"] / 1e9 / statistics.median(secs),
             "peak_extra_anon": worst("peak_extra_anon"), "peak_extra_rss": worst("peak_extra_rss"),
-            "peak_extra_hwm": worst("peak_extra_hwm"), "sync_after_s_median":
-            statistics.median(r["sync_after_s"] for r in good), "check": "; ".join(checks),
-            "failed_repeats": len(runs) - len(good)}
+            "peak_extra_hwm": worst("peak_extra_hwm"), "sync_after_s_median": median("sync_after_s"),
+            "fsync_s_median": median("fsync_s"), "fadvise_s_median": median("fadvise_s"),
+            "verify_s_median": median("verify_s"),
+            "verify_ok": all(r.get("verify_ok", True) for r in good),
+            "verify_peak_extra_hwm": worst("verify_peak_extra_hwm"), "load_max": worst("load_before"),
+            "check": "; ".join(checks), "failed_repeats": len(runs) - len(good)}
 
 
 def bench_size(label: str, args: argparse.Namespace, log: Path) -> dict:
@@ -399,7 +574,7 @@ def bench_size(label: str, args: argparse.Namespace, log: Path) -> dict:
     work = Path(args.work) / label
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.perf_counter()
-    model_info = build_checkpoint(parse_size(label), work / "src")
+    model_info = build_checkpoint(label, work / "src")
     print(f"[{label}] built {model_info['weight_bytes'] / 1e6:.0f} MB of weights "
           f"({model_info['num_hidden_layers']} layers, hidden {model_info['hidden_size']}) "
           f"in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -407,79 +582,122 @@ def bench_size(label: str, args: argparse.Namespace, log: Path) -> dict:
     for rep in range(args.repeats):
         k = rep % len(args.methods)
         for method in args.methods[k:] + args.methods[:k]:
-            dest = work / f"export-{method}"
-            result = run_child(method, work / "src", dest, args.scheme, args.cold, log)
+            base, scheme = split_method(method, args.scheme)
+            dest = work / f"export-{base}-{scheme}"
+            result = run_child(base, work / "src", dest, scheme, args.cold, log)
             shutil.rmtree(dest, ignore_errors=True)
             for stale in work.glob("offload-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             runs[method].append(result)
-            print(f"[{label}] repeat {rep + 1}/{args.repeats} {method:16s} "
+            print(f"[{label}] repeat {rep + 1}/{args.repeats} {method:28s} "
                   + (result["error"] if "error" in result else
-                     f"{result['seconds']:.2f} s, +anon {result['peak_extra_anon'] / 2**20:.0f} MiB, "
-                     f"+rss {result['peak_extra_rss'] / 2**20:.0f} MiB"), flush=True)
+                     f"{result['seconds']:.2f} s (fsync {result['fsync_s']:.2f} s)"
+                     + (f", verify {result['verify_s']:.2f} s" if "verify_s" in result else "")
+                     + f", +anon {result['peak_extra_anon'] / 2**20:.0f} MiB, "
+                     f"+rss {result['peak_extra_rss'] / 2**20:.0f} MiB, load {result['load_before']:.1f}"), flush=True)
     shutil.rmtree(work, ignore_errors=True)
-    reference = next((r["manifest"] for r in runs.get("save_clean", []) if "error" not in r), None)
+    references = {}
     for method, results in runs.items():
+        base, scheme = split_method(method, args.scheme)
+        if base == "save_clean":
+            references[scheme] = next((r["manifest"] for r in results if "error" not in r), None)
+    for method, results in runs.items():
+        base, scheme = split_method(method, args.scheme)
         for r in results:
             if "error" not in r:
-                r["check"] = "n/a (raw bytes)" if method == "io_floor" else compare(r["manifest"], reference)
+                r["check"] = "n/a (raw bytes)" if base in FLOORS else compare(r["manifest"], references.get(scheme))
                 r["tensors"] = None if r["manifest"] is None else len(r.pop("manifest"))
     return {"label": label, "model": model_info, "runs": runs,
             "summary": {m: summarize(rs) for m, rs in runs.items()}}
 
 
+def best_floor(summary: dict) -> tuple[str | None, float | None]:
+    """The fastest floor method (lowest median) and its median seconds."""
+    floors = [(v["seconds_median"], m) for m, v in summary.items() if m.split("@")[0] in FLOORS and "seconds_median" in v]
+    if not floors:
+        return None, None
+    seconds, method = min(floors)
+    return method, seconds
+
+
+# the issue-15 targets: (method, reference, limit); reference "floor" is the best floor method
+ISSUE15_TARGETS = (
+    ("save_clean@none", "floor", 1.25), ("save_clean@int8", "floor", 1.6), ("save_clean@int4-g128", "floor", 1.6),
+    ("save_clean@none", "save_pretrained_fsync@none", 1.0), ("save_clean@int8", "save_pretrained_fsync@int8", 1.0),
+)
+
+
 def targets(size: dict) -> dict:
-    """The issue's targets for save_clean at one size: memory bound, and time ratios."""
+    """Memory bound and time ratios of every save_clean row (issue 15)."""
     s = size["summary"]
-    clean, pretrained, floor = s.get("save_clean", {}), s.get("save_pretrained", {}), s.get("io_floor", {})
-    if "seconds_median" not in clean:
-        return {"error": "save_clean did not run"}
     bound = 2 * size["model"]["largest_tensor_bytes"] + 64 * 2**20
-    ratio = lambda other: clean["seconds_median"] / other["seconds_median"] if "seconds_median" in other else None  # noqa: E731
-    out = {"memory_bound_bytes": bound,
-           "anon_ok": clean["peak_extra_anon"] <= bound, "rss_ok": clean["peak_extra_rss"] <= bound,
-           "vs_save_pretrained": ratio(pretrained), "vs_floor": ratio(floor)}
-    out["time_vs_save_pretrained_ok"] = out["vs_save_pretrained"] is not None and out["vs_save_pretrained"] <= 1.0
-    out["time_vs_floor_ok"] = out["vs_floor"] is not None and out["vs_floor"] <= 1.5
+    floor_method, floor_s = best_floor(s)
+    out = {"memory_bound_bytes": bound, "floor_method": floor_method, "floor_seconds": floor_s, "rows": []}
+    for method, v in s.items():
+        if method.split("@")[0] != "save_clean" or "seconds_median" not in v:
+            continue
+        row = {"method": method, "seconds": v["seconds_median"],
+               "x_floor": v["seconds_median"] / floor_s if floor_s else None,
+               "fsync_share": (v["fsync_s_median"] or 0) / v["seconds_median"],
+               "writeback_start_share": (v["fadvise_s_median"] or 0) / v["seconds_median"],
+               "verify_x_export": (v["verify_s_median"] / v["seconds_median"]) if v["verify_s_median"] else None,
+               "verify_ok": v["verify_ok"], "peak_extra_anon": v["peak_extra_anon"], "peak_extra_rss": v["peak_extra_rss"],
+               "memory_ok": max(v["peak_extra_anon"], v["peak_extra_rss"]) <= bound}
+        scheme = method.partition("@")[2] or "none"
+        spf = s.get(f"save_pretrained_fsync@{scheme}", {})
+        if "seconds_median" in spf:
+            row["x_save_pretrained_fsync"] = v["seconds_median"] / spf["seconds_median"]
+        out["rows"].append(row)
+    out["checks"] = []
+    for method, ref, limit in ISSUE15_TARGETS:
+        if method not in s or "seconds_median" not in s[method]:
+            continue
+        ref_s = floor_s if ref == "floor" else s.get(ref, {}).get("seconds_median")
+        if ref_s:
+            ratio = s[method]["seconds_median"] / ref_s
+            out["checks"].append({"method": method, "vs": ref, "ratio": ratio, "limit": limit, "met": ratio <= limit})
     return out
 
 
 def table(sizes: list[dict]) -> str:
     """A markdown table of every size and method."""
     head = ("size", "method", "s median", "s min", "s max", "GB/s", "+RssAnon MiB", "+VmRSS MiB",
-            "x save_pretrained", "x floor", "sync after s", "tensors check")
+            "x floor", "fsync s", "verify s", "sync after s", "max load", "tensors check")
     rows = [head, tuple("---" for _ in head)]
     mb = lambda b: "-" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
+    num = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     for size in sizes:
         s = size["summary"]
-        base = {m: s.get(m, {}).get("seconds_median") for m in ("save_pretrained", "io_floor")}
+        _, floor_s = best_floor(s)
         for method, v in s.items():
             if "error" in v:
                 rows.append((size["label"], method, "FAILED: " + v["error"][:60]) + ("",) * (len(head) - 3))
                 continue
-            rel = lambda b: "-" if not b else f"{v['seconds_median'] / b:.2f}"  # noqa: E731
             rows.append((size["label"], method, f"{v['seconds_median']:.2f}", f"{v['seconds_min']:.2f}",
                          f"{v['seconds_max']:.2f}", f"{v['gb_per_s']:.2f}", mb(v["peak_extra_anon"]),
-                         mb(v["peak_extra_rss"]), rel(base["save_pretrained"]), rel(base["io_floor"]),
-                         f"{v['sync_after_s_median']:.2f}", v["check"]))
+                         mb(v["peak_extra_rss"]), num(v["seconds_median"] / floor_s if floor_s else None),
+                         num(v["fsync_s_median"]), num(v["verify_s_median"]), num(v["sync_after_s_median"]),
+                         num(v["load_max"]), v["check"]))
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
 def targets_text(sizes: list[dict]) -> str:
     lines = []
+    pct = lambda x: "-" if x is None else f"{100 * x:.0f} %"  # noqa: E731
+    num = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     for size in sizes:
         t = size["targets"]
-        if "error" in t:
-            lines.append(f"{size['label']}: {t['error']}")
-            continue
-        s = size["summary"]["save_clean"]
-        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        lines.append(f"{size['label']}: save_clean +RssAnon {s['peak_extra_anon'] / 2**20:.1f} MiB, "
-                     f"+VmRSS {s['peak_extra_rss'] / 2**20:.1f} MiB vs bound 2 x largest + 64 MiB = "
-                     f"{t['memory_bound_bytes'] / 2**20:.1f} MiB ({'ok' if t['anon_ok'] and t['rss_ok'] else 'MISSED'}); "
-                     f"time {fmt(t['vs_save_pretrained'])} x save_pretrained "
-                     f"({'ok' if t['time_vs_save_pretrained_ok'] else 'MISSED'}, target <= 1.0), "
-                     f"{fmt(t['vs_floor'])} x floor ({'ok' if t['time_vs_floor_ok'] else 'MISSED'}, target <= 1.5)")
+        lines.append(f"{size['label']}: floor = {t['floor_method']} {num(t['floor_seconds'])} s; memory bound "
+                     f"2 x largest + 64 MiB = {t['memory_bound_bytes'] / 2**20:.0f} MiB")
+        for c in t["checks"]:
+            lines.append(f"  {c['method']:24s} {c['ratio']:.2f} x {c['vs']} (target <= {c['limit']}): "
+                         f"{'met' if c['met'] else 'MISSED'}")
+        for r in t["rows"]:
+            lines.append(f"  {r['method']:24s} {num(r['x_floor'])} x floor, "
+                         f"{num(r.get('x_save_pretrained_fsync'))} x save_pretrained+fsync, fsync {pct(r['fsync_share'])}"
+                         f" of the time (+ {pct(r['writeback_start_share'])} starting writeback), verify {num(r['verify_x_export'])} x export "
+                         f"({'ok' if r['verify_ok'] else 'FOUND MISMATCHES'}), +RssAnon {r['peak_extra_anon'] / 2**20:.0f}"
+                         f" / +VmRSS {r['peak_extra_rss'] / 2**20:.0f} MiB ({'ok' if r['memory_ok'] else 'OVER'})")
     return "\n".join(lines)
 
 
@@ -548,25 +766,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results", help="where results.json and results.png go")
     p.add_argument("--work", default="benchmarks/out", help="scratch space for checkpoints and exports")
     p.add_argument("--quick", action="store_true", help="one ~50 MB model, one repeat: a smoke run for CI")
+    p.add_argument("--issue15", action="store_true",
+                   help="sizes qwen3-0.6b, methods: the floors, save_clean@<each scheme>, save_pretrained_fsync@none/int8")
     p.add_argument("--scheme", default="auto",
                    help="fake quantization before export: none | int8 | fp8 | int4-g128 | nvfp4 | auto "
                         "(int8 when offload_export.adapters.builtin exists, else none)")
     p.add_argument("--cold", action="store_true", help="drop the sources from the page cache before each run")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", help=f"comma-separated, each one of {','.join(METHODS)}, optionally @scheme "
+                                     f"(default {','.join(DEFAULT_METHODS)})")
     p.add_argument("--child", metavar="METHOD", help=argparse.SUPPRESS)
     p.add_argument("--src", help=argparse.SUPPRESS)
     p.add_argument("--dest", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return args
-    args.sizes = (args.sizes or ("50M" if args.quick else "100M,400M,1.5G")).split(",")
+    default_sizes = "qwen3-0.6b" if args.issue15 else "50M" if args.quick else "100M,400M,1.5G"
+    args.sizes = (args.sizes or default_sizes).split(",")
     args.repeats = args.repeats or (1 if args.quick else 3)
-    args.methods = [m.strip() for m in args.methods.split(",")]
-    unknown = set(args.methods) - set(METHODS)
+    args.methods = [m.strip() for m in (args.methods or ",".join(ISSUE15_METHODS if args.issue15 else DEFAULT_METHODS)).split(",")]
+    unknown = {m.split("@")[0] for m in args.methods} - set(METHODS)
     if unknown:
         p.error(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
     if args.scheme == "auto":
-        args.scheme = "int8" if importlib.util.find_spec("offload_export.adapters.builtin") else "none"
+        args.scheme = "int8" if importlib.util.find_spec("offload_export") else "none"
     return args
 
 
@@ -583,7 +805,8 @@ def main(argv: list[str] | None = None) -> None:
     info = {"machine": machine(work), "scheme": args.scheme, "repeats": args.repeats, "cold": args.cold,
             "page_cache": "cold: sources dropped (POSIX_FADV_DONTNEED) before each run" if args.cold else
             "warm: sources read once right before each run", "max_shard_size": MAX_SHARD,
-            "methods": {m: DESCRIPTIONS[m] for m in args.methods}, "fsync": {m: FSYNCS[m] for m in args.methods}}
+            "methods": {m: DESCRIPTIONS[m.split("@")[0]] for m in args.methods},
+            "fsync": {m: FSYNCS[m.split("@")[0]] for m in args.methods}}
     print(f"scheme={args.scheme} repeats={args.repeats} sizes={args.sizes} page cache="
           f"{'cold' if args.cold else 'warm'}", flush=True)
     sizes = []

@@ -12,14 +12,15 @@ import mmap
 import os
 import struct
 import threading
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from ._hooks import Store
 
-__all__ = ["MAX_HEADER_BYTES", "SAFETENSORS_DTYPES", "anon_empty", "check_store", "read_store", "safetensors_header",
-           "write_store"]
+__all__ = ["MAX_HEADER_BYTES", "SAFETENSORS_DTYPES", "FileSpan", "anon_empty", "check_store", "read_store",
+           "safetensors_header", "store_span", "write_store"]
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -29,6 +30,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 _lock = threading.Lock()
 _ANON_MIN_BYTES = 1 << 20
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
 
 
 # safetensors' own limit (MAX_HEADER_SIZE): a larger length is a corrupt file, not a header to read
@@ -177,6 +180,13 @@ def anon_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if nbytes < _ANON_MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
     buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: counted as RssAnon
+    if nbytes >= _HUGE_PAGE and _MADV_HUGEPAGE is not None:
+        # 2 MiB pages: a fresh mapping's first touch costs one fault per 2 MiB instead of per 4 KiB (measured
+        # 0.65 -> 0.12 CPU s per GB here); a hint, ignored where transparent huge pages are off
+        try:
+            buffer.madvise(_MADV_HUGEPAGE)
+        except OSError:
+            pass
     return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
 
 
@@ -185,6 +195,52 @@ def _read_file(path: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...
     if out.numel():
         _pread_into(path, offset, out)
     return out
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    """A tensor's bytes in a file, not read yet: ``read()`` returns what :func:`read_store` would.
+
+    A writer can copy the bytes file to file inside the kernel instead (``copy_file_range``), and a
+    checker can compare them without decoding.
+    """
+
+    path: str
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+    def read(self) -> torch.Tensor:
+        return _read_file(self.path, self.offset, self.dtype, self.shape)
+
+
+def store_span(store: Store, dtype: torch.dtype, shape: tuple[int, ...]) -> FileSpan | None:
+    """The file bytes of a store entry when they already are the tensor ``read_store`` returns, else None.
+
+    That is a ``.dat`` or safetensors entry stored in ``dtype`` with ``shape``; anything that needs a
+    cast, another shape (``read_store`` raises for it) or is not in a file gives None.
+    """
+    if store.kind == "disk":
+        if store.file_dtype != dtype:
+            return None
+        span = FileSpan(store.path, 0, dtype, tuple(shape))
+        try:
+            size = os.path.getsize(store.path)
+        except OSError:
+            return None  # read_store reports it
+        return span if size >= span.nbytes else None
+    if store.kind == "safetensors":
+        start, header = safetensors_header(store.path)
+        entry = header.get(store.file_key)
+        if entry is None or SAFETENSORS_DTYPES.get(entry["dtype"]) != dtype or tuple(entry["shape"]) != tuple(shape):
+            return None
+        span = FileSpan(store.path, start + entry["data_offsets"][0], dtype, tuple(shape))
+        return span if entry["data_offsets"][1] - entry["data_offsets"][0] == span.nbytes else None
+    return None
 
 
 def read_store(store: Store, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -8,14 +8,15 @@ from __future__ import annotations
 import copy
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 
 from .job import INDEX_NAME, Job, read_ahead_bytes
 from .pipeline import UnitReader, stream_lanes
 from .plan import ExportPlan
-from .writer import ShardWriter
+from .writer import Descriptors, ShardWriter
 
 __all__ = ["write_metadata", "write_model_files", "write_weights"]
 
@@ -30,7 +31,10 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="offload-export")
-    writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, {"format": "pt"}) for s in plan.shards}
+    # files open at their first tensor and close (fsync-ed) at their last; at most a few at once
+    descriptors = Descriptors()
+    writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, {"format": "pt"}, descriptors=descriptors)
+               for s in plan.shards}
     shard_of = plan.weight_map
 
     def write(unit, outputs):
@@ -39,17 +43,19 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
             if bar is not None:
                 bar.update(spec.nbytes)
 
-    # one unit is written behind while the next one is folded: the disk and the CPU/GPU work at once
+    # units are written behind, in order, while the next ones are folded: the disk and the CPU/GPU work at
+    # once; how far the writer may lag is bounded by the stream's byte budget (held=True: a unit counts
+    # until its outputs are written), not by a count, so a long pass-through copy does not stall the folds
     behind = ThreadPoolExecutor(1, thread_name_prefix="offload-export-writer")
-    pending = None
+    pending: deque[Future] = deque()
     try:
-        for unit, outputs in stream_lanes(reader, plan.units, read_ahead_bytes=read_ahead_bytes(plan)):
-            if pending is not None:
-                pending.result()
-            pending = behind.submit(write, unit, outputs)
+        for unit, outputs in stream_lanes(reader, plan.units, read_ahead_bytes=read_ahead_bytes(plan), held=True):
+            while pending and pending[0].done():
+                pending.popleft().result()  # a failed write stops the export here
+            pending.append(behind.submit(write, unit, outputs))
             del outputs
-        if pending is not None:
-            pending.result()
+        while pending:
+            pending.popleft().result()
         for w in writers.values():
             w.close()
     except BaseException:

@@ -7,8 +7,10 @@ consume them; nothing here touches files other than reading the offload stores.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import closing, contextmanager
 
@@ -16,7 +18,7 @@ import torch
 
 from ._errors import add_note
 from ._hooks import offloaded_tensors
-from ._store import anon_empty, read_store
+from ._store import FileSpan, anon_empty, read_store, store_span
 from .formats import Format, Source
 from .layout import TensorInfo
 from .materialize import onloaded
@@ -39,9 +41,19 @@ class UnitReader:
         self.lay, self.folds = source.lay, source.folds
         self._refs = offloaded_tensors(source.model)  # the whole model's: hooks above an owner count too
 
-    def read(self, unit: Unit) -> dict[str, torch.Tensor]:
-        """The unit's raw source tensors: resident tensors as they are, offloaded ones read from their store."""
-        return {k: self._read_one(self.lay[k]) for k in unit.sources}
+    def read(self, unit: Unit) -> dict[str, torch.Tensor | FileSpan]:
+        """The unit's raw source tensors: resident tensors as they are, offloaded ones read from their store.
+
+        A tensor the format passes through unchanged (:meth:`Format.unchanged`) whose store is a file
+        holding exactly its bytes is not read: it comes as a :class:`FileSpan` for the writer to copy.
+        """
+        return {k: self._passed_through(unit, k) or self._read_one(self.lay[k]) for k in unit.sources}
+
+    def _passed_through(self, unit: Unit, key: str) -> FileSpan | None:
+        info = self.lay[key]
+        if info.kind == "resident" or info.ref is None or not self.format.unchanged(unit, key):
+            return None
+        return store_span(info.ref.store, info.dtype, info.shape)
 
     @staticmethod
     def _read_one(info: TensorInfo) -> torch.Tensor:
@@ -49,12 +61,29 @@ class UnitReader:
             return info.tensor.detach()
         return read_store(info.ref.store, info.dtype, info.shape)
 
-    def offloaded_bytes(self, unit: Unit) -> int:
-        return sum(self.lay[k].nbytes for k in unit.sources if self.lay[k].kind != "resident")
+    def held_bytes(self, unit: Unit) -> int:
+        """Memory a unit holds from its read until its outputs are written: the larger of its offloaded
+        sources and its outputs (passed-through file spans excluded)."""
+        spans = {k for k in unit.sources if self.lay[k].kind != "resident" and self._passed_through(unit, k) is not None}
+        outputs = sum(spec.nbytes for spec in unit.outputs if spec.name not in spans)
+        return max(self.offloaded_bytes(unit), outputs)
 
-    def finish(self, unit: Unit, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A unit's raw tensors made into its outputs by the format (name -> CPU or device tensor)."""
-        return self.format.finish(self, unit, raw)
+    def offloaded_bytes(self, unit: Unit) -> int:
+        """Bytes that reading ``unit`` brings into memory (passed-through file spans excluded)."""
+        return sum(self.lay[k].nbytes for k in unit.sources
+                   if self.lay[k].kind != "resident" and self._passed_through(unit, k) is None)
+
+    def finish(self, unit: Unit, raw: dict[str, torch.Tensor | FileSpan]) -> dict[str, torch.Tensor | FileSpan]:
+        """A unit's raw tensors made into its outputs by the format (name -> CPU or device tensor, or a
+        :class:`FileSpan` passed through)."""
+        spans = {k: v for k, v in raw.items() if isinstance(v, FileSpan)}
+        if len(spans) == len(raw):
+            return spans
+        values = {k: raw.pop(k) for k in list(raw) if k not in spans}  # the format may consume them
+        with _intra_op_threads(_fold_threads()):
+            out = self.format.finish(self, unit, values)
+        out.update(spans)
+        return out
 
     def fold_device(self, key: str) -> torch.device:
         """Where ``key`` is folded: ``device=``, else the quantizer's state, else the module's execution device."""
@@ -91,6 +120,34 @@ class UnitReader:
         return anon_empty(tuple(folded.shape), folded.dtype).copy_(folded)
 
 
+def _fold_threads() -> int:
+    """Intra-op threads for CPU folds: one core is left to the reader and writer threads.
+
+    With every core in torch's pool, its spinning workers and the I/O threads fight over the cores; on 2
+    cores an int8 export measured 5-15 x slower that way than with one fold thread.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+@contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    """At most ``n`` torch intra-op threads in this thread for the block (OpenMP's setting is per thread;
+    threads started meanwhile inherit it, the caller's setting is restored after)."""
+    previous = torch.get_num_threads()
+    if n >= previous:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class _ByteBudget:
     """At most ``limit`` bytes in flight; a single item larger than the limit is still let through alone."""
 
@@ -114,13 +171,24 @@ class _ByteBudget:
 _DONE = object()
 
 
-def stream(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int
+class _Outputs(dict):
+    """A unit's outputs as yielded by :func:`stream` (``held=True``): its bytes count until the dict is gone."""
+
+    __slots__ = ("__weakref__",)
+
+
+def stream(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int, held: bool = False
            ) -> Iterator[tuple[Unit, dict[str, torch.Tensor]]]:
     """Yield ``(unit, outputs)`` in order while a background thread reads the next units' sources.
 
-    At most ``read_ahead_bytes`` of offloaded data are held beyond the unit being yielded (a unit larger
-    than that is read alone). Errors in the reader thread are raised here; closing the generator early
-    (an exception in the consumer) stops the thread.
+    At most ``read_ahead_bytes`` of unit data are in flight (a unit larger than that alone): read ahead,
+    and, with ``held``, also every unit whose outputs dict is still alive (being written behind), each
+    counted at the larger of its offloaded sources and its outputs. Only the unit being finished (its
+    sources and outputs at once during a fold) comes on top, so memory stays under about
+    ``read_ahead_bytes`` + the largest unit. With ``held`` the consumer must drop each outputs dict when
+    done with it, or reading stalls; without it a unit stops counting once the consumer asks for the next.
+    Errors in the reader thread are raised here; closing the generator early (an exception in the
+    consumer) stops the thread.
     """
     budget = _ByteBudget(read_ahead_bytes)
     stop = threading.Event()
@@ -129,7 +197,7 @@ def stream(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int
     def produce():
         try:
             for unit in units:
-                n = reader.offloaded_bytes(unit)
+                n = reader.held_bytes(unit) if held else reader.offloaded_bytes(unit)
                 if not budget.acquire(n, stop):
                     return
                 ready.put((unit, reader.read(unit), n))
@@ -144,11 +212,25 @@ def stream(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int
             if isinstance(item, BaseException):
                 raise item
             unit, raw, n = item
+            del item  # the sources die with ``raw``, right after the fold
             try:
-                yield unit, reader.finish(unit, raw)
+                outputs = reader.finish(unit, raw)
+            except BaseException:
+                budget.release(n)
+                raise
             finally:
                 del raw
-                budget.release(n)
+            if not held:
+                try:
+                    yield unit, outputs
+                finally:
+                    del outputs
+                    budget.release(n)
+                continue
+            outputs = _Outputs(outputs)
+            weakref.finalize(outputs, budget.release, n)
+            yield unit, outputs
+            del outputs
     finally:
         stop.set()
         thread.join()
@@ -179,7 +261,7 @@ def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
 
 
 def stream_lanes(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int,
-                 lane: Callable[[UnitReader, Unit], Hashable] | None = None
+                 lane: Callable[[UnitReader, Unit], Hashable] | None = None, held: bool = False
                  ) -> Iterator[tuple[Unit, dict[str, torch.Tensor]]]:
     """:func:`stream` with one worker thread per fold device, working concurrently.
 
@@ -190,6 +272,7 @@ def stream_lanes(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes:
         reader: the unit reader.
         units: the units to produce.
         read_ahead_bytes: read-ahead budget of each lane.
+        held: as for :func:`stream`.
         lane: ``(reader, unit) -> key`` grouping units into lanes; by default the unit's fold device.
 
     Yields:
@@ -200,7 +283,7 @@ def stream_lanes(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes:
     for unit in units:
         lanes.setdefault((lane or _fold_lane)(reader, unit), []).append(unit)
     if len(lanes) <= 1:
-        yield from stream(reader, units, read_ahead_bytes=read_ahead_bytes)
+        yield from stream(reader, units, read_ahead_bytes=read_ahead_bytes, held=held)
         return
     out: queue.Queue = queue.Queue(maxsize=len(lanes))
     stop = threading.Event()
@@ -209,9 +292,11 @@ def stream_lanes(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes:
         try:
             if isinstance(key, torch.device) and key.type == "cuda":
                 torch.cuda.set_device(key)  # kernels that allocate on the current device
-            with closing(stream(reader, lane_units, read_ahead_bytes=read_ahead_bytes)) as items:
+            with closing(stream(reader, lane_units, read_ahead_bytes=read_ahead_bytes, held=held)) as items:
                 for item in items:
-                    if not _put(out, item, stop):
+                    put = _put(out, item, stop)
+                    del item  # with ``held``, a unit counts until the consumer drops it
+                    if not put:
                         return
         except BaseException as e:  # handed to the consumer
             _put(out, e, stop)
@@ -232,6 +317,7 @@ def stream_lanes(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes:
                 raise item
             else:
                 yield item
+            del item
     finally:
         stop.set()
         for t in threads:

@@ -7,19 +7,23 @@ export's.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import struct
 import tempfile
 import time
 from collections.abc import Iterable
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ._store import SAFETENSORS_DTYPES, _read_file, safetensors_header
+from ._store import SAFETENSORS_DTYPES, FileSpan, _read_file, safetensors_header
 from .checkpoint import write_model_files
 from .job import INDEX_NAME, Job, prepare_job, read_ahead_bytes
 from .pipeline import stream
@@ -165,28 +169,121 @@ def _read_entries(out_dir: Path, problems: list[str]) -> tuple[dict[str, _Entry]
     return entries, set(files)
 
 
-def _compare(name: str, expected: torch.Tensor, entry: _Entry, out_dir: Path, problems: list[str]) -> bool:
-    """Compare ``expected`` with the file's bytes for ``name``; True when they were compared."""
+_CHUNK = 8 << 20  # bytes compared at a time
+
+
+class _Buffers:
+    """Two reused chunk buffers (expected bytes, file bytes) and a thread that reads the expected side's file
+    while the calling thread reads the checkpoint's: a comparison holds 16 MiB, never a tensor's worth."""
+
+    def __init__(self):
+        self._want = self._got = None
+        self._pool = None
+
+    def views(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._want is None or len(self._want) < n:
+            size = min(_CHUNK, max(n, 1 << 16))
+            self._want, self._got = (torch.empty(size, dtype=torch.uint8) for _ in range(2))
+        return self._want[:n], self._got[:n]
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="offload-export-verify")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _libc_memcmp():
+    try:
+        memcmp = ctypes.CDLL(ctypes.util.find_library("c") or None).memcmp
+    except (OSError, AttributeError, TypeError):
+        return None
+    memcmp.argtypes, memcmp.restype = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t), ctypes.c_int
+    return memcmp
+
+
+_MEMCMP = _libc_memcmp()
+
+
+def _equal_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous CPU uint8 tensors of one length hold the same bytes: libc's ``memcmp`` (about
+    12 GB/s here, without the GIL) where there is one, else ``torch.equal`` (an elementwise compare, 0.5 GB/s)."""
+    if _MEMCMP is None:
+        return torch.equal(a, b)
+    return _MEMCMP(a.data_ptr(), b.data_ptr(), a.numel()) == 0
+
+
+def _pread_exact(fd: int, out: torch.Tensor, offset: int) -> None:
+    view, done = memoryview(out.numpy()), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise OSError(f"unexpected end of file at byte {offset + done}")
+        done += n
+
+
+def _same_bytes(expected: torch.Tensor | FileSpan, path: Path, offset: int, nbytes: int, bufs: _Buffers) -> bool:
+    """Whether the file's ``nbytes`` at ``offset`` are ``expected``'s bytes (a tensor's, or another file's)."""
+    span = expected if isinstance(expected, FileSpan) else None
+    flat = None if span is not None else expected.reshape(-1).view(torch.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    src = os.open(span.path, os.O_RDONLY) if span is not None else -1
+    try:
+        for pos in range(0, nbytes, _CHUNK):
+            n = min(_CHUNK, nbytes - pos)
+            want, got = bufs.views(n)
+            pending = bufs.pool.submit(_pread_exact, src, want, span.offset + pos) if span is not None else None
+            _pread_exact(fd, got, offset + pos)
+            if pending is not None:
+                pending.result()
+            if not _equal_bytes(want if span is not None else flat[pos:pos + n], got):
+                return False
+        return True
+    finally:
+        os.close(fd)
+        if src >= 0:
+            os.close(src)
+
+
+def _compare(name: str, expected: torch.Tensor | FileSpan, entry: _Entry, out_dir: Path, problems: list[str],
+             bufs: _Buffers | None = None) -> bool:
+    """Compare ``expected`` with the file's bytes for ``name``; True when they were compared.
+
+    Bytes are compared a chunk at a time (a :class:`FileSpan` file to file, without decoding); only a
+    mismatch reads the whole tensor, to say which elements differ.
+    """
     if expected.dtype != entry.dtype or tuple(expected.shape) != entry.shape:
         problems.append(f"{name}: expected {expected.dtype} {list(expected.shape)}, "
                         f"{entry.file} has {entry.dtype} {list(entry.shape)}")
         return False
-    want = expected.detach().to("cpu").contiguous()
-    if not want.numel():
+    if not isinstance(expected, FileSpan):
+        expected = expected.detach().to("cpu").contiguous()
+    if not entry.nbytes:
         return True
+    own = bufs is None
+    bufs = bufs or _Buffers()
     try:
+        if _same_bytes(expected, out_dir / entry.file, entry.offset, entry.nbytes, bufs):
+            return True
+        want = expected.read() if isinstance(expected, FileSpan) else expected
         got = _read_file(str(out_dir / entry.file), entry.offset, want.dtype, tuple(want.shape))
     except OSError as e:
         problems.append(f"{name}: cannot read its bytes from {entry.file} ({e})")
         return False
+    finally:
+        if own:
+            bufs.close()
     a = want.reshape(-1).view(torch.uint8).view(want.numel(), -1)
     b = got.reshape(-1).view(torch.uint8).view(want.numel(), -1)
     differ = (a != b).any(dim=1)
-    if bool(differ.any()):
-        first = int(differ.nonzero()[0])
-        problems.append(f"{name}: {int(differ.sum())} of {want.numel()} elements differ in {entry.file} "
-                        f"(first at flat index {first}: expected {want.reshape(-1)[first].item()}, "
-                        f"file has {got.reshape(-1)[first].item()})")
+    first = int(differ.nonzero()[0])
+    problems.append(f"{name}: {int(differ.sum())} of {want.numel()} elements differ in {entry.file} "
+                    f"(first at flat index {first}: expected {want.reshape(-1)[first].item()}, "
+                    f"file has {got.reshape(-1)[first].item()})")
     return True
 
 
@@ -242,9 +339,13 @@ def _compare_safetensors(name: str, ref: Path, got_path: Path, problems: list[st
         problems.append(f"{name}: missing {key}")
     for key in sorted(set(got) - set(want)):
         problems.append(f"{name}: unexpected {key}")
-    for key in sorted(set(want) & set(got)):
-        expected = _read_file(str(ref), want[key].offset, want[key].dtype, want[key].shape)
-        _compare(f"{name}: {key}", expected, got[key], got_path.parent, problems)
+    bufs = _Buffers()
+    try:
+        for key in sorted(set(want) & set(got)):
+            expected = FileSpan(str(ref), want[key].offset, want[key].dtype, want[key].shape)
+            _compare(f"{name}: {key}", expected, got[key], got_path.parent, problems, bufs)
+    finally:
+        bufs.close()
 
 
 def _check_model_files(job: Job, out_dir: Path, problems: list[str]) -> set[str]:
@@ -280,13 +381,31 @@ def check(job: Job, out_dir: Path) -> VerifyReport:
     plan = job.plan
     _check_names([s for u in plan.units for s in u.outputs], entries, dict(plan.dropped), problems)
     wanted = [u for u in plan.units if any(s.name in entries for s in u.outputs)]
-    for unit, outputs in stream(job.reader(), wanted, read_ahead_bytes=read_ahead_bytes(plan)):
+    bufs = _Buffers()
+
+    def compare(unit, outputs):
         for spec in unit.outputs:
             tensor = outputs.pop(spec.name)
-            if spec.name in entries and _compare(spec.name, tensor, entries[spec.name], out_dir, problems):
+            if spec.name in entries and _compare(spec.name, tensor, entries[spec.name], out_dir, problems, bufs):
                 report.tensors += 1
                 report.bytes += spec.nbytes
             del tensor
+
+    # units are compared behind, in order, while the next ones are read and folded (as the export writes
+    # behind); the stream's byte budget bounds how far the comparisons may lag
+    behind = ThreadPoolExecutor(1, thread_name_prefix="offload-export-verify-compare")
+    pending: deque[Future] = deque()
+    try:
+        for unit, outputs in stream(job.reader(), wanted, read_ahead_bytes=read_ahead_bytes(plan), held=True):
+            while pending and pending[0].done():
+                pending.popleft().result()
+            pending.append(behind.submit(compare, unit, outputs))
+            del outputs
+        while pending:
+            pending.popleft().result()
+    finally:
+        behind.shutdown(wait=True, cancel_futures=True)
+        bufs.close()
     expected = _check_model_files(job, out_dir, problems)
     _check_files(out_dir, weight_files, expected, problems)
     report.seconds = time.perf_counter() - start

@@ -2,23 +2,36 @@
 
 The file is byte-identical to ``safetensors.torch.save_file(tensors, metadata=...)`` of the same tensors (for
 metadata of at most one key: safetensors serializes a longer map in random order, this writer in the order
-given), but no shard is ever held in memory: each tensor is ``pwrite``-n straight from its own buffer.
+given), but no shard is ever held in memory: each tensor is ``pwrite``-n straight from its own buffer, or,
+when its bytes pass through unchanged from a file (:class:`FileSpan`), copied by the kernel
+(``copy_file_range``) without entering the process at all.
+
+Descriptors are bounded: a shard's file is opened at its first write, fsync-ed and closed as soon as its
+last tensor is written, and at most ``max_open`` shards of one :class:`Descriptors` pool are open at
+once (the least recently used one is closed and reopened later), so thousands of shards export under a
+small ``ulimit -n``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ._store import SAFETENSORS_DTYPES
+from ._store import SAFETENSORS_DTYPES, FileSpan
 
-__all__ = ["ShardWriter", "TensorSpec", "safetensors_layout"]
+__all__ = ["Descriptors", "FileSpan", "ShardWriter", "TensorSpec", "safetensors_layout"]
 
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+_DEFAULT_MAX_OPEN = 64
+_COPY_CHUNK = 1 << 30  # bytes per copy_file_range call (the kernel caps one call near 2 GiB anyway)
+_PWRITE_CHUNK = 1 << 30  # bytes per pwrite call: Linux writes at most 0x7ffff000 bytes in one call
 # safetensors lays tensors out by its ``Dtype`` enum, descending, then by name (not by element size: BF16
 # comes before F16, F32 before U32 and I32, F8_E4M3 before I8 and U8)
 _LAYOUT_ORDER = ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E8M0", "F8_E4M3",
@@ -71,58 +84,212 @@ def safetensors_layout(specs: Sequence[TensorSpec], metadata: dict[str, str] | N
     return prefix, {name: len(prefix) + off for name, off in relative.items()}
 
 
+def default_max_open() -> int:
+    """Descriptors one export may hold for its shards: 64, or an eighth of ``RLIMIT_NOFILE`` when lower."""
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return _DEFAULT_MAX_OPEN
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return _DEFAULT_MAX_OPEN
+    return max(1, min(_DEFAULT_MAX_OPEN, soft // 8))
+
+
+class Descriptors:
+    """At most ``max_open`` shard files open at once across the writers that share this pool (LRU).
+
+    Args:
+        max_open: the cap; default :func:`default_max_open`.
+    """
+
+    def __init__(self, max_open: int | None = None):
+        self.max_open = max(1, max_open or default_max_open())
+        self._open: OrderedDict[int, ShardWriter] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _use(self, writer: ShardWriter) -> None:
+        """``writer`` is about to write: mark it most recent; close the least recent beyond the cap."""
+        with self._lock:
+            self._open[id(writer)] = writer
+            self._open.move_to_end(id(writer))
+            evict = []
+            while len(self._open) > self.max_open:
+                _, victim = self._open.popitem(last=False)
+                evict.append(victim)
+        for victim in evict:
+            victim._close_fd()
+
+    def _forget(self, writer: ShardWriter) -> None:
+        with self._lock:
+            self._open.pop(id(writer), None)
+
+    @property
+    def open_count(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+
+def _advise_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start the disk writeback of a just-written range (so a later fsync has little left); a hint only."""
+    advise = getattr(os, "posix_fadvise", None)  # absent on macOS and Windows
+    if advise is None or nbytes <= 0:
+        return
+    try:
+        advise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:done + _PWRITE_CHUNK], offset + done)
+
+
+def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
+    """Copy ``nbytes`` between files inside the kernel; ``pread``/``pwrite`` through 4 MiB where unsupported."""
+    done = 0
+    copy = getattr(os, "copy_file_range", None)
+    while copy is not None and done < nbytes:
+        try:
+            n = copy(src_fd, dst_fd, min(nbytes - done, _COPY_CHUNK), src_offset + done, dst_offset + done)
+        except OSError as e:
+            if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ETXTBSY, errno.EPERM):
+                break  # e.g. across filesystems on old kernels, or a filesystem without support
+            raise
+        if n == 0:
+            raise OSError(errno.EIO, f"unexpected end of the source file at byte {src_offset + done}")
+        done += n
+    if done < nbytes:
+        buf = memoryview(bytearray(min(4 << 20, nbytes - done)))
+        while done < nbytes:
+            n = os.preadv(src_fd, [buf[:min(len(buf), nbytes - done)]], src_offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, f"unexpected end of the source file at byte {src_offset + done}")
+            _pwrite_all(dst_fd, buf[:n], dst_offset + done)
+            done += n
+
+
 class ShardWriter:
     """Write one safetensors file whose header is known up front; tensors may arrive in any order.
+
+    The file is created (header written) at the first write, fsync-ed and closed right after the last
+    planned tensor; between writes its descriptor may be closed by the shared ``descriptors`` pool.
 
     Args:
         path: the file to create (truncated if it exists).
         specs: every tensor the file will hold.
         metadata: the ``__metadata__`` strings.
+        descriptors: the pool that caps open files; a private one of one descriptor by default.
     """
 
-    def __init__(self, path: str, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None):
+    def __init__(self, path: str, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None, *,
+                 descriptors: Descriptors | None = None):
         self.path = path
         self._specs = {s.name: s for s in specs}
-        header, self._offsets = safetensors_layout(specs, metadata)
-        self.nbytes = len(header) + sum(s.nbytes for s in specs)
+        self._header, self._offsets = safetensors_layout(specs, metadata)
+        self.nbytes = len(self._header) + sum(s.nbytes for s in specs)
         self._pending = set(self._specs)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            self._pwrite(memoryview(header), 0)
-        except BaseException:
-            self.abort()
-            raise
+        self._pool = descriptors if descriptors is not None else Descriptors(1)
+        self._fd = -1
+        self._created = False
+        self._done = False
+        self._lock = threading.RLock()
 
-    def _pwrite(self, data: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(data):
-            done += os.pwrite(self._fd, data[done:], offset + done)
+    # -- descriptors
+    def _open_locked(self) -> int:
+        """The descriptor, opened (and the header written at the first open) if needed; hold ``_lock``."""
+        if self._done:
+            raise RuntimeError(f"{self.path}: already closed")
+        if self._fd < 0:
+            flags = os.O_WRONLY | (0 if self._created else os.O_CREAT | os.O_TRUNC)
+            self._fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+            if not self._created:
+                self._created = True
+                _pwrite_all(self._fd, memoryview(self._header), 0)
+        return self._fd
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write ``tensor`` (any device; moved to the CPU) as ``name``.
+    def _close_fd(self) -> None:
+        """Close the descriptor (evicted, aborted); the data already written stays in the page cache."""
+        with self._lock:
+            if self._fd >= 0:
+                fd, self._fd = self._fd, -1
+                os.close(fd)
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd >= 0
+
+    # -- writing
+    def _claim(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> TensorSpec:
+        spec = self._specs.get(name)
+        if spec is None or name not in self._pending:
+            raise ValueError(f"tensor {name!r} is not expected in {os.path.basename(self.path)} (or written twice)")
+        if dtype != spec.dtype or tuple(shape) != spec.shape:
+            raise ValueError(f"tensor {name!r}: planned {spec.dtype} {list(spec.shape)}, "
+                             f"got {dtype} {list(shape)}")
+        return spec
+
+    def write(self, name: str, tensor: torch.Tensor | FileSpan) -> None:
+        """Write ``tensor`` (any device; moved to the CPU), or copy a :class:`FileSpan`'s bytes, as ``name``.
+
+        The shard is fsync-ed and closed once every planned tensor has been written.
 
         Raises:
             ValueError: ``name`` is not in this shard, was already written, or its dtype/shape differ.
         """
-        spec = self._specs.get(name)
-        if spec is None or name not in self._pending:
-            raise ValueError(f"tensor {name!r} is not expected in {os.path.basename(self.path)} (or written twice)")
-        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise ValueError(f"tensor {name!r}: planned {spec.dtype} {list(spec.shape)}, "
-                             f"got {tensor.dtype} {list(tensor.shape)}")
+        if isinstance(tensor, FileSpan):
+            self.copy(name, tensor)
+            return
+        spec = self._claim(name, tensor.dtype, tuple(tensor.shape))
         data = tensor.detach().to("cpu").contiguous()
-        if data.numel():
-            self._pwrite(memoryview(data.view(-1).view(torch.uint8).numpy()), self._offsets[name])
-            # start the disk writeback now (asynchronously) so that close()'s fsync has little left to wait for
-            os.posix_fadvise(self._fd, self._offsets[name], spec.nbytes, os.POSIX_FADV_DONTNEED)
+        self._pool._use(self)  # before taking our lock: it may close other writers' files
+        with self._lock:
+            fd = self._open_locked()
+            if data.numel():
+                _pwrite_all(fd, memoryview(data.view(-1).view(torch.uint8).numpy()), self._offsets[name])
+                _advise_writeback(fd, self._offsets[name], spec.nbytes)
+            self._wrote(name)
+
+    def copy(self, name: str, span: FileSpan) -> None:
+        """Write ``name`` from the bytes of ``span`` (a range of another file), copied inside the kernel."""
+        spec = self._claim(name, span.dtype, span.shape)
+        if span.nbytes != spec.nbytes:
+            raise ValueError(f"tensor {name!r}: {span.path} holds {span.nbytes} bytes for it, expected {spec.nbytes}")
+        self._pool._use(self)
+        with self._lock:
+            fd = self._open_locked()
+            if spec.nbytes:
+                src = os.open(span.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                try:
+                    _copy_range(src, span.offset, fd, self._offsets[name], spec.nbytes)
+                finally:
+                    os.close(src)
+                _advise_writeback(fd, self._offsets[name], spec.nbytes)
+            self._wrote(name)
+
+    def _wrote(self, name: str) -> None:
         self._pending.discard(name)
+        if not self._pending:
+            self._finish()
+
+    def _finish(self) -> None:
+        """fsync and close: every planned tensor is in the file."""
+        fd = self._open_locked()
+        try:
+            os.fsync(fd)
+        finally:
+            self._pool._forget(self)
+            self._close_fd()
+            self._done = True
 
     @property
     def complete(self) -> bool:
         return not self._pending
 
     def close(self) -> None:
-        """fsync and close the file.
+        """Make sure the file is complete, on disk and closed (a no-op once its last tensor was written).
 
         Raises:
             RuntimeError: some planned tensors were never written.
@@ -131,14 +298,13 @@ class ShardWriter:
             missing = sorted(self._pending)
             self.abort()
             raise RuntimeError(f"{self.path}: {len(missing)} planned tensor(s) never written, e.g. {missing[:3]}")
-        try:
-            os.fsync(self._fd)
-        finally:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            if not self._done:
+                self._finish()  # a shard that plans no tensors: header only
 
     def abort(self) -> None:
         """Close without syncing (the caller removes the file)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            self._pool._forget(self)
+            self._close_fd()
+            self._done = True

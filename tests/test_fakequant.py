@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torch import nn
 
 import offload_export as oe
-from offload_export.adapters.builtin import _e2m1_round
+from offload_export.adapters.builtin import E4M3_MAX, _e2m1_round, _round_mantissa
 from layouts import LayoutSpec, apply_layout, forward_logits, make_model
 
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -79,6 +79,15 @@ def test_e2m1_rounds_ties_to_even_and_saturates():
     x = torch.tensor([0.0, 0.25, 0.26, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 5.1, 7.0, -0.1, -0.75, -2.5, -3.5, -9.0])
     expected = torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0, 0.0, -1.0, -2.0, -4.0, -6.0])
     assert bits_equal(_e2m1_round(x), expected)  # also: a negative rounding to zero is +0.0 (ModelOpt)
+
+
+def test_e4m3_rounding_by_arithmetic_equals_torchs_fp8_cast_for_every_binade():
+    """The fp8 fold rounds with float32 arithmetic instead of torch's (slow) fp8 casts: same bits."""
+    mags = torch.cat([torch.logspace(-45, 2.652, 400_000), torch.linspace(0, E4M3_MAX, 400_001),
+                      torch.tensor([2**-6, 2**-7, 2**-9, 2**-10, 3 * 2**-10, 240.0, 248.0, 440.0, 447.9])])
+    x = torch.cat([mags, -mags, torch.tensor([0.0, -0.0])])
+    expected = x.to(torch.float8_e4m3fn).to(torch.float32)
+    assert bits_equal(_round_mantissa(x.clone(), mantissa_bits=3, min_exponent=-6), expected)
 
 
 def test_nvfp4_block_of_16_known_values():

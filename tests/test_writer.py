@@ -1,19 +1,143 @@
-"""The streaming writer's files are byte-identical to safetensors' ``save`` of the same tensors."""
+"""The shard writer: bytes equal to safetensors' own, bounded descriptors, in-kernel copies, every fd closed.
+
+Descriptor limits run in a child process (``RLIMIT_NOFILE`` is per process): this file is run as a script
+there (``python test_writer.py <mode> <dir>``) and prints one JSON line.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import resource
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save
+from safetensors.torch import load_file, save, save_file
+from torch import nn
 
-from offload_export._store import SAFETENSORS_DTYPES
-from offload_export.writer import ShardWriter, TensorSpec
+from offload_export import writer as writer_mod
+from offload_export._store import SAFETENSORS_DTYPES, FileSpan, safetensors_header
+from offload_export.writer import Descriptors, ShardWriter, TensorSpec
 
-DTYPES = sorted(set(SAFETENSORS_DTYPES.values()), key=str)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8, torch.int64)
+
+
+def _tensors(seed: int, n: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(n):
+        dtype = DTYPES[i % len(DTYPES)]
+        shape = (int(torch.randint(0, 5, (), generator=gen)), int(torch.randint(1, 7, (), generator=gen)))
+        out[f"t{i}.weight"] = (torch.randn(shape, generator=gen) * 50).to(dtype)
+    return out
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), n_files=st.integers(1, 6), max_open=st.integers(1, 3))
+def test_interleaved_shards_under_a_small_cap_equal_save_file(tmp_path_factory, seed, n_files, max_open):
+    tmp = tmp_path_factory.mktemp("w")
+    files = [_tensors(seed + k, 1 + (seed + k) % 4) for k in range(n_files)]
+    pool = Descriptors(max_open)
+    writers = [ShardWriter(str(tmp / f"s{k}.safetensors"), [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in f.items()],
+                           {"format": "pt"}, descriptors=pool) for k, f in enumerate(files)]
+    # round-robin over the files: every write may evict another file's descriptor
+    queue = [(k, name, t) for k, f in enumerate(files) for name, t in f.items()]
+    queue.sort(key=lambda item: (list(files[item[0]]).index(item[1]), item[0]))
+    for k, name, t in queue:
+        writers[k].write(name, t)
+        assert pool.open_count <= max_open
+    for w in writers:
+        w.close()
+    assert pool.open_count == 0
+    for k, f in enumerate(files):
+        save_file(f, str(tmp / f"ref{k}.safetensors"), metadata={"format": "pt"})
+        assert (tmp / f"s{k}.safetensors").read_bytes() == (tmp / f"ref{k}.safetensors").read_bytes()
+
+
+def test_a_shard_is_fsynced_and_closed_as_soon_as_it_is_complete(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(writer_mod.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    t = _tensors(0, 3)
+    w = ShardWriter(str(tmp_path / "a.safetensors"), [TensorSpec(n, v.dtype, tuple(v.shape)) for n, v in t.items()])
+    assert not (tmp_path / "a.safetensors").exists()  # opened lazily
+    names = list(t)
+    w.write(names[0], t[names[0]])
+    assert w.is_open and not synced
+    for n in names[1:]:
+        w.write(n, t[n])
+    assert not w.is_open and len(synced) == 1
+    w.close()  # nothing left to do
+    assert len(synced) == 1
+    assert {k: v for k, v in load_file(str(tmp_path / "a.safetensors")).items()}.keys() == t.keys()
+
+
+def test_file_span_is_copied_byte_for_byte(tmp_path):
+    src = {"a": torch.randn(300, 70).to(torch.bfloat16), "b": torch.arange(1000, dtype=torch.int64)}
+    save_file(src, str(tmp_path / "src.safetensors"))
+    start, header = safetensors_header(str(tmp_path / "src.safetensors"))
+    out = {"a": src["a"], "b": src["b"], "c": torch.ones(3)}
+    w = ShardWriter(str(tmp_path / "out.safetensors"), [TensorSpec(n, v.dtype, tuple(v.shape)) for n, v in out.items()])
+    for name in ("a", "b"):
+        span = FileSpan(str(tmp_path / "src.safetensors"), start + header[name]["data_offsets"][0], src[name].dtype,
+                        tuple(src[name].shape))
+        assert torch.equal(span.read(), src[name])
+        w.write(name, span)
+    w.write("c", out["c"])
+    w.close()
+    save_file(out, str(tmp_path / "ref.safetensors"))
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_copy_falls_back_to_pread_pwrite_when_the_kernel_refuses(tmp_path, monkeypatch):
+    def refuse(*args):
+        raise OSError(18, "Invalid cross-device link")  # EXDEV
+
+    monkeypatch.setattr(writer_mod.os, "copy_file_range", refuse, raising=False)
+    data = torch.randn(1 << 16)
+    (tmp_path / "raw.bin").write_bytes(b"x" * 24 + data.numpy().tobytes())
+    w = ShardWriter(str(tmp_path / "out.safetensors"), [TensorSpec("d", data.dtype, tuple(data.shape))])
+    w.write("d", FileSpan(str(tmp_path / "raw.bin"), 24, data.dtype, tuple(data.shape)))
+    w.close()
+    assert torch.equal(load_file(str(tmp_path / "out.safetensors"))["d"], data)
+
+
+def test_without_posix_fadvise_the_writer_still_works(tmp_path, monkeypatch):
+    monkeypatch.delattr(writer_mod.os, "posix_fadvise", raising=False)  # as on macOS
+    t = _tensors(1, 4)
+    w = ShardWriter(str(tmp_path / "m.safetensors"), [TensorSpec(n, v.dtype, tuple(v.shape)) for n, v in t.items()])
+    for n, v in t.items():
+        w.write(n, v)
+    w.close()
+    save_file(t, str(tmp_path / "ref.safetensors"))
+    assert (tmp_path / "m.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_abort_and_missing_tensors_close_the_descriptor(tmp_path):
+    before = _fds()
+    t = _tensors(2, 3)
+    w = ShardWriter(str(tmp_path / "m.safetensors"), [TensorSpec(n, v.dtype, tuple(v.shape)) for n, v in t.items()])
+    w.write("t0.weight", t["t0.weight"])
+    assert _fds() == before + 1
+    with pytest.raises(RuntimeError, match="never written"):
+        w.close()
+    assert _fds() == before
+    with pytest.raises(ValueError, match="planned"):
+        ShardWriter(str(tmp_path / "x.safetensors"), [TensorSpec("a", torch.float32, (2,))]).write("a", torch.ones(3))
+    assert _fds() == before
+
+
+ALL_DTYPES = sorted(set(SAFETENSORS_DTYPES.values()), key=str)
 
 
 def _tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -24,7 +148,7 @@ def _tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tens
 
 @settings(max_examples=60, deadline=None)
 @given(st.dictionaries(st.text("abcAB._0123", min_size=1, max_size=6),
-                       st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 3), max_size=3)),
+                       st.tuples(st.sampled_from(ALL_DTYPES), st.lists(st.integers(0, 3), max_size=3)),
                        min_size=1, max_size=8),
        st.booleans(), st.integers(0, 2**16))
 def test_the_file_is_what_safetensors_save_writes(entries, with_metadata, seed):
@@ -37,3 +161,57 @@ def test_the_file_is_what_safetensors_save_writes(entries, with_metadata, seed):
             writer.write(name, tensors[name])
         writer.close()
         assert path.read_bytes() == save(tensors, metadata=metadata)
+
+
+# ------------------------------------------------------------------ child processes under RLIMIT_NOFILE
+
+class Many(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4, bias=False) for _ in range(n))
+
+
+def _child(mode: str, work: str) -> dict:
+    import offload_export as oe
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    torch.manual_seed(0)
+    model = Many(1500)
+    if mode == "fail":
+        from offload_export.quantizers import find_quantizers  # noqa: F401  (registers the built-ins)
+        from offload_export.adapters.builtin import quantize_weights
+        quantize_weights(model, "int8", modules=[f"layers.{i}" for i in range(1500)])
+        model.layers[1000].weight_quantizer.amax.fill_(float("nan"))
+        model.layers[1000].weight_quantizer.forward = None  # not callable: the fold of layer 1000 fails
+    before = _fds()
+    try:
+        report = oe.save_clean(model, f"{work}/out", max_shard_size=64)
+        return {"shards": report.shards, "fds_left": _fds() - before}
+    except Exception as e:  # noqa: BLE001
+        notes = " ".join(getattr(e, "__notes__", []))
+        return {"error": f"{type(e).__name__}: {e} {notes}"[:500], "fds_left": _fds() - before,
+                "left_in_work": sorted(os.listdir(work))}
+
+
+def _run_child(mode: str, tmp_path: Path) -> dict:
+    run = subprocess.run([sys.executable, __file__, mode, str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_1500_shards_export_under_ulimit_200(tmp_path):
+    result = _run_child("ok", tmp_path)
+    assert result == {"shards": 1500, "fds_left": 0}, result
+    assert len(list((tmp_path / "out").glob("model-*-of-01500.safetensors"))) == 1500
+
+
+def test_a_failure_half_way_through_1500_shards_leaves_no_descriptor_open(tmp_path):
+    result = _run_child("fail", tmp_path)
+    assert result.get("error", "").startswith("TypeError") and "layers.1000" in result["error"], result
+    assert result["fds_left"] == 0, result
+    assert result["left_in_work"] == [], result
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child(sys.argv[1], sys.argv[2])))

@@ -72,30 +72,57 @@ def _int_fake_quant(x: torch.Tensor, amax: torch.Tensor, max_bound: float) -> to
     return x.mul_(scale).round_().clamp_(-max_bound - 1.0, max_bound).div_(torch.where(zero, 1.0, scale))
 
 
-def _fp8_fake_quant(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """ModelOpt ``_fp8_eager``: ``e4m3(clamp(x * (448 / amax))) * (1 / (448 / amax))``."""
+def _fp8_fake_quant(x: torch.Tensor, amax: torch.Tensor, scratch=None) -> torch.Tensor:
+    """ModelOpt ``_fp8_eager``: ``e4m3(clamp(x * (448 / amax))) * (1 / (448 / amax))`` in place on ``x``."""
     safe_amax = torch.where(amax <= _EPS, torch.ones_like(amax), amax)
     scale = E4M3_MAX / safe_amax
     scale_inv = 1 / scale
     x = x.mul_(scale).clamp_(min=-E4M3_MAX, max=E4M3_MAX)
-    return x.to(torch.float8_e4m3fn).to(torch.float32).mul_(scale_inv)
+    return _round_mantissa(x, mantissa_bits=3, min_exponent=-6, scratch=scratch).mul_(scale_inv)
 
 
-def _e2m1_round(x: torch.Tensor) -> torch.Tensor:
+def _round_mantissa(x: torch.Tensor, *, mantissa_bits: int, min_exponent: int,
+                    scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Round float32 ``x`` in place to ``mantissa_bits`` bits, ties to even, subnormal below ``2**min_exponent``.
+
+    Equal bit for bit to a cast to a small float format and back (E4M3: 3 and -6; E2M1: 1 and 0) for
+    values that format holds without saturating, signed zeros included, at a fraction of the cost of
+    torch's scalar fp8 conversions: with ``e`` the power of two at or below ``|x|`` (at least
+    ``2**min_exponent``), the step between neighbours is ``q = e * 2**-mantissa_bits``, and
+    ``(|x| + C) - C`` with ``C = q * 2**23`` rounds ``|x|`` to a multiple of ``q`` by the FPU's own
+    round-half-even (``|x| + C`` stays in ``C``'s binade, where one ulp is ``q``); the sign bit is put back.
+    ``scratch``: two int32 tensors shaped like ``x`` to work in (allocated when None).
+    """
+    bits = x.view(torch.int32)
+    magic, sign = scratch if scratch is not None else (torch.empty_like(bits), torch.empty_like(bits))
+    torch.bitwise_and(bits, 0x7F800000, out=magic)  # e, as float32 bits (the exponent of |x|)
+    magic.clamp_min_((min_exponent + 127) << 23).add_((23 - mantissa_bits) << 23)  # C = e * 2**(23 - m)
+    torch.bitwise_and(bits, -(1 << 31), out=sign)
+    c = magic.view(torch.float32)
+    x.abs_().add_(c).sub_(c)
+    bits.bitwise_or_(sign)
+    return x
+
+
+def _e2m1_round(x: torch.Tensor, scratch=None) -> torch.Tensor:
     """Round to the nearest E2M1 value, ties to even, saturating at +-6 (ModelOpt ``_cast_fp4``).
 
     E2M1 is evenly spaced within each binade ([0, 2) by 0.5, [2, 4) by 1, [4, 6] by 2), and ties to the even
-    code are ties to the even multiple of that spacing, i.e. ``round`` (half to even) after scaling. A
-    negative value that rounds to 0 becomes +0, as in ModelOpt's table.
+    code are ties to the even multiple of that spacing: :func:`_round_mantissa` with one mantissa bit and
+    no exponent below 0, then the saturation. A negative value that rounds to 0 becomes +0, as in
+    ModelOpt's table. Works in place on ``x``.
     """
-    m = x.abs()
-    r = torch.where(m < 2, (m * 2).round_().mul_(0.5), torch.where(m < 4, m.round(), (m * 0.5).round_().mul_(2)))
-    r.clamp_(max=E2M1_MAX)
-    return torch.where(x < 0, -r, r).add_(0.0)  # -0 + 0 = +0
+    return _round_mantissa(x, mantissa_bits=1, min_exponent=0, scratch=scratch).clamp_(min=-E2M1_MAX, max=E2M1_MAX).add_(0.0)
 
 
-def _nvfp4_fake_quant(x: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+def _nvfp4_fake_quant(x: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor, scratch=None
+                      ) -> torch.Tensor:
     scale = (block_scale.to(torch.float32) * global_scale).unsqueeze(-1)
+    if bool((scale > 0).all()):
+        if scratch is not None:  # a broadcast over blocks of 16 is slow: divide and multiply by a full-size copy
+            full = scratch[0].view(torch.float32).copy_(scale.expand(x.shape))
+            return _e2m1_round(x.div_(full), scratch[1:]).mul_(full)
+        return _e2m1_round(x.div_(scale)).mul_(scale)
     scaled = torch.where(scale > 0, x / scale, 0.0)  # an all-zero weight has global_scale 0
     return _e2m1_round(scaled) * scale
 
@@ -214,18 +241,30 @@ class FakeQuantizer(nn.Module):
         self._check(w, rows)
         start = range(self.shape[0])[rows or slice(None)].start if len(w) else 0
         out = anon_empty(tuple(w.shape), w.dtype) if w.device.type == "cpu" else torch.empty_like(w)
-        # a few MB of float32 per step: the temporaries stay in cache and memory stays near the weight's size
+        # a few MB of float32 per step, in three scratch buffers reused by every step: the temporaries stay in
+        # cache, nothing is allocated (and page-faulted) per step, memory stays near the weight's size
         step = max(1, _CHUNK_ELEMENTS // w.shape[1])
+        rows_per_step = min(step, w.shape[0])
+        size = rows_per_step * math.ceil(self.shape[1] / self.group_size) * self.group_size
+        scratch = tuple(torch.empty(size, dtype=dtype, device=w.device)
+                        for dtype in (torch.float32, torch.int32, torch.int32, torch.int32)[:4 if self.scheme == "nvfp4" else 3])
         for a in range(0, w.shape[0], step):
-            out[a:a + step] = self._fake_quant(w[a:a + step], slice(start + a, start + a + len(w[a:a + step])))
+            chunk = w[a:a + step]
+            out[a:a + step] = self._fake_quant(chunk, slice(start + a, start + a + len(chunk)), scratch)
         return out
 
-    def _fake_quant(self, w: torch.Tensor, rows: slice) -> torch.Tensor:
-        x = _groups(w.to(torch.float32, copy=True), self.group_size)
+    def _fake_quant(self, w: torch.Tensor, rows: slice, scratch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        n, cols = w.shape
+        groups = math.ceil(cols / self.group_size)
+        x, *work = (t[:n * groups * self.group_size].view(n, groups, self.group_size) for t in scratch)
+        flat = x.view(n, -1)
+        flat[:, :cols].copy_(w)  # float32, the trailing partial group zero-padded (as ``_groups``)
+        if flat.shape[1] > cols:
+            flat[:, cols:].zero_()
         if self.scheme == "nvfp4":
-            out = _nvfp4_fake_quant(x, self.block_scale[rows], self.global_scale)
+            out = _nvfp4_fake_quant(x, self.block_scale[rows], self.global_scale, tuple(work))
         elif self.scheme == "fp8":
-            out = _fp8_fake_quant(x, self.amax[rows].unsqueeze(-1))
+            out = _fp8_fake_quant(x, self.amax[rows].unsqueeze(-1), tuple(work))
         else:
             out = _int_fake_quant(x, self.amax[rows].unsqueeze(-1), _INT_MAX[self.scheme])
         return out.reshape(out.shape[0], -1)[:, : self.shape[1]]

@@ -84,7 +84,19 @@ class Format(ABC):
 
     @abstractmethod
     def finish(self, reader: Reader, unit: Unit, values: StateDict) -> StateDict:
-        """Run time: one unit's source tensors (real, raw) -> its output tensors, as planned."""
+        """Run time: one unit's source tensors (real, raw) -> its output tensors, as planned.
+
+        ``values`` is the pipeline's own dict: pop each source from it when done with it, so that a large
+        source is freed before the next output is made (memory stays near two tensors, not three).
+        """
+
+    def unchanged(self, unit: Unit, key: str) -> bool:
+        """True when ``finish`` returns the unit's source ``key`` as it is (same name, dtype and bytes).
+
+        The pipeline then leaves such a tensor out of ``finish`` and, when it is stored in a file, has the
+        writer copy its bytes file to file (``copy_file_range``) without reading them. Default: False.
+        """
+        return False
 
     def config_updates(self) -> dict:
         """Keys this format sets in config.json (e.g. a packed format's ``quantization_config``)."""

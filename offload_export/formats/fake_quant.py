@@ -53,11 +53,19 @@ class FakeQuant(Format):
     def finish(self, reader, unit, values: StateDict) -> StateDict:
         dtype = self.source.dtype
         out = {}
-        for key, tensor in values.items():
+        for key in list(values):
+            tensor = values.pop(key)  # the source dies as soon as its fold is made: never source + fold + cast
             if key in self.source.folds:
                 tensor = reader.fold(key, tensor)
             out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            del tensor
         return self.source.convert(out) if unit.converted else out
+
+    def unchanged(self, unit, key: str) -> bool:
+        if unit.converted or key in self.source.folds:
+            return False
+        dtype = self.source.dtype
+        return dtype is None or not self.source.lay[key].dtype.is_floating_point or self.source.lay[key].dtype == dtype
 
     def write_files(self, tmp: Path) -> list[str]:
         if not self.source.quantizers:

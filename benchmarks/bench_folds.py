@@ -1,0 +1,140 @@
+"""Fold-kernel throughput: the built-in fake quantizers now against their previous implementation, side by side.
+
+    python benchmarks/bench_folds.py [--repeats 5] [--threads 0] [--out benchmarks/results/folds.json]
+
+Input: the Linear weights of one Qwen3-0.6B layer (q 2048x1024, k/v 1024x1024 ... down 1024x3072, bf16,
+random normal), 16 layers' worth per timing (~250 MB of bf16). Throughput is GB of bf16 input per second of
+wall time (and of process CPU time), the median over ``--repeats`` interleaved rounds (old, new, old, new ...).
+"before" is the code of commit 6ab636a (torch's float8 casts for fp8, a where-chain for E2M1, fresh float32
+temporaries per 1 M-element step); every result is checked bit for bit against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import offload_export as oe
+
+try:
+    from offload_export.adapters import builtin as fq  # after the package layout change
+except ImportError:  # pragma: no cover
+    from offload_export import fakequant as fq  # noqa: F401  (before the package layout change)
+
+SCHEMES = ("int8", "int4-g128", "fp8", "nvfp4")
+QWEN3_LAYER = ((2048, 1024), (1024, 1024), (1024, 1024), (1024, 2048), (3072, 1024), (3072, 1024), (1024, 3072))
+
+
+# ------------------------------------------------------------------ the previous kernels (commit 6ab636a)
+def _old_int(x, amax, max_bound):
+    bound = torch.tensor(max_bound, device=amax.device)
+    scale = bound / amax
+    zero = amax <= fq._EPS
+    scale = torch.where(zero, 0.0, scale)
+    return x.mul_(scale).round_().clamp_(-max_bound - 1.0, max_bound).div_(torch.where(zero, 1.0, scale))
+
+
+def _old_fp8(x, amax):
+    safe_amax = torch.where(amax <= fq._EPS, torch.ones_like(amax), amax)
+    scale = fq.E4M3_MAX / safe_amax
+    scale_inv = 1 / scale
+    x = x.mul_(scale).clamp_(min=-fq.E4M3_MAX, max=fq.E4M3_MAX)
+    return x.to(torch.float8_e4m3fn).to(torch.float32).mul_(scale_inv)
+
+
+def _old_e2m1(x):
+    m = x.abs()
+    r = torch.where(m < 2, (m * 2).round_().mul_(0.5), torch.where(m < 4, m.round(), (m * 0.5).round_().mul_(2)))
+    r.clamp_(max=fq.E2M1_MAX)
+    return torch.where(x < 0, -r, r).add_(0.0)
+
+
+def _old_nvfp4(x, block_scale, global_scale):
+    scale = (block_scale.to(torch.float32) * global_scale).unsqueeze(-1)
+    scaled = torch.where(scale > 0, x / scale, 0.0)
+    return _old_e2m1(scaled) * scale
+
+
+class OldFakeQuantizer(fq.FakeQuantizer):
+    def forward(self, w, rows=None):
+        start = range(self.shape[0])[rows or slice(None)].start if len(w) else 0
+        out = fq.anon_empty(tuple(w.shape), w.dtype)
+        step = max(1, (1 << 20) // w.shape[1])
+        for a in range(0, w.shape[0], step):
+            out[a:a + step] = self._old_fake_quant(w[a:a + step], slice(start + a, start + a + len(w[a:a + step])))
+        return out
+
+    def _old_fake_quant(self, w, rows):
+        x = fq._groups(w.to(torch.float32, copy=True), self.group_size)
+        if self.scheme == "nvfp4":
+            out = _old_nvfp4(x, self.block_scale[rows], self.global_scale)
+        elif self.scheme == "fp8":
+            out = _old_fp8(x, self.amax[rows].unsqueeze(-1))
+        else:
+            out = _old_int(x, self.amax[rows].unsqueeze(-1), fq._INT_MAX[self.scheme])
+        return out.reshape(out.shape[0], -1)[:, : self.shape[1]]
+
+
+def _time(quantizers, weights) -> tuple[float, float, list]:
+    w0, c0 = time.perf_counter(), time.process_time()
+    outs = [q(w) for q, w in zip(quantizers, weights)]
+    return time.perf_counter() - w0, time.process_time() - c0, outs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
+    p.add_argument("--schemes", default=",".join(SCHEMES))
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    weights = [(torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for _ in range(args.layers) for s in QWEN3_LAYER]
+    gb = sum(w.numel() * 2 for w in weights) / 1e9
+    results = {"input_gb_bf16": gb, "threads": torch.get_num_threads(), "cpu": os.cpu_count(),
+               "load_before": os.getloadavg()[0], "schemes": {}}
+    print(f"{gb:.2f} GB of bf16 weights, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}")
+    print(f"| scheme | before GB/s | now GB/s | speed-up | before GB/cpu-s | now GB/cpu-s | bit-identical |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for scheme in args.schemes.split(","):
+        kinds = {"before": OldFakeQuantizer, "now": oe.FakeQuantizer}
+        qs = {k: [] for k in kinds}
+        for w in weights:
+            for k, cls in kinds.items():
+                q = cls(scheme, tuple(w.shape))
+                q.calibrate(w)
+                qs[k].append(q)
+        walls, cpus, same = {k: [] for k in kinds}, {k: [] for k in kinds}, True
+        for _ in range(args.repeats):
+            outs = {}
+            for k in kinds:
+                wall, cpu, outs[k] = _time(qs[k], weights)
+                walls[k].append(wall)
+                cpus[k].append(cpu)
+            same &= all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(outs["before"], outs["now"]))
+            del outs
+        rate = {k: gb / statistics.median(walls[k]) for k in kinds}
+        cpu_rate = {k: gb / statistics.median(cpus[k]) for k in kinds}
+        results["schemes"][scheme] = {"before_gb_s": rate["before"], "now_gb_s": rate["now"],
+                                      "before_gb_cpu_s": cpu_rate["before"], "now_gb_cpu_s": cpu_rate["now"],
+                                      "speedup": rate["now"] / rate["before"], "bit_identical": same,
+                                      "walls": walls, "cpus": cpus}
+        print(f"| {scheme} | {rate['before']:.2f} | {rate['now']:.2f} | {rate['now'] / rate['before']:.2f} x | "
+              f"{cpu_rate['before']:.2f} | {cpu_rate['now']:.2f} | {'yes' if same else 'NO'} |", flush=True)
+    results["load_after"] = os.getloadavg()[0]
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

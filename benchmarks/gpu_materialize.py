@@ -72,7 +72,7 @@ def check_layout(name: str, model, reference) -> None:
     assert any(before.values()), "nothing offloaded"
     with oe.materialized(layer):
         assert all(p.device == CUDA for p in layer.parameters())
-        assert torch.equal(layer.mlp.up_proj.weight.cpu(), ref_layer.mlp.up_proj.weight)
+        assert torch.equal(layer.mlp.up_proj.weight, ref_layer.mlp.up_proj.weight)
         assert torch.equal(logits(model), expected)
         assert all(p.device == CUDA for p in layer.parameters()), "the forward re-offloaded"
         with oe.materialized(layer.mlp, writeback=True):
@@ -93,13 +93,14 @@ def check_layout(name: str, model, reference) -> None:
 
 def check_threads(model, layer, ref_layer) -> None:
     x = torch.randn(1, 5, CONFIG["hidden_size"], generator=torch.Generator().manual_seed(1))
-    expected, errors, start = ref_layer.mlp(x), [], threading.Barrier(2)
+    with torch.no_grad():
+        expected, errors, start = ref_layer.mlp(x.to(CUDA)).cpu(), [], threading.Barrier(2)
 
     def work():
         try:
             start.wait()
             for _ in range(20):
-                with oe.materialized(layer):
+                with oe.materialized(layer), torch.no_grad():
                     torch.testing.assert_close(layer.mlp(x.to(CUDA)).cpu(), expected)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
@@ -156,7 +157,7 @@ def main() -> int:
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in layouts(Path(tmp)):
-            failures += run(name, lambda: check_layout(name, model, make()))
+            failures += run(name, lambda: check_layout(name, model, make().to(CUDA)))  # same kernels as the model
     failures += run("compressed-tensors CPUCache -> cuda", check_compressed_tensors)
     print(f"{failures} failure(s) on {torch.cuda.get_device_name(CUDA) if ON_GPU else 'cpu'}")
     return failures

@@ -19,8 +19,8 @@ import torch
 
 from ._hooks import Store
 
-__all__ = ["SAFETENSORS_DTYPES", "FileSpan", "anon_empty", "read_store", "safetensors_header", "store_span",
-           "write_store"]
+__all__ = ["MAX_HEADER_BYTES", "SAFETENSORS_DTYPES", "FileSpan", "anon_empty", "check_store", "read_store",
+           "safetensors_header", "store_span", "write_store"]
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -34,20 +34,124 @@ _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
 
 
+# safetensors' own limit (MAX_HEADER_SIZE): a larger length is a corrupt file, not a header to read
+MAX_HEADER_BYTES = 100_000_000
+# bits per element of the dtypes safetensors knows; ours (SAFETENSORS_DTYPES) plus those we cannot load
+_DTYPE_BITS = {**{name: torch.empty((), dtype=dt).element_size() * 8 for name, dt in SAFETENSORS_DTYPES.items()},
+               "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "C64": 64, "I4": 4, "U4": 4}
+
+
+def _corrupt(path: str, what: str) -> ValueError:
+    return ValueError(f"{path}: {what}.\n  The safetensors file is corrupt (the safetensors library rejects it too); "
+                      f"nothing was read from it. Restore the file (re-download or re-save the checkpoint) and "
+                      f"reload the model.")
+
+
+def _entry_span(path: str, name: str, entry: object) -> tuple[int, int]:
+    """``(begin, end)`` of a header entry after checking its dtype, shape and offsets against each other."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise _corrupt(path, f"tensor {name!r}: header entry {entry!r} lacks dtype, shape or data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in _DTYPE_BITS:
+        raise _corrupt(path, f"tensor {name!r}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise _corrupt(path, f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets)
+            or offsets[1] < offsets[0]):
+        raise _corrupt(path, f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+    bits = math.prod(shape) * _DTYPE_BITS[dtype]
+    if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
+        raise _corrupt(path, f"tensor {name!r}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, "
+                             f"but shape {shape} of {dtype} needs {bits / 8:g}")
+    return offsets[0], offsets[1]
+
+
+def _parse_header(path: str, raw: bytes, size: int) -> dict:
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _corrupt(path, f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, f"header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise _corrupt(path, "__metadata__ is not a {string: string} object")
+    pos = 0
+    for begin, end, name in sorted((*_entry_span(path, k, v), k) for k, v in header.items()):
+        if begin != pos:  # safetensors: entries tile the data section, in offset order, without gaps or overlaps
+            raise _corrupt(path, f"tensor {name!r}: data_offsets start at byte {begin}, expected {pos} "
+                                 f"(a gap or an overlap with the previous tensor)")
+        pos = end
+    if 8 + len(raw) + pos != size:
+        raise _corrupt(path, f"file is {size} bytes, its header describes {8 + len(raw) + pos} "
+                             f"(truncated or trailing data)")
+    return header
+
+
 @lru_cache(maxsize=256)
 def _header_cached(path: str, mtime_ns: int, size: int) -> tuple[int, dict]:
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return 8 + length, header
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise _corrupt(path, f"file is {size} bytes, too short for a safetensors header")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES:
+            raise _corrupt(path, f"header length {length} exceeds safetensors' limit of {MAX_HEADER_BYTES} bytes")
+        if 8 + length > size:
+            raise _corrupt(path, f"header length {length} runs past the end of the {size}-byte file")
+        raw = f.read(length)
+    return 8 + length, _parse_header(path, raw, size)
 
 
 def safetensors_header(path: str) -> tuple[int, dict]:
-    """Parse a safetensors file's header: ``(data start offset, {name: {dtype, shape, data_offsets}})``."""
+    """Parse and validate a safetensors file's header: ``(data start offset, {name: {dtype, shape, data_offsets}})``.
+
+    Validated as the safetensors library does: header length at most 100 MB and inside the file, a JSON
+    object, every entry's ``data_offsets`` matching its shape and dtype, the entries tiling the data
+    section up to the end of the file. Cached per ``(path, mtime, size)``.
+
+    Raises:
+        ValueError: the file is not a valid safetensors file (the message names the file and the tensor).
+        OSError: the file cannot be read.
+    """
     st = os.stat(path)
     with _lock:
         return _header_cached(path, st.st_mtime_ns, st.st_size)
+
+
+def check_store(store: Store, shape: tuple[int, ...]) -> None:
+    """Check, without reading data, that a ``"disk"`` or ``"safetensors"`` store entry can supply ``shape``.
+
+    Other stores (tensors in RAM) are not checked. Meant to run before an export writes anything.
+
+    Raises:
+        ValueError: a corrupt safetensors header, an entry missing from it, a stored shape that is not
+            ``shape``, or a ``.dat`` file of the wrong size (the message names the file and tensor).
+        OSError: the file is missing or unreadable.
+    """
+    if store.kind == "safetensors":
+        _, header = safetensors_header(store.path)
+        entry = header.get(store.file_key)
+        if entry is None:
+            raise ValueError(f"{store.path}: has no tensor {store.file_key!r}, which the offload store of "
+                             f"{store.key!r} points to; the file changed after the model was loaded: reload the model")
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{store.path}: tensor {store.file_key!r} is stored as {entry['dtype']}, which torch "
+                             f"cannot read here (supported: {', '.join(SAFETENSORS_DTYPES)})")
+        stored = tuple(entry["shape"])
+    elif store.kind == "disk":
+        need = math.prod(shape) * torch.empty((), dtype=store.file_dtype).element_size()
+        size = os.stat(store.path).st_size
+        if size != need:
+            raise ValueError(f"{store.path}: offload file of {store.key!r} is {size} bytes, its shape {list(shape)} "
+                             f"of {store.file_dtype} needs {need}; the offload folder is damaged: reload the model")
+        return
+    else:
+        return
+    if stored != tuple(shape):
+        raise ValueError(f"{store.path}: tensor {store.file_key!r} has shape {list(stored)}, the module expects "
+                         f"{list(shape)} for {store.key!r}; the file changed after the model was loaded: reload the model")
 
 
 def _pread_into(path: str, offset: int, out: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import _atomic
+from ._store import check_store
 from .conversion import save_conversion
 from .formats import Format, Source, get_format
 from .layout import Layout, declared_ties, layout
@@ -142,6 +143,8 @@ def prepare_job(model: nn.Module, out_dir, *, fold: bool = True, format: str = "
     Raises:
         ValueError: a bad argument, a model that cannot be exported in ``format``, or an ``out_dir`` that is
             (or contains) an offload folder or source file the model reads its weights from.
+            Also a corrupt offload store (a safetensors header that the safetensors library rejects, a ``.dat``
+            file of the wrong size), named by file and tensor, before anything is written.
         RuntimeError: a meta tensor that no hook supplies.
         FileExistsError, PermissionError: ``out_dir`` cannot be written.
     """
@@ -154,6 +157,9 @@ def prepare_job(model: nn.Module, out_dir, *, fold: bool = True, format: str = "
     if check_out:
         _atomic.check_destination(out_dir, overwrite=overwrite, protected=lay.source_paths())
     _check_model(model, lay, allow_missing=allow_missing)
+    for info in lay.values():  # corrupt offload files fail here, before anything is written
+        if info.ref is not None:
+            check_store(info.ref.store, info.shape)
     quantizers = find_quantizers(model)
     quantizer_keys = {k for q in quantizers for k in q.state_keys}
     _check_shared_storage(model, lay, quantizer_keys)

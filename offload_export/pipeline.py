@@ -238,10 +238,16 @@ def stream(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int, 
 
 def _fold_lane(reader: UnitReader, unit: Unit) -> Hashable:
     """The device a unit is folded on (the one of its first folded weight), else where its first tensor is."""
-    for key in unit.sources:
-        if key in reader.folds:
-            return reader.fold_device(key)
-    return reader.device or reader.lay[unit.sources[0]].device
+    key = next((k for k in unit.sources if k in reader.folds), None)
+    return _indexed(reader.fold_device(key) if key is not None else reader.device or reader.lay[unit.sources[0]].device)
+
+
+def _indexed(device: torch.device | str) -> torch.device:
+    """``cuda`` as the ``cuda:N`` it means (the current device): one GPU is one lane however it is spelled."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _put(out: queue.Queue, item, stop: threading.Event) -> bool:

@@ -133,7 +133,7 @@ def test_packed_export_of_a_mixed_layout_equals_modelopts_resident_export(name, 
     """Large weights are packed a few rows at a time: forced here (8 KB chunks) so the stitching is checked."""
     from offload_export.formats import modelopt as modelopt_format
 
-    monkeypatch.setattr(modelopt_format, "_ROW_CHUNK_BYTES", 8192)
+    monkeypatch.setattr(modelopt_format, "_ROW_CHUNK_BYTES", {"cpu": 8192})
     model, expected = reference(name, ref_root)
     runs_on_cpu = "NVFP4" not in name  # NVFP4's fake-quant forward needs CUDA
     logits = forward_logits(model) if runs_on_cpu else None

@@ -414,7 +414,10 @@ class ModelOptPacker:
         return json.dumps(self.hf_quant_config, indent=4)
 
 
-_ROW_CHUNK_BYTES = 2 * 2**20
+# ModelOpt's float32 temporaries per chunk: cache-sized on the CPU (host memory is the bound there); on a GPU,
+# where every chunk costs a few kernel launches per ModelOpt call, large
+_ROW_CHUNK_BYTES = {"cpu": 2 * 2**20}
+_DEVICE_ROW_CHUNK_BYTES = 256 * 2**20
 _ROW_FORMATS = ("int8_wo", "int8_sq", "fp8", "int4_awq", "w4a8_awq", "nvfp4", "w4a16_nvfp4")
 
 
@@ -454,7 +457,8 @@ def _row_step(q: _Quantized, weight: torch.Tensor, *, group_max_follows: bool = 
     if last_rewrite >= 0 and per_tensor and not replaced:
         return None
     rows, cols = weight.shape
-    if weight.numel() * weight.element_size() <= _ROW_CHUNK_BYTES or rows < 4:
+    chunk_bytes = _ROW_CHUNK_BYTES.get(weight.device.type, _DEVICE_ROW_CHUNK_BYTES)
+    if weight.numel() * weight.element_size() <= chunk_bytes or rows < 4:
         return None
     for leaf in _weight_leaves(q.pristine.weight_quantizer):
         reshape = getattr(leaf, "_block_reshape_size", None)
@@ -463,7 +467,7 @@ def _row_step(q: _Quantized, weight: torch.Tensor, *, group_max_follows: bool = 
         for buf in leaf._buffers.values():
             if buf is not None and buf.numel() > 1 and (buf.dim() == 0 or buf.shape[0] % rows):
                 return None
-    return max(2, _ROW_CHUNK_BYTES // (cols * weight.element_size()) // 2 * 2)
+    return max(2, chunk_bytes // (cols * weight.element_size()) // 2 * 2)
 
 
 def _slice_rows(wq: nn.Module, r0: int, r1: int, rows: int) -> None:

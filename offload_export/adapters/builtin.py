@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import threading
 from collections.abc import Iterable
 from types import MethodType
 
@@ -125,6 +126,25 @@ def _nvfp4_fake_quant(x: torch.Tensor, block_scale: torch.Tensor, global_scale: 
         return _e2m1_round(x.div_(scale)).mul_(scale)
     scaled = torch.where(scale > 0, x / scale, 0.0)  # an all-zero weight has global_scale 0
     return _e2m1_round(scaled) * scale
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(size: int, count: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``count`` buffers of ``size`` 4-byte elements (a float32 one, then int32 ones) for one fold step.
+
+    On the CPU they are kept per thread and reused by every fold: freshly allocated they cost more page
+    faults than the fold itself (glibc returns large freed blocks to the OS). At most one chunk's worth.
+    """
+    kinds = (torch.float32,) + (torch.int32,) * (count - 1)
+    if device.type != "cpu":
+        return tuple(torch.empty(size, dtype=k, device=device) for k in kinds)
+    cached = getattr(_SCRATCH, "buffers", ())
+    if len(cached) < count or cached[0].numel() < size:
+        n = max(size, cached[0].numel() if cached else 0)
+        cached = _SCRATCH.buffers = tuple(torch.empty(n, dtype=torch.int32) for _ in range(max(count, len(cached))))
+    return tuple(b[:size].view(k) for b, k in zip(cached, kinds))
 
 
 class FakeQuantizer(nn.Module):
@@ -246,8 +266,7 @@ class FakeQuantizer(nn.Module):
         step = max(1, _CHUNK_ELEMENTS // w.shape[1])
         rows_per_step = min(step, w.shape[0])
         size = rows_per_step * math.ceil(self.shape[1] / self.group_size) * self.group_size
-        scratch = tuple(torch.empty(size, dtype=dtype, device=w.device)
-                        for dtype in (torch.float32, torch.int32, torch.int32, torch.int32)[:4 if self.scheme == "nvfp4" else 3])
+        scratch = _scratch(size, 4 if self.scheme == "nvfp4" else 3, w.device)
         for a in range(0, w.shape[0], step):
             chunk = w[a:a + step]
             out[a:a + step] = self._fake_quant(chunk, slice(start + a, start + a + len(chunk)), scratch)

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 
 import offload_export as oe
 from layouts import METHODS, LayoutSpec, apply_layout, draw_offloaded, fixed_input_ids, forward_logits, layout_specs, make_model
+from memory_child import measure
 
 pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors import BaseCompressor, ModelCompressor  # noqa: E402
@@ -281,54 +279,13 @@ def test_builtin_reloads_in_transformers(tmp_path, scheme, dtype):
         torch.testing.assert_close(got, expected, rtol=0.02, atol=0.02)
 
 
-MEMORY_CHILD = textwrap.dedent('''
-    import json, sys, torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    import offload_export as oe
-
-    work, scheme = sys.argv[1], sys.argv[2]
-    config = LlamaConfig(vocab_size=16000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
-                         num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=False)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02, generator=generator)
-    model.save_pretrained(f"{work}/src", max_shard_size="100MB")
-    del model
-    model = AutoModelForCausalLM.from_pretrained(f"{work}/src", device_map={"": "disk"},
-                                                 offload_folder=f"{work}/offload", dtype=torch.bfloat16)
-    oe.quantize_weights(model, scheme=scheme)
-
-    def kib(field):
-        return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
-
-    base = kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    report = oe.save_clean(model, f"{work}/out", format="compressed-tensors", max_shard_size="100MB")
-    print(json.dumps({"peak_extra": (kib("VmHWM") - base) * 1024, "written": report.bytes,
-                      "largest": report.largest_tensor}))
-''')
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["int8", "nvfp4"])
 def test_peak_memory_of_a_disk_offloaded_packed_export(tmp_path, scheme):
     """A disk-offloaded 333 MiB bf16 model packed module by module: peak extra RSS (VmHWM, file pages
     included) within 2 x the largest tensor + 64 MiB (+16 MiB interpreter churn, as in test_memory)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError as e:
-        pytest.skip(f"cannot reset VmHWM here: {e}")
-    run = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(tmp_path), scheme], capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    print(scheme, result)
+    result = measure(tmp_path, quantize={"scheme": scheme},
+                     export={"format": "compressed-tensors", "max_shard_size": "100MB"})
     assert result["peak_extra"] <= 2 * result["largest"] + 80 * 2**20, result
 
 

@@ -34,10 +34,10 @@ import traceback
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 import offload_export as oe
+from gpu_check import read_all  # the same reader as the fake-quant GPU check
 
 SHAPES = {
     "0.6b": dict(config=dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16),
@@ -94,14 +94,6 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.delta_mb = {k: round((self.peak[k] - self.base[k]) / 2**20) for k in self.base}
-
-
-def read_all(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("model*.safetensors")):
-        with safe_open(f, "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:

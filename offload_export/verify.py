@@ -298,7 +298,7 @@ def _check_names(specs: Iterable[TensorSpec], entries: dict[str, _Entry], droppe
 
 
 def _check_files(out_dir: Path, weight_files: set[str], expected: set[str], problems: list[str]) -> None:
-    """Directories, pickles, unreferenced weight files and missing model files."""
+    """Directories, non-safetensors weight files (.bin, .pt, ...), unreferenced weight files and missing model files."""
     names = {p.name: p for p in out_dir.iterdir()}
     for name, path in sorted(names.items()):
         if path.is_dir():

@@ -13,11 +13,13 @@ import json
 import os
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -169,32 +171,107 @@ def _read_entries(out_dir: Path, problems: list[str]) -> tuple[dict[str, _Entry]
     return entries, set(files)
 
 
-_CHUNK = 8 << 20  # bytes compared at a time
+_CHUNK = 1 << 20  # bytes compared at a time: two chunks fit in this core's L2 cache
+_PREFETCH_MIN = 256 << 20  # checkpoint bytes asked of the disk ahead of the comparisons, at least
+_WILLNEED_FALLBACK = 128 << 10  # Linux's default read_ahead_kb
+
+
+@lru_cache(maxsize=64)
+def _willneed_step(device: int) -> int:
+    """The most bytes one ``posix_fadvise(WILLNEED)`` reads on the block device ``device`` (an ``st_dev``).
+
+    Linux reads at most ``max(read_ahead_kb, max_sectors_kb)`` of the device's queue per call and silently
+    drops the rest of the range; the queue of a partition is its disk's. 128 KiB where there is no queue
+    (not Linux, not a block device).
+    """
+    base = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}")
+    for queue in (base / "queue", base / ".." / "queue"):
+        try:
+            kb = max(int((queue / name).read_text()) for name in ("read_ahead_kb", "max_sectors_kb"))
+        except (OSError, ValueError):
+            continue
+        return max(kb << 10, _WILLNEED_FALLBACK)
+    return _WILLNEED_FALLBACK
+
+
+class _Prefetch:
+    """A thread that asks the kernel for the checkpoint bytes the comparisons need next, ``window`` bytes ahead.
+
+    ``posix_fadvise(WILLNEED)`` starts the disk reads and returns, so the disk works while earlier tensors
+    are folded and compared instead of each comparison's ``pread`` waiting for it. Right after an export
+    part of the checkpoint is not in the page cache (the writer drops written pages once their writeback
+    starts: measured, the 311 MB embedding of a 1.19 GB export), and a checkpoint checked later may be
+    cold altogether. Only the page cache holds the prefetched bytes (not the process's memory); the
+    window keeps them from pushing out the pages compared next. A hint: a no-op without ``posix_fadvise``.
+
+    Args:
+        out_dir: the checkpoint directory.
+        entries: the entries in the order they will be compared.
+        window: bytes requested ahead of the comparisons.
+    """
+
+    def __init__(self, out_dir: Path, entries: list[_Entry], window: int):
+        self._out_dir, self._entries, self._window = out_dir, entries, window
+        self._target, self._closed = window, False
+        self._cond = threading.Condition()
+        self._thread = None
+        if hasattr(os, "posix_fadvise"):  # absent on macOS and Windows
+            self._thread = threading.Thread(target=self._run, name="offload-export-verify-prefetch", daemon=True)
+            self._thread.start()
+
+    def advance(self, compared: int) -> None:
+        """The first ``compared`` bytes of the order are compared or being compared: request ``window`` beyond."""
+        with self._cond:
+            self._target = compared + self._window
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Stop requesting (a request under way ends at its next step) and wait for the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        requested = 0
+        for entry in self._entries:
+            with self._cond:
+                while not self._closed and requested >= self._target:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            self._advise(entry)
+            requested += entry.nbytes
+
+    def _advise(self, entry: _Entry) -> None:
+        try:
+            fd = os.open(self._out_dir / entry.file, os.O_RDONLY)
+        except OSError:
+            return  # the comparison reports it
+        try:
+            step = _willneed_step(os.fstat(fd).st_dev)
+            for pos in range(entry.offset, entry.offset + entry.nbytes, step):
+                if self._closed:
+                    return
+                os.posix_fadvise(fd, pos, min(step, entry.offset + entry.nbytes - pos), os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 class _Buffers:
-    """Two reused chunk buffers (expected bytes, file bytes) and a thread that reads the expected side's file
-    while the calling thread reads the checkpoint's: a comparison holds 16 MiB, never a tensor's worth."""
+    """Two reused chunk buffers (expected bytes, file bytes): a comparison holds 2 MiB, never a tensor's worth."""
 
     def __init__(self):
         self._want = self._got = None
-        self._pool = None
 
     def views(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._want is None or len(self._want) < n:
             size = min(_CHUNK, max(n, 1 << 16))
             self._want, self._got = (torch.empty(size, dtype=torch.uint8) for _ in range(2))
         return self._want[:n], self._got[:n]
-
-    @property
-    def pool(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="offload-export-verify")
-        return self._pool
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
 
 
 def _libc_memcmp():
@@ -227,7 +304,11 @@ def _pread_exact(fd: int, out: torch.Tensor, offset: int) -> None:
 
 
 def _same_bytes(expected: torch.Tensor | FileSpan, path: Path, offset: int, nbytes: int, bufs: _Buffers) -> bool:
-    """Whether the file's ``nbytes`` at ``offset`` are ``expected``'s bytes (a tensor's, or another file's)."""
+    """Whether the file's ``nbytes`` at ``offset`` are ``expected``'s bytes (a tensor's, or another file's).
+
+    One thread, a chunk at a time: both chunks stay in the CPU cache between the ``pread`` and the
+    ``memcmp``; reading the two files from two threads in 8 MiB chunks measured 2 x slower here.
+    """
     span = expected if isinstance(expected, FileSpan) else None
     flat = None if span is not None else expected.reshape(-1).view(torch.uint8)
     fd = os.open(path, os.O_RDONLY)
@@ -236,10 +317,9 @@ def _same_bytes(expected: torch.Tensor | FileSpan, path: Path, offset: int, nbyt
         for pos in range(0, nbytes, _CHUNK):
             n = min(_CHUNK, nbytes - pos)
             want, got = bufs.views(n)
-            pending = bufs.pool.submit(_pread_exact, src, want, span.offset + pos) if span is not None else None
+            if span is not None:
+                _pread_exact(src, want, span.offset + pos)
             _pread_exact(fd, got, offset + pos)
-            if pending is not None:
-                pending.result()
             if not _equal_bytes(want if span is not None else flat[pos:pos + n], got):
                 return False
         return True
@@ -264,7 +344,6 @@ def _compare(name: str, expected: torch.Tensor | FileSpan, entry: _Entry, out_di
         expected = expected.detach().to("cpu").contiguous()
     if not entry.nbytes:
         return True
-    own = bufs is None
     bufs = bufs or _Buffers()
     try:
         if _same_bytes(expected, out_dir / entry.file, entry.offset, entry.nbytes, bufs):
@@ -274,9 +353,6 @@ def _compare(name: str, expected: torch.Tensor | FileSpan, entry: _Entry, out_di
     except OSError as e:
         problems.append(f"{name}: cannot read its bytes from {entry.file} ({e})")
         return False
-    finally:
-        if own:
-            bufs.close()
     a = want.reshape(-1).view(torch.uint8).view(want.numel(), -1)
     b = got.reshape(-1).view(torch.uint8).view(want.numel(), -1)
     differ = (a != b).any(dim=1)
@@ -340,12 +416,9 @@ def _compare_safetensors(name: str, ref: Path, got_path: Path, problems: list[st
     for key in sorted(set(got) - set(want)):
         problems.append(f"{name}: unexpected {key}")
     bufs = _Buffers()
-    try:
-        for key in sorted(set(want) & set(got)):
-            expected = FileSpan(str(ref), want[key].offset, want[key].dtype, want[key].shape)
-            _compare(f"{name}: {key}", expected, got[key], got_path.parent, problems, bufs)
-    finally:
-        bufs.close()
+    for key in sorted(set(want) & set(got)):
+        expected = FileSpan(str(ref), want[key].offset, want[key].dtype, want[key].shape)
+        _compare(f"{name}: {key}", expected, got[key], got_path.parent, problems, bufs)
 
 
 def _check_model_files(job: Job, out_dir: Path, problems: list[str]) -> set[str]:
@@ -382,13 +455,20 @@ def check(job: Job, out_dir: Path) -> VerifyReport:
     _check_names([s for u in plan.units for s in u.outputs], entries, dict(plan.dropped), problems)
     wanted = [u for u in plan.units if any(s.name in entries for s in u.outputs)]
     bufs = _Buffers()
+    order = [entries[s.name] for u in wanted for s in u.outputs if s.name in entries]
+    prefetch = _Prefetch(out_dir, order, max(_PREFETCH_MIN, 2 * read_ahead_bytes(plan)))
+    compared = 0
 
     def compare(unit, outputs):
+        nonlocal compared
         for spec in unit.outputs:
             tensor = outputs.pop(spec.name)
-            if spec.name in entries and _compare(spec.name, tensor, entries[spec.name], out_dir, problems, bufs):
-                report.tensors += 1
-                report.bytes += spec.nbytes
+            if spec.name in entries:
+                prefetch.advance(compared)
+                compared += entries[spec.name].nbytes
+                if _compare(spec.name, tensor, entries[spec.name], out_dir, problems, bufs):
+                    report.tensors += 1
+                    report.bytes += spec.nbytes
             del tensor
 
     # units are compared behind, in order, while the next ones are read and folded (as the export writes
@@ -405,7 +485,7 @@ def check(job: Job, out_dir: Path) -> VerifyReport:
             pending.popleft().result()
     finally:
         behind.shutdown(wait=True, cancel_futures=True)
-        bufs.close()
+        prefetch.close()
     expected = _check_model_files(job, out_dir, problems)
     _check_files(out_dir, weight_files, expected, problems)
     report.seconds = time.perf_counter() - start

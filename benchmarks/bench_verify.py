@@ -1,0 +1,113 @@
+"""verify x export, this checkout's ``verify`` against another commit's, interleaved in one process.
+
+    python benchmarks/bench_verify.py --schemes none,int8,int4-g128,fp8,nvfp4 --before main --repeats 3
+
+For each scheme: reload the checkpoint fully disk-offloaded (as ``bench_export.py`` does), fake-quantize,
+then ``repeats`` rounds of: warm the sources, ``save_clean``, ``os.sync()``, one ``verify`` — this
+checkout's ("after") and ``--before``'s ``offload_export/verify.py`` ("before", loaded from git beside it,
+on the same job / pipeline code), alternating, so each verify runs right after its own export, as in
+``bench_export.py``. A verify's ratio is to the export right before it; the 1-minute load average is
+recorded before each export. Prints one row per (scheme, variant): median export and verify seconds,
+median and range of the ratio, max load. ``--device cuda`` exports and verifies with ``device=``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_export as bench  # noqa: E402
+
+
+def load_before(ref: str):
+    """``ref``'s ``offload_export/verify.py`` as a module of this checkout's package (``offload_export._verify_before``)."""
+    source = subprocess.run(["git", "show", f"{ref}:offload_export/verify.py"], check=True, capture_output=True,
+                            text=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="bench-verify-")) / "verify_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("offload_export._verify_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_scheme(scheme: str, args: argparse.Namespace, variants: dict) -> list[dict]:
+    import offload_export
+
+    work = Path(args.work) / f"verify-{args.size}"
+    if not (work / "src" / "config.json").exists():
+        bench.build_checkpoint(args.size, work / "src")
+    offload, out = work / f"offload-{os.getpid()}", work / "export"
+    model = bench.load_offloaded(work / "src", offload, scheme)
+    paths = bench.source_files(model)
+    rows = []
+    try:
+        names = list(variants)
+        for r in range(args.repeats):
+            for name in names[r % 2:] + names[:r % 2]:  # alternate which goes first
+                bench.shutil.rmtree(out, ignore_errors=True)
+                bench.prepare_page_cache(paths, cold=False)
+                load = os.getloadavg()[0]
+                t0 = time.perf_counter()
+                offload_export.save_clean(model, out, device=args.device)
+                export_s = time.perf_counter() - t0
+                os.sync()
+                t0 = time.perf_counter()
+                report = variants[name].verify(model, out, device=args.device)
+                verify_s = time.perf_counter() - t0
+                row = {"scheme": scheme, "variant": name, "export_s": export_s, "verify_s": verify_s,
+                       "ratio": verify_s / export_s, "ok": report.ok, "load": load}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    finally:
+        bench.shutil.rmtree(out, ignore_errors=True)
+        bench.shutil.rmtree(offload, ignore_errors=True)
+        del model
+        gc.collect()
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="qwen3-0.6b")
+    p.add_argument("--schemes", default="none,int8,int4-g128,fp8,nvfp4")
+    p.add_argument("--before", default=None, help="git ref whose verify.py is the baseline (omit: after only)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default=None)
+    p.add_argument("--work", default="benchmarks/out")
+    p.add_argument("--out", default=None, help="write every row as JSON here")
+    args = p.parse_args()
+    import offload_export
+
+    variants = {"after": offload_export}
+    if args.before:
+        variants = {"before": load_before(args.before), **variants}
+    rows = [row for scheme in args.schemes.split(",") for row in bench_scheme(scheme, args, variants)]
+    print(f"\n{'scheme':10s} {'variant':8s} {'export s':>9s} {'verify s':>9s} {'ratio':>6s} {'(min-max)':>12s} "
+          f"{'max load':>8s} ok")
+    for scheme in args.schemes.split(","):
+        for name in variants:
+            sel = [r for r in rows if r["scheme"] == scheme and r["variant"] == name]
+            ratios = [r["ratio"] for r in sel]
+            print(f"{scheme:10s} {name:8s} {statistics.median(r['export_s'] for r in sel):9.2f} "
+                  f"{statistics.median(r['verify_s'] for r in sel):9.2f} {statistics.median(ratios):6.2f} "
+                  f"({min(ratios):.2f}-{max(ratios):.2f}) {max(r['load'] for r in sel):8.2f} "
+                  f"{all(r['ok'] for r in sel)}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

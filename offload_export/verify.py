@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._store import SAFETENSORS_DTYPES, FileSpan, _read_file, safetensors_header
+from ._store import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, FileSpan, _read_file
 from .checkpoint import write_model_files
 from .job import INDEX_NAME, Job, prepare_job, read_ahead_bytes
 from .pipeline import stream
@@ -86,23 +86,45 @@ def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     return TensorSpec("", dtype, shape).nbytes
 
 
-def _read_header(path: Path, problems: list[str]) -> dict[str, _Entry] | None:
-    """The validated tensor entries of a safetensors file, or None (with the problem noted)."""
+def _raw_header(path: Path, problems: list[str]) -> tuple[int, dict, int] | None:
+    """``(data start, header, file size)`` of a safetensors file, the header as written (``__metadata__`` included), or None (with the
+    problem noted). Parsed here, not by the strict reader that refuses the whole file, so that a truncated
+    or damaged shard still names its tensors."""
     name = path.name
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            raw = f.read(8)
-        if len(raw) < 8 or struct.unpack("<Q", raw)[0] > size - 8:
-            problems.append(f"{name}: not a safetensors file (header length beyond the end of the file)")
-            return None
-        start, header = safetensors_header(str(path))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+            prefix = f.read(8)
+            length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else size
+            if length > min(size - 8, MAX_HEADER_BYTES):
+                problems.append(f"{name}: not a safetensors file (header length beyond the end of the file)")
+                return None
+            header = json.loads(f.read(length))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         problems.append(f"{name}: unreadable safetensors header ({e})")
         return None
+    if not isinstance(header, dict):
+        problems.append(f"{name}: unreadable safetensors header (a JSON {type(header).__name__}, not an object)")
+        return None
+    return 8 + length, header, size
+
+
+def _read_header(path: Path, problems: list[str]) -> tuple[dict[str, _Entry], object] | None:
+    """The tensor entries of a safetensors file and its ``__metadata__``, or None (with the problem noted).
+
+    Every entry whose dtype, shape and offsets can be read is kept, also when the file is cut short or its
+    entries do not tile the data; each such problem is noted (the tensors past the end are reported by name
+    when their bytes are compared).
+    """
+    raw = _raw_header(path, problems)
+    if raw is None:
+        return None
+    (start, header, size), name = raw, path.name
     entries: dict[str, _Entry] = {}
     spans = []
     for key, meta in header.items():
+        if key == "__metadata__":
+            continue
         try:
             dtype, shape = SAFETENSORS_DTYPES[meta["dtype"]], tuple(int(d) for d in meta["shape"])
             begin, end = (int(x) for x in meta["data_offsets"])
@@ -121,7 +143,7 @@ def _read_header(path: Path, problems: list[str]) -> dict[str, _Entry] | None:
         pos = max(pos, end)
     if start + pos != size:
         problems.append(f"{name}: file is {size} bytes, its header describes {start + pos} (truncated or trailing data)")
-    return entries
+    return entries, header.get("__metadata__")
 
 
 def _index(out_dir: Path, problems: list[str]) -> tuple[dict[str, str] | None, int | None]:
@@ -155,9 +177,10 @@ def _read_entries(out_dir: Path, problems: list[str]) -> tuple[dict[str, _Entry]
         if not (out_dir / file).is_file():
             problems.append(f"missing file: {file} (listed in {INDEX_NAME})")
             continue
-        header = _read_header(out_dir / file, problems)
-        if header is None:
+        read = _read_header(out_dir / file, problems)
+        if read is None:
             continue
+        header = read[0]
         for key, entry in header.items():
             if weight_map is not None and weight_map.get(key) != file:
                 where = f"maps it to {weight_map[key]}" if key in weight_map else "does not list it"
@@ -405,11 +428,11 @@ def _compare_json(name: str, want: dict, got_path: Path, problems: list[str]) ->
 
 
 def _compare_safetensors(name: str, ref: Path, got_path: Path, problems: list[str]) -> None:
-    want = _read_header(ref, problems)
-    got = _read_header(got_path, problems)
-    if want is None or got is None:
+    read_want, read_got = _read_header(ref, problems), _read_header(got_path, problems)
+    if read_want is None or read_got is None:
         return
-    if safetensors_header(str(ref))[1].get("__metadata__") != safetensors_header(str(got_path))[1].get("__metadata__"):
+    (want, want_metadata), (got, got_metadata) = read_want, read_got
+    if want_metadata != got_metadata:
         problems.append(f"{name}: its metadata differs from what the model gives")
     for key in sorted(set(want) - set(got)):
         problems.append(f"{name}: missing {key}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,9 @@ from test_faults import leftovers, model_state, same_state
 from torch import nn
 
 import offload_export as oe
+from offload_export._store import FileSpan, safetensors_header
 from offload_export.formats.fake_quant import QUANTIZER_STATE_NAME
-from offload_export.job import INDEX_NAME
+from offload_export.job import INDEX_NAME, prepare_job
 
 SHARD = 40_000
 MIXED = LayoutSpec("dispatch", (("model.embed_tokens", "resident"), ("model.layers.0", "cpu"),
@@ -94,6 +97,15 @@ def _add_auto_map(ck: Path) -> None:
     (ck / "config.json").write_text(json.dumps(config))
 
 
+def _edit_quantizer_metadata(ck: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    path = ck / QUANTIZER_STATE_NAME
+    with safe_open(path, "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, path, metadata={**metadata, "quantizers": metadata["quantizers"].replace('"int8"', '"int4"')})
+
+
 def _edit_json(ck: Path, name: str, key: str, value) -> None:
     data = json.loads((ck / name).read_text())
     data[key] = value
@@ -113,6 +125,7 @@ DAMAGE = {
                            "model-extra.safetensors (a weight file that the index does not reference)"),
     "no quantizer state": (lambda ck: (ck / QUANTIZER_STATE_NAME).unlink(), f"missing file: {QUANTIZER_STATE_NAME}"),
     "auto_map in config": (_add_auto_map, "config.json: has 'auto_map'"),
+    "edited quantizer metadata": (_edit_quantizer_metadata, f"{QUANTIZER_STATE_NAME}: its metadata differs"),
     "truncated shard": (lambda ck: _shards(ck)[2].write_bytes(_shards(ck)[2].read_bytes()[:-10]), "truncated"),
     "garbage header": (lambda ck: _shards(ck)[0].write_bytes(b"\xff" * 64), "not a safetensors file"),
     "leftover directory": (lambda ck: (ck / ".out.offload-export-0-0-0-0").mkdir(), "unexpected directory"),
@@ -165,6 +178,115 @@ def test_verifying_with_another_dtype_names_each_tensor(exported):
     report = oe.verify(model, out, dtype="bfloat16")
     assert not report.ok and report.tensors == 0
     assert any(m.startswith("model.norm.weight: expected torch.bfloat16") for m in report.mismatches)
+
+
+def _where(ck: Path, name: str) -> tuple[Path, int, int]:
+    """``(shard, first byte, end)`` of tensor ``name``'s data in checkpoint ``ck``."""
+    for shard in sorted(ck.glob("*.safetensors")):
+        start, header = safetensors_header(str(shard))
+        if name in header:
+            begin, end = header[name]["data_offsets"]
+            return shard, start + begin, start + end
+    raise AssertionError(f"{name} is in no shard of {ck}")
+
+
+def _flip_byte_of(ck: Path, name: str) -> None:
+    """Flip one bit of the byte in the middle of ``name``'s data."""
+    shard, begin, end = _where(ck, name)
+    data = bytearray(shard.read_bytes())
+    data[(begin + end) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
+def _passed_through(model: nn.Module, out: Path, name: str, **kwargs) -> bool:
+    """Whether the export's reader hands ``name`` over as file bytes (a :class:`FileSpan`), not as a tensor."""
+    job = prepare_job(model, out, max_shard_size=2**62, overwrite=True, check_out=False, **kwargs)
+    unit = next(u for u in job.plan.units if any(s.name == name for s in u.outputs))
+    return isinstance(job.reader().read(unit).get(name), FileSpan)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Compare 256 bytes at a time, so that the tiny tensors here span many chunks."""
+    monkeypatch.setattr(importlib.import_module("offload_export.verify"), "_CHUNK", 256)
+
+
+# (tensor, passed through from its store's file?) in the MIXED layout, int8 on every Linear but lm_head
+FLIPPED = {"lm_head.weight": True,  # a .dat store, not quantized: compared file to file
+           "model.layers.1.input_layernorm.weight": True,
+           "model.layers.1.self_attn.q_proj.weight": False,  # a .dat store, folded
+           "model.layers.0.mlp.down_proj.weight": False,  # a cpu store, folded
+           "model.norm.weight": False}  # resident
+
+
+@pytest.mark.parametrize("name", sorted(FLIPPED))
+def test_a_flipped_byte_is_reported_naming_the_tensor(exported, checkpoint, small_chunks, name):
+    model, out = exported
+    assert _passed_through(model, out, name) is FLIPPED[name]
+    _flip_byte_of(checkpoint, name)
+    report = oe.verify(model, checkpoint)
+    assert len(report.mismatches) == 1, report
+    assert report.mismatches[0].startswith(f"{name}: 1 of ") and "elements differ" in report.mismatches[0], report
+
+
+@pytest.mark.parametrize("name", ["lm_head.weight", "model.layers.0.mlp.down_proj.weight"])
+def test_a_shard_cut_inside_a_tensor_names_it(exported, checkpoint, name):
+    shard, begin, end = _where(checkpoint, name)
+    with open(shard, "r+b") as f:
+        f.truncate((begin + end) // 2)
+    report = oe.verify(exported[0], checkpoint)
+    assert any(m.startswith(f"{shard.name}: file is ") and "truncated" in m for m in report.mismatches), report
+    assert any(m.startswith(f"{name}: cannot read its bytes from {shard.name}") for m in report.mismatches), report
+    assert not any(m.startswith("missing tensor") for m in report.mismatches), report
+
+
+def test_a_flipped_byte_in_a_tensor_of_the_users_safetensors_is_reported(tmp_path, small_chunks):
+    """from_pretrained(device_map=disk): the unquantized weights pass through from the user's own file."""
+    spec = LayoutSpec("from_pretrained", (("model.embed_tokens", "disk"), ("model.layers.0", "disk"),
+                                          ("model.layers.1", "resident"), ("model.norm", "disk"),
+                                          ("lm_head", "disk")))
+    model = apply_layout(make_model("llama_untied"), spec, tmp_path / "layout")
+    oe.quantize_weights(model, "int8")
+    oe.save_clean(model, tmp_path / "out")
+    assert oe.verify(model, tmp_path / "out").ok
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.weight"):
+        assert _passed_through(model, tmp_path / "out", name) is (name == "model.embed_tokens.weight")
+        _flip_byte_of(tmp_path / "out", name)
+    report = oe.verify(model, tmp_path / "out")
+    assert sorted(m.split(":")[0] for m in report.mismatches) == ["model.embed_tokens.weight",
+                                                                  "model.layers.0.self_attn.k_proj.weight"], report
+
+
+def test_a_flipped_byte_in_a_modelopt_packed_tensor_is_reported(tmp_path, small_chunks):
+    packed = pytest.importorskip("test_format_modelopt")
+    model = packed.quantize(packed.tiny_qwen3(), "FP8_DEFAULT_CFG")
+    model = apply_layout(model, packed.MIXED, tmp_path / "layout")
+    oe.save_clean(model, tmp_path / "out", format="modelopt")
+    assert oe.verify(model, tmp_path / "out", format="modelopt").ok
+    name = "model.layers.0.mlp.down_proj.weight"  # disk; packed to float8 with its weight_scale
+    shard, _, _ = _where(tmp_path / "out", name)
+    assert safetensors_header(str(shard))[1][name]["dtype"] == "F8_E4M3"
+    _flip_byte_of(tmp_path / "out", name)
+    report = oe.verify(model, tmp_path / "out", format="modelopt")
+    assert len(report.mismatches) == 1 and report.mismatches[0].startswith(f"{name}: 1 of "), report
+
+
+def test_a_flipped_byte_in_a_compressed_tensors_packed_tensor_is_reported(tmp_path, small_chunks):
+    from accelerate import disk_offload
+    packed = pytest.importorskip("test_format_compressed_tensors")
+    model = disk_offload(packed.ct_model("w4a16_g128"), str(tmp_path / "offload"), execution_device=torch.device("cpu"))
+    oe.save_clean(model, tmp_path / "out", format=packed.CT)
+    assert oe.verify(model, tmp_path / "out", format=packed.CT).ok
+    name = "model.layers.0.mlp.up_proj.weight_packed"  # int4 packed into int32
+    _flip_byte_of(tmp_path / "out", name)
+    report = oe.verify(model, tmp_path / "out", format=packed.CT)
+    assert len(report.mismatches) == 1 and report.mismatches[0].startswith(f"{name}: 1 of "), report
+
+
+def test_verify_leaves_no_thread_behind(exported, checkpoint):
+    _flip_byte_of(checkpoint, "lm_head.weight")
+    assert oe.verify(exported[0], exported[1]).ok and not oe.verify(exported[0], checkpoint).ok
+    assert [t.name for t in threading.enumerate() if t.name.startswith("offload-export")] == []
 
 
 def test_verify_reads_the_files_without_mapping_them(exported):

@@ -11,7 +11,10 @@ Layouts: ``gpu+cpu`` (``max_memory={0: "2GiB", "cpu": "64GiB"}``), ``gpu+cpu+dis
 Cases: ``builtin-nvfp4`` (``quantize_weights(scheme="nvfp4")``), ``modelopt-nvfp4`` (ModelOpt
 ``NVFP4_DEFAULT_CFG``, fake-quant export), ``modelopt-nvfp4-packed`` (the same, ``format="modelopt"``).
 
-Usage (GPU machine): python benchmarks/gpu_perf.py --out $OUT [--layouts ...] [--cases ...]
+With ``--verify`` each child then runs ``oe.verify(model, export, format=...)`` right after the export (after an
+``os.sync()``, as ``bench_export.py`` does) and reports its seconds, its stage timers and ``verify_x_export``.
+
+Usage (GPU machine): python benchmarks/gpu_perf.py --out $OUT [--layouts ...] [--cases ...] [--verify]
     [--code DIR,...]   other checkouts' roots to time side by side (PYTHONPATH of the children)
     [--src DIR]        reuse / keep the built checkpoint there
 """
@@ -81,10 +84,19 @@ def child(args: argparse.Namespace) -> None:
         report = oe.save_clean(model, work / "export", format=fmt)
         seconds = time.perf_counter() - t
     stages = {name: [round(w, 2), round(c, 2), n] for name, (w, c, n) in prof.TIMES.items()}
-    print(json.dumps({"layout": args.layout, "case": args.case, "code": args.code_label, "s": round(seconds, 2),
-                      "bytes": report.bytes, "GBps": round(report.bytes / 1e9 / seconds, 3),
-                      "host_peak_MB": rss.delta_mb, "gpu_peak_MB": round(torch.cuda.max_memory_allocated() / 2**20),
-                      "summary": oe.layout(model).summary(), "stages": stages}), flush=True)
+    row = {"layout": args.layout, "case": args.case, "code": args.code_label, "s": round(seconds, 2),
+           "bytes": report.bytes, "GBps": round(report.bytes / 1e9 / seconds, 3),
+           "host_peak_MB": rss.delta_mb, "gpu_peak_MB": round(torch.cuda.max_memory_allocated() / 2**20),
+           "summary": oe.layout(model).summary(), "stages": stages}
+    if args.verify:
+        prof.TIMES.clear()
+        os.sync()
+        t = time.perf_counter()
+        checked = oe.verify(model, work / "export", format=fmt)
+        row["verify_s"] = round(time.perf_counter() - t, 2)
+        row.update(verify_ok=checked.ok, verify_x_export=round(row["verify_s"] / seconds, 2),
+                   verify_stages={name: [round(w, 2), round(c, 2), n] for name, (w, c, n) in prof.TIMES.items()})
+    print(json.dumps(row), flush=True)
 
 
 def main() -> None:
@@ -94,6 +106,7 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--code", default=str(HERE.parent), help="checkout roots, comma-separated, timed side by side")
     ap.add_argument("--src", default=None)
+    ap.add_argument("--verify", action="store_true", help="also time verify right after each export")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--layout", help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
@@ -124,6 +137,7 @@ def main() -> None:
                 env = dict(os.environ, PYTHONPATH=f"{code}:{HERE}")
                 cmd = [sys.executable, str(HERE / "gpu_perf.py"), "--child", "--layout", layout, "--case", case,
                        "--src", str(src), "--work", str(run_dir), "--code-label", Path(code).name]
+                cmd += ["--verify"] if args.verify else []
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
                 row = json.loads(lines[-1]) if proc.returncode == 0 and lines else \
@@ -136,13 +150,15 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_perf.json").write_text(json.dumps(result, indent=2))
     print(f"floor {floor} GB/s ({result['floors_GBps']})")
-    print(f"{'layout':13} {'case':22} {'code':10} {'s':>6} {'GB/s':>6} {'x floor':>7} {'RSS/anon MB':>12}")
+    print(f"{'layout':13} {'case':22} {'code':10} {'s':>6} {'GB/s':>6} {'x floor':>7} {'RSS/anon MB':>12} "
+          f"{'verify x export':>15}")
     for r in result["rows"]:
         if "error" in r:
             print(f"{r['layout']:13} {r['case']:22} ERROR {r['error'][-300:]}")
             continue
         print(f"{r['layout']:13} {r['case']:22} {r['code']:10} {r['s']:>6} {r['GBps']:>6} {r['fraction_of_floor']:>7} "
-              f"{str(r['host_peak_MB']['VmRSS']) + '/' + str(r['host_peak_MB']['RssAnon']):>12}")
+              f"{str(r['host_peak_MB']['VmRSS']) + '/' + str(r['host_peak_MB']['RssAnon']):>12} "
+              f"{r.get('verify_x_export', ''):>15}")
     if not args.src:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -8,7 +8,9 @@ checkout's ("after") and ``--before``'s ``offload_export/verify.py`` ("before", 
 on the same job / pipeline code), alternating, so each verify runs right after its own export, as in
 ``bench_export.py``. A verify's ratio is to the export right before it; the 1-minute load average is
 recorded before each export. Prints one row per (scheme, variant): median export and verify seconds,
-median and range of the ratio, max load. ``--device cuda`` exports and verifies with ``device=``.
+median and range of the ratio, the median ratio of CPU seconds (all threads of the process: steadier than
+wall time on a shared machine, but blind to the kernel's writeback threads, so it flatters the export),
+max load. ``--device cuda`` exports and verifies with ``device=``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import bench_export as bench  # noqa: E402
 
 
 def load_before(ref: str):
-    """``ref``'s ``offload_export/verify.py`` as a module of this checkout's package (``offload_export._verify_before``)."""
+    """``ref``'s ``offload_export/verify.py``, loaded as ``offload_export._verify_before`` (this checkout's package)."""
     source = subprocess.run(["git", "show", f"{ref}:offload_export/verify.py"], check=True, capture_output=True,
                             text=True).stdout
     path = Path(tempfile.mkdtemp(prefix="bench-verify-")) / "verify_before.py"
@@ -59,15 +61,16 @@ def bench_scheme(scheme: str, args: argparse.Namespace, variants: dict) -> list[
                 bench.shutil.rmtree(out, ignore_errors=True)
                 bench.prepare_page_cache(paths, cold=False)
                 load = os.getloadavg()[0]
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 offload_export.save_clean(model, out, device=args.device)
-                export_s = time.perf_counter() - t0
+                export_s, export_cpu = time.perf_counter() - t0, time.process_time() - c0
                 os.sync()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 report = variants[name].verify(model, out, device=args.device)
-                verify_s = time.perf_counter() - t0
+                verify_s, verify_cpu = time.perf_counter() - t0, time.process_time() - c0
                 row = {"scheme": scheme, "variant": name, "export_s": export_s, "verify_s": verify_s,
-                       "ratio": verify_s / export_s, "ok": report.ok, "load": load}
+                       "ratio": verify_s / export_s, "export_cpu": export_cpu, "verify_cpu": verify_cpu,
+                       "cpu_ratio": verify_cpu / export_cpu, "ok": report.ok, "load": load}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     finally:
@@ -95,14 +98,15 @@ def main() -> None:
         variants = {"before": load_before(args.before), **variants}
     rows = [row for scheme in args.schemes.split(",") for row in bench_scheme(scheme, args, variants)]
     print(f"\n{'scheme':10s} {'variant':8s} {'export s':>9s} {'verify s':>9s} {'ratio':>6s} {'(min-max)':>12s} "
-          f"{'max load':>8s} ok")
+          f"{'cpu ratio':>9s} {'max load':>8s} ok")
     for scheme in args.schemes.split(","):
         for name in variants:
             sel = [r for r in rows if r["scheme"] == scheme and r["variant"] == name]
             ratios = [r["ratio"] for r in sel]
             print(f"{scheme:10s} {name:8s} {statistics.median(r['export_s'] for r in sel):9.2f} "
                   f"{statistics.median(r['verify_s'] for r in sel):9.2f} {statistics.median(ratios):6.2f} "
-                  f"({min(ratios):.2f}-{max(ratios):.2f}) {max(r['load'] for r in sel):8.2f} "
+                  f"({min(ratios):.2f}-{max(ratios):.2f}) {statistics.median(r['cpu_ratio'] for r in sel):9.2f} "
+                  f"{max(r['load'] for r in sel):8.2f} "
                   f"{all(r['ok'] for r in sel)}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

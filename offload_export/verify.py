@@ -87,9 +87,9 @@ def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
 
 
 def _raw_header(path: Path, problems: list[str]) -> tuple[int, dict, int] | None:
-    """``(data start, header, file size)`` of a safetensors file, the header as written (``__metadata__`` included), or None (with the
-    problem noted). Parsed here, not by the strict reader that refuses the whole file, so that a truncated
-    or damaged shard still names its tensors."""
+    """``(data start, header, file size)`` of a safetensors file, the header as written (``__metadata__``
+    included), or None (with the problem noted). Parsed here, not by ``_store``'s strict reader, which refuses
+    the whole file: a truncated or damaged shard still names its tensors."""
     name = path.name
     try:
         size = path.stat().st_size
@@ -120,6 +120,9 @@ def _read_header(path: Path, problems: list[str]) -> tuple[dict[str, _Entry], ob
     if raw is None:
         return None
     (start, header, size), name = raw, path.name
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        problems.append(f"{name}: __metadata__ is not a {{string: string}} object: {metadata!r}")
     entries: dict[str, _Entry] = {}
     spans = []
     for key, meta in header.items():
@@ -143,7 +146,7 @@ def _read_header(path: Path, problems: list[str]) -> tuple[dict[str, _Entry], ob
         pos = max(pos, end)
     if start + pos != size:
         problems.append(f"{name}: file is {size} bytes, its header describes {start + pos} (truncated or trailing data)")
-    return entries, header.get("__metadata__")
+    return entries, metadata
 
 
 def _index(out_dir: Path, problems: list[str]) -> tuple[dict[str, str] | None, int | None]:
@@ -478,8 +481,6 @@ def check(job: Job, out_dir: Path) -> VerifyReport:
     _check_names([s for u in plan.units for s in u.outputs], entries, dict(plan.dropped), problems)
     wanted = [u for u in plan.units if any(s.name in entries for s in u.outputs)]
     bufs = _Buffers()
-    order = [entries[s.name] for u in wanted for s in u.outputs if s.name in entries]
-    prefetch = _Prefetch(out_dir, order, max(_PREFETCH_MIN, 2 * read_ahead_bytes(plan)))
     compared = 0
 
     def compare(unit, outputs):
@@ -498,6 +499,8 @@ def check(job: Job, out_dir: Path) -> VerifyReport:
     # behind); the stream's byte budget bounds how far the comparisons may lag
     behind = ThreadPoolExecutor(1, thread_name_prefix="offload-export-verify-compare")
     pending: deque[Future] = deque()
+    prefetch = _Prefetch(out_dir, [entries[s.name] for u in wanted for s in u.outputs if s.name in entries],
+                         max(_PREFETCH_MIN, 2 * read_ahead_bytes(plan)))
     try:
         for unit, outputs in stream(job.reader(), wanted, read_ahead_bytes=read_ahead_bytes(plan), held=True):
             while pending and pending[0].done():

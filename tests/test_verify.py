@@ -106,6 +106,18 @@ def _edit_quantizer_metadata(ck: Path) -> None:
     save_file(tensors, path, metadata={**metadata, "quantizers": metadata["quantizers"].replace('"int8"', '"int4"')})
 
 
+def _edit_shard_header(ck: Path, edit) -> None:
+    """Rewrite the first shard's header JSON through ``edit`` (the tensor bytes stay as they are)."""
+    shard = _shards(ck)[0]
+    data = shard.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    shard.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + length:])
+
+
 def _edit_json(ck: Path, name: str, key: str, value) -> None:
     data = json.loads((ck / name).read_text())
     data[key] = value
@@ -126,6 +138,8 @@ DAMAGE = {
     "no quantizer state": (lambda ck: (ck / QUANTIZER_STATE_NAME).unlink(), f"missing file: {QUANTIZER_STATE_NAME}"),
     "auto_map in config": (_add_auto_map, "config.json: has 'auto_map'"),
     "edited quantizer metadata": (_edit_quantizer_metadata, f"{QUANTIZER_STATE_NAME}: its metadata differs"),
+    "non-string shard metadata": (lambda ck: _edit_shard_header(ck, lambda h: h.update(__metadata__={"format": 1})),
+                                  "model-00001-of-00012.safetensors: __metadata__ is not a {string: string} object"),
     "truncated shard": (lambda ck: _shards(ck)[2].write_bytes(_shards(ck)[2].read_bytes()[:-10]), "truncated"),
     "garbage header": (lambda ck: _shards(ck)[0].write_bytes(b"\xff" * 64), "not a safetensors file"),
     "leftover directory": (lambda ck: (ck / ".out.offload-export-0-0-0-0").mkdir(), "unexpected directory"),

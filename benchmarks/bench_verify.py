@@ -8,7 +8,8 @@ checkout's ("after") and ``--before``'s ``offload_export/verify.py`` ("before", 
 on the same job / pipeline code), alternating, so each verify runs right after its own export, as in
 ``bench_export.py``. A verify's ratio is to the export right before it; the 1-minute load average is
 recorded before each export. Prints one row per (scheme, variant): median export and verify seconds,
-median and range of the ratio, the median ratio of CPU seconds (all threads of the process: steadier than
+median and range of the ratio (``--cold``: the sources and the checkpoint are dropped from the page
+cache before each verify), the median ratio of CPU seconds (all threads of the process: steadier than
 wall time on a shared machine, but blind to the kernel's writeback threads, so it flatters the export),
 max load. ``--device cuda`` exports and verifies with ``device=``.
 """
@@ -65,6 +66,8 @@ def bench_scheme(scheme: str, args: argparse.Namespace, variants: dict) -> list[
                 offload_export.save_clean(model, out, device=args.device)
                 export_s, export_cpu = time.perf_counter() - t0, time.process_time() - c0
                 os.sync()
+                if args.cold:  # verify later: neither the sources nor the checkpoint in the page cache
+                    bench.prepare_page_cache(paths + [str(f) for f in out.glob("*.safetensors")], cold=True)
                 t0, c0 = time.perf_counter(), time.process_time()
                 report = variants[name].verify(model, out, device=args.device)
                 verify_s, verify_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -88,6 +91,8 @@ def main() -> None:
     p.add_argument("--before", default=None, help="git ref whose verify.py is the baseline (omit: after only)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None)
+    p.add_argument("--cold", action="store_true", help="drop the sources and the checkpoint from the page cache "
+                                                       "before each verify")
     p.add_argument("--work", default="benchmarks/out")
     p.add_argument("--out", default=None, help="write every row as JSON here")
     args = p.parse_args()

@@ -49,6 +49,10 @@ class UnitReader:
         """
         return {k: self._passed_through(unit, k) or self._read_one(self.lay[k]) for k in unit.sources}
 
+    def spans(self, unit: Unit) -> dict[str, FileSpan]:
+        """The unit's sources that :meth:`read` hands over as a :class:`FileSpan` (not read), by source key."""
+        return {k: span for k in unit.sources if (span := self._passed_through(unit, k)) is not None}
+
     def _passed_through(self, unit: Unit, key: str) -> FileSpan | None:
         info = self.lay[key]
         if info.kind == "resident" or info.ref is None or not self.format.unchanged(unit, key):

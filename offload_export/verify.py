@@ -28,7 +28,8 @@ from torch import nn
 from ._store import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, FileSpan, _read_file
 from .checkpoint import write_model_files
 from .job import INDEX_NAME, Job, prepare_job, read_ahead_bytes
-from .pipeline import stream
+from .pipeline import UnitReader, stream
+from .plan import Unit
 from .vllm_fq import VLLM_FQ_STATE_NAME
 from .writer import TensorSpec
 
@@ -221,23 +222,23 @@ def _willneed_step(device: int) -> int:
 
 
 class _Prefetch:
-    """A thread that asks the kernel for the checkpoint bytes the comparisons need next, ``window`` bytes ahead.
+    """A thread that asks the kernel for the file bytes the comparisons need next, ``window`` bytes ahead.
 
     ``posix_fadvise(WILLNEED)`` starts the disk reads and returns, so the disk works while earlier tensors
     are folded and compared instead of each comparison's ``pread`` waiting for it. Right after an export
     part of the checkpoint is not in the page cache (the writer drops written pages once their writeback
     starts: measured, the 311 MB embedding of a 1.19 GB export), and a checkpoint checked later may be
-    cold altogether. Only the page cache holds the prefetched bytes (not the process's memory); the
-    window keeps them from pushing out the pages compared next. A hint: a no-op without ``posix_fadvise``.
+    cold altogether, with the source files of the tensors compared file to file. Only the page cache holds
+    the prefetched bytes (not the process's memory); the window keeps them from pushing out the pages
+    compared next. A hint: a no-op without ``posix_fadvise``.
 
     Args:
-        out_dir: the checkpoint directory.
-        entries: the entries in the order they will be compared.
+        ranges: ``(path, offset, nbytes)`` in the order the comparisons read them.
         window: bytes requested ahead of the comparisons.
     """
 
-    def __init__(self, out_dir: Path, entries: list[_Entry], window: int):
-        self._out_dir, self._entries, self._window = out_dir, entries, window
+    def __init__(self, ranges: list[tuple[str, int, int]], window: int):
+        self._ranges, self._window = ranges, window
         self._target, self._closed = window, False
         self._cond = threading.Condition()
         self._thread = None
@@ -246,7 +247,7 @@ class _Prefetch:
             self._thread.start()
 
     def advance(self, compared: int) -> None:
-        """The first ``compared`` bytes of the order are compared or being compared: request ``window`` beyond."""
+        """The first ``compared`` bytes of the ranges are compared or being compared: request ``window`` beyond."""
         with self._cond:
             self._target = compared + self._window
             self._cond.notify()
@@ -261,26 +262,26 @@ class _Prefetch:
 
     def _run(self) -> None:
         requested = 0
-        for entry in self._entries:
+        for path, offset, nbytes in self._ranges:
             with self._cond:
                 while not self._closed and requested >= self._target:
                     self._cond.wait()
                 if self._closed:
                     return
-            self._advise(entry)
-            requested += entry.nbytes
+            self._advise(path, offset, nbytes)
+            requested += nbytes
 
-    def _advise(self, entry: _Entry) -> None:
+    def _advise(self, path: str, offset: int, nbytes: int) -> None:
         try:
-            fd = os.open(self._out_dir / entry.file, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         except OSError:
             return  # the comparison reports it
         try:
             step = _willneed_step(os.fstat(fd).st_dev)
-            for pos in range(entry.offset, entry.offset + entry.nbytes, step):
+            for pos in range(offset, offset + nbytes, step):
                 if self._closed:
                     return
-                os.posix_fadvise(fd, pos, min(step, entry.offset + entry.nbytes - pos), os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(fd, pos, min(step, offset + nbytes - pos), os.POSIX_FADV_WILLNEED)
         except OSError:
             pass
         finally:
@@ -468,6 +469,17 @@ def _check_model_files(job: Job, out_dir: Path, problems: list[str]) -> set[str]
     return names
 
 
+def _read_order(out_dir: Path, entries: dict[str, _Entry], units: list[Unit], reader: UnitReader
+                ) -> list[tuple[str, int, int]]:
+    """``(path, offset, nbytes)`` of the file bytes the comparisons read, unit after unit: each output's bytes in
+    the checkpoint, then the source file bytes of the tensors compared file to file."""
+    ranges = []
+    for unit in units:
+        ranges += [(str(out_dir / e.file), e.offset, e.nbytes) for e in (entries.get(s.name) for s in unit.outputs) if e]
+        ranges += [(span.path, span.offset, span.nbytes) for span in reader.spans(unit).values()]
+    return ranges
+
+
 def check(job: Job, out_dir: Path) -> VerifyReport:
     """Verify ``out_dir`` against an export job (the plan, quantizers and reader of :func:`save_clean`)."""
     start = time.perf_counter()
@@ -489,7 +501,7 @@ def check(job: Job, out_dir: Path) -> VerifyReport:
             tensor = outputs.pop(spec.name)
             if spec.name in entries:
                 prefetch.advance(compared)
-                compared += entries[spec.name].nbytes
+                compared += entries[spec.name].nbytes + (tensor.nbytes if isinstance(tensor, FileSpan) else 0)
                 if _compare(spec.name, tensor, entries[spec.name], out_dir, problems, bufs):
                     report.tensors += 1
                     report.bytes += spec.nbytes
@@ -499,10 +511,10 @@ def check(job: Job, out_dir: Path) -> VerifyReport:
     # behind); the stream's byte budget bounds how far the comparisons may lag
     behind = ThreadPoolExecutor(1, thread_name_prefix="offload-export-verify-compare")
     pending: deque[Future] = deque()
-    prefetch = _Prefetch(out_dir, [entries[s.name] for u in wanted for s in u.outputs if s.name in entries],
-                         max(_PREFETCH_MIN, 2 * read_ahead_bytes(plan)))
+    reader = job.reader()
+    prefetch = _Prefetch(_read_order(out_dir, entries, wanted, reader), max(_PREFETCH_MIN, 2 * read_ahead_bytes(plan)))
     try:
-        for unit, outputs in stream(job.reader(), wanted, read_ahead_bytes=read_ahead_bytes(plan), held=True):
+        for unit, outputs in stream(reader, wanted, read_ahead_bytes=read_ahead_bytes(plan), held=True):
             while pending and pending[0].done():
                 pending.popleft().result()
             pending.append(behind.submit(compare, unit, outputs))

@@ -213,10 +213,14 @@ def _flip_byte_of(ck: Path, name: str) -> None:
 
 
 def _passed_through(model: nn.Module, out: Path, name: str, **kwargs) -> bool:
-    """Whether the export's reader hands ``name`` over as file bytes (a :class:`FileSpan`), not as a tensor."""
+    """Whether the export's reader hands ``name`` over as file bytes (a :class:`FileSpan`), not as a tensor
+    (and ``spans()``, which verify prefetches from, says the same)."""
     job = prepare_job(model, out, max_shard_size=2**62, overwrite=True, check_out=False, **kwargs)
     unit = next(u for u in job.plan.units if any(s.name == name for s in u.outputs))
-    return isinstance(job.reader().read(unit).get(name), FileSpan)
+    reader = job.reader()
+    raw = reader.read(unit)
+    assert reader.spans(unit) == {k: v for k, v in raw.items() if isinstance(v, FileSpan)}
+    return isinstance(raw.get(name), FileSpan)
 
 
 @pytest.fixture

@@ -481,14 +481,25 @@ class ModelOptPacker:
         for e in range(x.num_experts):
             key = (tuple((p, tuple(t.shape[1:]), t.dtype) for p, t in one.items()), _expert_signature(x, e))
             if key not in self._templates:
-                ones = {p: torch.ones((1, *t.shape[1:]), dtype=t.dtype) for p, t in one.items()}
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # ModelOpt's uncalibrated-expert warnings belong to the real pack
-                    packed = self._pack_expert(x, e, ones, torch.device("cpu"))
-                self._templates[key] = {name.replace(f"{head}{e}.", _EXPERT, 1): _like(t) for name, t in packed.items()}
+                self._templates[key] = self._expert_template(x, e, one)
             for name, t in self._templates[key].items():
                 out[name.replace(_EXPERT, f"{head}{e}.", 1)] = t
+        _warn_uncalibrated(x)
         return out
+
+    def _expert_template(self, x: _Experts, e: int, one: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Expert ``e``'s outputs (meta, names with :data:`_EXPERT` for its prefix), packed from ones on the CPU."""
+        ones = {p: torch.ones((1, *t.shape[1:]), dtype=t.dtype) for p, t in one.items()}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ModelOpt's uncalibrated-expert warnings belong to the real pack
+                packed = self._pack_expert(x, e, ones, torch.device("cpu"))
+        except Exception as err:
+            add_note(err, f"offload_export: ModelOpt's _export_fused_experts failed on expert {e} of {x.name} (shapes "
+                          f"{ {p: tuple(t.shape) for p, t in one.items()} }) while planning format='modelopt'; its "
+                          f"export_hf_checkpoint of the resident model fails the same way")
+            raise
+        return {name.replace(f"{x.name}.{e}.", _EXPERT, 1): _like(t) for name, t in packed.items()}
 
     def _pack_experts(self, x: _Experts, values: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
         """Run time: each 3-D weight in turn, one expert at a time, popped from ``values`` once packed, so that
@@ -605,6 +616,23 @@ def _expert_signature(x: _Experts, e: int) -> tuple:
             buffers = tuple((k, tuple(b.shape), b.dtype, not bool(b.any())) for k, b in leaf.named_buffers())
             signature.append((type(leaf).__name__, repr(sorted(props.items())), buffers))
     return tuple(signature)
+
+
+def _warn_uncalibrated(x: _Experts) -> None:
+    """ModelOpt's warning about expert weight quantizers without amax (it then takes the weight's), with the
+    experts' true indices: ModelOpt's own, raised while packing a one-expert copy, all say 'Expert 0'."""
+    missing = {}
+    for p in x.parts:
+        for e, q in enumerate(getattr(x.pristine, f"{p}_weight_quantizers")):
+            amax = getattr(q, "_amax", None)
+            if getattr(q, "is_enabled", False) and (amax is None or not bool(amax.any())):
+                missing.setdefault(p, []).append(e)
+    if missing:
+        found = "; ".join(f"{p}: experts {ids}" for p, ids in missing.items())
+        warnings.warn(f"{x.name}: weight quantizers not calibrated (amax missing or zero) -- {found}. ModelOpt's export "
+                      f"(replayed here) uses the weights' amax as fallback; its own warnings below number each expert "
+                      f"'Expert 0' (one expert is packed at a time). Consider more calibration data to activate all "
+                      f"experts.", stacklevel=2)
 
 
 def _stand_in(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -157,9 +157,10 @@ class ModelOptPacker:
             if experts is None or not _has_fused_experts_quantizers(experts):
                 raise ValueError(
                     f"{FORMAT}: {name} ({type(module).__name__}) is a mixture of experts whose experts "
-                    f"({type(experts).__name__}) are not fused experts quantized by ModelOpt (_QuantFusedExperts, "
-                    f"3-D gate_up_proj/down_proj); packing this MoE kind is not supported yet. Use "
-                    f"format='fake-quant', or ModelOpt's export_hf_checkpoint on a resident model")
+                    f"({type(experts).__name__}) are not ModelOpt's _QuantFusedExperts (transformers' fused "
+                    f"gate_up_proj/down_proj split per expert on export, the MoE kind packed here); packing this MoE "
+                    f"kind is not supported yet. Use format='fake-quant', or ModelOpt's export_hf_checkpoint on a "
+                    f"resident model")
 
     def _snapshot(self, model: nn.Module, owners: set[str]) -> None:
         from modelopt.torch.export.hf_export_handlers import _has_fused_experts_quantizers

@@ -62,14 +62,15 @@ class _Experts:
     Attributes:
         name: the module's name.
         pristine: a copy with its quantizer state as in the model (CPU) and meta 3-D weights.
-        first: the first projection's parameter (``gate_up_proj``, or ``up_proj`` for non-gated experts).
-        parts: per 3-D parameter, the per-expert projections ModelOpt makes of it.
+        parts: per 3-D parameter (``gate_up_proj``, or ``up_proj`` for non-gated experts, then ``down_proj``),
+            the per-expert projections ModelOpt makes of it.
+        planned_bytes: bytes of all its outputs, once planned.
     """
 
     name: str
     pristine: nn.Module
-    first: str
     parts: dict[str, tuple[str, ...]]
+    planned_bytes: int = 0
 
     @property
     def num_experts(self) -> int:
@@ -196,7 +197,7 @@ class ModelOptPacker:
         first = getattr(module, "_first_proj_attr", "gate_up_proj")
         gated = getattr(module, "_is_gated", True)
         parts = {first: ("gate_proj", "up_proj") if gated else ("up_proj",), "down_proj": ("down_proj",)}
-        self.experts[name] = _Experts(name, pristine, first, parts)
+        self.experts[name] = _Experts(name, pristine, parts)
 
     def _snapshot_kv(self, name: str, attn: nn.Module, kv_format) -> None:
         from modelopt.torch.export.quant_utils import _postprocess_single_tensor
@@ -485,6 +486,7 @@ class ModelOptPacker:
                 self._templates[key] = self._expert_template(x, e, one)
             for name, t in self._templates[key].items():
                 out[name.replace(_EXPERT, f"{head}{e}.", 1)] = t
+        x.planned_bytes = sum(t.numel() * t.element_size() for t in out.values())
         _warn_uncalibrated(x)
         return out
 
@@ -494,7 +496,7 @@ class ModelOptPacker:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # ModelOpt's uncalibrated-expert warnings belong to the real pack
-                packed = self._pack_expert(x, e, ones, torch.device("cpu"))
+                packed = self._pack_expert(x, e, ones, torch.device("cpu"), _input_quantizers(x, torch.device("cpu")))
         except Exception as err:
             add_note(err, f"offload_export: ModelOpt's _export_fused_experts failed on expert {e} of {x.name} (shapes "
                           f"{ {p: tuple(t.shape) for p, t in one.items()} }) while planning format='modelopt'; its "
@@ -503,50 +505,39 @@ class ModelOptPacker:
         return {name.replace(f"{x.name}.{e}.", _EXPERT, 1): _like(t) for name, t in packed.items()}
 
     def _pack_experts(self, x: _Experts, values: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-        """Run time: each 3-D weight in turn, one expert at a time, popped from ``values`` once packed, so that
-        the sources and the outputs made so far are all that is held (about 2 x the 3-D weight at most)."""
+        """Run time: one expert at a time. When the sources and all outputs exceed 2 x the larger 3-D weight (8-bit
+        formats), each 3-D weight is packed in its own pass and popped from ``values`` once packed."""
         head = f"{x.name}."
-        specs = {p: (tuple(values[head + p].shape), values[head + p].dtype) for p in x.parts}
+        sources = {p: values[head + p] for p in x.parts}
+        specs = {p: (tuple(t.shape), t.dtype) for p, t in sources.items()}
+        largest = max(t.nbytes for t in sources.values())
+        one_pass = sum(t.nbytes for t in sources.values()) + x.planned_bytes <= 2 * largest
+        del sources
+        inputs = _input_quantizers(x, device)  # one for all experts, as in the model (and ModelOpt's export)
         out: dict[str, torch.Tensor] = {}
-        for part in x.parts:
-            source = values[head + part]
+        for part in [None] if one_pass else list(x.parts):
             for e in range(x.num_experts):
-                tensors = {p: source[e:e + 1] if p == part else _stand_in(*specs[p], device) for p in x.parts}
-                out.update(self._pack_expert(x, e, tensors, device, part))
-            del source, tensors
-            values.pop(head + part)
+                tensors = {p: values[head + p][e:e + 1] if part in (None, p) else _stand_in(*specs[p], device)
+                           for p in x.parts}
+                out.update(self._pack_expert(x, e, tensors, device, inputs, part))
+            del tensors
+            if part is not None:
+                values.pop(head + part)
         return out
 
     def _pack_expert(self, x: _Experts, e: int, tensors: dict[str, torch.Tensor], device: torch.device,
-                     part: str | None = None) -> dict[str, torch.Tensor]:
+                     inputs: dict[str, nn.Module], part: str | None = None) -> dict[str, torch.Tensor]:
         """ModelOpt's export (``_export_fused_experts``, through its handler registry) of expert ``e`` alone,
         under the names it gives expert ``e``; with ``part``, only the projections made of that 3-D weight."""
         head = f"{x.name}."
-        work = self._expert_copy(x, e, tensors, device, part)
         out = {}
-        for name, t in _export_copy(work, x.name, head, self.dtype).items():
+        for name, t in _export_copy(_expert_copy(x, e, tensors, device, inputs, part), x.name, head, self.dtype).items():
             index, _, rest = name[len(head):].partition(".")
             if index != "0":  # not per expert (transformers' fused experts hold none)
                 out[name] = t
             elif part is None or rest.partition(".")[0] in x.parts[part]:
                 out[f"{head}{e}.{rest}"] = t
         return out
-
-    @staticmethod
-    def _expert_copy(x: _Experts, e: int, tensors: dict[str, torch.Tensor], device: torch.device,
-                     part: str | None) -> nn.Module:
-        """A copy of the experts module holding expert ``e`` only (``num_experts=1``, expert ``e``'s weight
-        quantizers, the shared input quantizers); with ``part``, the other weight's quantizer is off, so
-        ModelOpt leaves that weight (a stand-in) unpacked."""
-        lists = {p: f"{p}_weight_quantizers" for p in x.parts}
-        children = {attr: nn.ModuleList([clone_module(getattr(x.pristine, attr)[e], device=device)])
-                    for attr in lists.values()}
-        work = clone_module(x.pristine, tensors, device, children=children)
-        work.num_experts = 1
-        for p, attr in lists.items():
-            if part is not None and p != part:
-                getattr(work, attr)[0].disable()
-        return work
 
     def _pqs_holder(self, norm: str) -> nn.Module:
         """A quantizer whose ``_pre_quant_scale`` is the one folded into layernorm ``norm``."""
@@ -603,6 +594,28 @@ def _export_copy(work: nn.Module, module: str, prefix: str, dtype: torch.dtype) 
         if name is not None:
             out[name] = value.detach().contiguous()
     return out
+
+
+def _input_quantizers(x: _Experts, device: torch.device) -> dict[str, nn.Module]:
+    """Copies of the experts' shared input quantizers, by attribute name."""
+    return {f"{p}_input_quantizer": clone_module(getattr(x.pristine, f"{p}_input_quantizer"), device=device)
+            for p in x.parts}
+
+
+def _expert_copy(x: _Experts, e: int, tensors: dict[str, torch.Tensor], device: torch.device,
+                 inputs: dict[str, nn.Module], part: str | None) -> nn.Module:
+    """A copy of the experts module holding expert ``e`` only (``num_experts=1``, a copy of expert ``e``'s weight
+    quantizers, the input quantizers ``inputs`` as given); with ``part``, the other weight's quantizer is off,
+    so ModelOpt leaves that weight (a stand-in) unpacked."""
+    lists = {p: f"{p}_weight_quantizers" for p in x.parts}
+    children = {attr: nn.ModuleList([clone_module(getattr(x.pristine, attr)[e], device=device)])
+                for attr in lists.values()}
+    work = clone_module(x.pristine, tensors, device, children={**children, **inputs})
+    work.num_experts = 1
+    for p, attr in lists.items():
+        if part is not None and p != part:
+            getattr(work, attr)[0].disable()
+    return work
 
 
 def _expert_signature(x: _Experts, e: int) -> tuple:

@@ -89,7 +89,8 @@ MIXED = LayoutSpec("dispatch", placement=(("model.embed_tokens", "cpu"), ("model
 @pytest.mark.parametrize("name", CONFIGS)
 def test_fused_experts_of_a_mixed_layout_equal_modelopts_resident_export(name, kind, ref_root, tmp_path):
     """Per-expert names (Mixtral's hub names w1/w2/w3 under block_sparse_moe, as ModelOpt reverts them), packed
-    tensors, hf_quant_config (its exclude_modules renamed too) and config.json equal; the model is untouched."""
+    tensors, hf_quant_config (its exclude_modules renamed too) and config.json equal; verify agrees; the model is
+    untouched."""
     model, expected = reference(name, ref_root, kind)
     runs_on_cpu = "NVFP4" not in name  # NVFP4's fake-quant forward needs CUDA
     logits = forward_logits(model) if runs_on_cpu else None
@@ -101,6 +102,7 @@ def test_fused_experts_of_a_mixed_layout_equal_modelopts_resident_export(name, k
     written = read_dir(tmp_path / "out")
     expert = "model.layers.1.block_sparse_moe.experts.3.w2" if kind == "mixtral" else "model.layers.1.mlp.experts.3.down_proj"
     assert f"{expert}.weight" in written and not any("gate_up_proj" in k for k in written)
+    assert oe.verify(model, tmp_path / "out", format="modelopt").ok
     assert_same_state(model_state(model), before)
     if runs_on_cpu:
         assert torch.equal(forward_logits(model), logits)

@@ -219,6 +219,7 @@ def main() -> None:
     ap.add_argument("--nvfp4-awq-shapes", default="0.6b", help="shapes that also run NVFP4_AWQ_LITE_CFG ('' for none)")
     ap.add_argument("--layers", type=int, default=None, help="override the number of layers (quick runs)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--src", default=None, help="reuse the checkpoint there (built there when missing; one shape)")
     args = ap.parse_args()
     import modelopt
 
@@ -226,14 +227,16 @@ def main() -> None:
               "transformers": __import__("transformers").__version__, "rows": []}
     for shape in args.shapes.split(","):
         work = Path(tempfile.mkdtemp(prefix=f"packed_{shape}_"))
-        build_checkpoint(work / "src", config(shape, args.layers))
+        src = Path(args.src) if args.src else work / "src"
+        if not (src / "config.json").exists():
+            build_checkpoint(src, config(shape, args.layers))
         configs = [c for c in args.configs.split(",") if c]
         configs += ["NVFP4_AWQ_LITE_CFG"] if shape in args.nvfp4_awq_shapes.split(",") else []
         for cfg_name in configs:
             case_dir = work / cfg_name
             case_dir.mkdir()
             try:
-                row = case(work / "src", case_dir, shape, cfg_name)
+                row = case(src, case_dir, shape, cfg_name)
             except Exception as e:
                 row = {"shape": shape, "config": cfg_name, "error": f"{type(e).__name__}: {e}",
                        "trace": traceback.format_exc()[-1500:]}

@@ -240,3 +240,18 @@ def test_moe_kinds_not_packed_here_are_refused_naming_them(tmp_path):
     for words in ("format='modelopt'", "model.layers.0.mlp (GptOssMLP)", "QuantGptOssExperts", "not supported yet"):
         assert words in str(info.value), info.value
     assert list(out.parent.iterdir()) == []
+
+
+def test_experts_left_unquantized_are_written_per_expert_as_modelopt_writes_them(tmp_path):
+    """FP8 everywhere but the experts (their quantizers disabled): ModelOpt still splits them per expert, unpacked."""
+    cfg = quant_config("FP8_DEFAULT_CFG")
+    cfg["quant_cfg"] = list(cfg["quant_cfg"]) + [{"quantizer_name": "*experts*", "enable": False}]
+    model = tiny_moe()
+    calib = fixed_input_ids(batch=2, seq=16, seed=7) % model.config.vocab_size
+    with quiet_libraries():
+        mtq.quantize(model, cfg, lambda m: m(input_ids=calib, use_cache=False))
+    expected = modelopt_export(model, tmp_path / "ref")
+    assert read_dir(expected)["model.layers.0.mlp.experts.1.up_proj.weight"].dtype == torch.bfloat16
+    model = apply_layout(model, LayoutSpec("cpu_offload"), tmp_path / "layout")
+    oe.save_clean(model, tmp_path / "out", format="modelopt")
+    assert_same_checkpoint(tmp_path / "out", expected)

@@ -16,8 +16,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from memory_child import measure
 from layouts import LayoutSpec, apply_layout, fixed_input_ids, forward_logits, layout_specs
+from memory_child import measure
 from test_format_modelopt import (
     SETTINGS,
     assert_same_checkpoint,
@@ -25,6 +25,7 @@ from test_format_modelopt import (
     model_state,
     modelopt_export,
     quant_config,
+    quantize,
     read_dir,
 )
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
@@ -51,13 +52,6 @@ def tiny_moe(kind: str = "qwen3_moe", dtype=torch.bfloat16, seed: int = 0):
     with quiet_libraries():
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     model.config.architectures = [type(model).__name__]
-    return model
-
-
-def quantize(model, name: str):
-    calib = fixed_input_ids(batch=2, seq=16, seed=7) % model.config.vocab_size
-    with quiet_libraries():
-        mtq.quantize(model, quant_config(name), lambda m: m(input_ids=calib, use_cache=False))
     return model
 
 

@@ -4,7 +4,7 @@ Builds the Qwen3-4B shape (8.04 GB bf16, tied) on the GPU and saves it, measures
 ``copy_file_range``, ``shutil.copyfile`` (sendfile) and 4 MiB ``pread``/``pwrite`` of the checkpoint's
 bytes, each + fsync, on the same filesystem -- then, for each layout and case, one child process loads
 the model offloaded, quantizes it, and times ``save_clean`` with stage timers (reader, fold/pack, writer,
-fsync; ``profile_export.instrument``). Fractions are output bytes per second over the floor's.
+fsync; ``profile_export.instrument``), then ``verify`` of what it wrote. Fractions are output bytes per second over the floor's.
 
 Layouts: ``gpu+cpu`` (``max_memory={0: "2GiB", "cpu": "64GiB"}``), ``gpu+cpu+disk`` (``{0: "2GiB",
 "cpu": "3GiB"}`` + ``offload_folder``: the rest stays in the source safetensors).
@@ -81,7 +81,11 @@ def child(args: argparse.Namespace) -> None:
         report = oe.save_clean(model, work / "export", format=fmt)
         seconds = time.perf_counter() - t
     stages = {name: [round(w, 2), round(c, 2), n] for name, (w, c, n) in prof.TIMES.items()}
-    print(json.dumps({"layout": args.layout, "case": args.case, "code": args.code_label, "s": round(seconds, 2),
+    t = time.perf_counter()
+    verified = oe.verify(model, work / "export", format=fmt).ok
+    verify_s = time.perf_counter() - t
+    print(json.dumps({"verify_s": round(verify_s, 2), "verify_x_export": round(verify_s / seconds, 2),
+                      "verified": verified, "layout": args.layout, "case": args.case, "code": args.code_label, "s": round(seconds, 2),
                       "bytes": report.bytes, "GBps": round(report.bytes / 1e9 / seconds, 3),
                       "host_peak_MB": rss.delta_mb, "gpu_peak_MB": round(torch.cuda.max_memory_allocated() / 2**20),
                       "summary": oe.layout(model).summary(), "stages": stages}), flush=True)
@@ -136,13 +140,15 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_perf.json").write_text(json.dumps(result, indent=2))
     print(f"floor {floor} GB/s ({result['floors_GBps']})")
-    print(f"{'layout':13} {'case':22} {'code':10} {'s':>6} {'GB/s':>6} {'x floor':>7} {'RSS/anon MB':>12}")
+    print(f"{'layout':13} {'case':22} {'code':10} {'s':>6} {'GB/s':>6} {'x floor':>7} {'RSS/anon MB':>12} "
+          f"{'verify x export':>15}")
     for r in result["rows"]:
         if "error" in r:
             print(f"{r['layout']:13} {r['case']:22} ERROR {r['error'][-300:]}")
             continue
         print(f"{r['layout']:13} {r['case']:22} {r['code']:10} {r['s']:>6} {r['GBps']:>6} {r['fraction_of_floor']:>7} "
-              f"{str(r['host_peak_MB']['VmRSS']) + '/' + str(r['host_peak_MB']['RssAnon']):>12}")
+              f"{str(r['host_peak_MB']['VmRSS']) + '/' + str(r['host_peak_MB']['RssAnon']):>12} "
+              f"{r['verify_x_export']:>15}{'' if r['verified'] else ' (MISMATCH)'}")
     if not args.src:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -4,17 +4,14 @@ Builds the Qwen3-4B shape (8.04 GB bf16, tied) on the GPU and saves it, measures
 ``copy_file_range``, ``shutil.copyfile`` (sendfile) and 4 MiB ``pread``/``pwrite`` of the checkpoint's
 bytes, each + fsync, on the same filesystem -- then, for each layout and case, one child process loads
 the model offloaded, quantizes it, and times ``save_clean`` with stage timers (reader, fold/pack, writer,
-fsync; ``profile_export.instrument``). Fractions are output bytes per second over the floor's.
+fsync; ``profile_export.instrument``), then ``verify`` of what it wrote. Fractions are output bytes per second over the floor's.
 
 Layouts: ``gpu+cpu`` (``max_memory={0: "2GiB", "cpu": "64GiB"}``), ``gpu+cpu+disk`` (``{0: "2GiB",
 "cpu": "3GiB"}`` + ``offload_folder``: the rest stays in the source safetensors).
 Cases: ``builtin-nvfp4`` (``quantize_weights(scheme="nvfp4")``), ``modelopt-nvfp4`` (ModelOpt
 ``NVFP4_DEFAULT_CFG``, fake-quant export), ``modelopt-nvfp4-packed`` (the same, ``format="modelopt"``).
 
-With ``--verify`` each child then runs ``oe.verify(model, export, format=...)`` right after the export (after an
-``os.sync()``, as ``bench_export.py`` does) and reports its seconds, its stage timers and ``verify_x_export``.
-
-Usage (GPU machine): python benchmarks/gpu_perf.py --out $OUT [--layouts ...] [--cases ...] [--verify]
+Usage (GPU machine): python benchmarks/gpu_perf.py --out $OUT [--layouts ...] [--cases ...]
     [--code DIR,...]   other checkouts' roots to time side by side (PYTHONPATH of the children)
     [--src DIR]        reuse / keep the built checkpoint there
 """
@@ -84,19 +81,14 @@ def child(args: argparse.Namespace) -> None:
         report = oe.save_clean(model, work / "export", format=fmt)
         seconds = time.perf_counter() - t
     stages = {name: [round(w, 2), round(c, 2), n] for name, (w, c, n) in prof.TIMES.items()}
-    row = {"layout": args.layout, "case": args.case, "code": args.code_label, "s": round(seconds, 2),
-           "bytes": report.bytes, "GBps": round(report.bytes / 1e9 / seconds, 3),
-           "host_peak_MB": rss.delta_mb, "gpu_peak_MB": round(torch.cuda.max_memory_allocated() / 2**20),
-           "summary": oe.layout(model).summary(), "stages": stages}
-    if args.verify:
-        prof.TIMES.clear()
-        os.sync()
-        t = time.perf_counter()
-        checked = oe.verify(model, work / "export", format=fmt)
-        row["verify_s"] = round(time.perf_counter() - t, 2)
-        row.update(verify_ok=checked.ok, verify_x_export=round(row["verify_s"] / seconds, 2),
-                   verify_stages={name: [round(w, 2), round(c, 2), n] for name, (w, c, n) in prof.TIMES.items()})
-    print(json.dumps(row), flush=True)
+    t = time.perf_counter()
+    verified = oe.verify(model, work / "export", format=fmt).ok
+    verify_s = time.perf_counter() - t
+    print(json.dumps({"verify_s": round(verify_s, 2), "verify_x_export": round(verify_s / seconds, 2),
+                      "verified": verified, "layout": args.layout, "case": args.case, "code": args.code_label, "s": round(seconds, 2),
+                      "bytes": report.bytes, "GBps": round(report.bytes / 1e9 / seconds, 3),
+                      "host_peak_MB": rss.delta_mb, "gpu_peak_MB": round(torch.cuda.max_memory_allocated() / 2**20),
+                      "summary": oe.layout(model).summary(), "stages": stages}), flush=True)
 
 
 def main() -> None:
@@ -106,7 +98,6 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--code", default=str(HERE.parent), help="checkout roots, comma-separated, timed side by side")
     ap.add_argument("--src", default=None)
-    ap.add_argument("--verify", action="store_true", help="also time verify right after each export")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--layout", help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
@@ -137,7 +128,6 @@ def main() -> None:
                 env = dict(os.environ, PYTHONPATH=f"{code}:{HERE}")
                 cmd = [sys.executable, str(HERE / "gpu_perf.py"), "--child", "--layout", layout, "--case", case,
                        "--src", str(src), "--work", str(run_dir), "--code-label", Path(code).name]
-                cmd += ["--verify"] if args.verify else []
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
                 row = json.loads(lines[-1]) if proc.returncode == 0 and lines else \
@@ -158,7 +148,7 @@ def main() -> None:
             continue
         print(f"{r['layout']:13} {r['case']:22} {r['code']:10} {r['s']:>6} {r['GBps']:>6} {r['fraction_of_floor']:>7} "
               f"{str(r['host_peak_MB']['VmRSS']) + '/' + str(r['host_peak_MB']['RssAnon']):>12} "
-              f"{r.get('verify_x_export', ''):>15}")
+              f"{r['verify_x_export']:>15}{'' if r['verified'] else ' (MISMATCH)'}")
     if not args.src:
         shutil.rmtree(work, ignore_errors=True)
 

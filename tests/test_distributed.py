@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import disk_offload
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,20 +32,27 @@ JOIN_TIMEOUT = 60  # seconds for all ranks of one scenario; a hang fails the tes
 
 
 # packed scenarios: the format written, and how the tiny model is quantized for it
-PACKED = {"compressed-tensors": "compressed-tensors", "modelopt": "modelopt"}
+PACKED = {"compressed-tensors": "compressed-tensors", "modelopt": "modelopt", "modelopt-moe": "modelopt"}
 
 
 def _tiny_model(*, offload_dir: Path | None, explode: str | None = None, fault: type | None = None,
                 quantized_by: str = "builtin"):
     """A tiny quantized Llama, the same in every process; quantizers under ``explode`` fail to fold.
 
-    ``quantized_by``: ``"builtin"`` (int8) or ``"modelopt"`` (ModelOpt FP8, calibrated on fixed ids on CPU).
+    ``quantized_by``: ``"builtin"`` (int8), ``"modelopt"`` (ModelOpt FP8, calibrated on fixed ids on CPU) or
+    ``"modelopt-moe"`` (the same on a Qwen3-MoE of 8 fused experts a layer, in place of the Llama).
     """
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    if quantized_by == "modelopt":
+    if quantized_by == "modelopt-moe":
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+            num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            tie_word_embeddings=False)).eval()
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             tie_word_embeddings=False)).eval()
+    if quantized_by.startswith("modelopt"):
         import modelopt.torch.quantization as mtq
 
         model.config.architectures = [type(model).__name__]
@@ -90,7 +97,7 @@ def _rank_model(scenario: str, rank: int, work: Path):
         model.model.layers[0].input_layernorm.to("meta")
         return model
     if scenario in PACKED:
-        return _tiny_model(offload_dir=work / f"offload-{rank}", quantized_by="modelopt" if scenario == "modelopt" else "builtin")
+        return _tiny_model(offload_dir=work / f"offload-{rank}", quantized_by=_quantized_by(scenario))
     faults = {"fault": _Exploding, "interrupt": _Interrupted, "exit": _Exiting}
     explode = "model." if scenario in faults and rank == 1 else None
     return _tiny_model(offload_dir=work / f"offload-{rank}", explode=explode, fault=faults.get(scenario, _Exploding))
@@ -160,15 +167,18 @@ def _files(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
+def _quantized_by(scenario: str) -> str:
+    return scenario if scenario.startswith("modelopt") else "builtin"
+
+
 def _reference(work: Path, scenario: str = "whole") -> dict[str, bytes]:
-    quantized_by = "modelopt" if scenario == "modelopt" else "builtin"
-    oe.save_clean(_tiny_model(offload_dir=work / "offload-ref", quantized_by=quantized_by), work / "ref",
+    oe.save_clean(_tiny_model(offload_dir=work / "offload-ref", quantized_by=_quantized_by(scenario)), work / "ref",
                   max_shard_size=SHARD, format=PACKED.get(scenario, "fake-quant"))
     return _files(work / "ref")
 
 
 @pytest.mark.parametrize("world, scenario", [(2, "partial"), (3, "whole"), (2, "compressed-tensors"),
-                                             (2, "modelopt")])
+                                             (2, "modelopt"), (2, "modelopt-moe")])
 def test_ranks_write_the_single_process_checkpoint_byte_for_byte(world, scenario):
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -1,6 +1,8 @@
 """verify x export, this checkout's ``verify`` against another commit's, interleaved in one process.
 
-    python benchmarks/bench_verify.py --schemes none,int8,int4-g128,fp8,nvfp4 --before main --repeats 3
+    python benchmarks/bench_verify.py --schemes none,int8,int4-g128,fp8,nvfp4 --before 121b769 --repeats 3
+
+(121b769: the verify before the prefetch / one-thread compare work.)
 
 For each scheme: reload the checkpoint fully disk-offloaded (as ``bench_export.py`` does), fake-quantize,
 then ``repeats`` rounds of: warm the sources, ``save_clean``, ``os.sync()``, one ``verify`` — this
@@ -21,6 +23,7 @@ import gc
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,6 +45,7 @@ def load_before(ref: str):
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    shutil.rmtree(path.parent)
     return module
 
 

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torch import nn
 
 import offload_export as oe
-from offload_export.adapters.builtin import E4M3_MAX, _e2m1_round, _round_mantissa
+from offload_export.adapters.builtin import E4M3_MAX, _e2m1_round, _fp8_fake_quant
 from layouts import LayoutSpec, apply_layout, forward_logits, make_model
 
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -87,7 +87,7 @@ def test_e4m3_rounding_by_arithmetic_equals_torchs_fp8_cast_for_every_binade():
                       torch.tensor([2**-6, 2**-7, 2**-9, 2**-10, 3 * 2**-10, 240.0, 248.0, 440.0, 447.9])])
     x = torch.cat([mags, -mags, torch.tensor([0.0, -0.0])])
     expected = x.to(torch.float8_e4m3fn).to(torch.float32)
-    assert bits_equal(_round_mantissa(x.clone(), mantissa_bits=3, min_exponent=-6), expected)
+    assert bits_equal(_fp8_fake_quant(x.clone(), torch.tensor(1.0), torch.tensor(0.125)), expected)
 
 
 def test_nvfp4_block_of_16_known_values():

@@ -1,8 +1,10 @@
 """GPU check of ``save_clean(format="modelopt")``: packed export of offloaded models vs ModelOpt's own exports.
 
 For each shape (Qwen3-0.6B, offloaded to CPU with ``max_memory={0: "500MiB"}``; Qwen3-4B, spread over
-GPU, CPU and disk with ``max_memory={0: "2GiB", "cpu": "3GiB"}`` + ``offload_folder``) and each ModelOpt
-config (NVFP4, FP8, INT4 AWQ, NVFP4 AWQ):
+GPU, CPU and disk with ``max_memory={0: "2GiB", "cpu": "3GiB"}`` + ``offload_folder``; a Qwen3-MoE shape,
+``moe``: hidden 2048, 32 fused experts of 768, top-4, 16 layers, 6.2 GB bf16, over GPU + CPU + disk with
+``max_memory={0: "2GiB", "cpu": "2GiB"}`` + ``offload_folder``) and each ModelOpt config (NVFP4, FP8,
+INT4 AWQ, NVFP4 AWQ; AWQ on fused experts fails in ModelOpt's own export and is refused by ours):
 
 1. the model kept resident on the GPU is quantized and exported with ModelOpt's ``export_hf_checkpoint``
    (the reference: its resident path);
@@ -17,6 +19,7 @@ Prints a compact table and writes ``gpu_packed_check_<shapes>.json``.
 Usage (on the GPU machine, modelopt installed from wheels; one shape per call keeps each under 10 min):
     python benchmarks/gpu_packed_check.py --shapes 0.6b            # NVFP4, FP8, INT4 AWQ + NVFP4 AWQ
     python benchmarks/gpu_packed_check.py --shapes 4b --out $OUT   # NVFP4, FP8, INT4 AWQ
+    python benchmarks/gpu_packed_check.py --shapes moe --configs NVFP4_DEFAULT_CFG,FP8_DEFAULT_CFG --out $OUT
     options: [--configs A,B] [--nvfp4-awq-shapes 0.6b] [--layers N] (fewer layers for a quick run)
 """
 
@@ -34,7 +37,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
 
 import offload_export as oe
 from gpu_check import read_all  # the same reader as the fake-quant GPU check
@@ -44,14 +47,20 @@ SHAPES = {
                  max_memory={0: "500MiB", "cpu": "64GiB"}, disk=False),
     "4b": dict(config=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32),
                max_memory={0: "2GiB", "cpu": "3GiB"}, disk=True),
+    "moe": dict(config=dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=32,
+                            num_experts_per_tok=4, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=4,
+                            head_dim=128, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False),
+                max_memory={0: "2GiB", "cpu": "2GiB"}, disk=True, moe=True),
 }
 VOCAB = 151936
 
 
-def config(shape: str, layers: int | None) -> Qwen3Config:
+def config(shape: str, layers: int | None) -> Qwen3Config | Qwen3MoeConfig:
     c = dict(SHAPES[shape]["config"])
     if layers:
         c["num_hidden_layers"] = layers
+    if SHAPES[shape].get("moe"):
+        return Qwen3MoeConfig(vocab_size=VOCAB, **c)
     return Qwen3Config(vocab_size=VOCAB, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, **c)
 
 
@@ -210,6 +219,7 @@ def main() -> None:
     ap.add_argument("--nvfp4-awq-shapes", default="0.6b", help="shapes that also run NVFP4_AWQ_LITE_CFG ('' for none)")
     ap.add_argument("--layers", type=int, default=None, help="override the number of layers (quick runs)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--src", default=None, help="reuse the checkpoint there (built there when missing; one shape)")
     args = ap.parse_args()
     import modelopt
 
@@ -217,14 +227,16 @@ def main() -> None:
               "transformers": __import__("transformers").__version__, "rows": []}
     for shape in args.shapes.split(","):
         work = Path(tempfile.mkdtemp(prefix=f"packed_{shape}_"))
-        build_checkpoint(work / "src", config(shape, args.layers))
+        src = Path(args.src) if args.src else work / "src"
+        if not (src / "config.json").exists():
+            build_checkpoint(src, config(shape, args.layers))
         configs = [c for c in args.configs.split(",") if c]
         configs += ["NVFP4_AWQ_LITE_CFG"] if shape in args.nvfp4_awq_shapes.split(",") else []
         for cfg_name in configs:
             case_dir = work / cfg_name
             case_dir.mkdir()
             try:
-                row = case(work / "src", case_dir, shape, cfg_name)
+                row = case(src, case_dir, shape, cfg_name)
             except Exception as e:
                 row = {"shape": shape, "config": cfg_name, "error": f"{type(e).__name__}: {e}",
                        "trace": traceback.format_exc()[-1500:]}

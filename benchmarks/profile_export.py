@@ -47,11 +47,12 @@ def instrument() -> None:
     from offload_export import writer
 
     pipeline = sys.modules.get("offload_export.pipeline") or __import__("offload_export.pipeline", fromlist=["x"])
-    for cls_name, meth in (("UnitReader", "read"), ("UnitReader", "finish")):
+    for cls_name, meth in (("UnitReader", "read"), ("UnitReader", "finish"), ("UnitReader", "fold")):
         cls = getattr(pipeline, cls_name, None)
         if cls is not None and hasattr(cls, meth):
             setattr(cls, meth, timed(f"{cls_name}.{meth}", getattr(cls, meth)))
     writer.ShardWriter.write = timed("ShardWriter.write", writer.ShardWriter.write)
+    writer.ShardWriter.copy = timed("ShardWriter.copy", writer.ShardWriter.copy)
     verify = __import__("offload_export.verify", fromlist=["x"])
     for name in ("_compare", "_check_model_files", "_read_entries"):
         if hasattr(verify, name):

@@ -16,21 +16,25 @@ import pytest
 
 
 def measure(work: Path, *, vocab: int = 16000, layers: int = 12, quantize: dict | None = None,
-            export: dict | None = None) -> dict:
-    """Run one export in a child; ``{"peak_extra", "bytes", "largest", "folded"}`` (bytes; folded weight keys).
+            export: dict | None = None, experts: int = 0, modelopt: str | None = None) -> dict:
+    """Run one export in a child; ``{"peak_extra", "bytes", "largest", "largest_source", "model_bytes", "folded"}``
+    (bytes: peak growth, written, largest written tensor, largest tensor of the model, the model; folded weight keys).
 
     Args:
         work: an empty directory for the checkpoint, the offload folder and the export.
         vocab, layers: the Llama shape (hidden 1024, intermediate 2816, untied embeddings).
         quantize: keyword arguments of ``quantize_weights`` (default int8).
         export: keyword arguments of ``save_clean`` (JSON values: a dtype as its name).
+        experts: a Qwen3-MoE of this many fused experts per layer (expert intermediate 1024) instead of Llama.
+        modelopt: quantize with this ModelOpt config (``mtq.<name>``, calibrated on 32 tokens) instead.
     """
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError as e:
         pytest.skip(f"cannot reset VmHWM here: {e}")
-    spec = {"vocab": vocab, "layers": layers, "quantize": quantize or {"scheme": "int8"}, "export": export or {}}
+    spec = {"vocab": vocab, "layers": layers, "quantize": quantize or {"scheme": "int8"}, "export": export or {},
+            "experts": experts, "modelopt": modelopt}
     run = subprocess.run([sys.executable, __file__, str(work), json.dumps(spec)], capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -43,13 +47,17 @@ def _kib(field: str) -> int:
 
 def _child(work: str, spec: dict) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
     import offload_export as oe
 
-    config = LlamaConfig(vocab_size=spec["vocab"], hidden_size=1024, intermediate_size=2816,
-                         num_hidden_layers=spec["layers"], num_attention_heads=16, num_key_value_heads=8,
-                         tie_word_embeddings=False)
+    shape = dict(vocab_size=spec["vocab"], hidden_size=1024, intermediate_size=2816, num_hidden_layers=spec["layers"],
+                 num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=False)
+    if spec["experts"]:
+        config = Qwen3MoeConfig(num_experts=spec["experts"], moe_intermediate_size=1024, num_experts_per_tok=2,
+                                head_dim=64, **shape)
+    else:
+        config = LlamaConfig(**shape)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.to_empty(device="cpu")
@@ -61,13 +69,22 @@ def _child(work: str, spec: dict) -> None:
     del model
     model = AutoModelForCausalLM.from_pretrained(f"{work}/src", device_map={"": "disk"},
                                                  offload_folder=f"{work}/offload", dtype=torch.bfloat16)
-    oe.quantize_weights(model, **spec["quantize"])
+    if spec["modelopt"]:
+        import modelopt.torch.quantization as mtq
+
+        model.config.architectures = [type(model).__name__]
+        calib = torch.arange(32).reshape(1, 32) % spec["vocab"]
+        mtq.quantize(model, getattr(mtq, spec["modelopt"]), lambda m: m(input_ids=calib, use_cache=False))
+    else:
+        oe.quantize_weights(model, **spec["quantize"])
+    sources = [info.nbytes for info in oe.layout(model).values()]
     base = _kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     report = oe.save_clean(model, f"{work}/out", **spec["export"])
     print(json.dumps({"peak_extra": (_kib("VmHWM") - base) * 1024, "bytes": report.bytes,
-                      "largest": report.largest_tensor, "folded": report.folded}))
+                      "largest": report.largest_tensor, "largest_source": max(sources),
+                      "model_bytes": sum(sources), "folded": report.folded}))
 
 
 if __name__ == "__main__":

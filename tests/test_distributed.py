@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import disk_offload
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,13 +31,35 @@ _PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama",
 JOIN_TIMEOUT = 60  # seconds for all ranks of one scenario; a hang fails the test instead of blocking it
 
 
-def _tiny_model(*, offload_dir: Path | None, explode: str | None = None, fault: type | None = None):
-    """A tiny int8-quantized Llama, the same in every process; quantizers under ``explode`` fail to fold."""
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+# packed scenarios: the format written, and how the tiny model is quantized for it
+PACKED = {"compressed-tensors": "compressed-tensors", "modelopt": "modelopt", "modelopt-moe": "modelopt"}
+
+
+def _tiny_model(*, offload_dir: Path | None, explode: str | None = None, fault: type | None = None,
+                quantized_by: str = "builtin"):
+    """A tiny quantized Llama, the same in every process; quantizers under ``explode`` fail to fold.
+
+    ``quantized_by``: ``"builtin"`` (int8), ``"modelopt"`` (ModelOpt FP8, calibrated on fixed ids on CPU) or
+    ``"modelopt-moe"`` (the same on a Qwen3-MoE of 8 fused experts a layer, in place of the Llama).
+    """
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    quantize_weights(model, "int8")
+    if quantized_by == "modelopt-moe":
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+            num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            tie_word_embeddings=False)).eval()
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             tie_word_embeddings=False)).eval()
+    if quantized_by.startswith("modelopt"):
+        import modelopt.torch.quantization as mtq
+
+        model.config.architectures = [type(model).__name__]
+        ids = torch.arange(32).reshape(2, 16)
+        mtq.quantize(model, mtq.FP8_DEFAULT_CFG, lambda m: m(input_ids=ids, use_cache=False))
+    else:
+        quantize_weights(model, "int8")
     for name, module in model.named_modules():
         if explode is not None and type(module) is FakeQuantizer and name.startswith(explode):
             module.__class__ = fault or _Exploding  # before offloading: accelerate's hook wraps the forward it finds
@@ -74,6 +96,8 @@ def _rank_model(scenario: str, rank: int, work: Path):
         model = _tiny_model(offload_dir=None)
         model.model.layers[0].input_layernorm.to("meta")
         return model
+    if scenario in PACKED:
+        return _tiny_model(offload_dir=work / f"offload-{rank}", quantized_by=_quantized_by(scenario))
     faults = {"fault": _Exploding, "interrupt": _Interrupted, "exit": _Exiting}
     explode = "model." if scenario in faults and rank == 1 else None
     return _tiny_model(offload_dir=work / f"offload-{rank}", explode=explode, fault=faults.get(scenario, _Exploding))
@@ -103,7 +127,8 @@ def _rank_main(rank: int, world: int, port: int, work: str, scenario: str) -> No
         model = _rank_model(scenario, rank, work)
         if scenario == "leave":
             _leave_before_confirming(rank)
-        report = oe.save_clean(model, work / "out", max_shard_size=SHARD, timeout=timedelta(hours=1))
+        report = oe.save_clean(model, work / "out", max_shard_size=SHARD, timeout=timedelta(hours=1),
+                               format=PACKED.get(scenario, "fake-quant"))
         result = {"ok": True, "report": asdict(report)}
     except BaseException as e:  # KeyboardInterrupt and SystemExit too: the scenario injects them
         result = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
@@ -142,18 +167,24 @@ def _files(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
-def _reference(work: Path) -> dict[str, bytes]:
-    oe.save_clean(_tiny_model(offload_dir=work / "offload-ref"), work / "ref", max_shard_size=SHARD)
+def _quantized_by(scenario: str) -> str:
+    return scenario if scenario.startswith("modelopt") else "builtin"
+
+
+def _reference(work: Path, scenario: str = "whole") -> dict[str, bytes]:
+    oe.save_clean(_tiny_model(offload_dir=work / "offload-ref", quantized_by=_quantized_by(scenario)), work / "ref",
+                  max_shard_size=SHARD, format=PACKED.get(scenario, "fake-quant"))
     return _files(work / "ref")
 
 
-@pytest.mark.parametrize("world, scenario", [(2, "partial"), (3, "whole")])
+@pytest.mark.parametrize("world, scenario", [(2, "partial"), (3, "whole"), (2, "compressed-tensors"),
+                                             (2, "modelopt"), (2, "modelopt-moe")])
 def test_ranks_write_the_single_process_checkpoint_byte_for_byte(world, scenario):
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         results = _run_ranks(world, work, scenario)
         assert all(r["ok"] for r in results), [r.get("trace") for r in results]
-        expected = _reference(work)
+        expected = _reference(work, scenario)
         assert len([n for n in expected if n.startswith("model-")]) >= world
         assert _files(work / "out") == expected
         reports = [r["report"] for r in results]

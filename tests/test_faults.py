@@ -94,10 +94,14 @@ SPECS = {  # LayoutSpec arguments
 }
 
 
-def build(name: str, work: Path) -> tuple[nn.Module, Path]:
-    """A tiny llama laid out per ``SPECS[name]`` with a StepQuantizer on every Linear but lm_head."""
+def build(name: str, work: Path, *, builtin: bool = False) -> tuple[nn.Module, Path]:
+    """A tiny llama laid out per ``SPECS[name]`` with a StepQuantizer on every Linear but lm_head (the built-in
+    int8 quantizer with ``builtin``: what a packed format can describe)."""
     lt = _layouts()
     model, art = lt.apply_layout_with_artifacts(lt.make_model("llama_untied"), lt.LayoutSpec(*SPECS[name]), work)
+    if builtin:
+        oe.quantize_weights(model, "int8")
+        return model, art.workdir
     for module_name, module in model.named_modules():
         if isinstance(module, nn.Linear) and module_name != "lm_head":
             module.weight_quantizer = StepQuantizer(0.01)
@@ -249,9 +253,10 @@ def _limits(dest: Path, sweep: bool) -> dict[str, int]:
 
 def child_disk_full(args: dict) -> None:
     """Export under several RLIMIT_FSIZE limits; report per limit what happened and what was left."""
-    model, work = build(args["spec"], Path(args["work"]))
+    fmt = args.get("format", "fake-quant")
+    model, work = build(args["spec"], Path(args["work"]), builtin=fmt != "fake-quant")
     root = Path(args["work"]) / "exports"
-    reference = oe.save_clean(model, root / "reference", max_shard_size=SHARD)
+    reference = oe.save_clean(model, root / "reference", max_shard_size=SHARD, format=fmt)
     logits, sources = forward(model), tree_hash(work)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit raises EFBIG instead of killing us
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -261,7 +266,7 @@ def child_disk_full(args: dict) -> None:
         state = model_state(model)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
         try:
-            oe.save_clean(model, parent / "out", max_shard_size=SHARD)
+            oe.save_clean(model, parent / "out", max_shard_size=SHARD, format=fmt)
             outcome = "ok"
         except OSError as e:
             outcome = "EFBIG" if e.errno == 27 else f"{type(e).__name__}: {e}"
@@ -270,15 +275,16 @@ def child_disk_full(args: dict) -> None:
         print(json.dumps({
             "case": case, "limit": limit, "outcome": outcome,
             "left": sorted(p.name for p in parent.iterdir()),
-            "verified": outcome == "ok" and oe.verify(model, parent / "out").ok,
+            "verified": outcome == "ok" and oe.verify(model, parent / "out", format=fmt).ok,
             "model_same": same_state(model_state(model), state) and bitwise_equal(forward(model), logits),
             "sources_same": tree_hash(work) == sources}), flush=True)
 
 
-@pytest.fixture(scope="module")
-def disk_full_results(tmp_path_factory):
+@pytest.fixture(scope="module", params=["fake-quant", "compressed-tensors"])
+def disk_full_results(tmp_path_factory, request):
     work = tmp_path_factory.mktemp("disk_full")
-    return {r["case"]: r for r in run_child("disk_full", {"spec": "source", "work": str(work), "sweep": False})}
+    args = {"spec": "source", "work": str(work), "sweep": False, "format": request.param}
+    return {r["case"]: r for r in run_child("disk_full", args)}
 
 
 def check_disk_full(result: dict) -> None:

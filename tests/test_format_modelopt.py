@@ -229,11 +229,6 @@ def test_a_weight_modelopt_cannot_pack_is_refused_naming_it(tmp_path):
     _assert_refused(model, tmp_path / "x" / "out", "model.layers.0.self_attn.q_proj.weight", "block size 128")
 
 
-def test_a_moe_model_is_refused(tmp_path):
-    model = quantize(make_model("qwen3_moe", dtype=torch.bfloat16), "FP8_DEFAULT_CFG")
-    _assert_refused(model, tmp_path / "x" / "out", "mixture of experts")
-
-
 def test_a_failure_part_way_leaves_nothing_and_the_model_as_it_was(ref_root, tmp_path, monkeypatch):
     from offload_export.formats.modelopt import ModelOptPacker
 

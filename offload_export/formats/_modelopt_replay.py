@@ -28,15 +28,16 @@ _TENSOR_DICTS = ("_parameters", "_buffers", "_modules")
 
 
 def clone_module(module: nn.Module, tensors: dict[str, torch.Tensor] | None = None,
-                 device: torch.device | None = None) -> nn.Module:
+                 device: torch.device | None = None, children: dict[str, nn.Module] | None = None) -> nn.Module:
     """An independent copy of ``module`` (same class), without accelerate hooks or torch hooks.
 
     Direct parameters/buffers come from ``tensors`` (by attribute name) when given there, else are
-    cloned (meta stays meta). Children are cloned recursively. Python attributes are deep-copied, so
-    ModelOpt's in-place setters (``amax``, ``pre_quant_scale``, the calibrator's ``reset``) only ever
-    reach the copy.
+    cloned (meta stays meta). Children are cloned recursively, except those given in ``children`` (by
+    attribute name), which are taken as they are (the caller's own copies). Python attributes are
+    deep-copied, so ModelOpt's in-place setters (``amax``, ``pre_quant_scale``, the calibrator's
+    ``reset``) only ever reach the copy.
     """
-    tensors = tensors or {}
+    tensors, children = tensors or {}, children or {}
     new = object.__new__(type(module))
     state = {}
     for key, value in module.__dict__.items():
@@ -56,7 +57,8 @@ def clone_module(module: nn.Module, tensors: dict[str, torch.Tensor] | None = No
     new._buffers = OrderedDict(
         (name, tensors[name] if name in tensors else _copy_tensor(b, device)) for name, b in module._buffers.items())
     new._modules = OrderedDict(
-        (name, None if child is None else clone_module(child, device=device)) for name, child in module._modules.items())
+        (name, children[name] if name in children else None if child is None else clone_module(child, device=device))
+        for name, child in module._modules.items())
     return new
 
 

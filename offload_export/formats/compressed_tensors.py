@@ -380,10 +380,18 @@ class CompressedTensors(Format):
             else:
                 local.update({n: getattr(p.quantizer.owner, n).detach() for n in p.qparams})
                 rows = lambda a, b: weight[a:b].to(device)  # noqa: E731
-            specs = self._local(p, {s.name: _meta(s.shape, s.dtype) for s in unit.outputs})
+            specs = self._local(p, self._unit_specs(unit))
             packed = pack(p.format, p.scheme, local, rows, specs, device)
         prefix = f"{p.owner}." if p.owner else ""
         return {prefix + n: t for n, t in packed.items()}
+
+    def _unit_specs(self, unit) -> StateDict:
+        """Every output of ``unit`` as planned; a rank of a distributed export plans only those in its shards
+        (``unit.outputs``), but the compressor makes them all."""
+        lay = self.source.lay
+        specs = self.outputs({k: _meta(lay[k].shape, lay[k].dtype) for k in unit.sources})
+        specs.update({s.name: _meta(s.shape, s.dtype) for s in unit.outputs})
+        return specs
 
     def config_updates(self) -> dict:
         return {"quantization_config": self._config}

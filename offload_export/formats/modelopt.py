@@ -9,13 +9,17 @@ that it resmooths modules that read one input (``requantize_resmooth_fused_llm_l
 :class:`ModelOptPacker` gives the same tensors for a model in any offload layout without touching it:
 the model-level resmoothing is replayed on shadows (copies of each quantized module with its
 quantizer state and a meta weight), and each module is packed on a fresh copy holding its real weight
-with ModelOpt's own ``_dispatch_export_handler`` and ``_postprocess_single_tensor``.
+with ModelOpt's own ``_dispatch_export_handler`` and ``_postprocess_single_tensor``. Fused MoE experts
+(``_QuantFusedExperts``: 3-D ``gate_up_proj`` / ``down_proj``) are split per expert by ModelOpt's own
+``_export_fused_experts``, run on a one-expert copy at a time. Output names then go through ModelOpt's
+quantization-aware revert of transformers' conversion (``revert_weight_conversion_quant_aware``).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -51,6 +55,28 @@ class _Quantized:
     steps: list[Step] = field(default_factory=list)
 
 
+@dataclass
+class _Experts:
+    """A fused-experts module (``_QuantFusedExperts``) that ModelOpt's export splits into per-expert linears.
+
+    Attributes:
+        name: the module's name.
+        pristine: a copy with its quantizer state as in the model (CPU) and meta 3-D weights.
+        parts: per 3-D parameter (``gate_up_proj``, or ``up_proj`` for non-gated experts, then ``down_proj``),
+            the per-expert projections ModelOpt makes of it.
+        planned_bytes: bytes of all its outputs, once planned.
+    """
+
+    name: str
+    pristine: nn.Module
+    parts: dict[str, tuple[str, ...]]
+    planned_bytes: int = 0
+
+    @property
+    def num_experts(self) -> int:
+        return self.pristine.num_experts
+
+
 def _meta_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     own = {**{k: v for k, v in module._parameters.items() if v is not None},
            **{k: v for k, v in module._buffers.items() if v is not None}}
@@ -69,7 +95,8 @@ class ModelOptPacker:
         dtype: the export dtype (``export_hf_checkpoint(dtype=)``); the model's own when None.
 
     Raises:
-        ValueError: no ModelOpt quantizers, a MoE model, a format or weight shape ModelOpt cannot pack.
+        ValueError: no ModelOpt quantizers, a MoE kind this export does not pack (see :meth:`_check_moe`), a
+            format or weight shape ModelOpt cannot pack.
     """
 
     def __init__(self, model: nn.Module, *, quantizers: list, read, refs: dict, dtype: torch.dtype | None = None):
@@ -87,31 +114,57 @@ class ModelOptPacker:
         if isinstance(self.dtype, str):  # config.torch_dtype is a string after a save_pretrained round trip
             self.dtype = getattr(torch, self.dtype.removeprefix("torch."))
         self.modules: dict[str, _Quantized] = {}
+        self.experts: dict[str, _Experts] = {}
+        self._templates: dict[tuple, dict[str, torch.Tensor]] = {}  # expert signature -> its outputs (meta)
         self.kv: dict[str, dict[str, torch.Tensor]] = {}      # k_proj/v_proj name -> {out name: scale}
         self.norms: dict[str, torch.Tensor] = {}              # layernorm name -> pre_quant_scale folded in
         with ExitStack() as stack:
             for q in quantizers:
                 stack.enter_context(onloaded(q.handle, None, refs))
-            self._check_moe(model)
             self.model_format = get_quantization_format(model)  # the first quantized module's, as ModelOpt reads it
+            self._check_moe(model, self.model_format)
             self.hf_quant_config = get_quant_config(model)
             self._snapshot(model, {q.owner_name for q in quantizers})
         self._check_shapes()
         self._resmooth(model, read)
+        self._rules = _hub_name_rules(model, self.hf_quant_config)
 
     # ---------------------------------------------------------------- state read up front
 
     @staticmethod
-    def _check_moe(model: nn.Module) -> None:
-        from modelopt.torch.export.layer_utils import is_moe
+    def _check_moe(model: nn.Module, model_format: str | None) -> None:
+        """Refuse the MoE kinds packed here only as ModelOpt would not: ModelOpt 0.47's export fails on
+        fused experts under an AWQ format (``get_experts_list`` takes ``len()`` of the experts module), and
+        experts that are not ModelOpt's ``_QuantFusedExperts`` (per-expert ``ModuleList``s, Llama4 / GPT-OSS
+        BMM experts, DBRX, ``QuantMoELinear``) are not packed by this export yet."""
+        import modelopt
+        from modelopt.torch.export.hf_export_handlers import _has_fused_experts_quantizers
+        from modelopt.torch.export.layer_utils import get_experts_list, is_moe
 
+        awq = model_format is not None and ("awq" in model_format or model_format == "nvfp4_svdquant")
         for name, module in model.named_modules():
-            if is_moe(module):
-                raise ValueError(f"{FORMAT}: {name} ({type(module).__name__}) is a mixture of experts; packing "
-                                 f"MoE experts is not supported yet. Export it with format='fake-quant', or with "
-                                 f"ModelOpt's export_hf_checkpoint on a resident model")
+            if not is_moe(module):
+                continue
+            experts = getattr(module, "experts", None)
+            if awq:
+                try:
+                    get_experts_list(module, type(model).__name__.lower())
+                except Exception as e:
+                    raise ValueError(
+                        f"{FORMAT}: {name} ({type(module).__name__}) is a mixture of experts quantized as "
+                        f"{model_format}; ModelOpt {modelopt.__version__}'s export_hf_checkpoint fails on it too (its "
+                        f"MoE AWQ resmoothing, get_experts_list: {type(e).__name__}: {e}). Quantize the experts "
+                        f"with a non-AWQ config (FP8, NVFP4, INT8), or use format='fake-quant'") from e
+            if experts is None or not _has_fused_experts_quantizers(experts):
+                raise ValueError(
+                    f"{FORMAT}: {name} ({type(module).__name__}) is a mixture of experts whose experts "
+                    f"({type(experts).__name__}) are not ModelOpt's _QuantFusedExperts (transformers' fused "
+                    f"gate_up_proj/down_proj split per expert on export, the MoE kind packed here); packing this MoE "
+                    f"kind is not supported yet. Use format='fake-quant', or ModelOpt's export_hf_checkpoint on a "
+                    f"resident model")
 
     def _snapshot(self, model: nn.Module, owners: set[str]) -> None:
+        from modelopt.torch.export.hf_export_handlers import _has_fused_experts_quantizers
         from modelopt.torch.export.quant_utils import get_quantization_format
 
         kv_format = self.hf_quant_config["quantization"]["kv_cache_quant_algo"]
@@ -119,6 +172,9 @@ class ModelOptPacker:
             module = model.get_submodule(name)
             if hasattr(module, "k_bmm_quantizer") or hasattr(module, "v_bmm_quantizer"):
                 self._snapshot_kv(name, module, kv_format)
+            if _has_fused_experts_quantizers(module):
+                self._snapshot_experts(name, module)
+                continue
             if not hasattr(module, "weight_quantizer") or not isinstance(getattr(module, "weight", None), torch.Tensor):
                 continue
             pristine = clone_module(module, _meta_tensors(module), torch.device("cpu"))
@@ -129,6 +185,19 @@ class ModelOptPacker:
             if fmt is None:
                 continue
             self.modules[name] = _Quantized(name, fmt, pristine, clone_module(pristine))
+
+    def _snapshot_experts(self, name: str, module: nn.Module) -> None:
+        from modelopt.torch.export.quant_utils import get_quantization_format
+
+        pristine = clone_module(module, _meta_tensors(module), torch.device("cpu"))
+        fmt = get_quantization_format(pristine)
+        if fmt not in _PACKED and fmt is not None:
+            raise ValueError(f"{FORMAT}: the experts {name} are quantized as {fmt!r}, which this export does not "
+                             f"pack (supported: {', '.join(_PACKED)}). Use format='fake-quant'")
+        first = getattr(module, "_first_proj_attr", "gate_up_proj")
+        gated = getattr(module, "_is_gated", True)
+        parts = {first: ("gate_proj", "up_proj") if gated else ("up_proj",), "down_proj": ("down_proj",)}
+        self.experts[name] = _Experts(name, pristine, parts)
 
     def _snapshot_kv(self, name: str, attn: nn.Module, kv_format) -> None:
         from modelopt.torch.export.quant_utils import _postprocess_single_tensor
@@ -267,9 +336,15 @@ class ModelOptPacker:
     # ---------------------------------------------------------------- per module
 
     def outputs(self, module: str, keys: tuple[str, ...], meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Plan time: output name -> meta tensor (exact dtype and shape) of the unit made of ``keys``."""
+        """Plan time: output name -> meta tensor (exact dtype and shape) of the unit made of ``keys``.
+
+        Names are the ones ModelOpt writes: per expert for fused experts, then reverted to the hub
+        checkpoint's names by ModelOpt's rules. ``meta`` of fused experts must have the weights' own dtype.
+        """
         q = self.modules.get(module)
-        if q is None:
+        if module in self.experts:
+            out = self._expert_outputs(self.experts[module], meta)
+        elif q is None:
             out = dict(meta)
         else:
             out = {}
@@ -282,7 +357,7 @@ class ModelOptPacker:
             out.update(self._quantizer_outputs(q))
         for name, t in self.kv.get(module, {}).items():
             out[name] = torch.empty_like(t, device="meta")
-        return out
+        return self._hub_names(out)
 
     def _packed_specs(self, q: _Quantized, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         from modelopt.torch.export.quant_utils import (
@@ -333,17 +408,33 @@ class ModelOptPacker:
         """Run time: the unit's source tensors (``key -> tensor``) -> its output tensors, as ModelOpt writes them.
 
         ``owner`` is the model's module (only its class and structure are used); required for packed and
-        layernorm-fused units.
+        layernorm-fused units. A fused-experts unit pops each 3-D weight from ``values`` once it is packed.
         """
         out = self._pack(module, values, device, owner)
         for name, t in self.kv.get(module, {}).items():
             out[name] = t.to(device) if device is not None else t.clone()
-        return out
+        return self._hub_names(out)
+
+    def _hub_names(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """ModelOpt's ``revert_weight_conversion_quant_aware`` on one unit's outputs (hub checkpoint names)."""
+        from modelopt.torch.export.quant_aware_conversion import QuantConversionUnsupportedError, apply_reverse_rules
+
+        splits, renames = self._rules
+        if not splits and not renames:
+            return out
+        try:
+            return apply_reverse_rules(out, splits, renames)
+        except QuantConversionUnsupportedError as e:
+            raise ValueError(f"{FORMAT}: ModelOpt's revert of transformers' weight names fails on {sorted(out)} ({e}); "
+                             f"its export then keeps the in-memory names for the whole checkpoint, which this export "
+                             f"does not replay. Use format='fake-quant'") from e
 
     def _pack(self, module: str, values, device, owner) -> dict[str, torch.Tensor]:
         from modelopt.torch.export.quant_utils import fuse_prequant_layernorm
 
         prefix = f"{module}." if module else ""
+        if module in self.experts:
+            return self._pack_experts(self.experts[module], values, device or next(iter(values.values())).device)
         own = {k[len(prefix):]: v for k, v in values.items()}
         q = self.modules.get(module)
         if q is not None:
@@ -379,6 +470,73 @@ class ModelOptPacker:
                     shape = (round(rows * factor), *t.shape[1:])
                     out[name] = anon_empty(shape, t.dtype) if t.device.type == "cpu" else t.new_empty(shape)
                 out[name][round(r0 * factor):round(r0 * factor) + t.shape[0]].copy_(t)
+        return out
+
+    # ---------------------------------------------------------------- fused experts, one expert at a time
+
+    def _expert_outputs(self, x: _Experts, meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Plan time: ModelOpt's per-expert outputs, from a pack of one expert of ones (CPU) per distinct
+        expert signature (weight shapes and quantizer state shapes): names, dtypes and shapes, never values."""
+        head = f"{x.name}."
+        one = {p: meta[head + p] for p in x.parts}
+        out: dict[str, torch.Tensor] = {}
+        for e in range(x.num_experts):
+            key = (tuple((p, tuple(t.shape[1:]), t.dtype) for p, t in one.items()), _expert_signature(x, e))
+            if key not in self._templates:
+                self._templates[key] = self._expert_template(x, e, one)
+            for name, t in self._templates[key].items():
+                out[name.replace(_EXPERT, f"{head}{e}.", 1)] = t
+        x.planned_bytes = sum(t.numel() * t.element_size() for t in out.values())
+        _warn_uncalibrated(x)
+        return out
+
+    def _expert_template(self, x: _Experts, e: int, one: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Expert ``e``'s outputs (meta, names with :data:`_EXPERT` for its prefix), packed from ones on the CPU."""
+        ones = {p: torch.ones((1, *t.shape[1:]), dtype=t.dtype) for p, t in one.items()}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ModelOpt's uncalibrated-expert warnings belong to the real pack
+                packed = self._pack_expert(x, e, ones, torch.device("cpu"), _input_quantizers(x, torch.device("cpu")))
+        except Exception as err:
+            add_note(err, f"offload_export: ModelOpt's _export_fused_experts failed on expert {e} of {x.name} (shapes "
+                          f"{ {p: tuple(t.shape) for p, t in one.items()} }) while planning format='modelopt'; its "
+                          f"export_hf_checkpoint of the resident model fails the same way")
+            raise
+        return {name.replace(f"{x.name}.{e}.", _EXPERT, 1): _like(t) for name, t in packed.items()}
+
+    def _pack_experts(self, x: _Experts, values: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """Run time: one expert at a time. When the sources and all outputs exceed 2 x the larger 3-D weight (8-bit
+        formats), each 3-D weight is packed in its own pass and popped from ``values`` once packed."""
+        head = f"{x.name}."
+        sources = {p: values[head + p] for p in x.parts}
+        specs = {p: (tuple(t.shape), t.dtype) for p, t in sources.items()}
+        largest = max(t.nbytes for t in sources.values())
+        one_pass = sum(t.nbytes for t in sources.values()) + x.planned_bytes <= 2 * largest
+        del sources
+        inputs = _input_quantizers(x, device)  # one for all experts, as in the model (and ModelOpt's export)
+        out: dict[str, torch.Tensor] = {}
+        for part in [None] if one_pass else list(x.parts):
+            for e in range(x.num_experts):
+                tensors = {p: values[head + p][e:e + 1] if part in (None, p) else _stand_in(*specs[p], device)
+                           for p in x.parts}
+                out.update(self._pack_expert(x, e, tensors, device, inputs, part))
+            del tensors
+            if part is not None:
+                values.pop(head + part)
+        return out
+
+    def _pack_expert(self, x: _Experts, e: int, tensors: dict[str, torch.Tensor], device: torch.device,
+                     inputs: dict[str, nn.Module], part: str | None = None) -> dict[str, torch.Tensor]:
+        """ModelOpt's export (``_export_fused_experts``, through its handler registry) of expert ``e`` alone,
+        under the names it gives expert ``e``; with ``part``, only the projections made of that 3-D weight."""
+        head = f"{x.name}."
+        out = {}
+        for name, t in _export_copy(_expert_copy(x, e, tensors, device, inputs, part), x.name, head, self.dtype).items():
+            index, _, rest = name[len(head):].partition(".")
+            if index != "0":  # not per expert (transformers' fused experts hold none)
+                out[name] = t
+            elif part is None or rest.partition(".")[0] in x.parts[part]:
+                out[f"{head}{e}.{rest}"] = t
         return out
 
     def _pqs_holder(self, norm: str) -> nn.Module:
@@ -418,6 +576,7 @@ class ModelOptPacker:
 # where every chunk costs a few kernel launches per ModelOpt call, large
 _ROW_CHUNK_BYTES = {"cpu": 2 * 2**20}
 _DEVICE_ROW_CHUNK_BYTES = 256 * 2**20
+_EXPERT = "\0"  # "<experts module>.<index>." in an expert's output names planned once for many experts
 _ROW_FORMATS = ("int8_wo", "int8_sq", "fp8", "int4_awq", "w4a8_awq", "nvfp4", "w4a16_nvfp4")
 
 
@@ -435,6 +594,84 @@ def _export_copy(work: nn.Module, module: str, prefix: str, dtype: torch.dtype) 
         if name is not None:
             out[name] = value.detach().contiguous()
     return out
+
+
+def _input_quantizers(x: _Experts, device: torch.device) -> dict[str, nn.Module]:
+    """Copies of the experts' shared input quantizers, by attribute name."""
+    return {f"{p}_input_quantizer": clone_module(getattr(x.pristine, f"{p}_input_quantizer"), device=device)
+            for p in x.parts}
+
+
+def _expert_copy(x: _Experts, e: int, tensors: dict[str, torch.Tensor], device: torch.device,
+                 inputs: dict[str, nn.Module], part: str | None) -> nn.Module:
+    """A copy of the experts module holding expert ``e`` only (``num_experts=1``, a copy of expert ``e``'s weight
+    quantizers, the input quantizers ``inputs`` as given); with ``part``, the other weight's quantizer is off,
+    so ModelOpt leaves that weight (a stand-in) unpacked."""
+    lists = {p: f"{p}_weight_quantizers" for p in x.parts}
+    children = {attr: nn.ModuleList([clone_module(getattr(x.pristine, attr)[e], device=device)])
+                for attr in lists.values()}
+    work = clone_module(x.pristine, tensors, device, children={**children, **inputs})
+    work.num_experts = 1
+    for p, attr in lists.items():
+        if part is not None and p != part:
+            getattr(work, attr)[0].disable()
+    return work
+
+
+def _expert_signature(x: _Experts, e: int) -> tuple:
+    """What ModelOpt's outputs for expert ``e`` depend on besides its weights' shapes: its quantizers' properties,
+    their buffers' shapes, and which buffers are all zero (an uncalibrated amax, replaced by the weight's)."""
+    quantizers = [getattr(x.pristine, f"{p}_weight_quantizers")[e] for p in x.parts]
+    quantizers += [getattr(x.pristine, f"{p}_input_quantizer") for p in x.parts]
+    signature = []
+    for q in quantizers:
+        for leaf in _weight_leaves(q):
+            props = leaf.get_modelopt_state(properties_only=True) if hasattr(leaf, "get_modelopt_state") else {}
+            buffers = tuple((k, tuple(b.shape), b.dtype, not bool(b.any())) for k, b in leaf.named_buffers())
+            signature.append((type(leaf).__name__, repr(sorted(props.items())), buffers))
+    return tuple(signature)
+
+
+def _warn_uncalibrated(x: _Experts) -> None:
+    """ModelOpt's warning about expert weight quantizers without amax (it then takes the weight's), with the
+    experts' true indices: ModelOpt's own, raised while packing a one-expert copy, all say 'Expert 0'."""
+    missing = {}
+    for p in x.parts:
+        for e, q in enumerate(getattr(x.pristine, f"{p}_weight_quantizers")):
+            amax = getattr(q, "_amax", None)
+            if getattr(q, "is_enabled", False) and (amax is None or not bool(amax.any())):
+                missing.setdefault(p, []).append(e)
+    if missing:
+        found = "; ".join(f"{p}: experts {ids}" for p, ids in missing.items())
+        warnings.warn(f"{x.name}: weight quantizers not calibrated (amax missing or zero) -- {found}. ModelOpt's export "
+                      f"(replayed here) uses the weights' amax as fallback; its own warnings below number each expert "
+                      f"'Expert 0' (one expert is packed at a time). Consider more calibration data to activate all "
+                      f"experts.", stacklevel=2)
+
+
+def _stand_in(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One expert's worth of a 3-D weight that is not packed in this pass: zeros without memory."""
+    return torch.zeros((), dtype=dtype, device=device).expand(1, *shape[1:])
+
+
+def _hub_name_rules(model: nn.Module, hf_quant_config: dict) -> tuple[list, list]:
+    """ModelOpt's split and rename rules back to the hub checkpoint's names (``export_hf_checkpoint``'s
+    ``revert_weight_conversion_quant_aware``), with ``hf_quant_config``'s module names renamed in place as
+    it does; none when ModelOpt cannot build them (its export then keeps the in-memory names)."""
+    from modelopt.torch.export.quant_aware_conversion import (
+        QuantConversionUnsupportedError,
+        _build_reverse_rules,
+        build_reverse_name_mapper,
+        revert_quant_config_names,
+    )
+
+    try:
+        splits, renames, _ = _build_reverse_rules(model)
+        mapper = build_reverse_name_mapper(model)
+    except QuantConversionUnsupportedError:
+        return [], []
+    revert_quant_config_names(hf_quant_config.get("quantization", {}), mapper)
+    return splits, renames
 
 
 def _weight_leaves(wq: nn.Module) -> list[nn.Module]:
@@ -499,8 +736,9 @@ class ModelOpt(Format):
     a time, after replaying its resmoothing of modules that share an input. The model is never changed.
 
     Raises:
-        ValueError: no ModelOpt quantizers, a MoE model, or a format/weight shape ModelOpt cannot pack
-            (raised when the export is planned, before anything is written).
+        ValueError: no ModelOpt quantizers, a MoE kind ModelOpt cannot export (fused experts under AWQ) or this
+            export does not pack (experts other than ModelOpt's ``_QuantFusedExperts``), or a format/weight
+            shape ModelOpt cannot pack (raised when the export is planned, before anything is written).
     """
 
     name = "modelopt"
@@ -530,7 +768,10 @@ class ModelOpt(Format):
         return self.source.lay[next(iter(keys))].module
 
     def outputs(self, meta: StateDict) -> StateDict:
-        return self.packer.outputs(self._module(meta), tuple(meta), meta)
+        module = self._module(meta)
+        if module in self.packer.experts:  # packed from the weights' own dtype, never a cast
+            meta = {k: torch.empty(self.source.lay[k].shape, dtype=self.source.lay[k].dtype, device="meta") for k in meta}
+        return self.packer.outputs(module, tuple(meta), meta)
 
     def finish(self, reader, unit, values: StateDict) -> StateDict:
         module, dtype = unit.module, self.source.dtype
@@ -541,8 +782,8 @@ class ModelOpt(Format):
             device = reader.fold_device(weight)
         else:
             device = self._device(next(iter(values)))
-        values = {k: v.to(device, non_blocking=True) for k, v in values.items()}
-        if dtype is not None and module not in self.packer.modules:
+        values = {k: values.pop(k).to(device, non_blocking=True) for k in list(values)}  # the only reference
+        if dtype is not None and module not in self.packer.modules and module not in self.packer.experts:
             values = {k: v.to(dtype) if v.is_floating_point() else v for k, v in values.items()}
         try:
             out = self.packer.pack(module, values, device, owner=self.source.model.get_submodule(module))

@@ -1,0 +1,251 @@
+"""save_clean(format="modelopt") of fused MoE experts equals ModelOpt's resident export_hf_checkpoint, byte for byte.
+
+transformers 5 keeps a MoE layer's experts fused (``mlp.experts.gate_up_proj`` [E, 2I, H], ``down_proj``
+[E, H, I]); ModelOpt quantizes them as ``_QuantFusedExperts`` and its export writes them per expert
+(``experts.{e}.gate_proj.weight`` + scales, Mixtral's ``block_sparse_moe.experts.{e}.w1`` ...).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from layouts import LayoutSpec, apply_layout, fixed_input_ids, forward_logits, layout_specs
+from memory_child import measure
+from test_format_modelopt import (
+    SETTINGS,
+    assert_same_checkpoint,
+    assert_same_state,
+    model_state,
+    modelopt_export,
+    quant_config,
+    quantize,
+    read_dir,
+)
+from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
+
+import offload_export as oe
+from offload_export.quiet import quiet_libraries
+
+mtq = pytest.importorskip("modelopt.torch.quantization")
+
+# the ModelOpt configs whose fused-expert export ModelOpt itself completes (AWQ fails in its resmoothing)
+CONFIGS = ("FP8_DEFAULT_CFG+FP8_KV_CFG", "INT8_WEIGHT_ONLY_CFG", "INT8_SMOOTHQUANT_CFG", "NVFP4_DEFAULT_CFG")
+_COMMON = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+               vocab_size=128, tie_word_embeddings=False, max_position_embeddings=64, initializer_range=0.1)
+
+
+def tiny_moe(kind: str = "qwen3_moe", dtype=torch.bfloat16, seed: int = 0):
+    """Qwen3-MoE (module names as tests/layouts.py's "qwen3_moe") or Mixtral, 2 layers, 4 experts, dims of 128."""
+    if kind == "mixtral":
+        cfg = MixtralConfig(intermediate_size=128, num_local_experts=4, num_experts_per_tok=2, **_COMMON)
+    else:
+        cfg = Qwen3MoeConfig(intermediate_size=256, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
+                             norm_topk_prob=True, **_COMMON)
+    torch.manual_seed(seed)
+    with quiet_libraries():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    model.config.architectures = [type(model).__name__]
+    return model
+
+
+_REFERENCES: dict[tuple, tuple] = {}
+
+
+def reference(name: str, root: Path, kind: str = "qwen3_moe"):
+    """A quantized resident MoE model and ModelOpt's export of it, built once per (config, kind)."""
+    if (name, kind) not in _REFERENCES:
+        model = quantize(tiny_moe(kind), name)
+        _REFERENCES[name, kind] = (model, modelopt_export(model, root / f"ref-{kind}-{name}"))
+    model, out = _REFERENCES[name, kind]
+    return copy.deepcopy(model), out
+
+
+@pytest.fixture(scope="module")
+def ref_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("modelopt-moe-refs")
+
+
+MIXED = LayoutSpec("dispatch", placement=(("model.embed_tokens", "cpu"), ("model.layers.0", "disk"),
+                                          ("model.layers.1.self_attn", "resident"), ("model.layers.1.mlp.gate", "resident"),
+                                          ("model.layers.1.mlp.experts", "disk"), ("model.layers.1.input_layernorm", "cpu"),
+                                          ("model.layers.1.post_attention_layernorm", "resident"),
+                                          ("model.norm", "cpu"), ("lm_head", "cpu")))
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_fused_experts_of_a_mixed_layout_equal_modelopts_resident_export(name, kind, ref_root, tmp_path):
+    """Per-expert names (Mixtral's hub names w1/w2/w3 under block_sparse_moe, as ModelOpt reverts them), packed
+    tensors, hf_quant_config (its exclude_modules renamed too) and config.json equal; verify agrees; the model is
+    untouched."""
+    model, expected = reference(name, ref_root, kind)
+    runs_on_cpu = "NVFP4" not in name  # NVFP4's fake-quant forward needs CUDA
+    logits = forward_logits(model) if runs_on_cpu else None
+    model = apply_layout(model, MIXED, tmp_path / "layout")
+    before = model_state(model)
+    report = oe.save_clean(model, tmp_path / "out", format="modelopt", max_shard_size="200KB")
+    assert report.shards > 1
+    assert_same_checkpoint(tmp_path / "out", expected)
+    written = read_dir(tmp_path / "out")
+    expert = "model.layers.1.block_sparse_moe.experts.3.w2" if kind == "mixtral" else "model.layers.1.mlp.experts.3.down_proj"
+    assert f"{expert}.weight" in written and not any("gate_up_proj" in k for k in written)
+    assert oe.verify(model, tmp_path / "out", format="modelopt").ok
+    assert_same_state(model_state(model), before)
+    if runs_on_cpu:
+        assert torch.equal(forward_logits(model), logits)
+
+
+# from_pretrained reloads lose ModelOpt's quantizers; place_submodules cannot place `_global_amax` (see test_export)
+reloadless = layout_specs("qwen3_moe").filter(lambda s: s.method not in ("from_pretrained", "place_submodules"))
+
+
+@pytest.mark.slow
+@SETTINGS
+@given(st.sampled_from(CONFIGS), reloadless, st.sampled_from(["5GB", "100KB"]))
+def test_fused_experts_equal_modelopts_resident_export_on_every_layout(name, spec, shard):
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model, expected = reference(name, tmp.parent / "oe-modelopt-moe-refs")
+        model = apply_layout(model, spec, tmp / "layout")
+        before = model_state(model)
+        oe.save_clean(model, tmp / "out", format="modelopt", max_shard_size=shard)
+        assert_same_checkpoint(tmp / "out", expected)
+        assert_same_state(model_state(model), before)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_fused_experts_of_a_model_quantized_after_from_pretrained_disk_offload(kind, tmp_path):
+    """Experts loaded through transformers' conversion (per-expert hub tensors fused at load) into the
+    offload folder, quantized there, exported packed; equal to ModelOpt's export of the same weights kept resident."""
+    name = "FP8_DEFAULT_CFG"
+    tiny_moe(kind).save_pretrained(tmp_path / "src")
+    expected = modelopt_export(quantize(tiny_moe(kind), name), tmp_path / "ref")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    with quiet_libraries():
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "src", device_map=device_map, dtype=torch.bfloat16,
+                                                     offload_folder=str(tmp_path / "offload"))
+    quantize(model, name)
+    assert oe.layout(model).summary().get("disk") or oe.layout(model).summary().get("safetensors")
+    logits = forward_logits(model)
+    oe.save_clean(model, tmp_path / "out", format="modelopt")
+    assert_same_checkpoint(tmp_path / "out", expected)
+    assert torch.equal(forward_logits(model), logits)
+
+
+def _uncalibrate(model) -> None:
+    """Experts 1 and 3 (gate_up) and 2 (down) of layer 0 without calibration: amax zero (per tensor) or missing."""
+    experts = model.model.layers[0].mlp.experts
+    gate_up, down = experts.gate_up_proj_weight_quantizers, experts.down_proj_weight_quantizers
+    with torch.no_grad():
+        if gate_up[1]._amax.numel() == 1:
+            gate_up[1]._amax.zero_()
+        else:  # ModelOpt's fallback cannot set a per-tensor amax over a per-channel one: its amax is missing
+            delattr(gate_up[1], "_amax")
+    delattr(gate_up[3], "_amax")
+    delattr(down[2], "_amax")
+
+
+@pytest.mark.parametrize("name", ["FP8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG"])
+def test_uncalibrated_experts_take_modelopts_amax_fallback(name, tmp_path):
+    """Experts no calibration token reached: ModelOpt takes their amax from the weight (gate and up from the fused
+    slice, so they share weight_scale_2) and warns; the same here, with one warning naming the experts."""
+    model = quantize(tiny_moe(), name)
+    _uncalibrate(model)
+    expected = modelopt_export(model, tmp_path / "ref")
+    model = apply_layout(model, LayoutSpec("disk_offload"), tmp_path / "layout")
+    before = model_state(model)
+    with pytest.warns(UserWarning, match=r"gate_up_proj: experts \[1, 3\]; down_proj: experts \[2\]"):
+        oe.save_clean(model, tmp_path / "out", format="modelopt")
+    assert_same_checkpoint(tmp_path / "out", expected)
+    assert_same_state(model_state(model), before)
+
+
+def test_uncalibrated_per_channel_experts_fail_as_modelopt_fails_before_anything_is_written(tmp_path):
+    """INT8 (per-channel amax): ModelOpt's fallback gives a per-tensor amax its INT8 packing cannot index;
+    its resident export raises IndexError, and so does this one, when planning, with a note."""
+    model = quantize(tiny_moe(), "INT8_WEIGHT_ONLY_CFG")
+    _uncalibrate(model)
+    with pytest.raises(IndexError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        modelopt_export(copy.deepcopy(model), tmp_path / "ref")
+    out = tmp_path / "x" / "out"
+    out.parent.mkdir()
+    with pytest.raises(IndexError) as info, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oe.save_clean(model, out, format="modelopt")
+    assert any("_export_fused_experts failed on expert 1 of model.layers.0.mlp.experts" in n
+               for n in getattr(info.value, "__notes__", []))
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["INT4_AWQ_CFG", "W4A8_AWQ_BETA_CFG"])
+def test_awq_fused_experts_are_refused_as_modelopt_cannot_export_them(name, tmp_path):
+    """ModelOpt 0.47's MoE AWQ resmoothing takes len() of the fused experts module (TypeError): refused up front."""
+    model = quantize(tiny_moe(), name)
+    with pytest.raises(TypeError, match="has no len"):
+        modelopt_export(copy.deepcopy(model), tmp_path / "ref")
+    out = tmp_path / "x" / "out"
+    out.parent.mkdir()
+    with pytest.raises(ValueError) as info:
+        oe.save_clean(model, out, format="modelopt")
+    for words in ("format='modelopt'", "model.layers.0.mlp", "get_experts_list", "fake-quant"):
+        assert words in str(info.value), info.value
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["FP8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG"])
+def test_peak_memory_of_a_disk_offloaded_moe_export_stays_near_two_fused_expert_weights(name, tmp_path):
+    """The 3-D gate_up_proj (32 experts: 128 MiB) is the largest tensor: its unit (gate_up + down) is packed one
+    expert at a time, gate_up dropped once packed, so at most ~2 of it are held, never a layer or a shard."""
+    result = measure(tmp_path, experts=32, layers=2, modelopt=name, export={"format": "modelopt", "max_shard_size": "100MB"})
+    assert result["largest_source"] == 32 * 2048 * 1024 * 2
+    assert result["model_bytes"] > 3 * result["largest_source"]
+    # 2 x the largest tensor + 64 MiB is the design bound; 16 MiB more for the interpreter's own churn
+    assert result["peak_extra"] <= 2 * result["largest_source"] + 80 * 2**20, result
+    print(f"peak {result['peak_extra'] / 2**20:.0f} MiB, largest {result['largest_source'] / 2**20:.0f} MiB, "
+          f"model {result['model_bytes'] / 2**20:.0f} MiB, written {result['bytes'] / 2**20:.0f} MiB")
+
+
+def test_moe_kinds_not_packed_here_are_refused_naming_them(tmp_path):
+    """GPT-OSS: ModelOpt exports its BMM-style experts (3-D gate_up_proj + per-tensor scales, no per-expert split);
+    that kind is not packed by this export yet: refused before anything is written."""
+    from transformers import GptOssConfig
+
+    cfg = GptOssConfig(intermediate_size=128, num_local_experts=4, num_experts_per_tok=2,
+                       layer_types=["full_attention"] * 2, **{k: v for k, v in _COMMON.items() if k != "tie_word_embeddings"})
+    torch.manual_seed(0)
+    with quiet_libraries():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    model.config.architectures = [type(model).__name__]
+    quantize(model, "FP8_DEFAULT_CFG")
+    out = tmp_path / "x" / "out"
+    out.parent.mkdir()
+    with pytest.raises(ValueError) as info:
+        oe.save_clean(model, out, format="modelopt")
+    for words in ("format='modelopt'", "model.layers.0.mlp (GptOssMLP)", "QuantGptOssExperts", "not supported yet"):
+        assert words in str(info.value), info.value
+    assert list(out.parent.iterdir()) == []
+
+
+def test_experts_left_unquantized_are_written_per_expert_as_modelopt_writes_them(tmp_path):
+    """FP8 everywhere but the experts (their quantizers disabled): ModelOpt still splits them per expert, unpacked."""
+    cfg = quant_config("FP8_DEFAULT_CFG")
+    cfg["quant_cfg"] = list(cfg["quant_cfg"]) + [{"quantizer_name": "*experts*", "enable": False}]
+    model = tiny_moe()
+    calib = fixed_input_ids(batch=2, seq=16, seed=7) % model.config.vocab_size
+    with quiet_libraries():
+        mtq.quantize(model, cfg, lambda m: m(input_ids=calib, use_cache=False))
+    expected = modelopt_export(model, tmp_path / "ref")
+    assert read_dir(expected)["model.layers.0.mlp.experts.1.up_proj.weight"].dtype == torch.bfloat16
+    model = apply_layout(model, LayoutSpec("cpu_offload"), tmp_path / "layout")
+    oe.save_clean(model, tmp_path / "out", format="modelopt")
+    assert_same_checkpoint(tmp_path / "out", expected)

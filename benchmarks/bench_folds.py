@@ -1,6 +1,7 @@
 """Fold-kernel throughput: the built-in fake quantizers now against their previous implementation, side by side.
 
     python benchmarks/bench_folds.py [--repeats 5] [--threads 0] [--out benchmarks/results/folds.json]
+    python benchmarks/bench_folds.py --device cuda --out benchmarks/results/folds_cuda.json   # GPU check
 
 Input: the Linear weights of one Qwen3-0.6B layer (q 2048x1024, k/v 1024x1024 ... down 1024x3072, bf16,
 random normal), 16 layers' worth per timing (~500 MB of bf16). Throughput is GB of bf16 input per second of
@@ -8,6 +9,8 @@ wall time (and of process CPU time), the median over ``--repeats`` interleaved r
 before, ...). "before" is the code of commit 8068b9c (unchanged until 121b769): E4M3 / E2M1 rounding by
 ``(|x| + C) - C`` with the sign put back by a bit-or, nvfp4 scales converted from fp8 per step and divided as
 a full-size copy, the per-row factors computed per step; every result is checked bit for bit against it.
+With ``--device cuda`` the folds run there (times synchronized) and "now" is also checked bit for bit against
+the CPU fold of the same weights (``bit_identical_to_cpu``).
 """
 
 from __future__ import annotations
@@ -68,19 +71,19 @@ def _old_nvfp4(x, block_scale, global_scale, scratch):
 _OLD_SCRATCH: list[torch.Tensor] = []
 
 
-def _old_scratch(size: int) -> list[torch.Tensor]:
-    if not _OLD_SCRATCH or _OLD_SCRATCH[0].numel() < size:
-        _OLD_SCRATCH[:] = [torch.empty(size, dtype=torch.int32) for _ in range(4)]
+def _old_scratch(size: int, device: torch.device) -> list[torch.Tensor]:
+    if not _OLD_SCRATCH or _OLD_SCRATCH[0].numel() < size or _OLD_SCRATCH[0].device != device:
+        _OLD_SCRATCH[:] = [torch.empty(size, dtype=torch.int32, device=device) for _ in range(4)]
     return [b[:size] for b in _OLD_SCRATCH]
 
 
 class OldFakeQuantizer(fq.FakeQuantizer):
     def forward(self, w, rows=None):
         start = range(self.shape[0])[rows or slice(None)].start if len(w) else 0
-        out = fq.anon_empty(tuple(w.shape), w.dtype)
+        out = fq.anon_empty(tuple(w.shape), w.dtype) if w.device.type == "cpu" else torch.empty_like(w)
         step = max(1, (1 << 20) // w.shape[1])
         size = min(step, w.shape[0]) * math.ceil(self.shape[1] / self.group_size) * self.group_size
-        scratch = _old_scratch(size)
+        scratch = _old_scratch(size, w.device)
         for a in range(0, w.shape[0], step):
             chunk = w[a:a + step]
             out[a:a + step] = self._old_fake_quant(chunk, slice(start + a, start + a + len(chunk)), scratch)
@@ -110,12 +113,24 @@ def _time(quantizers, weights) -> tuple[float, float]:
     w0, c0 = time.perf_counter(), time.process_time()
     for q, w in zip(quantizers, weights):
         q(w)
+    if weights[0].device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - w0, time.process_time() - c0
 
 
 def _bit_identical(quantizers: dict, weights) -> bool:
     return all(torch.equal(qb(w).view(torch.int16), qn(w).view(torch.int16))
                for qb, qn, w in zip(quantizers["before"], quantizers["now"], weights))
+
+
+def _same_as_cpu(quantizers, weights) -> bool:
+    """The device fold equals the CPU fold of the same weight with the same (copied) scales, bit for bit."""
+    same = True
+    for q, w in zip(quantizers, weights):
+        q_cpu = oe.FakeQuantizer(q.scheme, q.shape)
+        q_cpu.load_state_dict({k: v.cpu() for k, v in q.state_dict().items()})
+        same &= torch.equal(q(w).cpu().view(torch.int16), q_cpu(w.cpu()).view(torch.int16))
+    return same
 
 
 def main() -> None:
@@ -125,14 +140,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
     p.add_argument("--schemes", default=",".join(SCHEMES))
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--device", default="cpu", help="where the weights, scales and folds live (cpu, cuda)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    weights = [(torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for _ in range(args.layers) for s in QWEN3_LAYER]
+    weights = [(torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16).to(args.device)
+               for _ in range(args.layers) for s in QWEN3_LAYER]
     gb = sum(w.numel() * 2 for w in weights) / 1e9
     results = {"input_gb_bf16": gb, "threads": torch.get_num_threads(), "cpu": os.cpu_count(),
-               "before": "8068b9c", "load_before": os.getloadavg(), "schemes": {}}
+               "before": "8068b9c", "device": str(weights[0].device), "load_before": os.getloadavg(), "schemes": {}}
     print(f"{gb:.2f} GB of bf16 weights, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}")
     print(f"| scheme | before GB/s | now GB/s | speed-up | before GB/cpu-s | now GB/cpu-s | bit-identical |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -141,7 +158,7 @@ def main() -> None:
         qs = {k: [] for k in kinds}
         for w in weights:
             for k, cls in kinds.items():
-                q = cls(scheme, tuple(w.shape))
+                q = cls(scheme, tuple(w.shape), device=w.device)
                 q.calibrate(w)
                 qs[k].append(q)
         walls, cpus = {k: [] for k in kinds}, {k: [] for k in kinds}
@@ -151,12 +168,16 @@ def main() -> None:
                 walls[k].append(wall)
                 cpus[k].append(cpu)
         same = _bit_identical(qs, weights)
+        if weights[0].device.type != "cpu":
+            results["schemes"].setdefault(scheme, {})["bit_identical_to_cpu"] = _same_as_cpu(qs["now"], weights)
+            print(f"{scheme}: {weights[0].device} fold bit-identical to the CPU fold: "
+                  f"{results['schemes'][scheme]['bit_identical_to_cpu']}", flush=True)
         rate = {k: gb / statistics.median(walls[k]) for k in kinds}
         cpu_rate = {k: gb / statistics.median(cpus[k]) for k in kinds}
-        results["schemes"][scheme] = {"before_gb_s": rate["before"], "now_gb_s": rate["now"],
+        results["schemes"].setdefault(scheme, {}).update({"before_gb_s": rate["before"], "now_gb_s": rate["now"],
                                       "before_gb_cpu_s": cpu_rate["before"], "now_gb_cpu_s": cpu_rate["now"],
                                       "speedup": rate["now"] / rate["before"], "bit_identical": same,
-                                      "walls": walls, "cpus": cpus}
+                                      "walls": walls, "cpus": cpus})
         print(f"| {scheme} | {rate['before']:.2f} | {rate['now']:.2f} | {rate['now'] / rate['before']:.2f} x | "
               f"{cpu_rate['before']:.2f} | {cpu_rate['now']:.2f} | {'yes' if same else 'NO'} |", flush=True)
     results["load_after"] = os.getloadavg()

@@ -206,7 +206,7 @@ def test_nvfp4_bit_equal_to_modelopt_nvfp4_qtensor(dtype, w):
         assert bits_equal(q(w), expected)
 
 
-# --------------------------------------------------------------------------- exactness of the fast kernels on adversarial values
+# --------------------------------------------------------------------------- fast kernels, adversarial values
 # The kernels round with float32 arithmetic (``round(8y/e)*e`` for E4M3, ``(x + C) - C`` for E2M1) and look block
 # scales up in a table; these pin each argument on the values where such tricks break: exact ties, one ulp either
 # side of a tie, powers of two, E4M3 / float32 subnormals, the saturation bounds, signed zeros.

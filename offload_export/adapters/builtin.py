@@ -45,7 +45,8 @@ E4M3_MAX = 448.0
 E2M1_MAX = 6.0
 _INT_MAX = {"int8": 127.0, "int4-g128": 7.0}
 _GROUP = {"int8": None, "fp8": None, "int4-g128": 128, "nvfp4": 16}
-_CHUNK_ELEMENTS = 1 << 19  # rows per fold step: about this many elements (1 << 20: ~10 % slower on a busy box)
+_CHUNK_ELEMENTS = 1 << 19  # rows per CPU fold step: about this many elements (1 << 20: ~10 % slower, busy box)
+_DEVICE_CHUNK_ELEMENTS = 1 << 20  # on an accelerator: fewer, larger kernel launches
 _EPS = 1.0 / (1 << 24)  # ModelOpt: an amax at or below this quantizes its group to 0 (int) / uses 1 (fp8)
 
 
@@ -291,7 +292,7 @@ class FakeQuantizer(nn.Module):
         factors = self._factors(slice(start, start + len(w)))
         # a few MB of float32 per step, in scratch buffers reused by every step: nothing is allocated (and
         # page-faulted) per step, memory stays near the weight's size
-        step = max(1, _CHUNK_ELEMENTS // w.shape[1])
+        step = max(1, (_CHUNK_ELEMENTS if w.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS) // w.shape[1])
         groups = math.ceil(self.shape[1] / self.group_size)
         scratch = _scratch(min(step, len(w)) * groups * self.group_size, 1 if self.scheme in _INT_MAX else 2, w.device)
         for a in range(0, len(w), step):

@@ -283,6 +283,32 @@ def test_nvfp4_scale_lookup_equals_torchs_fp8_cast_for_every_code():
         assert bits_equal(_nvfp4_scales(codes, g), codes.float() * g)
 
 
+def _every_float32(top: float, chunk: int = 1 << 24):
+    """Every float32 of magnitude at most ``top``, both signs (zeros, subnormals included), in chunks."""
+    last = torch.tensor(top).view(torch.int32).item()
+    for sign in (0, -(1 << 31)):
+        for a in range(0, last + 1, chunk):
+            yield (torch.arange(a, min(a + chunk, last + 1), dtype=torch.int32) | sign).view(torch.float32)
+
+
+@pytest.mark.slow
+def test_e4m3_rounding_equals_torchs_fp8_cast_for_every_float32():
+    """All 2.3e9 float32 values the fp8 fold rounds (|y| <= 448 after its clamp): ~1.5 min on one core."""
+    table = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    for y in _every_float32(E4M3_MAX):
+        expected = table[y.to(torch.float8_e4m3fn).view(torch.uint8).long()]
+        assert bits_equal(_fp8_fake_quant(y.clone(), torch.tensor(1.0), torch.tensor(0.125)), expected)
+
+
+@pytest.mark.slow
+def test_e2m1_rounding_equals_modelopt_cast_fp4_for_every_float32_up_to_16():
+    """All 2.2e9 float32 values of magnitude <= 16 (the saturation included): ~3.5 min on one core."""
+    nvfp4 = pytest.importorskip("modelopt.torch.quantization.qtensor.nvfp4_tensor")
+    for x in _every_float32(16.0):
+        expected = nvfp4.e2m1_values[nvfp4.NVFP4QTensor._cast_fp4(x.clone()).long()]
+        assert bits_equal(_e2m1_round(x.clone()), expected)
+
+
 @st.composite
 def amax_and_weight(draw, scheme: str):
     """A weight and a per-row (per-group) amax where the int / fp8 folds hit their edge cases: amax a power of

@@ -19,6 +19,7 @@ Usage (GPU machine): python benchmarks/gpu_perf.py --out $OUT [--layouts ...] [-
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -84,7 +85,12 @@ def child(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     verified = oe.verify(model, work / "export", format=fmt).ok
     verify_s = time.perf_counter() - t
-    print(json.dumps({"verify_s": round(verify_s, 2), "verify_x_export": round(verify_s / seconds, 2),
+    digest = hashlib.sha256()
+    for shard in sorted((work / "export").glob("*.safetensors")):
+        with open(shard, "rb") as f:
+            while chunk := f.read(64 << 20):
+                digest.update(chunk)
+    print(json.dumps({"digest": digest.hexdigest()[:16], "verify_s": round(verify_s, 2), "verify_x_export": round(verify_s / seconds, 2),
                       "verified": verified, "layout": args.layout, "case": args.case, "code": args.code_label, "s": round(seconds, 2),
                       "bytes": report.bytes, "GBps": round(report.bytes / 1e9 / seconds, 3),
                       "host_peak_MB": rss.delta_mb, "gpu_peak_MB": round(torch.cuda.max_memory_allocated() / 2**20),
@@ -137,6 +143,10 @@ def main() -> None:
                 result["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 shutil.rmtree(run_dir, ignore_errors=True)
+    for layout in args.layouts.split(","):
+        for case in args.cases.split(","):
+            digests = {r.get("digest") for r in result["rows"] if r["layout"] == layout and r["case"] == case}
+            print(f"{layout} {case}: {'same bytes from every checkout' if len(digests) == 1 else 'OUTPUTS DIFFER'}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_perf.json").write_text(json.dumps(result, indent=2))
     print(f"floor {floor} GB/s ({result['floors_GBps']})")

@@ -18,7 +18,8 @@ import torch
 
 from ._errors import add_note
 from ._hooks import offloaded_tensors
-from ._store import FileSpan, anon_empty, read_store, store_span
+from ._store import FileSpan, read_store, store_span
+from ._transfer import to_device, to_host
 from .formats import Format, Source
 from .layout import TensorInfo
 from .materialize import onloaded
@@ -109,15 +110,13 @@ class UnitReader:
         dev = self.fold_device(key)
         try:
             with self.onloaded_quantizers(key):
-                folded = q.adapter.fold(q, weight.to(dev, non_blocking=True))
+                folded = q.adapter.fold(q, to_device(weight, dev))
         except Exception as e:
             needs_cuda = dev.type == "cpu" and "cuda" in f"{type(e).__name__} {e}".lower()
             hint = " (its kernel may need CUDA: pass device='cuda')" if needs_cuda else ""
             add_note(e, f"offload_export: folding {q.name} into {key} on {dev} failed{hint}")
             raise
-        if folded.device.type == "cpu":
-            return folded
-        return anon_empty(tuple(folded.shape), folded.dtype).copy_(folded)
+        return folded if folded.device.type == "cpu" else to_host(folded)
 
 
 def _fold_threads() -> int:

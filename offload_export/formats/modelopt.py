@@ -31,6 +31,7 @@ from pathlib import Path
 from .._errors import add_note
 from .._hooks import offloaded_tensors
 from .._store import anon_empty, read_store
+from .._transfer import to_device, to_host
 from ._modelopt_replay import Step, clone_module, group_weight_amax, shared_input_groups
 from .base import Format, Source, StateDict, register_format
 
@@ -782,7 +783,7 @@ class ModelOpt(Format):
             device = reader.fold_device(weight)
         else:
             device = self._device(next(iter(values)))
-        values = {k: values.pop(k).to(device, non_blocking=True) for k in list(values)}  # the only reference
+        values = {k: to_device(values.pop(k), device) for k in list(values)}  # the only reference
         if dtype is not None and module not in self.packer.modules and module not in self.packer.experts:
             values = {k: v.to(dtype) if v.is_floating_point() else v for k, v in values.items()}
         try:
@@ -790,7 +791,7 @@ class ModelOpt(Format):
         except Exception as e:
             add_note(e, f"offload_export: packing {module} for format='modelopt' on {device} failed")
             raise
-        return {spec.name: _on_cpu(_checked(spec, out, module)) for spec in unit.outputs}
+        return {spec.name: to_host(_checked(spec, out, module)) for spec in unit.outputs}
 
     def config_updates(self) -> dict:
         return {"quantization_config": self.packer.config_quantization(), **self.packer.sanitized_config()}
@@ -811,12 +812,6 @@ def _checked(spec, out: StateDict, module: str) -> torch.Tensor:
                            f"{tuple(spec.shape)} (outputs: {sorted(out)}); please report this with the model's "
                            f"quantization config")
     return t
-
-
-def _on_cpu(t: torch.Tensor) -> torch.Tensor:
-    if t.device.type == "cpu":
-        return t.contiguous()
-    return anon_empty(tuple(t.shape), t.dtype).copy_(t)
 
 
 def _like(t: torch.Tensor) -> torch.Tensor:

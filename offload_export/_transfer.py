@@ -1,0 +1,96 @@
+"""Host <-> GPU copies of large tensors through two small pinned buffers.
+
+A copy between pageable host memory and a GPU goes through the CUDA driver's own staging: one memcpy on
+the calling thread, 2-4 GB/s. An export moves every offloaded weight in and every folded weight out, so
+that one thread bounds a GPU export below the disk's speed. Here each 16 MiB chunk is copied between the
+tensor and a pinned buffer by torch's intra-op threads (all the cores a fold may use) and moved by DMA,
+two buffers alternating so that the memcpy of one chunk overlaps the DMA of the other. The buffers are
+kept per thread and device (2 x 16 MiB pinned each, held by torch's pinned-memory cache).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from ._store import anon_empty
+
+__all__ = ["to_device", "to_host"]
+
+_CHUNK = 16 << 20  # bytes per pinned buffer
+_local = threading.local()
+
+
+def _staging(device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple, torch.cuda.Stream]:
+    """This thread's two pinned buffers for ``device``, an event per buffer, and the device's current stream."""
+    cache = _local.__dict__.setdefault("staging", {})
+    if device not in cache:
+        buffers = tuple(torch.empty(_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2))
+        cache[device] = (buffers, tuple(torch.cuda.Event() for _ in range(2)))
+    return (*cache[device], torch.cuda.current_stream(device))
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _chunks(n: int):
+    return enumerate((a, min(n, a + _CHUNK)) for a in range(0, n, _CHUNK))
+
+
+def _staged(t: torch.Tensor) -> bool:
+    return t.numel() * t.element_size() > _CHUNK and t.is_contiguous() and t.dim() > 0
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a large contiguous CPU tensor bound for a GPU goes through pinned buffers.
+
+    The result is ready for work queued afterwards on the device's current stream (as with
+    ``non_blocking=True`` from pinned memory); ``t`` may be freed or reused once this returns.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu" or not _staged(t):
+        return t.to(device, non_blocking=True)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    (buffers, events, stream), out = _staging(device), torch.empty(t.shape, dtype=t.dtype, device=device)
+    src, dst = _bytes(t), _bytes(out)
+    with torch.cuda.stream(stream):
+        for i, (a, b) in _chunks(src.numel()):
+            k = i % 2
+            events[k].synchronize()  # the DMA that last read this buffer is done
+            buffers[k][:b - a].copy_(src[a:b])
+            dst[a:b].copy_(buffers[k][:b - a], non_blocking=True)
+            events[k].record(stream)
+    for event in events:  # the buffers are free again when this returns
+        event.synchronize()
+    return out
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of ``t`` in its own anonymous mapping (:func:`anon_empty`); a CPU ``t`` as it is (contiguous)."""
+    if t.device.type == "cpu":
+        return t.contiguous()
+    t = t.contiguous()
+    out = anon_empty(tuple(t.shape), t.dtype)
+    if t.device.type != "cuda" or not _staged(t):
+        return out.copy_(t)
+    (buffers, events, stream) = _staging(t.device)
+    src, dst = _bytes(t), _bytes(out)
+    pending = None
+    with torch.cuda.stream(stream):
+        for i, (a, b) in _chunks(src.numel()):
+            k = i % 2
+            buffers[k][:b - a].copy_(src[a:b], non_blocking=True)
+            events[k].record(stream)
+            if pending is not None:
+                _drain(dst, buffers, events, *pending)
+            pending = (k, a, b)
+    _drain(dst, buffers, events, *pending)
+    return out
+
+
+def _drain(dst: torch.Tensor, buffers, events, k: int, a: int, b: int) -> None:
+    events[k].synchronize()
+    dst[a:b].copy_(buffers[k][:b - a])

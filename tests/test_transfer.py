@@ -1,0 +1,76 @@
+"""Host <-> GPU copies through pinned buffers (offload_export._transfer): the same bytes as a plain copy."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from offload_export import _transfer
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DTYPES = (torch.bfloat16, torch.float32, torch.uint8, torch.float8_e4m3fn, torch.int32)
+
+
+def _random(n: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+    raw = torch.randint(0, 256, (n * torch.empty((), dtype=dtype).element_size(),), dtype=torch.uint8)
+    return raw.view(dtype).to(device)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.cpu().reshape(-1).view(torch.uint8), b.cpu().reshape(-1).view(torch.uint8))
+
+
+def test_on_the_cpu_both_are_plain_copies_or_the_tensor_itself():
+    t = _random(1000, torch.bfloat16).reshape(10, 100)
+    assert _transfer.to_host(t) is t
+    assert _transfer.to_device(t, torch.device("cpu")) is t
+    assert _same(_transfer.to_host(t.t()), t.t())
+
+
+@cuda
+@pytest.mark.gpu
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunks=st.integers(0, 5), extra=st.integers(-3, 3), dtype=st.sampled_from(DTYPES),
+       transpose=st.booleans())
+def test_round_trips_equal_a_plain_copy_around_chunk_boundaries(monkeypatch, chunks, extra, dtype, transpose):
+    monkeypatch.setattr(_transfer, "_CHUNK", 4096)  # many chunks of a small tensor, the buffers reused
+    size = torch.empty((), dtype=dtype).element_size()
+    n = max(8, (chunks * 4096 + extra * 64) // size // 8 * 8)
+    host = _random(n, dtype).reshape(8, -1)
+    host = host.t() if transpose else host
+    on_gpu = _transfer.to_device(host, torch.device("cuda"))
+    assert on_gpu.device.type == "cuda" and _same(on_gpu, host.contiguous())
+    back = _transfer.to_host(on_gpu)
+    assert back.device.type == "cpu" and _same(back, host.contiguous())
+    assert _same(_transfer.to_host(on_gpu.t()), host.contiguous().t())  # a non-contiguous view
+
+
+@cuda
+@pytest.mark.gpu
+def test_work_queued_after_to_device_sees_the_data_and_threads_have_their_own_buffers(monkeypatch):
+    monkeypatch.setattr(_transfer, "_CHUNK", 1 << 16)
+    errors = []
+
+    def run(seed: int):
+        try:
+            g = torch.Generator().manual_seed(seed)
+            for _ in range(20):
+                host = torch.randint(-1000, 1000, (300_000,), generator=g, dtype=torch.int32)
+                on_gpu = _transfer.to_device(host, torch.device("cuda"))
+                host.add_(1)  # the source may change once to_device returns
+                assert torch.equal((on_gpu * 2).cpu(), (host - 1) * 2)
+                assert torch.equal(_transfer.to_host(on_gpu), host - 1)
+        except Exception as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

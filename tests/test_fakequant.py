@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 
 import pytest
@@ -14,7 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 import offload_export as oe
-from offload_export.adapters.builtin import E4M3_MAX, _e2m1_round, _round_mantissa
+from offload_export.adapters.builtin import E4M3_MAX, _e2m1_round, _fp8_fake_quant, _nvfp4_scales
 from layouts import LayoutSpec, apply_layout, forward_logits, make_model
 
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -87,7 +88,7 @@ def test_e4m3_rounding_by_arithmetic_equals_torchs_fp8_cast_for_every_binade():
                       torch.tensor([2**-6, 2**-7, 2**-9, 2**-10, 3 * 2**-10, 240.0, 248.0, 440.0, 447.9])])
     x = torch.cat([mags, -mags, torch.tensor([0.0, -0.0])])
     expected = x.to(torch.float8_e4m3fn).to(torch.float32)
-    assert bits_equal(_round_mantissa(x.clone(), mantissa_bits=3, min_exponent=-6), expected)
+    assert bits_equal(_fp8_fake_quant(x.clone(), torch.tensor(1.0), torch.tensor(0.125)), expected)
 
 
 def test_nvfp4_block_of_16_known_values():
@@ -203,6 +204,189 @@ def test_nvfp4_bit_equal_to_modelopt_nvfp4_qtensor(dtype, w):
         assert torch.equal(q.block_scale.view(torch.uint8), block_scale.view(torch.uint8))
         assert bits_equal(q.global_scale, global_scale)
         assert bits_equal(q(w), expected)
+
+
+# --------------------------------------------------------------------------- fast kernels, adversarial values
+# The kernels round with float32 arithmetic (``round(8y/e)*e`` for E4M3, ``(x + C) - C`` for E2M1) and look block
+# scales up in a table; these pin each argument on the values where such tricks break: exact ties, one ulp either
+# side of a tie, powers of two, E4M3 / float32 subnormals, the saturation bounds, signed zeros.
+
+_E2M1_TIES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_E4M3_GRID = sorted(set(torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().abs()
+                        .nan_to_num(0.0).tolist()))  # the 127 finite magnitudes (0 ... 448)
+
+
+def _nudged(v: float, nudge: int) -> float:
+    """``v`` moved ``nudge`` float32 ulps (-1, 0 or 1)."""
+    t = torch.tensor(v, dtype=torch.float32)
+    if nudge:
+        t = torch.nextafter(t, torch.tensor(math.copysign(math.inf, nudge), dtype=torch.float32))
+    return t.item()
+
+
+@st.composite
+def e4m3_adversarial(draw) -> float:
+    """A float32 ``y`` where E4M3 rounding is delicate: a grid value or a midpoint (a tie), maybe one ulp off,
+    a power of two (binade edges, E4M3 and float32 subnormals), or past the saturation at 448."""
+    kind = draw(st.sampled_from(["grid", "tie", "pow2", "special"]))
+    i = draw(st.integers(0, len(_E4M3_GRID) - 2))
+    if kind == "grid":
+        v = _E4M3_GRID[i]
+    elif kind == "tie":
+        v = (_E4M3_GRID[i] + _E4M3_GRID[i + 1]) / 2  # exact in float32 (5 significant bits at most)
+    elif kind == "pow2":
+        v = 2.0 ** draw(st.integers(-149, 10))
+    else:
+        v = draw(st.sampled_from([0.0, 448.0, 456.0, 464.0, 465.0, 480.0, 1e30, 2.0**-10, 3 * 2.0**-11, 1e-40]))
+    v = _nudged(v, draw(st.sampled_from([-1, 0, 0, 1]))) if v else v
+    return -v if draw(st.booleans()) else v
+
+
+@st.composite
+def e2m1_adversarial(draw) -> float:
+    """A float32 ``x`` where E2M1 rounding is delicate (as :func:`e4m3_adversarial`; saturation at 6)."""
+    kind = draw(st.sampled_from(["grid", "tie", "pow2", "special"]))
+    if kind == "grid":
+        v = draw(st.sampled_from(_E2M1_GRID))
+    elif kind == "tie":
+        v = draw(st.sampled_from(_E2M1_TIES))
+    elif kind == "pow2":
+        v = 2.0 ** draw(st.integers(-149, 12))
+    else:
+        v = draw(st.sampled_from([0.0, 6.5, 7.0, 8.0, 1e30, 1e-40, 2.0**-126]))
+    v = _nudged(v, draw(st.sampled_from([-1, 0, 0, 1]))) if v else v
+    return -v if draw(st.booleans()) else v
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(e4m3_adversarial(), min_size=1, max_size=64))
+def test_e4m3_rounding_equals_torchs_fp8_cast_on_adversarial_values(values):
+    x = torch.tensor(values, dtype=torch.float32)
+    expected = x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()  # ModelOpt: clamp, then cast
+    assert bits_equal(_fp8_fake_quant(x.clone(), torch.tensor(1.0), torch.tensor(0.125)), expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(e2m1_adversarial(), min_size=1, max_size=64))
+def test_e2m1_rounding_equals_modelopt_cast_fp4_on_adversarial_values(values):
+    nvfp4 = pytest.importorskip("modelopt.torch.quantization.qtensor.nvfp4_tensor")
+    x = torch.tensor(values, dtype=torch.float32)
+    expected = nvfp4.e2m1_values[nvfp4.NVFP4QTensor._cast_fp4(x.clone()).long()]  # ModelOpt's table
+    assert bits_equal(_e2m1_round(x.clone()), expected)
+
+
+def test_nvfp4_scale_lookup_equals_torchs_fp8_cast_for_every_code():
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16)
+    for global_scale in (1.0, 3e-7, 2.0**-140, 0.0):
+        g = torch.tensor(global_scale)
+        assert bits_equal(_nvfp4_scales(codes, g), codes.float() * g)
+
+
+def _every_float32(top: float, chunk: int = 1 << 24):
+    """Every float32 of magnitude at most ``top``, both signs (zeros, subnormals included), in chunks."""
+    last = torch.tensor(top).view(torch.int32).item()
+    for sign in (0, -(1 << 31)):
+        for a in range(0, last + 1, chunk):
+            yield (torch.arange(a, min(a + chunk, last + 1), dtype=torch.int32) | sign).view(torch.float32)
+
+
+@pytest.mark.slow
+def test_e4m3_rounding_equals_torchs_fp8_cast_for_every_float32():
+    """All 2.3e9 float32 values the fp8 fold rounds (|y| <= 448 after its clamp): ~1.5 min on one core."""
+    table = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    for y in _every_float32(E4M3_MAX):
+        expected = table[y.to(torch.float8_e4m3fn).view(torch.uint8).long()]
+        assert bits_equal(_fp8_fake_quant(y.clone(), torch.tensor(1.0), torch.tensor(0.125)), expected)
+
+
+@pytest.mark.slow
+def test_e2m1_rounding_equals_modelopt_cast_fp4_for_every_float32_up_to_16():
+    """All 2.2e9 float32 values of magnitude <= 16 (the saturation included): ~3.5 min on one core."""
+    nvfp4 = pytest.importorskip("modelopt.torch.quantization.qtensor.nvfp4_tensor")
+    for x in _every_float32(16.0):
+        expected = nvfp4.e2m1_values[nvfp4.NVFP4QTensor._cast_fp4(x.clone()).long()]
+        assert bits_equal(_e2m1_round(x.clone()), expected)
+
+
+@st.composite
+def amax_and_weight(draw, scheme: str):
+    """A weight and a per-row (per-group) amax where the int / fp8 folds hit their edge cases: amax a power of
+    two times the bound (exact scale, so ``w * scale`` lands exactly on ties), amax below the weight's max
+    (saturation at both bounds), amax 0 or at most 2**-24, zero rows, negative zeros."""
+    rows, groups = draw(st.integers(1, 4)), draw(st.integers(1, 3)) if scheme == "int4-g128" else 1
+    cols = groups * 128 if scheme == "int4-g128" else draw(st.integers(1, 40))
+    bound = {"int8": 127.0, "int4-g128": 7.0, "fp8": E4M3_MAX}[scheme]
+    amax = torch.empty(rows, groups)
+    for r in range(rows):
+        for g in range(groups):
+            kind = draw(st.sampled_from(["exact", "exact", "random", "zero", "tiny"]))
+            amax[r, g] = {"exact": bound * 2.0 ** draw(st.integers(-20, 4)), "random": draw(st.floats(1e-3, 10.0)),
+                          "zero": 0.0, "tiny": 2.0**-25}[kind]
+    step = amax.repeat_interleave(cols // groups, dim=1) / bound  # w / step is what gets rounded
+    if scheme == "fp8":
+        units = torch.tensor(draw(st.lists(e4m3_adversarial(), min_size=rows * cols, max_size=rows * cols)))
+    else:
+        halves = draw(st.lists(st.integers(-2 * int(bound) - 6, 2 * int(bound) + 6), min_size=rows * cols,
+                               max_size=rows * cols))
+        units = torch.tensor(halves, dtype=torch.float32) / 2  # integers and ties, some past the bounds
+    w = (units.reshape(rows, cols) * torch.where(step > 0, step, 1.0)).clamp(-1e30, 1e30)
+    if draw(st.booleans()):
+        w[0] = 0.0
+    if draw(st.booleans()):
+        w[-1, 0] = -0.0
+    return amax, w
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-g128", "fp8"])
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_bit_equal_to_modelopt_functions_on_adversarial_weights_and_amax(scheme, data):
+    tq = pytest.importorskip("modelopt.torch.quantization.tensor_quant")
+    amax, w = data.draw(amax_and_weight(scheme))
+    q = oe.FakeQuantizer(scheme, tuple(w.shape))
+    q.amax.copy_(amax)
+    if scheme == "fp8":
+        expected = tq._fp8_eager(w, amax)
+    else:
+        groups = w.reshape(w.shape[0], amax.shape[1], -1)
+        expected = tq._tensor_quant(groups, amax.unsqueeze(-1), num_bits=8 if scheme == "int8" else 4,
+                                    narrow_range=False).reshape(w.shape)
+    assert bits_equal(q(w), expected)
+
+
+@st.composite
+def nvfp4_ties(draw):
+    """A weight whose global scale is a power of two and whose block scales are E4M3 values, so every element
+    ``m * S`` lands exactly on an E2M1 value or tie ``m`` (or one ulp off): each block holds ``6 * S`` (its
+    amax), the first block of the first row the weight's amax. Zero blocks, zero rows and -0.0 included."""
+    rows, blocks = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    k = draw(st.integers(-30, 10))
+    w = torch.zeros(rows, blocks, 16)
+    for r in range(rows):
+        for b in range(blocks):
+            if draw(st.integers(0, 4)) == 0 and (r, b) != (0, 0):
+                continue  # an all-zero block
+            bs = 448.0 if (r, b) == (0, 0) else draw(st.sampled_from([v for v in _E4M3_GRID if v >= 2.0**-9]))
+            ms = draw(st.lists(st.sampled_from(_E2M1_TIES + _E2M1_GRID), min_size=15, max_size=15))
+            nudge = draw(st.sampled_from([-1, 0, 0, 1]))
+            w[r, b] = torch.tensor([6.0] + [_nudged(m, nudge) if m else -0.0 for m in ms]) * (bs * 2.0**k)
+            w[r, b] *= torch.tensor(draw(st.lists(st.sampled_from([1.0, -1.0]), min_size=16, max_size=16)))
+    if rows > 1 and draw(st.booleans()):
+        w[-1] = 0.0
+    return w.reshape(rows, -1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(w=nvfp4_ties())
+def test_nvfp4_bit_equal_to_modelopt_on_exact_ties(w):
+    nvfp4 = pytest.importorskip("modelopt.torch.quantization.qtensor.nvfp4_tensor")
+    packed, block_scale, global_scale = nvfp4.NVFP4QTensor.quantize(w, 16)
+    expected = packed.dequantize(dtype=w.dtype, scale=block_scale, double_scale=global_scale, block_sizes={-1: 16})
+    q = oe.FakeQuantizer("nvfp4", tuple(w.shape))
+    q.calibrate(w)
+    assert torch.equal(q.block_scale.view(torch.uint8), block_scale.view(torch.uint8))
+    assert bits_equal(q(w), expected)
 
 
 # --------------------------------------------------------------------------- models, offload, export

@@ -21,6 +21,7 @@ so a large weight can be folded in chunks.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import threading
 from collections.abc import Iterable
@@ -44,7 +45,8 @@ E4M3_MAX = 448.0
 E2M1_MAX = 6.0
 _INT_MAX = {"int8": 127.0, "int4-g128": 7.0}
 _GROUP = {"int8": None, "fp8": None, "int4-g128": 128, "nvfp4": 16}
-_CHUNK_ELEMENTS = 1 << 20  # rows per fold step: about this many elements
+_CHUNK_ELEMENTS = 1 << 19  # rows per CPU fold step: about this many elements (1 << 20: ~10 % slower, busy box)
+_DEVICE_CHUNK_ELEMENTS = 1 << 20  # on an accelerator: fewer, larger kernel launches
 _EPS = 1.0 / (1 << 24)  # ModelOpt: an amax at or below this quantizes its group to 0 (int) / uses 1 (fp8)
 
 
@@ -61,70 +63,96 @@ def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
     return w.reshape(w.shape[0], -1, group)
 
 
-def _int_fake_quant(x: torch.Tensor, amax: torch.Tensor, max_bound: float) -> torch.Tensor:
-    """ModelOpt ``_tensor_quant`` with ``narrow_range=False``: integers in ``[-max_bound - 1, max_bound]``.
-
-    Works in place on ``x`` (a float32 scratch copy): the same operations, in the same order.
-    """
+def _int_scales(amax: torch.Tensor, max_bound: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ModelOpt ``_tensor_quant``'s factors for ``amax``: ``(scale, divisor)``, 0 and 1 where ``amax <= 2**-24``."""
     bound = torch.tensor(max_bound, device=amax.device)
     scale = bound / amax
     zero = amax <= _EPS
     scale = torch.where(zero, 0.0, scale)  # a group with amax 0 quantizes to 0 ...
-    return x.mul_(scale).round_().clamp_(-max_bound - 1.0, max_bound).div_(torch.where(zero, 1.0, scale))
+    return scale, torch.where(zero, 1.0, scale)
 
 
-def _fp8_fake_quant(x: torch.Tensor, amax: torch.Tensor, scratch=None) -> torch.Tensor:
-    """ModelOpt ``_fp8_eager``: ``e4m3(clamp(x * (448 / amax))) * (1 / (448 / amax))`` in place on ``x``."""
+def _int_fake_quant(x: torch.Tensor, scale: torch.Tensor, divisor: torch.Tensor, max_bound: float) -> torch.Tensor:
+    """ModelOpt ``_tensor_quant`` with ``narrow_range=False``: integers in ``[-max_bound - 1, max_bound]``.
+
+    Works in place on ``x`` (a float32 scratch copy): the same operations, in the same order.
+    """
+    return x.mul_(scale).round_().clamp_(-max_bound - 1.0, max_bound).div_(divisor)
+
+
+def _fp8_scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ModelOpt ``_fp8_eager``'s factors for ``amax``: ``scale = 448 / amax`` (amax 1 where ``<= 2**-24``) and,
+    for :func:`_fp8_fake_quant`, an eighth of its ``scale_inv = 1 / scale`` (exact: a power of two)."""
     safe_amax = torch.where(amax <= _EPS, torch.ones_like(amax), amax)
     scale = E4M3_MAX / safe_amax
-    scale_inv = 1 / scale
-    x = x.mul_(scale).clamp_(min=-E4M3_MAX, max=E4M3_MAX)
-    return _round_mantissa(x, mantissa_bits=3, min_exponent=-6, scratch=scratch).mul_(scale_inv)
+    return scale, (1 / scale) * 0.125
 
 
-def _round_mantissa(x: torch.Tensor, *, mantissa_bits: int, min_exponent: int,
-                    scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Round float32 ``x`` in place to ``mantissa_bits`` bits, ties to even, subnormal below ``2**min_exponent``.
+@functools.cache
+def _neg_zero(device: torch.device) -> torch.Tensor:
+    """A -0.0 scalar tensor on ``device`` (made once per device)."""
+    return torch.tensor(-0.0, device=device)
 
-    Equal bit for bit to a cast to a small float format and back (E4M3: 3 and -6; E2M1: 1 and 0) for
-    values that format holds without saturating, signed zeros included, at a fraction of the cost of
-    torch's scalar fp8 conversions: with ``e`` the power of two at or below ``|x|`` (at least
-    ``2**min_exponent``), the step between neighbours is ``q = e * 2**-mantissa_bits``, and
-    ``(|x| + C) - C`` with ``C = q * 2**23`` rounds ``|x|`` to a multiple of ``q`` by the FPU's own
-    round-half-even (``|x| + C`` stays in ``C``'s binade, where one ulp is ``q``); the sign bit is put back.
-    ``scratch``: two int32 tensors shaped like ``x`` to work in (allocated when None).
+
+def _fp8_fake_quant(x: torch.Tensor, scale: torch.Tensor, scale_inv_8: torch.Tensor,
+                    work: torch.Tensor | None = None) -> torch.Tensor:
+    """ModelOpt ``_fp8_eager``: ``e4m3(clamp(x * scale, -448, 448)) * scale_inv`` in place on float32 ``x``.
+
+    The E4M3 rounding of ``y = clamp(x * scale)``: with ``2**E`` the power of two at or below ``|y|``, E4M3
+    holds the multiples of ``2**(max(E, -6) - 3)`` around ``y`` (8 per binade; below its smallest normal 2**-6
+    the multiples of 2**-9) and the parity of the multiple is the parity of the code, so with
+    ``e = 2**max(E, -6)`` (``y``'s exponent bits) ``round(8 * y / e) * e / 8`` is the cast to float8_e4m3fn
+    and back, bit for bit: ``torch.round`` rounds half to even and keeps the sign of a zero (``-0.001 ->
+    -0.0``, as the cast), and every other step scales by a power of two (exact). The ``/ 8`` goes into
+    ``scale_inv_8 = scale_inv / 8``: ``(q * e) * scale_inv_8`` and ``(q * e / 8) * scale_inv`` round the same
+    exact product once. ``work``: an int32 tensor shaped like ``x`` (allocated when None).
     """
-    bits = x.view(torch.int32)
-    magic, sign = scratch if scratch is not None else (torch.empty_like(bits), torch.empty_like(bits))
-    torch.bitwise_and(bits, 0x7F800000, out=magic)  # e, as float32 bits (the exponent of |x|)
-    magic.clamp_min_((min_exponent + 127) << 23).add_((23 - mantissa_bits) << 23)  # C = e * 2**(23 - m)
-    torch.bitwise_and(bits, -(1 << 31), out=sign)
-    c = magic.view(torch.float32)
-    x.abs_().add_(c).sub_(c)
-    bits.bitwise_or_(sign)
-    return x
+    y = x.mul_(scale).clamp_(-E4M3_MAX, E4M3_MAX)
+    bits = y.view(torch.int32)
+    e = torch.bitwise_and(bits, 0x7F800000, out=work if work is not None else torch.empty_like(bits))  # 2**E
+    e = e.clamp_min_((127 - 6) << 23).view(torch.float32)  # 2**max(E, -6): zeros and subnormals too
+    # -0.0 + 8 * y / e in one pass (every step exact in any order; adding -0.0 keeps every value, -0.0 too)
+    torch.addcdiv(_neg_zero(y.device), y, e, value=8.0, out=y)
+    return y.round_().mul_(e).mul_(scale_inv_8)
 
 
-def _e2m1_round(x: torch.Tensor, scratch=None) -> torch.Tensor:
-    """Round to the nearest E2M1 value, ties to even, saturating at +-6 (ModelOpt ``_cast_fp4``).
+def _e2m1_round(x: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+    """Round to the nearest E2M1 value, ties to even, saturating at +-6 (ModelOpt ``_cast_fp4``), in place.
 
-    E2M1 is evenly spaced within each binade ([0, 2) by 0.5, [2, 4) by 1, [4, 6] by 2), and ties to the even
-    code are ties to the even multiple of that spacing: :func:`_round_mantissa` with one mantissa bit and
-    no exponent below 0, then the saturation. A negative value that rounds to 0 becomes +0, as in
-    ModelOpt's table. Works in place on ``x``.
+    After the clamp to +-6, E2M1 holds the multiples of ``2**(E - 1)`` in ``x``'s binade ``[2**E, 2**(E + 1))``
+    (E is 0, 1 or 2; below 1 the multiples of 0.5) and the parity of the multiple is the parity of the code.
+    With ``e = 2**max(E, 0)`` (``x``'s exponent bits) and ``C = 1.5 * 2**22 * e``, ``x + C`` stays in ``C``'s
+    binade, where float32's spacing is ``e / 2``: the addition rounds ``x`` to a multiple of ``e / 2`` by the
+    FPU's round-half-even (``C`` is an even multiple of it) and subtracting ``C`` is exact; ``C`` itself is
+    exact, so ``add_(e, alpha=1.5 * 2**22)`` is that addition in one pass. A negative ``x`` that rounds to 0
+    becomes +0, as in ModelOpt's table. ``work``: an int32 tensor shaped like ``x`` (allocated when None).
     """
-    return _round_mantissa(x, mantissa_bits=1, min_exponent=0, scratch=scratch).clamp_(min=-E2M1_MAX, max=E2M1_MAX).add_(0.0)
+    bits = x.clamp_(min=-E2M1_MAX, max=E2M1_MAX).view(torch.int32)
+    e = torch.bitwise_and(bits, 0x7F800000, out=work if work is not None else torch.empty_like(bits))
+    e = e.clamp_min_(127 << 23).view(torch.float32)  # 2**max(E, 0)
+    return x.add_(e, alpha=1.5 * 2**22).sub_(e, alpha=1.5 * 2**22)
 
 
-def _nvfp4_fake_quant(x: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor, scratch=None
-                      ) -> torch.Tensor:
-    scale = (block_scale.to(torch.float32) * global_scale).unsqueeze(-1)
-    if bool((scale > 0).all()):
-        if scratch is not None:  # a broadcast over blocks of 16 is slow: divide and multiply by a full-size copy
-            full = scratch[0].view(torch.float32).copy_(scale.expand(x.shape))
-            return _e2m1_round(x.div_(full), scratch[1:]).mul_(full)
-        return _e2m1_round(x.div_(scale)).mul_(scale)
-    scaled = torch.where(scale > 0, x / scale, 0.0)  # an all-zero weight has global_scale 0
+_E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # torch's own cast, per code
+
+
+def _nvfp4_scales(block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """``block_scale.float() * global_scale`` for float8_e4m3fn ``block_scale``: each code's float32 value times
+    ``global_scale`` (the same products) looked up in a 256-entry table; torch's CPU fp8 casts are scalar code,
+    ~3 x slower than the lookup."""
+    table = _E4M3_VALUES.to(global_scale.device) * global_scale
+    return torch.index_select(table, 0, block_scale.view(torch.uint8).reshape(-1).long()).view(block_scale.shape)
+
+
+def _nvfp4_fake_quant(x: torch.Tensor, scale: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+    """``E2M1(x / scale) * scale`` for ``x`` of shape ``(rows, blocks, 16)`` and ``scale`` ``(rows, blocks, 1)``.
+
+    In place on ``x`` when every scale is positive (the division broadcasts over each block of 16: measured
+    faster than dividing by a full-size copy of the scales); an all-zero weight (global_scale 0) gives 0.
+    """
+    if bool(scale.min() > 0):  # False for a nan too (faster than (scale > 0).all())
+        return _e2m1_round(x.div_(scale), work).mul_(scale)
+    scaled = torch.where(scale > 0, x / scale, 0.0)
     return _e2m1_round(scaled) * scale
 
 
@@ -208,7 +236,7 @@ class FakeQuantizer(nn.Module):
         """The dequantization scale per channel / group: ``amax / 127`` (int8), ``amax / 448`` (fp8),
         ``amax / 7`` (int4-g128), ``float(block_scale) * global_scale`` (nvfp4)."""
         if self.scheme == "nvfp4":
-            return self.block_scale.to(torch.float32) * self.global_scale
+            return _nvfp4_scales(self.block_scale, self.global_scale)
         return self.amax / (_INT_MAX.get(self.scheme) or E4M3_MAX)
 
     def config(self) -> dict:
@@ -261,18 +289,28 @@ class FakeQuantizer(nn.Module):
         self._check(w, rows)
         start = range(self.shape[0])[rows or slice(None)].start if len(w) else 0
         out = anon_empty(tuple(w.shape), w.dtype) if w.device.type == "cpu" else torch.empty_like(w)
-        # a few MB of float32 per step, in three scratch buffers reused by every step: the temporaries stay in
-        # cache, nothing is allocated (and page-faulted) per step, memory stays near the weight's size
-        step = max(1, _CHUNK_ELEMENTS // w.shape[1])
-        rows_per_step = min(step, w.shape[0])
-        size = rows_per_step * math.ceil(self.shape[1] / self.group_size) * self.group_size
-        scratch = _scratch(size, 4 if self.scheme == "nvfp4" else 3, w.device)
-        for a in range(0, w.shape[0], step):
-            chunk = w[a:a + step]
-            out[a:a + step] = self._fake_quant(chunk, slice(start + a, start + a + len(chunk)), scratch)
+        factors = self._factors(slice(start, start + len(w)))
+        # a few MB of float32 per step, in scratch buffers reused by every step: nothing is allocated (and
+        # page-faulted) per step, memory stays near the weight's size
+        step = max(1, (_CHUNK_ELEMENTS if w.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS) // w.shape[1])
+        groups = math.ceil(self.shape[1] / self.group_size)
+        scratch = _scratch(min(step, len(w)) * groups * self.group_size, 1 if self.scheme in _INT_MAX else 2, w.device)
+        for a in range(0, len(w), step):
+            out[a:a + step] = self._fake_quant(w[a:a + step], [f[a:a + step] for f in factors], scratch)
         return out
 
-    def _fake_quant(self, w: torch.Tensor, rows: slice, scratch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _factors(self, rows: slice) -> tuple[torch.Tensor, ...]:
+        """This scheme's per-row (per-group) float32 factors for the weight rows ``rows``, shaped
+        ``(rows, groups, 1)`` to broadcast over the ``(rows, groups, group_size)`` view of a chunk."""
+        if self.scheme == "nvfp4":
+            return (_nvfp4_scales(self.block_scale[rows], self.global_scale).unsqueeze(-1),)
+        amax = self.amax[rows].unsqueeze(-1)
+        if self.scheme == "fp8":
+            return _fp8_scales(amax)
+        return _int_scales(amax, _INT_MAX[self.scheme])
+
+    def _fake_quant(self, w: torch.Tensor, factors: list[torch.Tensor], scratch: tuple[torch.Tensor, ...]
+                    ) -> torch.Tensor:
         n, cols = w.shape
         groups = math.ceil(cols / self.group_size)
         x, *work = (t[:n * groups * self.group_size].view(n, groups, self.group_size) for t in scratch)
@@ -281,12 +319,12 @@ class FakeQuantizer(nn.Module):
         if flat.shape[1] > cols:
             flat[:, cols:].zero_()
         if self.scheme == "nvfp4":
-            out = _nvfp4_fake_quant(x, self.block_scale[rows], self.global_scale, tuple(work))
+            out = _nvfp4_fake_quant(x, *factors, *work)
         elif self.scheme == "fp8":
-            out = _fp8_fake_quant(x, self.amax[rows].unsqueeze(-1), tuple(work))
+            out = _fp8_fake_quant(x, *factors, *work)
         else:
-            out = _int_fake_quant(x, self.amax[rows].unsqueeze(-1), _INT_MAX[self.scheme])
-        return out.reshape(out.shape[0], -1)[:, : self.shape[1]]
+            out = _int_fake_quant(x, *factors, _INT_MAX[self.scheme])
+        return out.reshape(n, -1)[:, :cols]
 
 
 register_quantizer(FakeQuantizer)

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,8 @@ _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _DEFAULT_MAX_OPEN = 64
 _COPY_CHUNK = 1 << 30  # bytes per copy_file_range call (the kernel caps one call near 2 GiB anyway)
 _PWRITE_CHUNK = 1 << 30  # bytes per pwrite call: Linux writes at most 0x7ffff000 bytes in one call
+_WRITEBACK_STEP = 64 << 20  # bytes written before their disk writeback is started
+_MIN_WRITEBACK = 1 << 20
 # safetensors lays tensors out by its ``Dtype`` enum, descending, then by name (not by element size: BF16
 # comes before F16, F32 before U32 and I32, F8_E4M3 before I8 and U8)
 _LAYOUT_ORDER = ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E8M0", "F8_E4M3",
@@ -131,14 +134,29 @@ class Descriptors:
 
 
 def _advise_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Start the disk writeback of a just-written range (so a later fsync has little left); a hint only."""
+    """Start the disk writeback of a just-written range (so a later fsync has little left); a hint only.
+
+    Only the whole pages inside the range, and only from 1 MiB on: a page shared with the next tensor,
+    written back now, would be dirtied again and written twice; small tails are left to the fsync.
+    """
     advise = getattr(os, "posix_fadvise", None)  # absent on macOS and Windows
-    if advise is None or nbytes <= 0:
+    start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if advise is None or end - start < _MIN_WRITEBACK:
         return
     try:
-        advise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        advise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
     except OSError:
         pass
+
+
+def _in_steps(fd: int, offset: int, nbytes: int, write: Callable[[int, int], None]) -> None:
+    """``write(done, n)`` over ``nbytes`` in steps of 64 MiB, starting each step's writeback right after it,
+    so that the disk works while the rest of a large tensor is still being written."""
+    for done in range(0, nbytes, _WRITEBACK_STEP):
+        n = min(_WRITEBACK_STEP, nbytes - done)
+        write(done, n)
+        _advise_writeback(fd, offset + done, n)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -248,8 +266,8 @@ class ShardWriter:
         with self._lock:
             fd = self._open_locked()
             if data.numel():
-                _pwrite_all(fd, memoryview(data.view(-1).view(torch.uint8).numpy()), self._offsets[name])
-                _advise_writeback(fd, self._offsets[name], spec.nbytes)
+                view, at = memoryview(data.view(-1).view(torch.uint8).numpy()), self._offsets[name]
+                _in_steps(fd, at, len(view), lambda done, n: _pwrite_all(fd, view[done:done + n], at + done))
             self._wrote(name)
 
     def copy(self, name: str, span: FileSpan) -> None:
@@ -262,11 +280,12 @@ class ShardWriter:
             fd = self._open_locked()
             if spec.nbytes:
                 src = os.open(span.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                at = self._offsets[name]
                 try:
-                    _copy_range(src, span.offset, fd, self._offsets[name], spec.nbytes)
+                    _in_steps(fd, at, spec.nbytes,
+                              lambda done, n: _copy_range(src, span.offset + done, fd, at + done, n))
                 finally:
                     os.close(src)
-                _advise_writeback(fd, self._offsets[name], spec.nbytes)
             self._wrote(name)
 
     def _wrote(self, name: str) -> None:

@@ -102,6 +102,9 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "f
             ``generation_config.json`` too.
         out_dir: the destination directory; must be absent or empty unless ``overwrite``.
         format: ``"fake-quant"`` (default): the weights as the fake-quantized model computes with them.
+            ``"modelopt"``: the packed checkpoint ModelOpt's ``export_hf_checkpoint`` writes for the model kept
+            resident (packed weights and scales, fused MoE experts per expert, ``hf_quant_config.json``, its
+            ``quantization_config``), for ModelOpt-quantized models.
             ``"compressed-tensors"``: the packed checkpoint llm-compressor writes (``pack-quantized``,
             ``float-quantized``, ``int-quantized``, ``nvfp4-pack-quantized`` with ``quantization_config``), for
             compressed-tensors schemes and the built-in ones (:func:`offload_export.quantize_weights`).

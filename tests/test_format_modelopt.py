@@ -206,7 +206,7 @@ def test_awq_resmoothing_is_replayed_without_touching_the_model(ref_root, tmp_pa
 # ------------------------------------------------------------------ bad input: one ValueError, nothing written
 
 
-def _assert_refused(model, out: Path, *words: str) -> None:
+def assert_refused(model, out: Path, *words: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with pytest.raises(ValueError) as info:
         oe.save_clean(model, out, format="modelopt")
@@ -218,15 +218,15 @@ def _assert_refused(model, out: Path, *words: str) -> None:
 
 
 def test_a_model_without_modelopt_quantizers_is_refused(tmp_path):
-    _assert_refused(tiny_qwen3(), tmp_path / "a" / "out", "no ModelOpt quantizers", "fake-quant")
+    assert_refused(tiny_qwen3(), tmp_path / "a" / "out", "no ModelOpt quantizers", "fake-quant")
     builtin = tiny_qwen3()
     oe.quantize_weights(builtin, scheme="int8")
-    _assert_refused(builtin, tmp_path / "b" / "out", "no ModelOpt quantizers")
+    assert_refused(builtin, tmp_path / "b" / "out", "no ModelOpt quantizers")
 
 
 def test_a_weight_modelopt_cannot_pack_is_refused_naming_it(tmp_path):
     model = quantize(make_model("qwen3_tied", dtype=torch.bfloat16), "INT4_AWQ_CFG")  # input dims 64 and 96
-    _assert_refused(model, tmp_path / "x" / "out", "model.layers.0.self_attn.q_proj.weight", "block size 128")
+    assert_refused(model, tmp_path / "x" / "out", "model.layers.0.self_attn.q_proj.weight", "block size 128")
 
 
 def test_a_failure_part_way_leaves_nothing_and_the_model_as_it_was(ref_root, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import torch
 
 from ._store import anon_empty
 
-__all__ = ["to_device", "to_host"]
+__all__ = ["indexed", "to_device", "to_host"]
 
 _CHUNK = 16 << 20  # bytes per pinned buffer
 _local = threading.local()
@@ -29,6 +29,14 @@ def _staging(device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], t
         buffers = tuple(torch.empty(_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2))
         cache[device] = (buffers, tuple(torch.cuda.Event() for _ in range(2)))
     return (*cache[device], torch.cuda.current_stream(device))
+
+
+def indexed(device: torch.device | str) -> torch.device:
+    """``cuda`` as the ``cuda:N`` it means (the current device); other devices as they are."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -52,8 +60,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda" or t.device.type != "cpu" or not _staged(t):
         return t.to(device, non_blocking=True)
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = indexed(device)
     (buffers, events, stream), out = _staging(device), torch.empty(t.shape, dtype=t.dtype, device=device)
     src, dst = _bytes(t), _bytes(out)
     with torch.cuda.stream(stream):
@@ -76,7 +83,7 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     out = anon_empty(tuple(t.shape), t.dtype)
     if t.device.type != "cuda" or not _staged(t):
         return out.copy_(t)
-    (buffers, events, stream) = _staging(t.device)
+    buffers, events, stream = _staging(t.device)
     src, dst = _bytes(t), _bytes(out)
     pending = None
     with torch.cuda.stream(stream):

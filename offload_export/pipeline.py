@@ -19,7 +19,7 @@ import torch
 from ._errors import add_note
 from ._hooks import offloaded_tensors
 from ._store import FileSpan, read_store, store_span
-from ._transfer import to_device, to_host
+from ._transfer import indexed, to_device, to_host
 from .formats import Format, Source
 from .layout import TensorInfo
 from .materialize import onloaded
@@ -242,15 +242,8 @@ def stream(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int, 
 def _fold_lane(reader: UnitReader, unit: Unit) -> Hashable:
     """The device a unit is folded on (the one of its first folded weight), else where its first tensor is."""
     key = next((k for k in unit.sources if k in reader.folds), None)
-    return _indexed(reader.fold_device(key) if key is not None else reader.device or reader.lay[unit.sources[0]].device)
-
-
-def _indexed(device: torch.device | str) -> torch.device:
-    """``cuda`` as the ``cuda:N`` it means (the current device): one GPU is one lane however it is spelled."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
+    # one GPU is one lane however it is spelled (``cuda`` / ``cuda:0``)
+    return indexed(reader.fold_device(key) if key is not None else reader.device or reader.lay[unit.sources[0]].device)
 
 
 def _put(out: queue.Queue, item, stop: threading.Event) -> bool:

@@ -78,6 +78,21 @@ class _Experts:
         return self.pristine.num_experts
 
 
+def _packed_format(what: str, pristine: nn.Module) -> str | None:
+    """ModelOpt's quantization format of a module's copy, None when unquantized.
+
+    Raises:
+        ValueError: a format this export does not pack.
+    """
+    from modelopt.torch.export.quant_utils import get_quantization_format
+
+    fmt = get_quantization_format(pristine)
+    if fmt not in _PACKED and fmt is not None:
+        raise ValueError(f"{FORMAT}: {what} is quantized as {fmt!r}, which this export does not pack "
+                         f"(supported: {', '.join(_PACKED)}). Use format='fake-quant'")
+    return fmt
+
+
 def _meta_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     own = {**{k: v for k, v in module._parameters.items() if v is not None},
            **{k: v for k, v in module._buffers.items() if v is not None}}
@@ -166,7 +181,6 @@ class ModelOptPacker:
 
     def _snapshot(self, model: nn.Module, owners: set[str]) -> None:
         from modelopt.torch.export.hf_export_handlers import _has_fused_experts_quantizers
-        from modelopt.torch.export.quant_utils import get_quantization_format
 
         kv_format = self.hf_quant_config["quantization"]["kv_cache_quant_algo"]
         for name in sorted(owners, key=list(dict(model.named_modules())).index):
@@ -179,22 +193,14 @@ class ModelOptPacker:
             if not hasattr(module, "weight_quantizer") or not isinstance(getattr(module, "weight", None), torch.Tensor):
                 continue
             pristine = clone_module(module, _meta_tensors(module), torch.device("cpu"))
-            fmt = get_quantization_format(pristine)
-            if fmt not in _PACKED and fmt is not None:
-                raise ValueError(f"{FORMAT}: {name} is quantized as {fmt!r}, which this export does not pack "
-                                 f"(supported: {', '.join(_PACKED)}). Use format='fake-quant'")
+            fmt = _packed_format(name, pristine)
             if fmt is None:
                 continue
             self.modules[name] = _Quantized(name, fmt, pristine, clone_module(pristine))
 
     def _snapshot_experts(self, name: str, module: nn.Module) -> None:
-        from modelopt.torch.export.quant_utils import get_quantization_format
-
         pristine = clone_module(module, _meta_tensors(module), torch.device("cpu"))
-        fmt = get_quantization_format(pristine)
-        if fmt not in _PACKED and fmt is not None:
-            raise ValueError(f"{FORMAT}: the experts {name} are quantized as {fmt!r}, which this export does not "
-                             f"pack (supported: {', '.join(_PACKED)}). Use format='fake-quant'")
+        _packed_format(f"the experts module {name}", pristine)
         first = getattr(module, "_first_proj_attr", "gate_up_proj")
         gated = getattr(module, "_is_gated", True)
         parts = {first: ("gate_proj", "up_proj") if gated else ("up_proj",), "down_proj": ("down_proj",)}

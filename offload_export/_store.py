@@ -19,7 +19,7 @@ import torch
 
 from ._hooks import Store
 
-__all__ = ["MAX_HEADER_BYTES", "SAFETENSORS_DTYPES", "FileSpan", "anon_empty", "check_store", "read_store",
+__all__ = ["MAX_HEADER_BYTES", "SAFETENSORS_DTYPES", "FileSpan", "anon_empty", "check_store", "pread_exact", "read_store",
            "safetensors_header", "store_span", "write_store"]
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -154,17 +154,25 @@ def check_store(store: Store, shape: tuple[int, ...]) -> None:
                          f"{list(shape)} for {store.key!r}; the file changed after the model was loaded: reload the model")
 
 
+def pread_exact(fd: int, out: torch.Tensor, offset: int, name: str = "") -> None:
+    """Fill the contiguous CPU tensor ``out`` with the bytes of open file ``fd`` starting at ``offset``.
+
+    Raises:
+        OSError: the file ends first (the message starts with ``name`` when given).
+    """
+    view, done = memoryview(out.view(-1).view(torch.uint8).numpy()), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise OSError(f"{name + ': ' if name else ''}unexpected end of file at byte {offset + done}")
+        done += n
+
+
 def _pread_into(path: str, offset: int, out: torch.Tensor) -> None:
     """Fill the contiguous CPU tensor ``out`` with bytes of ``path`` starting at ``offset``."""
-    view = memoryview(out.view(-1).view(torch.uint8).numpy())
     fd = os.open(path, os.O_RDONLY)
     try:
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                raise OSError(f"{path}: unexpected end of file at byte {offset + done}")
-            done += n
+        pread_exact(fd, out, offset, path)
     finally:
         os.close(fd)
 

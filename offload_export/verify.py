@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._store import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, FileSpan, _read_file
+from ._store import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, FileSpan, _read_file, pread_exact
 from .checkpoint import write_model_files
 from .job import INDEX_NAME, Job, prepare_job, read_ahead_bytes
 from .pipeline import UnitReader, stream
@@ -321,15 +321,6 @@ def _equal_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return _MEMCMP(a.data_ptr(), b.data_ptr(), a.numel()) == 0
 
 
-def _pread_exact(fd: int, out: torch.Tensor, offset: int) -> None:
-    view, done = memoryview(out.numpy()), 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise OSError(f"unexpected end of file at byte {offset + done}")
-        done += n
-
-
 def _same_bytes(expected: torch.Tensor | FileSpan, path: Path, offset: int, nbytes: int, bufs: _Buffers) -> bool:
     """Whether the file's ``nbytes`` at ``offset`` are ``expected``'s bytes (a tensor's, or another file's).
 
@@ -345,8 +336,8 @@ def _same_bytes(expected: torch.Tensor | FileSpan, path: Path, offset: int, nbyt
             n = min(_CHUNK, nbytes - pos)
             want, got = bufs.views(n)
             if span is not None:
-                _pread_exact(src, want, span.offset + pos)
-            _pread_exact(fd, got, offset + pos)
+                pread_exact(src, want, span.offset + pos)
+            pread_exact(fd, got, offset + pos)
             if not _equal_bytes(want if span is not None else flat[pos:pos + n], got):
                 return False
         return True

@@ -31,8 +31,6 @@ __all__ = ["Descriptors", "FileSpan", "ShardWriter", "TensorSpec", "safetensors_
 
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _DEFAULT_MAX_OPEN = 64
-_COPY_CHUNK = 1 << 30  # bytes per copy_file_range call (the kernel caps one call near 2 GiB anyway)
-_PWRITE_CHUNK = 1 << 30  # bytes per pwrite call: Linux writes at most 0x7ffff000 bytes in one call
 _WRITEBACK_STEP = 64 << 20  # bytes written before their disk writeback is started
 _MIN_WRITEBACK = 1 << 20
 # safetensors lays tensors out by its ``Dtype`` enum, descending, then by name (not by element size: BF16
@@ -162,7 +160,7 @@ def _in_steps(fd: int, offset: int, nbytes: int, write: Callable[[int, int], Non
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < len(data):
-        done += os.pwrite(fd, data[done:done + _PWRITE_CHUNK], offset + done)
+        done += os.pwrite(fd, data[done:], offset + done)  # Linux writes at most 0x7ffff000 bytes a call
 
 
 def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
@@ -171,7 +169,7 @@ def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbyt
     copy = getattr(os, "copy_file_range", None)
     while copy is not None and done < nbytes:
         try:
-            n = copy(src_fd, dst_fd, min(nbytes - done, _COPY_CHUNK), src_offset + done, dst_offset + done)
+            n = copy(src_fd, dst_fd, nbytes - done, src_offset + done, dst_offset + done)
         except OSError as e:
             if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ETXTBSY, errno.EPERM):
                 break  # e.g. across filesystems on old kernels, or a filesystem without support
@@ -260,7 +258,7 @@ class ShardWriter:
         if isinstance(tensor, FileSpan):
             self.copy(name, tensor)
             return
-        spec = self._claim(name, tensor.dtype, tuple(tensor.shape))
+        self._claim(name, tensor.dtype, tuple(tensor.shape))
         data = tensor.detach().to("cpu").contiguous()
         self._pool._use(self)  # before taking our lock: it may close other writers' files
         with self._lock:

@@ -495,15 +495,16 @@ def _expect(proc: subprocess.Popen, word: str) -> str:
     raise RuntimeError(f"child exited before sending {word!r}")
 
 
-def run_child(method: str, src: Path, dest: Path, scheme: str, cold: bool, log: Path) -> dict:
-    """One fresh interpreter, one export call; returns timings, sampled peaks and the output manifest."""
+def run_child(method: str, src: Path, dest: Path, scheme: str, cold: bool, log: Path, code: str | None = None) -> dict:
+    """One fresh interpreter, one export call (``code``: the checkout it imports the package from); returns
+    timings, sampled peaks and the output manifest."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--src", str(src), "--dest", str(dest),
            "--scheme", scheme] + (["--cold"] if cold else [])
     with open(log, "a") as err:
         err.write(f"\n=== {method} {src}\n")
         err.flush()
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                                env={**os.environ, **CHILD_ENV})
+                                env={**os.environ, **CHILD_ENV, **({"PYTHONPATH": code} if code else {})})
         try:
             _expect(proc, "ready")
             before = _proc_status(proc.pid)
@@ -531,8 +532,9 @@ def run_child(method: str, src: Path, dest: Path, scheme: str, cold: bool, log: 
 
 
 def split_method(method: str, default_scheme: str) -> tuple[str, str]:
-    """``"save_clean@int8"`` -> ``("save_clean", "int8")``; no ``@``: the run's ``--scheme``."""
-    base, _, scheme = method.partition("@")
+    """``"save_clean@int8#base"`` -> ``("save_clean", "int8")`` (``#label``: the ``--code`` checkout it runs);
+    no ``@``: the run's ``--scheme``."""
+    base, _, scheme = method.partition("#")[0].partition("@")
     return base, scheme or default_scheme
 
 
@@ -584,7 +586,7 @@ def bench_size(label: str, args: argparse.Namespace, log: Path) -> dict:
         for method in args.methods[k:] + args.methods[:k]:
             base, scheme = split_method(method, args.scheme)
             dest = work / f"export-{base}-{scheme}"
-            result = run_child(base, work / "src", dest, scheme, args.cold, log)
+            result = run_child(base, work / "src", dest, scheme, args.cold, log, args.code.get(method.partition("#")[2]))
             shutil.rmtree(dest, ignore_errors=True)
             for stale in work.glob("offload-*"):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -613,7 +615,7 @@ def bench_size(label: str, args: argparse.Namespace, log: Path) -> dict:
 
 def best_floor(summary: dict) -> tuple[str | None, float | None]:
     """The fastest floor method (lowest median) and its median seconds."""
-    floors = [(v["seconds_median"], m) for m, v in summary.items() if m.split("@")[0] in FLOORS and "seconds_median" in v]
+    floors = [(v["seconds_median"], m) for m, v in summary.items() if split_method(m, "")[0] in FLOORS and "seconds_median" in v]
     if not floors:
         return None, None
     seconds, method = min(floors)
@@ -634,7 +636,7 @@ def targets(size: dict) -> dict:
     floor_method, floor_s = best_floor(s)
     out = {"memory_bound_bytes": bound, "floor_method": floor_method, "floor_seconds": floor_s, "rows": []}
     for method, v in s.items():
-        if method.split("@")[0] != "save_clean" or "seconds_median" not in v:
+        if split_method(method, "")[0] != "save_clean" or "seconds_median" not in v:
             continue
         row = {"method": method, "seconds": v["seconds_median"],
                "x_floor": v["seconds_median"] / floor_s if floor_s else None,
@@ -643,7 +645,7 @@ def targets(size: dict) -> dict:
                "verify_x_export": (v["verify_s_median"] / v["seconds_median"]) if v["verify_s_median"] else None,
                "verify_ok": v["verify_ok"], "peak_extra_anon": v["peak_extra_anon"], "peak_extra_rss": v["peak_extra_rss"],
                "memory_ok": max(v["peak_extra_anon"], v["peak_extra_rss"]) <= bound}
-        scheme = method.partition("@")[2] or "none"
+        scheme = split_method(method, "none")[1]
         spf = s.get(f"save_pretrained_fsync@{scheme}", {})
         if "seconds_median" in spf:
             row["x_save_pretrained_fsync"] = v["seconds_median"] / spf["seconds_median"]
@@ -774,6 +776,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cold", action="store_true", help="drop the sources from the page cache before each run")
     p.add_argument("--methods", help=f"comma-separated, each one of {','.join(METHODS)}, optionally @scheme "
                                      f"(default {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--code", metavar="LABEL=DIR,...", help="other checkouts: every save_clean method also runs "
+                   "with PYTHONPATH=DIR, as METHOD#LABEL, interleaved with the rest")
     p.add_argument("--child", metavar="METHOD", help=argparse.SUPPRESS)
     p.add_argument("--src", help=argparse.SUPPRESS)
     p.add_argument("--dest", help=argparse.SUPPRESS)
@@ -784,9 +788,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sizes = (args.sizes or default_sizes).split(",")
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.methods = [m.strip() for m in (args.methods or ",".join(ISSUE15_METHODS if args.issue15 else DEFAULT_METHODS)).split(",")]
-    unknown = {m.split("@")[0] for m in args.methods} - set(METHODS)
+    unknown = {split_method(m, "")[0] for m in args.methods} - set(METHODS)
     if unknown:
         p.error(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    args.code = dict(item.split("=", 1) for item in args.code.split(",")) if args.code else {}
+    args.methods += [f"{m}#{label}" for m in args.methods if split_method(m, "")[0] == "save_clean" for label in args.code]
     if args.scheme == "auto":
         args.scheme = "int8" if importlib.util.find_spec("offload_export") else "none"
     return args
@@ -805,8 +811,8 @@ def main(argv: list[str] | None = None) -> None:
     info = {"machine": machine(work), "scheme": args.scheme, "repeats": args.repeats, "cold": args.cold,
             "page_cache": "cold: sources dropped (POSIX_FADV_DONTNEED) before each run" if args.cold else
             "warm: sources read once right before each run", "max_shard_size": MAX_SHARD,
-            "methods": {m: DESCRIPTIONS[m.split("@")[0]] for m in args.methods},
-            "fsync": {m: FSYNCS[m.split("@")[0]] for m in args.methods}}
+            "methods": {m: DESCRIPTIONS[split_method(m, "")[0]] for m in args.methods},
+            "fsync": {m: FSYNCS[split_method(m, "")[0]] for m in args.methods}, "code": args.code}
     print(f"scheme={args.scheme} repeats={args.repeats} sizes={args.sizes} page cache="
           f"{'cold' if args.cold else 'warm'}", flush=True)
     sizes = []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import struct
 import threading
@@ -17,9 +16,10 @@ from functools import lru_cache
 
 import torch
 
+from ._buffers import anon_empty
 from ._hooks import Store
 
-__all__ = ["MAX_HEADER_BYTES", "SAFETENSORS_DTYPES", "FileSpan", "anon_empty", "check_store", "pread_exact", "read_store",
+__all__ = ["MAX_HEADER_BYTES", "SAFETENSORS_DTYPES", "FileSpan", "check_store", "pread_exact", "read_store",
            "safetensors_header", "store_span", "write_store"]
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -29,9 +29,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
 _lock = threading.Lock()
-_ANON_MIN_BYTES = 1 << 20
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
 
 
 # safetensors' own limit (MAX_HEADER_SIZE): a larger length is a corrupt file, not a header to read
@@ -175,27 +172,6 @@ def _pread_into(path: str, offset: int, out: torch.Tensor) -> None:
         pread_exact(fd, out, offset, path)
     finally:
         os.close(fd)
-
-
-def anon_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor in its own anonymous mapping, returned to the OS as soon as it dies.
-
-    Transient multi-MB buffers from the C heap are kept by glibc after ``free`` (its adaptive mmap
-    threshold and per-thread arenas), so a streaming export's RSS would creep up to several times the
-    live data; a private mapping per buffer keeps RSS equal to what is alive.
-    """
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if nbytes < _ANON_MIN_BYTES:
-        return torch.empty(shape, dtype=dtype)
-    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: counted as RssAnon
-    if nbytes >= _HUGE_PAGE and _MADV_HUGEPAGE is not None:
-        # 2 MiB pages: a fresh mapping's first touch costs one fault per 2 MiB instead of per 4 KiB (measured
-        # 0.65 -> 0.12 CPU s per GB here); a hint, ignored where transparent huge pages are off
-        try:
-            buffer.madvise(_MADV_HUGEPAGE)
-        except OSError:
-            pass
-    return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
 
 
 def _read_file(path: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

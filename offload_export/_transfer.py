@@ -14,7 +14,7 @@ import threading
 
 import torch
 
-from ._store import anon_empty
+from ._buffers import anon_empty
 
 __all__ = ["indexed", "to_device", "to_host"]
 

@@ -16,6 +16,7 @@ from contextlib import closing, contextmanager
 
 import torch
 
+from ._buffers import reusing
 from ._errors import add_note
 from ._hooks import offloaded_tensors
 from ._store import FileSpan, read_store, store_span
@@ -209,34 +210,35 @@ def stream(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int, 
         ready.put(_DONE)
 
     thread = threading.Thread(target=produce, name="offload-export-reader", daemon=True)
-    thread.start()
-    try:
-        while (item := ready.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            unit, raw, n = item
-            del item  # the sources die with ``raw``, right after the fold
-            try:
-                outputs = reader.finish(unit, raw)
-            except BaseException:
-                budget.release(n)
-                raise
-            finally:
-                del raw
-            if not held:
+    with reusing():  # buffers of units already written serve the next ones
+        thread.start()
+        try:
+            while (item := ready.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                unit, raw, n = item
+                del item  # the sources die with ``raw``, right after the fold
                 try:
-                    yield unit, outputs
-                finally:
-                    del outputs
+                    outputs = reader.finish(unit, raw)
+                except BaseException:
                     budget.release(n)
-                continue
-            outputs = _Outputs(outputs)
-            weakref.finalize(outputs, budget.release, n)
-            yield unit, outputs
-            del outputs
-    finally:
-        stop.set()
-        thread.join()
+                    raise
+                finally:
+                    del raw
+                if not held:
+                    try:
+                        yield unit, outputs
+                    finally:
+                        del outputs
+                        budget.release(n)
+                    continue
+                outputs = _Outputs(outputs)
+                weakref.finalize(outputs, budget.release, n)
+                yield unit, outputs
+                del outputs
+        finally:
+            stop.set()
+            thread.join()
 
 
 def _fold_lane(reader: UnitReader, unit: Unit) -> Hashable:

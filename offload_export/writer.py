@@ -33,6 +33,7 @@ _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _DEFAULT_MAX_OPEN = 64
 _WRITEBACK_STEP = 64 << 20  # bytes written before their disk writeback is started
 _MIN_WRITEBACK = 1 << 20
+_WRITE_CALL = 512 << 10  # bytes per pwrite (see _pwrite_all)
 # safetensors lays tensors out by its ``Dtype`` enum, descending, then by name (not by element size: BF16
 # comes before F16, F32 before U32 and I32, F8_E4M3 before I8 and U8)
 _LAYOUT_ORDER = ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E8M0", "F8_E4M3",
@@ -158,13 +159,19 @@ def _in_steps(fd: int, offset: int, nbytes: int, write: Callable[[int, int], Non
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """``pwrite`` all of ``data`` at ``offset``, in calls of at most 512 KiB.
+
+    Larger calls cost the kernel more, not less: on Linux 6.18 / ext4, writing 1.2 GB into the page cache
+    took 0.8-0.9 s in 512 KiB calls and 2.3-4.6 s in 4 or 8 MiB calls (the same pages allocated, all of
+    it system time), about what ``copy_file_range``, which moves pages in small batches, takes.
+    """
     done = 0
     while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)  # Linux writes at most 0x7ffff000 bytes a call
+        done += os.pwrite(fd, data[done:done + _WRITE_CALL], offset + done)
 
 
 def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
-    """Copy ``nbytes`` between files inside the kernel; ``pread``/``pwrite`` through 4 MiB where unsupported."""
+    """Copy ``nbytes`` between files inside the kernel; ``pread``/``pwrite`` through 512 KiB where unsupported."""
     done = 0
     copy = getattr(os, "copy_file_range", None)
     while copy is not None and done < nbytes:
@@ -178,7 +185,7 @@ def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbyt
             raise OSError(errno.EIO, f"unexpected end of the source file at byte {src_offset + done}")
         done += n
     if done < nbytes:
-        buf = memoryview(bytearray(min(4 << 20, nbytes - done)))
+        buf = memoryview(bytearray(min(_WRITE_CALL, nbytes - done)))
         while done < nbytes:
             n = os.preadv(src_fd, [buf[:min(len(buf), nbytes - done)]], src_offset + done)
             if n == 0:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._hooks import add_store_entry, align_hooks, offloaded_tensors, offloads
-from .._store import anon_empty
+from .._buffers import anon_empty
 from ..layout import layout
 from ..materialize import onloaded
 from ..quantizers import register_quantizer

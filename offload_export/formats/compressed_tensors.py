@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._store import anon_empty
+from .._buffers import anon_empty, cast
 from ..adapters.builtin import FakeQuantizer
 from ..quantizers import Quantizer
 from .base import Format, Reader, Source, StateDict, register_format
@@ -368,7 +368,7 @@ class CompressedTensors(Format):
         p = self._packing(values)
         if p is None:
             dtype = self.source.dtype
-            out = {k: t.to(dtype) if dtype is not None and t.is_floating_point() else t for k, t in values.items()}
+            out = {k: cast(t, dtype) for k, t in values.items()}
             return self.source.convert(out) if unit.converted else out
         local = self._local(p, values)
         weight = local["weight"]

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 
+from .._buffers import cast
 from .._store import read_store
 from ..writer import ShardWriter, TensorSpec
 from .base import Format, Source, StateDict, register_format
@@ -57,7 +58,7 @@ class FakeQuant(Format):
             tensor = values.pop(key)  # the source dies as soon as its fold is made: never source + fold + cast
             if key in self.source.folds:
                 tensor = reader.fold(key, tensor)
-            out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            out[key] = cast(tensor, dtype)
             del tensor
         return self.source.convert(out) if unit.converted else out
 

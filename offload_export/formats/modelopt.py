@@ -30,7 +30,8 @@ from pathlib import Path
 
 from .._errors import add_note
 from .._hooks import offloaded_tensors
-from .._store import anon_empty, read_store
+from .._buffers import anon_empty, cast
+from .._store import read_store
 from .._transfer import to_device, to_host
 from ._modelopt_replay import Step, clone_module, group_weight_amax, shared_input_groups
 from .base import Format, Source, StateDict, register_format
@@ -791,7 +792,7 @@ class ModelOpt(Format):
             device = self._device(next(iter(values)))
         values = {k: to_device(values.pop(k), device) for k in list(values)}  # the only reference
         if dtype is not None and module not in self.packer.modules and module not in self.packer.experts:
-            values = {k: v.to(dtype) if v.is_floating_point() else v for k, v in values.items()}
+            values = {k: cast(v, dtype) for k, v in values.items()}
         try:
             out = self.packer.pack(module, values, device, owner=self.source.model.get_submodule(module))
         except Exception as e:

@@ -1,0 +1,94 @@
+"""How the size of each ``pwrite`` call changes the time to write a file from memory (+ fsync).
+
+    python benchmarks/bench_write_calls.py [--gb 1.2] [--repeats 3] [--dir DIR] [--out results.json]
+
+The writer sends tensors out of process memory with ``pwrite``; this measures the same bytes written from
+one pre-touched buffer in calls of 256 KiB .. 64 MiB, each + fsync, against ``copy_file_range`` of a file
+holding them (the floor), interleaved, fresh files each time. Prints a table of median seconds, system
+CPU seconds and the ratio to the floor; writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+CALLS = (256 << 10, 512 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+
+
+def timed(fn) -> tuple[float, float]:
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_stime - r0.ru_stime
+
+
+def write_calls(buf: memoryview, dest: Path, nbytes: int, call: int) -> None:
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        done = 0
+        while done < nbytes:
+            n = min(call, nbytes - done, len(buf))
+            done += os.pwrite(fd, buf[:n], done)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dest.unlink()
+
+
+def copy_range(src: Path, dest: Path, nbytes: int) -> None:
+    with open(src, "rb") as f, open(dest, "wb") as g:
+        done = 0
+        while done < nbytes:
+            done += os.copy_file_range(f.fileno(), g.fileno(), nbytes - done)
+        os.fsync(g.fileno())
+    dest.unlink()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gb", type=float, default=1.2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory under the cwd)")
+    ap.add_argument("--out", default="write_calls.json")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="write_calls_", dir=args.dir or "."))
+    nbytes = int(args.gb * 1e9)
+    buf = mmap.mmap(-1, 64 << 20)
+    buf.write(os.urandom(1 << 20) * 64)  # touched: no page faults on the source side
+    view = memoryview(buf)
+    src = work / "src.bin"
+    with open(src, "wb") as f:
+        for done in range(0, nbytes, len(buf)):
+            f.write(view[:min(len(buf), nbytes - done)])
+    open(src, "rb").read()  # in the page cache, as a warm offload store is
+    runs: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(args.repeats):
+        runs.setdefault("copy_file_range", []).append(timed(lambda: copy_range(src, work / "dest", nbytes)))
+        for call in CALLS:
+            runs.setdefault(f"pwrite {call >> 10} KiB", []).append(
+                timed(lambda call=call: write_calls(view, work / "dest", nbytes, call)))
+    src.unlink()
+    work.rmdir()
+    floor = statistics.median(s for s, _ in runs["copy_file_range"])
+    rows = [{"method": m, "s_median": round(statistics.median(s for s, _ in r), 3),
+             "s_min": round(min(s for s, _ in r), 3), "s_max": round(max(s for s, _ in r), 3),
+             "sys_s_median": round(statistics.median(c for _, c in r), 3),
+             "x_floor": round(statistics.median(s for s, _ in r) / floor, 2)} for m, r in runs.items()]
+    print(f"{nbytes / 1e9:.2f} GB, {args.repeats} repeats, {platform.platform()}")
+    print(f"{'method':18} {'s median':>9} {'min':>6} {'max':>6} {'sys s':>6} {'x floor':>7}")
+    for r in rows:
+        print(f"{r['method']:18} {r['s_median']:>9} {r['s_min']:>6} {r['s_max']:>6} {r['sys_s_median']:>6} {r['x_floor']:>7}")
+    Path(args.out).write_text(json.dumps({"platform": platform.platform(), "bytes": nbytes, "repeats": args.repeats,
+                                          "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

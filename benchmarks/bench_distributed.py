@@ -123,24 +123,25 @@ def _run(args, n: int) -> list[dict]:
     return [json.loads((args.work / f"stats-{n}-{r}.json").read_text()) for r in range(n)]
 
 
-def _floor(work: Path) -> dict:
-    """The best of the copy floors (``bench_export.io_floor``) over the offload folder's ``.dat`` bytes."""
+def _floor(work: Path, streams: int) -> dict:
+    """The best of the copy floors (``bench_export.io_floor``) over the 1-rank export's shard files -- the
+    bytes every export writes -- with ``streams`` files copied at once (one per rank)."""
     sys.path.insert(0, str(HERE))
     import bench_export
 
-    paths = sorted(str(p) for p in (work / "offload").glob("*.dat"))
+    paths = sorted(str(p) for p in (work / "out-1").glob("*.safetensors"))
     best = None
     for method in ("floor_copy_file_range", "floor_sendfile", "floor_pread"):
         dest = work / "floor"
         shutil.rmtree(dest, ignore_errors=True)
         os.sync()
         t = time.perf_counter()
-        bench_export.io_floor(method, paths, dest)
+        bench_export.io_floor(method, paths, dest, streams)
         seconds = time.perf_counter() - t
         shutil.rmtree(dest)
         if best is None or seconds < best["seconds"]:
             best = {"method": method, "seconds": seconds}
-    return {**best, "bytes": sum(os.path.getsize(p) for p in paths)}
+    return {**best, "streams": streams, "bytes": sum(os.path.getsize(p) for p in paths)}
 
 
 def launch(args) -> None:
@@ -154,7 +155,7 @@ def launch(args) -> None:
     for _ in range(args.repeats):  # interleaved, so that slow phases of a shared machine hit every rank count
         for n in ranks:
             runs[n].append(_run(args, n))
-    floor = _floor(args.work)
+    floors = {n: _floor(args.work, n) for n in ranks}
     rows = []
     for n in ranks:
         stats = min(runs[n], key=lambda run: max(s["seconds"] for s in run))  # the best repeat
@@ -169,19 +170,22 @@ def launch(args) -> None:
     base = rows[0]["seconds"]
     for row in rows:
         row["speedup"] = base / row["seconds"]
-        row["x_floor"] = row["seconds"] / floor["seconds"]
+        row["floor"] = floors[row["ranks"]]
+        row["x_floor"] = row["seconds"] / row["floor"]["seconds"]
     print(f"\n{rows[0]['bytes'] / 1e6:.0f} MB bf16 Llama, int8 folded, {rows[0]['shards']} shards of <= "
           f"{args.shard_mb} MB, backend {args.backend}")
-    print(f"floor: {floor['method']} of the offload folder's {floor['bytes'] / 1e6:.0f} MB + fsync, "
-          f"{floor['seconds']:.2f} s ({floor['bytes'] / floor['seconds'] / 1e9:.3f} GB/s)")
-    print(f"{'ranks':>5} {'wall s':>8} {'GB/s':>7} {'speed-up':>8} {'x floor':>7} {'identical':>9}  GPU peak MB per rank")
+    for n, floor in floors.items():
+        print(f"floor, {n} stream(s): {floor['method']} of the 1-rank export's {floor['bytes'] / 1e6:.0f} MB "
+              f"+ fsync, {floor['seconds']:.2f} s ({floor['bytes'] / floor['seconds'] / 1e9:.3f} GB/s)")
+    print(f"{'ranks':>5} {'wall s':>8} {'GB/s':>7} {'speed-up':>8} {'x floor':>7} {'identical':>9}  GPU peak MB per rank"
+          f"  (x floor: against the floor with as many streams as ranks)")
     for row in rows:
         gpu = ", ".join(f"{m:.0f}" for m in row["gpu_peak_mb"]) if row["gpu_peak_mb"][0] is not None else "-"
         print(f"{row['ranks']:>5} {row['seconds']:>8.2f} {row['gb_per_s']:>7.3f} {row['speedup']:>8.2f} "
               f"{row['x_floor']:>7.2f} {str(row['identical_to_1_rank']):>9}  {gpu}")
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-              "backend": args.backend, "size_mb": args.size_mb, "repeats": args.repeats, "shard_mb": args.shard_mb, "floor": floor, "rows": rows}
+              "backend": args.backend, "size_mb": args.size_mb, "repeats": args.repeats, "shard_mb": args.shard_mb, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

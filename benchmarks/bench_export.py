@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CHUNK = 64 * 2**20  # read chunk of page-cache warming and hashing
@@ -217,14 +218,15 @@ def _copy_sendfile(src: str, dst: Path) -> None:
     _fsync_path(dst)
 
 
-def io_floor(method: str, paths: list[str], out: Path) -> None:
+def io_floor(method: str, paths: list[str], out: Path, streams: int = 1) -> None:
     """The same bytes as the export reads (the source safetensors files) copied into ``out``, each fsync-ed,
-    then the directory fsync-ed: what any exporter that syncs must at least do."""
+    then the directory fsync-ed: what any exporter that syncs must at least do. ``streams`` threads copy
+    files at once (the floor of that many exporting processes)."""
     copy = {"floor_copy_file_range": _copy_file_range, "floor_sendfile": _copy_sendfile, "floor_pread": _copy_pread,
             "floor_copy_file_range_wb": _copy_file_range_wb}[method]
     out.mkdir(parents=True)
-    for path in paths:
-        copy(path, out / os.path.basename(path))
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(lambda path: copy(path, out / os.path.basename(path)), paths))
     _fsync_path(out)
 
 

@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 
-from .job import INDEX_NAME, Job, read_ahead_bytes
+from .job import INDEX_NAME, Job
 from .pipeline import UnitReader, stream_lanes
 from .plan import ExportPlan
 from .writer import Descriptors, ShardWriter
@@ -49,7 +49,8 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
     behind = ThreadPoolExecutor(1, thread_name_prefix="offload-export-writer")
     pending: deque[Future] = deque()
     try:
-        for unit, outputs in stream_lanes(reader, plan.units, read_ahead_bytes=read_ahead_bytes(plan), held=True):
+        for unit, outputs in stream_lanes(reader, plan.units, read_ahead_bytes=reader.read_ahead_bytes(plan.units),
+                                          held=True):
             while pending and pending[0].done():
                 pending.popleft().result()  # a failed write stops the export here
             pending.append(behind.submit(write, unit, outputs))

@@ -21,7 +21,7 @@ from .pipeline import UnitReader
 from .plan import ExportPlan, parse_size, plan_export
 from .quantizers import Quantizer, find_quantizers
 
-__all__ = ["INDEX_NAME", "Job", "as_dtype", "prepare_job", "read_ahead_bytes"]
+__all__ = ["INDEX_NAME", "Job", "as_dtype", "prepare_job"]
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -170,7 +170,3 @@ def prepare_job(model: nn.Module, out_dir, *, fold: bool = True, format: str = "
                        dtype=dtype, max_shard_size=shard_bytes, outputs=fmt.outputs)
     return Job(out_dir, source, fmt, plan, device)
 
-
-def read_ahead_bytes(plan: ExportPlan) -> int:
-    """Read ahead about one largest tensor (and at least 64 MB): memory stays near 2 x the largest tensor."""
-    return max(plan.largest_tensor, 64 * 2**20)

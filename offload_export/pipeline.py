@@ -28,6 +28,8 @@ from .plan import Unit
 
 __all__ = ["UnitReader", "stream", "stream_lanes"]
 
+_MIN_READ_AHEAD = 64 << 20
+
 
 class UnitReader:
     """Turns a unit's source tensors into its output tensors.
@@ -73,6 +75,11 @@ class UnitReader:
         spans = {k for k in unit.sources if self.lay[k].kind != "resident" and self._passed_through(unit, k) is not None}
         outputs = sum(spec.nbytes for spec in unit.outputs if spec.name not in spans)
         return max(self.offloaded_bytes(unit), outputs)
+
+    def read_ahead_bytes(self, units: Iterable[Unit]) -> int:
+        """A read-ahead budget for streaming ``units``: the most memory one of them holds (:meth:`held_bytes`;
+        passed-through file spans hold none), at least 64 MB. Memory then stays near twice it."""
+        return max(max((self.held_bytes(unit) for unit in units), default=0), _MIN_READ_AHEAD)
 
     def offloaded_bytes(self, unit: Unit) -> int:
         """Bytes that reading ``unit`` brings into memory (passed-through file spans excluded)."""

@@ -27,7 +27,7 @@ from torch import nn
 
 from ._store import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, FileSpan, _read_file, pread_exact
 from .checkpoint import write_model_files
-from .job import INDEX_NAME, Job, prepare_job, read_ahead_bytes
+from .job import INDEX_NAME, Job, prepare_job
 from .pipeline import UnitReader, stream
 from .plan import Unit
 from .vllm_fq import VLLM_FQ_STATE_NAME
@@ -503,9 +503,10 @@ def check(job: Job, out_dir: Path) -> VerifyReport:
     behind = ThreadPoolExecutor(1, thread_name_prefix="offload-export-verify-compare")
     pending: deque[Future] = deque()
     reader = job.reader()
-    prefetch = _Prefetch(_read_order(out_dir, entries, wanted, reader), max(_PREFETCH_MIN, 2 * read_ahead_bytes(plan)))
+    read_ahead = reader.read_ahead_bytes(wanted)
+    prefetch = _Prefetch(_read_order(out_dir, entries, wanted, reader), max(_PREFETCH_MIN, 2 * read_ahead))
     try:
-        for unit, outputs in stream(reader, wanted, read_ahead_bytes=read_ahead_bytes(plan), held=True):
+        for unit, outputs in stream(reader, wanted, read_ahead_bytes=read_ahead, held=True):
             while pending and pending[0].done():
                 pending.popleft().result()
             pending.append(behind.submit(compare, unit, outputs))

@@ -161,9 +161,10 @@ def _in_steps(fd: int, offset: int, nbytes: int, write: Callable[[int, int], Non
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     """``pwrite`` all of ``data`` at ``offset``, in calls of at most 512 KiB.
 
-    Larger calls cost the kernel more, not less: on Linux 6.18 / ext4, writing 1.2 GB into the page cache
-    took 0.8-0.9 s in 512 KiB calls and 2.3-4.6 s in 4 or 8 MiB calls (the same pages allocated, all of
-    it system time), about what ``copy_file_range``, which moves pages in small batches, takes.
+    Larger calls can cost the kernel more, not less: on one Linux 6.18 / ext4 VM, writing 1.2 GB into the
+    page cache took 1.1 s in 256-512 KiB calls (about ``copy_file_range``'s time) and 1.7-3.9 s in 1-8 MiB
+    calls, nearly all of it system time (``benchmarks/bench_write_calls.py``); elsewhere 512 KiB calls were
+    as fast as any size.
     """
     done = 0
     while done < len(data):

@@ -169,4 +169,3 @@ def prepare_job(model: nn.Module, out_dir, *, fold: bool = True, format: str = "
     plan = plan_export(lay, quantizer_keys=quantizer_keys, ignore=sorted(getattr(model, "_keys_to_ignore_on_save", None) or ()),
                        dtype=dtype, max_shard_size=shard_bytes, outputs=fmt.outputs)
     return Job(out_dir, source, fmt, plan, device)
-

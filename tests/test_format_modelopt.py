@@ -156,9 +156,15 @@ reloadless = layout_specs("qwen3_tied").filter(lambda s: s.method not in ("from_
 @SETTINGS
 @given(st.sampled_from(CONFIGS), reloadless, st.sampled_from(["5GB", "40KB"]))
 def test_packed_export_equals_modelopts_resident_export_on_every_layout(name, spec, shard):
+    assert_layout_exports_the_reference(reference(name, Path(tempfile.gettempdir()) / "oe-modelopt-refs"), spec, shard)
+
+
+def assert_layout_exports_the_reference(reference: tuple, spec, shard: str) -> None:
+    """``reference`` (a resident quantized model, ModelOpt's export of it) put into the layout ``spec``:
+    ``format="modelopt"`` writes the same checkpoint and leaves the model as it was."""
+    model, expected = reference
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model, expected = reference(name, tmp.parent / "oe-modelopt-refs")
         model = apply_layout(model, spec, tmp / "layout")
         before = model_state(model)
         oe.save_clean(model, tmp / "out", format="modelopt", max_shard_size=shard)

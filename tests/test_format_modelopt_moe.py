@@ -20,6 +20,7 @@ from layouts import LayoutSpec, apply_layout, fixed_input_ids, forward_logits, l
 from memory_child import measure
 from test_format_modelopt import (
     SETTINGS,
+    assert_layout_exports_the_reference,
     assert_refused,
     assert_same_checkpoint,
     assert_same_state,
@@ -111,14 +112,7 @@ reloadless = layout_specs("qwen3_moe").filter(lambda s: s.method not in ("from_p
 @SETTINGS
 @given(st.sampled_from(CONFIGS), reloadless, st.sampled_from(["5GB", "100KB"]))
 def test_fused_experts_equal_modelopts_resident_export_on_every_layout(name, spec, shard):
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        model, expected = reference(name, tmp.parent / "oe-modelopt-moe-refs")
-        model = apply_layout(model, spec, tmp / "layout")
-        before = model_state(model)
-        oe.save_clean(model, tmp / "out", format="modelopt", max_shard_size=shard)
-        assert_same_checkpoint(tmp / "out", expected)
-        assert_same_state(model_state(model), before)
+    assert_layout_exports_the_reference(reference(name, Path(tempfile.gettempdir()) / "oe-modelopt-moe-refs"), spec, shard)
 
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])

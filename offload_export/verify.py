@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._store import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, FileSpan, _read_file, pread_exact
+from ._store import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, FileSpan, pread_exact
 from .checkpoint import write_model_files
 from .job import INDEX_NAME, Job, prepare_job
 from .pipeline import UnitReader, stream
@@ -367,7 +367,7 @@ def _compare(name: str, expected: torch.Tensor | FileSpan, entry: _Entry, out_di
         if _same_bytes(expected, out_dir / entry.file, entry.offset, entry.nbytes, bufs):
             return True
         want = expected.read() if isinstance(expected, FileSpan) else expected
-        got = _read_file(str(out_dir / entry.file), entry.offset, want.dtype, tuple(want.shape))
+        got = FileSpan(str(out_dir / entry.file), entry.offset, want.dtype, tuple(want.shape)).read()
     except OSError as e:
         problems.append(f"{name}: cannot read its bytes from {entry.file} ({e})")
         return False

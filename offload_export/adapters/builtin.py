@@ -96,8 +96,8 @@ def _neg_zero(device: torch.device) -> torch.Tensor:
 
 @functools.cache
 def _exponent_mask(device: torch.device) -> torch.Tensor:
-    """float32's exponent bits as an int32 scalar tensor on ``device`` (made once per device): ``bits & mask``
-    with a Python int computes in int64 on the CPU, 1.6 x slower than with this."""
+    """float32's exponent bits as an int32 scalar tensor on ``device`` (made once per device): on the CPU
+    ``bits & 0x7F800000`` with a Python int ran 1.6 x slower than with this (72 vs 46 us per 512 K elements)."""
     return torch.tensor(0x7F800000, dtype=torch.int32, device=device)
 
 
@@ -116,7 +116,8 @@ def _fp8_fake_quant(x: torch.Tensor, scale: torch.Tensor, scale_inv_8: torch.Ten
     """
     y = x.mul_(scale).clamp_(-E4M3_MAX, E4M3_MAX)
     bits = y.view(torch.int32)
-    e = torch.bitwise_and(bits, _exponent_mask(y.device), out=work if work is not None else torch.empty_like(bits))  # 2**E
+    e = work if work is not None else torch.empty_like(bits)
+    e = torch.bitwise_and(bits, _exponent_mask(y.device), out=e)  # 2**E
     e = e.clamp_min_((127 - 6) << 23).view(torch.float32)  # 2**max(E, -6): zeros and subnormals too
     # -0.0 + 8 * y / e in one pass (every step exact in any order; adding -0.0 keeps every value, -0.0 too)
     torch.addcdiv(_neg_zero(y.device), y, e, value=8.0, out=y)
@@ -135,7 +136,8 @@ def _e2m1_round(x: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tens
     becomes +0, as in ModelOpt's table. ``work``: an int32 tensor shaped like ``x`` (allocated when None).
     """
     bits = x.clamp_(min=-E2M1_MAX, max=E2M1_MAX).view(torch.int32)
-    e = torch.bitwise_and(bits, _exponent_mask(x.device), out=work if work is not None else torch.empty_like(bits))
+    e = work if work is not None else torch.empty_like(bits)
+    e = torch.bitwise_and(bits, _exponent_mask(x.device), out=e)
     e = e.clamp_min_(127 << 23).view(torch.float32)  # 2**max(E, 0)
     return x.add_(e, alpha=1.5 * 2**22).sub_(e, alpha=1.5 * 2**22)
 

@@ -42,6 +42,27 @@ SCHEMES = ("int8", "int4-g128", "fp8", "nvfp4")
 QWEN3_LAYER = ((2048, 1024), (1024, 1024), (1024, 1024), (1024, 2048), (3072, 1024), (3072, 1024), (1024, 3072))
 
 
+class _SteppedFakeQuantizer(fq.FakeQuantizer):
+    """An earlier kernel as it ran then: 1 M-element steps, each step's factors taken from the buffers."""
+
+    def forward(self, w, rows=None):
+        start = range(self.shape[0])[rows or slice(None)].start if len(w) else 0
+        out = fq.anon_empty(tuple(w.shape), w.dtype) if w.device.type == "cpu" else torch.empty_like(w)
+        step = max(1, (1 << 20) // w.shape[1])
+        scratch = self._scratch(min(step, w.shape[0]) * math.ceil(self.shape[1] / self.group_size) * self.group_size,
+                                w.device)
+        for a in range(0, w.shape[0], step):
+            chunk = w[a:a + step]
+            out[a:a + step] = self._step(chunk, slice(start + a, start + a + len(chunk)), scratch)
+        return out
+
+    def _scratch(self, size, device):
+        return None  # fresh temporaries per step
+
+    def _step(self, w, rows, scratch):
+        raise NotImplementedError
+
+
 # ------------------------------------------------------------------ the kernels issue 15 measured (commit 6ab636a)
 def _issue_fp8(x, amax):
     safe_amax = torch.where(amax <= fq._EPS, torch.ones_like(amax), amax)
@@ -63,17 +84,8 @@ def _issue_nvfp4(x, block_scale, global_scale):
     return _issue_e2m1(scaled) * scale
 
 
-class IssueFakeQuantizer(fq.FakeQuantizer):
-    def forward(self, w, rows=None):
-        start = range(self.shape[0])[rows or slice(None)].start if len(w) else 0
-        out = fq.anon_empty(tuple(w.shape), w.dtype) if w.device.type == "cpu" else torch.empty_like(w)
-        step = max(1, (1 << 20) // w.shape[1])
-        for a in range(0, w.shape[0], step):
-            chunk = w[a:a + step]
-            out[a:a + step] = self._issue_fake_quant(chunk, slice(start + a, start + a + len(chunk)))
-        return out
-
-    def _issue_fake_quant(self, w, rows):
+class IssueFakeQuantizer(_SteppedFakeQuantizer):
+    def _step(self, w, rows, scratch):
         x = fq._groups(w.to(torch.float32, copy=True), self.group_size)
         if self.scheme == "nvfp4":
             out = _issue_nvfp4(x, self.block_scale[rows], self.global_scale)
@@ -129,19 +141,11 @@ def _old_scratch(size: int, device: torch.device) -> list[torch.Tensor]:
     return [b[:size] for b in _OLD_SCRATCH]
 
 
-class OldFakeQuantizer(fq.FakeQuantizer):
-    def forward(self, w, rows=None):
-        start = range(self.shape[0])[rows or slice(None)].start if len(w) else 0
-        out = fq.anon_empty(tuple(w.shape), w.dtype) if w.device.type == "cpu" else torch.empty_like(w)
-        step = max(1, (1 << 20) // w.shape[1])
-        size = min(step, w.shape[0]) * math.ceil(self.shape[1] / self.group_size) * self.group_size
-        scratch = _old_scratch(size, w.device)
-        for a in range(0, w.shape[0], step):
-            chunk = w[a:a + step]
-            out[a:a + step] = self._old_fake_quant(chunk, slice(start + a, start + a + len(chunk)), scratch)
-        return out
+class OldFakeQuantizer(_SteppedFakeQuantizer):
+    def _scratch(self, size, device):
+        return _old_scratch(size, device)
 
-    def _old_fake_quant(self, w, rows, scratch):
+    def _step(self, w, rows, scratch):
         n, cols = w.shape
         groups = math.ceil(cols / self.group_size)
         x, *work = (t[:n * groups * self.group_size].view(n, groups, self.group_size) for t in scratch)

@@ -170,7 +170,7 @@ def prepare_job(model: nn.Module, out_dir, *, fold: bool = True, format: str = "
     _check_model(model, lay, allow_missing=allow_missing)
     for info in lay.values():  # corrupt offload files fail here, before anything is written
         if info.ref is not None:
-            check_store(info.ref.store, info.shape)
+            check_store(info.ref.store, info.shape, info.dtype)
     quantizers = find_quantizers(model)
     quantizer_keys = {k for q in quantizers for k in q.state_keys}
     _check_shared_storage(model, lay, quantizer_keys)

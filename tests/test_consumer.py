@@ -3,6 +3,8 @@ it writes loads in the consumers (transformers, compressed-tensors) as the model
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from test_bad_inputs import assert_nothing_written, two_linears
@@ -45,3 +47,25 @@ def test_a_tensor_extra_state_is_exported_and_verified(tmp_path):
     from safetensors.torch import load_file
     assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["0._extra_state"], torch.arange(3.0))
     assert oe.verify(model, tmp_path / "out").ok
+
+
+def test_verify_checks_the_vllm_fq_state(tmp_path):
+    from layouts import fixed_input_ids, make_model
+    from test_export import _int8
+
+    model = _int8(make_model("llama_untied"), fixed_input_ids(seed=7))
+    out = tmp_path / "out"
+    oe.save_clean(model, out, vllm_fq_state=True)
+    assert oe.verify(model, out).ok
+    state = out / "vllm_fq_modelopt_state.pth"
+    good = state.read_bytes()
+    state.write_bytes(b"garbage")
+    report = oe.verify(model, out)
+    assert any(m.startswith("vllm_fq_modelopt_state.pth: does not load with torch.load(weights_only=True)")
+               for m in report.mismatches), report
+    loaded = torch.load(io.BytesIO(good), weights_only=True)
+    loaded["modelopt_state_weights"] = {}
+    torch.save(loaded, state)
+    report = oe.verify(model, out)
+    assert any(m.startswith("vllm_fq_modelopt_state.pth: differs from what the model gives at ['modelopt_state_weights']")
+               for m in report.mismatches), report

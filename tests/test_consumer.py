@@ -121,3 +121,34 @@ def test_files_the_consumers_refuse_are_reported_by_them(tmp_path):
     (tmp_path / "out" / "config.json").write_text(json.dumps(config))
     report = oe.verify(model, tmp_path / "out")
     assert any(m.startswith("config.json: transformers cannot load it") for m in report.mismatches), report
+
+
+# ---------------------------------------------------------------- transforms a fake-quant checkpoint cannot hold
+
+
+def test_a_compressed_tensors_rotation_is_refused_by_the_fake_quant_export(tmp_path):
+    from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme, apply_transform_config
+
+    model = two_linears()
+    scheme = TransformScheme(type="hadamard", apply=[TransformArgs(targets=["Linear"], location="input"),
+                                                     TransformArgs(targets=["Linear"], location="weight_input",
+                                                                   inverse=True)])
+    apply_transform_config(model, TransformConfig(config_groups={"quip": scheme}))
+    with pytest.raises(ValueError, match=r"format='fake-quant': the forward of 0 applies a compressed-tensors "
+                                         r"transform"):
+        oe.save_clean(model, tmp_path / "out")
+    assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_a_modelopt_rotation_is_refused_by_the_fake_quant_export(tmp_path):
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    from layouts import fixed_input_ids, make_model
+
+    model = make_model("llama_untied")
+    ids = fixed_input_ids()
+    mtq.quantize(model, mtq.INT8_WEIGHT_ONLY_CFG, lambda m: m(input_ids=ids, use_cache=False))
+    # rotate=True (a Hadamard rotation in the quantizer's forward) needs CUDA kernels to calibrate: set it after
+    model.model.layers[0].self_attn.q_proj.weight_quantizer._rotate = True
+    with pytest.raises(ValueError, match=r"applies a ModelOpt quantizer that rotates its tensor \(model\.layers\.0\."):
+        oe.save_clean(model, tmp_path / "out")
+    assert_nothing_written(tmp_path, tmp_path / "out")

@@ -282,3 +282,16 @@ def test_a_failure_part_way_leaves_nothing_and_the_model_as_it_was(ref_root, tmp
     assert list(out.parent.iterdir()) == []
     assert_same_state(model_state(model), before)
     assert torch.equal(forward_logits(model), logits)
+
+
+def test_verify_checks_hf_quant_config_with_types_and_as_loaders_read_it(tmp_path):
+    model = quantize(tiny_qwen3(), "FP8_DEFAULT_CFG")
+    out = tmp_path / "out"
+    oe.save_clean(model, out, format="modelopt")
+    assert oe.verify(model, out, format="modelopt").ok
+    data = json.loads((out / "hf_quant_config.json").read_text())
+    data["quantization"]["exclude_modules"] = "lm_head"  # a string where loaders iterate module names
+    (out / "hf_quant_config.json").write_text(json.dumps(data))
+    mismatches = oe.verify(model, out, format="modelopt").mismatches
+    assert "hf_quant_config.json: quantization.exclude_modules is not a list of module names" in mismatches
+    assert any(m.startswith("hf_quant_config.json: 'quantization' is ") for m in mismatches), mismatches

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._hooks import StoreRef, no_onloading, offloaded_tensors
+from ._hooks import StoreRef, no_onloading, offloaded_tensors, store_paths
 
 __all__ = ["Layout", "TensorInfo", "layout"]
 
@@ -52,8 +52,9 @@ class TensorInfo:
 class Layout(Mapping):
     """An ordered mapping ``state-dict key -> TensorInfo`` with a readable table as its repr."""
 
-    def __init__(self, entries: dict[str, TensorInfo]):
+    def __init__(self, entries: dict[str, TensorInfo], stores: set[str] | frozenset[str] = frozenset()):
         self._entries = entries
+        self._stores = frozenset(stores)
 
     def __getitem__(self, key: str) -> TensorInfo:
         return self._entries[key]
@@ -74,24 +75,15 @@ class Layout(Mapping):
         return out
 
     def source_paths(self) -> list[str]:
-        """The files and folders the offloaded entries are read from (and written back to), sorted.
+        """The files and folders the model's offload stores keep weights in (and are written back to), sorted.
 
         Returns:
-            Offload folders (of ``.dat`` entries, and those an offload loader writes into) and safetensors
-            files (usually the user's own checkpoint); empty when nothing is offloaded to disk. An export
-            must not replace any of them: pass them to ``check_destination(..., protected=...)``.
+            Offload folders (``.dat`` files, ``offload_folder``, compressed-tensors' ``DiskCache`` folders) and
+            safetensors files (usually the user's own checkpoint); empty when nothing is offloaded to disk.
+            Also inside ``materialized``, where the tensors are real for a while. An export must not replace
+            any of them: pass them to ``check_destination(..., protected=...)``.
         """
-        paths = set()
-        for info in self._entries.values():
-            store = info.ref.store if info.ref is not None else None
-            if store is None:
-                continue
-            if store.path is not None:
-                paths.add(os.path.dirname(store.path) if store.kind == "disk" else store.path)
-            folder = getattr(store.dataset, "save_folder", None)  # an OffloadedWeightsLoader's offload folder
-            if store.kind in ("disk", "safetensors") and folder:
-                paths.add(str(folder))
-        return sorted(paths)
+        return sorted(self._stores)
 
     def __repr__(self) -> str:
         rows = [("key", "kind", "device", "dtype", "shape", "MB", "source")]
@@ -217,4 +209,4 @@ def layout(model: nn.Module) -> Layout:
                 infos[key] = TensorInfo(key, infos[key].module, infos[key].attr, "tied", infos[key].device,
                                         infos[key].shape, infos[key].dtype, infos[key].nbytes,
                                         tied_to=primary, ref=infos[key].ref, tensor=infos[key].tensor)
-    return Layout(infos)
+    return Layout(infos, store_paths(model))

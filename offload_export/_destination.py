@@ -117,9 +117,9 @@ def _check_sources(out_dir: str | os.PathLike, target: Path, protected: Iterable
         real = resolve_destination(source)
         if real == target or target in real.parents:
             relation = "is" if real == target else "contains"
-            raise ValueError(f"cannot export into {_named(out_dir, target)}: it {relation} {source}, which the "
-                             f"model reads its offloaded weights from, and exporting there would replace them; "
-                             f"choose a destination that does not contain it (a new folder inside an offload "
+            raise ValueError(f"cannot export into {_named(out_dir, target)}: it {relation} {_named(source, real)}, "
+                             f"which the model reads its offloaded weights from, and exporting there would replace "
+                             f"them; choose a destination that does not contain it (a new folder inside an offload "
                              f"folder is fine)")
 
 

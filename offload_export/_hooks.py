@@ -230,8 +230,8 @@ def store_paths(model: nn.Module) -> set[str]:
     Found from the stores themselves, not from which tensors are meta: inside ``materialized`` (hooks
     suspended, compressed-tensors caches swapped for dicts) the answer is the same. Covers accelerate hooks'
     ``weights_map`` (offload folders, the source checkpoint's safetensors files), the ``offload_dir`` of
-    compressed-tensors ``DiskCache``s on ``model``, and every file compressed-tensors' process-wide disk index
-    lists with its folder (the symlinks there resolve to the source checkpoint's files).
+    compressed-tensors ``DiskCache``s on ``model``, and the folder of every file compressed-tensors' process-wide
+    disk index lists, with the source checkpoint's file where that file is a symlink to it.
 
     Args:
         model: the module to scan.
@@ -252,8 +252,11 @@ def store_paths(model: nn.Module) -> set[str]:
                 paths.add(str(cache.offload_dir))
     disk = sys.modules.get("compressed_tensors.offload.cache.disk")
     for info in list(getattr(getattr(disk, "DiskCache", None), "index", {}).values()):
-        if isinstance(info, Mapping) and info.get("safetensors_file"):
-            paths |= {str(info["safetensors_file"]), os.path.dirname(str(info["safetensors_file"]))}
+        file = info.get("safetensors_file") if isinstance(info, Mapping) else None
+        if file:  # a file it wrote, or a symlink to the source checkpoint's file
+            paths.add(os.path.dirname(str(file)))
+            if os.path.islink(file):
+                paths.add(os.path.realpath(file))
     return paths
 
 

@@ -80,8 +80,10 @@ class Layout(Mapping):
         Returns:
             Offload folders (``.dat`` files, ``offload_folder``, compressed-tensors' ``DiskCache`` folders) and
             safetensors files (usually the user's own checkpoint); empty when nothing is offloaded to disk.
-            Also inside ``materialized``, where the tensors are real for a while. An export must not replace
-            any of them: pass them to ``check_destination(..., protected=...)``.
+            Also inside ``materialized``, where the tensors are real for a while; for compressed-tensors'
+            ``DiskCache`` (which ``materialized`` swaps out of the module), those of every disk-offloaded model
+            in this process. An export must not replace any of them: pass them to
+            ``check_destination(..., protected=...)``.
         """
         return sorted(self._stores)
 

@@ -224,6 +224,26 @@ def test_overwrite_refuses_compressed_tensors_disk_cache_folder(ct_disk_model, i
     assert tree_hash(work) == before
 
 
+def test_overwrite_refuses_the_checkpoint_compressed_tensors_disk_cache_links_to(tmp_path):
+    """load_offloaded_model: the DiskCache folder holds symlinks to the source checkpoint's files."""
+    import layouts as lt
+    from compressed_tensors.offload import load_offloaded_model
+    from transformers import AutoModelForCausalLM
+
+    lt.make_model("llama_untied").save_pretrained(tmp_path / "src")
+    with lt.quiet_libraries(), load_offloaded_model():
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "src"), device_map="disk",
+                                                     offload_folder=str(tmp_path / "cache"))
+    assert all(p.is_symlink() for p in (tmp_path / "cache").iterdir())
+    paths = oe.layout(model).source_paths()  # with any other DiskCache of this process
+    assert str(tmp_path / "cache") in paths and str(tmp_path / "src" / "model.safetensors") in paths
+    before = tree_hash(tmp_path / "src")
+    with oe.materialized(model.model.norm):
+        with pytest.raises(ValueError, match=f"it contains {tmp_path / 'src' / 'model.safetensors'}, which the"):
+            oe.save_clean(model, tmp_path / "src", overwrite=True)
+    assert tree_hash(tmp_path / "src") == before
+
+
 # ----------------------------------------------------------------------- 4: a mount point
 
 
@@ -318,8 +338,9 @@ def test_a_replaced_checkpoint_that_cannot_be_removed_is_named_in_the_notes(tmp_
     notes = oe.save_clean(linear(0), dest, overwrite=True).notes
     monkeypatch.undo()
     (left,) = leftovers(tmp_path)
-    assert [n for n in notes if "remove" in n] == [f"could not remove {tmp_path / left} ([Errno 13] Permission denied: '{tmp_path / left}'): "
-                     f"it holds the checkpoint {dest} held before; delete it by hand"]
+    assert [n for n in notes if "remove" in n] == [
+        f"could not remove {tmp_path / left} ([Errno 13] Permission denied: '{tmp_path / left}'): it holds the "
+        f"checkpoint {dest} held before; delete it by hand"]
     assert oe.verify(linear(0), dest).ok
 
 

@@ -154,8 +154,9 @@ class _Onloaded:
         for slot in self.slots.values():
             if slot.ref is not None:
                 value = _check_value(slot.name, slot.current(), self.meta)
-                if _differs(slot.ref.store, value):
-                    changes.append(_Change(slot.name, value.detach(), slot.ref.store, slot))
+                store = _current(slot.ref.store)
+                if _differs(store, value):
+                    changes.append(_Change(slot.name, value.detach(), store, slot))
         return changes
 
     def restore(self) -> None:
@@ -242,6 +243,14 @@ def _onload_cached(cache, key: str, device: torch.device, skipped: bool) -> torc
         return _real_twin(offloaded, torch.empty_like(offloaded, device="meta"))
     value = read_store(cache_store(cache, key), offloaded.dtype, tuple(offloaded.shape))
     return _real_twin(offloaded, value.to(device, copy=True))
+
+
+def _current(store: Store) -> Store:
+    """Where ``store``'s entry is now: a writeback repoints a loader's entry from the source safetensors file to
+    a ``.dat`` in its offload folder (an earlier, e.g. nested, block may have done so since this one began)."""
+    if store.kind in ("safetensors", "disk"):
+        return resolve_store(store.dataset, store.key)
+    return store
 
 
 def _store_aliases(store: Store) -> list[Store]:

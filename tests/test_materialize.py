@@ -441,3 +441,29 @@ def test_tied_sides_changed_to_different_values_are_refused(tmp_path):
             model.model.embed_tokens.weight.mul_(2)
             model.lm_head.weight.mul_(3)
     assert torch.equal(forward_logits(model), forward_logits(reference))  # nothing was written
+
+
+def test_nested_writeback_over_the_source_safetensors_persists_the_outer_value(tmp_path):
+    """The inner block repoints the entry from the source file to a .dat; the outer block compares against that."""
+    reference, model = _build("from_pretrained_disk", tmp_path)
+    layer = model.model.layers[0]
+    assert oe.layout(model)["model.layers.0.mlp.up_proj.weight"].kind == "safetensors"
+    with oe.materialized(layer, writeback=True), torch.no_grad():
+        with oe.materialized(layer.mlp, writeback=True):
+            layer.mlp.up_proj.weight.mul_(2)
+        layer.mlp.up_proj.weight.div_(2)  # back to the source's value: must be persisted too
+        layer.mlp.down_proj.weight.mul_(3)
+    with torch.no_grad():
+        reference.model.layers[0].mlp.down_proj.weight.mul_(3)
+    assert torch.equal(forward_logits(model), forward_logits(reference))
+
+
+@pytest.mark.parametrize("layout", FEW)
+def test_writeback_of_a_sign_of_zero_only(layout, tmp_path):
+    _, model = _build(layout, tmp_path)
+    layer = model.model.layers[0]
+    for value in (0.0, -0.0, 0.0):
+        with oe.materialized(layer, writeback=True), torch.no_grad():
+            layer.mlp.up_proj.weight[0, 0] = value
+        with oe.materialized(layer):
+            assert bool(torch.signbit(layer.mlp.up_proj.weight[0, 0])) == (str(value) == "-0.0")

@@ -467,3 +467,28 @@ def test_writeback_of_a_sign_of_zero_only(layout, tmp_path):
             layer.mlp.up_proj.weight[0, 0] = value
         with oe.materialized(layer):
             assert bool(torch.signbit(layer.mlp.up_proj.weight[0, 0])) == (str(value) == "-0.0")
+
+
+@pytest.mark.parametrize("fail_at", ["pwrite", "fsync", "replace"])
+def test_a_dat_writeback_failing_part_way_leaves_the_old_file(fail_at, tmp_path, monkeypatch):
+    import errno
+
+    reference, model = _build("disk_offload", tmp_path)
+    layer = model.model.layers[0]
+    store = oe.layout(model)["model.layers.0.mlp.up_proj.weight"].ref.store
+    old, files = open(store.path, "rb").read(), sorted(os.listdir(os.path.dirname(store.path)))
+    real = getattr(os, fail_at)
+
+    def failing(*args):
+        if fail_at == "pwrite" and len(args[1]) == len(old):  # write half of the new bytes, then the disk is full
+            return real(args[0], args[1][: len(old) // 2], args[2])
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    with pytest.raises(OSError, match="injected"):
+        with oe.materialized(layer, writeback=True), torch.no_grad():
+            layer.mlp.up_proj.weight.mul_(2)
+            monkeypatch.setattr(os, fail_at, failing)
+    monkeypatch.undo()
+    assert open(store.path, "rb").read() == old
+    assert sorted(os.listdir(os.path.dirname(store.path))) == files  # no temporary file left
+    assert torch.equal(forward_logits(model), forward_logits(reference))

@@ -19,10 +19,12 @@ import contextlib
 import functools
 import gc
 import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -34,9 +36,10 @@ from ._hooks import (Store, StoreRef, cache_store, is_offload_cache, offloaded_t
 from ._store import read_store, write_store
 from .layout import declared_ties
 
-__all__ = ["materialized", "onloaded"]
+__all__ = ["materialized", "no_other_blocks", "onloaded", "waits_for_blocks"]
 
 _Key = tuple[int, str]  # (id(owner module), attribute name)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, eq=False)
@@ -565,7 +568,9 @@ def materialized(module: nn.Module, device: torch.device | str | None = None, *,
     tensor another open block already holds stays where that block put it), and accelerate's hooks do not
     offload them again after a forward. Modules offloaded by compressed-tensors' own ``OffloadCache`` get a
     dict of onloaded copies for the block. Blocks nest, overlap in any order and may run in several
-    threads: each tensor is restored when the last block holding it exits. On exit (also on an exception
+    threads: each tensor is restored when the last block holding it exits. A block entered while another
+    thread exports or verifies the same model (``save_clean``, ``verify``) waits for that to finish, and they
+    wait for the blocks other threads have open over the model. On exit (also on an exception
     or ``KeyboardInterrupt``) every tensor is the same object as before, back on the meta device, and the
     hooks are as they were; a tensor still referenced from outside (a view, an autograd graph) cannot be
     swapped back in place, so its slot gets a meta placeholder instead (with a ``ResourceWarning``).
@@ -592,13 +597,68 @@ def materialized(module: nn.Module, device: torch.device | str | None = None, *,
         >>> with offload_export.materialized(model.model.layers[3]) as layer:  # doctest: +SKIP
         ...     print(layer.mlp.up_proj.weight.abs().max())
     """
-    with onloaded(module, device, None, writeback=writeback):
-        try:
-            yield module
-        except Exception as e:
-            add_note(e, f"raised inside offload_export.materialized({type(module).__name__}): its offloaded "
-                        f"tensors were restored{', nothing was written back' if writeback else ''}")
-            raise
+    entry = (threading.get_ident(), module)
+    with _blocks_changed:
+        _blocks_changed.wait_for(lambda: not _conflict(_exports, module))
+        _user_blocks.append(entry)
+    try:
+        with onloaded(module, device, None, writeback=writeback):
+            try:
+                yield module
+            except Exception as e:
+                add_note(e, f"raised inside offload_export.materialized({type(module).__name__}): its offloaded "
+                            f"tensors were restored{', nothing was written back' if writeback else ''}")
+                raise
+    finally:
+        with _blocks_changed:
+            _user_blocks.remove(entry)
+            _blocks_changed.notify_all()
+
+
+# Open materialized() blocks and running exports, as (thread ident, module): an export waits until no other
+# thread has a block open over its model, and blocks of other threads wait for the export to finish.
+_user_blocks: list[tuple[int, nn.Module]] = []
+_exports: list[tuple[int, nn.Module]] = []
+_blocks_changed = threading.Condition(state_lock)
+
+
+def _overlap(a: nn.Module, b: nn.Module) -> bool:
+    return a is b or any(m is a for m in b.modules()) or any(m is b for m in a.modules())
+
+
+def _conflict(entries: list[tuple[int, nn.Module]], module: nn.Module) -> bool:
+    me = threading.get_ident()
+    return any(thread != me and _overlap(other, module) for thread, other in entries)
+
+
+@contextlib.contextmanager
+def no_other_blocks(model: nn.Module) -> Iterator[None]:
+    """Wait until no other thread is inside :func:`materialized` over (a part of) ``model``, and keep other
+    threads' new blocks waiting until this block exits. For readers of the whole model (the export, ``verify``):
+    a block that exits in another thread mid-read would put tensors back on meta under them. Blocks of the
+    calling thread are not waited for (an export inside ``with materialized(model):`` reads its values).
+    """
+    entry = (threading.get_ident(), model)
+    with _blocks_changed:
+        _blocks_changed.wait_for(lambda: not _conflict(_user_blocks, model))
+        _exports.append(entry)
+    try:
+        yield
+    finally:
+        with _blocks_changed:
+            _exports.remove(entry)
+            _blocks_changed.notify_all()
+
+
+def waits_for_blocks(reader: Callable[..., _T]) -> Callable[..., _T]:
+    """Decorate ``reader(model, ...)`` to run inside :func:`no_other_blocks` of its ``model``."""
+
+    @functools.wraps(reader)
+    def wrapper(model: nn.Module, *args, **kwargs) -> _T:
+        with no_other_blocks(model):
+            return reader(model, *args, **kwargs)
+
+    return wrapper
 
 
 @contextlib.contextmanager

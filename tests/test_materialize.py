@@ -492,3 +492,45 @@ def test_a_dat_writeback_failing_part_way_leaves_the_old_file(fail_at, tmp_path,
     assert open(store.path, "rb").read() == old
     assert sorted(os.listdir(os.path.dirname(store.path))) == files  # no temporary file left
     assert torch.equal(forward_logits(model), forward_logits(reference))
+
+
+@pytest.mark.parametrize("reader", ["save_clean", "verify"])
+def test_export_waits_for_another_threads_writeback_block(reader, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    reference, model = _build("disk_offload", tmp_path)
+    layer = model.model.layers[0]
+    if reader == "verify":
+        oe.save_clean(model, tmp_path / "out")
+    inside, release, results = threading.Event(), threading.Event(), {}
+
+    def edit():
+        with oe.materialized(layer, writeback=True), torch.no_grad():
+            layer.mlp.up_proj.weight.mul_(2)
+            inside.set()
+            release.wait()
+
+    def read():
+        try:
+            results["value"] = getattr(oe, reader)(model, tmp_path / "out")
+        except BaseException as e:  # noqa: B036 - reported below
+            results["error"] = e
+
+    editor = threading.Thread(target=edit)
+    editor.start()
+    inside.wait()
+    exporter = threading.Thread(target=read)
+    exporter.start()
+    exporter.join(1.0)
+    assert exporter.is_alive() and not results  # waiting for the block, not reading half-onloaded tensors
+    release.set()
+    editor.join()
+    exporter.join()
+    assert "error" not in results, results.get("error")
+    with torch.no_grad():
+        reference.model.layers[0].mlp.up_proj.weight.mul_(2)
+    if reader == "verify":
+        assert not results["value"].ok  # the checkpoint was written before the edit: verify sees the edit
+    else:
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+        assert torch.equal(forward_logits(reloaded), forward_logits(reference))

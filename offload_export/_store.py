@@ -6,9 +6,11 @@ Reading through mmap (what accelerate and safetensors do) grows the process's RS
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import secrets
 import struct
 import threading
 from dataclasses import dataclass
@@ -251,22 +253,42 @@ def read_store(store: Store, dtype: torch.dtype, shape: tuple[int, ...]) -> torc
 
 
 def _write_dat(path: str, value: torch.Tensor) -> None:
+    """Replace ``path`` by a file holding ``value``'s bytes, atomically: written and fsynced under a temporary name
+    in the same folder, then renamed over ``path`` (the folder fsynced too); a failure leaves ``path`` as it was
+    and removes the temporary file."""
     data = memoryview(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    folder, name = os.path.split(path)
     try:
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], done)
-        os.ftruncate(fd, len(data))
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o644
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], done)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
     finally:
-        os.close(fd)
+        os.close(dir_fd)
 
 
 def write_store(store: Store, value: torch.Tensor) -> None:
     """Persist ``value`` into the offload store entry, never into a user's safetensors file.
 
     ``"cpu"`` entries are replaced by a fresh tensor (the old one may be an mmap of the user's file);
-    ``.dat`` entries are rewritten in place; safetensors entries are written as a new ``.dat`` in the
+    ``.dat`` entries are replaced atomically (a new file renamed over the old one: a failure leaves the old bytes); safetensors entries are written as a new ``.dat`` in the
     loader's offload folder (or kept in its in-memory ``state_dict`` when it has no folder) and the index
     is repointed.
 

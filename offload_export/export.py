@@ -20,6 +20,7 @@ from . import _atomic
 from ._hooks import offloaded_tensors
 from .checkpoint import write_metadata, write_weights
 from .job import Job, prepare_job
+from .materialize import waits_for_blocks
 from .verify import check_staged
 from .vllm_fq import write_vllm_fq_state
 
@@ -84,6 +85,7 @@ def _count_reasons(dropped: dict[str, str]) -> str:
     return ", ".join(f"{n} {r}" for r, n in counts.items()) or "none"
 
 
+@waits_for_blocks  # another thread's materialized() block would change tensors mid-read
 def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "fake-quant", fold: bool = True,
                max_shard_size: int | str = "5GB", dtype: torch.dtype | str | None = None,
                device: torch.device | str | None = None, overwrite: bool = False, tokenizer=None,

@@ -28,6 +28,7 @@ from torch import nn
 from ._store import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, FileSpan, pread_exact
 from .checkpoint import write_model_files
 from .job import INDEX_NAME, Job, prepare_job
+from .materialize import waits_for_blocks
 from .pipeline import UnitReader, stream
 from .plan import Unit
 from .vllm_fq import VLLM_FQ_STATE_NAME
@@ -522,6 +523,7 @@ def check(job: Job, out_dir: Path) -> VerifyReport:
     return report
 
 
+@waits_for_blocks  # another thread's materialized() block would change tensors mid-read
 def verify(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "fake-quant", fold: bool = True,
            dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> VerifyReport:
     """Check a checkpoint written by :func:`~offload_export.save_clean` against ``model``, tensor by tensor.

@@ -18,7 +18,10 @@ from .pipeline import UnitReader, stream_lanes
 from .plan import ExportPlan
 from .writer import Descriptors, ShardWriter
 
-__all__ = ["write_metadata", "write_model_files", "write_weights"]
+__all__ = ["SHARD_METADATA", "write_metadata", "write_model_files", "write_weights"]
+
+#: the ``__metadata__`` of every weight shard (what ``save_pretrained`` writes)
+SHARD_METADATA = {"format": "pt"}
 
 
 def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: bool) -> list[str]:
@@ -33,7 +36,7 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
         bar = tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="offload-export")
     # files open at their first tensor and close (fsync-ed) at their last; at most a few at once
     descriptors = Descriptors()
-    writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, {"format": "pt"}, descriptors=descriptors)
+    writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, SHARD_METADATA, descriptors=descriptors)
                for s in plan.shards}
     shard_of = plan.weight_map
 

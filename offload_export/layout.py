@@ -52,9 +52,13 @@ class TensorInfo:
 class Layout(Mapping):
     """An ordered mapping ``state-dict key -> TensorInfo`` with a readable table as its repr."""
 
-    def __init__(self, entries: dict[str, TensorInfo], stores: set[str] | frozenset[str] = frozenset()):
+    def __init__(self, entries: dict[str, TensorInfo], stores: set[str] | frozenset[str] = frozenset(),
+                 opaque: dict[str, str] | None = None):
         self._entries = entries
         self._stores = frozenset(stores)
+        #: state-dict entries that are not tensors (a module's ``get_extra_state`` object): key -> type name.
+        #: They are not among the entries; safetensors cannot hold them.
+        self.opaque = dict(opaque or {})
 
     def __getitem__(self, key: str) -> TensorInfo:
         return self._entries[key]
@@ -187,7 +191,8 @@ def layout(model: nn.Module) -> Layout:
             ``SequentialHook``; ``place_submodules``; ``offload_buffers``).
 
     Returns:
-        A :class:`Layout` in state-dict order; print it for a table.
+        A :class:`Layout` in state-dict order; print it for a table. State-dict entries that are not tensors
+        (``get_extra_state`` objects) are listed in ``Layout.opaque`` instead.
 
     Example:
         >>> print(offload_export.layout(model))  # doctest: +SKIP
@@ -195,12 +200,16 @@ def layout(model: nn.Module) -> Layout:
     refs = offloaded_tensors(model)
     slots = _named_slots(model)
     infos: dict[str, TensorInfo] = {}
+    opaque: dict[str, str] = {}
     with no_onloading():  # a compressed-tensors OffloadCache would onload every tensor for state_dict()
         state = model.state_dict(keep_vars=True)
     for key, value in state.items():
         owner, attr = slots.get(key, (None, None))
         module_name = key.rpartition(".")[0]
-        if owner is None or not isinstance(value, torch.Tensor):
+        if not isinstance(value, torch.Tensor):  # a module's get_extra_state() object
+            opaque[key] = type(value).__name__
+            continue
+        if owner is None:
             infos[key] = _info(key, module_name, key.rpartition(".")[2], value, None)
             continue
         infos[key] = _info(key, module_name, attr, value, refs.get((id(owner), attr)))
@@ -211,4 +220,4 @@ def layout(model: nn.Module) -> Layout:
                 infos[key] = TensorInfo(key, infos[key].module, infos[key].attr, "tied", infos[key].device,
                                         infos[key].shape, infos[key].dtype, infos[key].nbytes,
                                         tied_to=primary, ref=infos[key].ref, tensor=infos[key].tensor)
-    return Layout(infos, store_paths(model))
+    return Layout(infos, store_paths(model), opaque)

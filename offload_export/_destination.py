@@ -22,7 +22,8 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["CHECKPOINT_FILES", "check_destination", "check_replaceable", "foreign_entries", "resolve_destination"]
+__all__ = ["CHECKPOINT_FILES", "check_destination", "check_replaceable", "foreign_entries", "is_mount_point",
+           "resolve_destination"]
 
 #: File names (``fnmatch`` patterns, matched case-sensitively) that a checkpoint directory consists of.
 CHECKPOINT_FILES = (

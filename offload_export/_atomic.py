@@ -48,15 +48,14 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from ._destination import check_destination, check_replaceable, resolve_destination
+from ._destination import check_destination, check_replaceable
 
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
 
-# check_destination and resolve_destination are _destination's, named here too for the callers that stage
-__all__ = ["check_destination", "is_staging_dir", "resolve_destination", "staging"]
+__all__ = ["check_destination", "is_staging_dir", "staging"]  # check_destination: _destination's, for the callers
 
 _TAG = ".offload-export-"
 _BACKUP = "-backup"

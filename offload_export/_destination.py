@@ -22,7 +22,8 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["CHECKPOINT_FILES", "check_destination", "check_replaceable", "foreign_entries", "resolve_destination"]
+__all__ = ["CHECKPOINT_FILES", "check_destination", "check_replaceable", "foreign_entries", "is_mount_point",
+           "resolve_destination"]
 
 #: File names (``fnmatch`` patterns, matched case-sensitively) that a checkpoint directory consists of.
 CHECKPOINT_FILES = (
@@ -34,7 +35,7 @@ CHECKPOINT_FILES = (
     # tokenizers and processors (save_pretrained)
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
     "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
-    "chat_template.json", "preprocessor_config.json", "processor_config.json",
+    "chat_template.json", "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
     # a Hub download's model card and attributes
     "README.md", ".gitattributes",
 )

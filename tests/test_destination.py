@@ -110,6 +110,20 @@ def test_overwrite_replaces_a_save_pretrained_checkpoint_with_tokenizer_and_mode
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
+def test_a_previous_export_with_its_tokenizer_is_replaced(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, "<unk>")),
+                                        unk_token="<unk>")
+    tokenizer.chat_template = "{{ messages }}"
+    first = oe.save_clean(linear(1), tmp_path / "out", tokenizer=tokenizer)
+    assert len(first.files) > 2  # the tokenizer's files too
+    second = oe.save_clean(linear(0), tmp_path / "out", tokenizer=tokenizer, overwrite=True)
+    assert sorted(os.listdir(tmp_path / "out")) == second.files == first.files
+    assert oe.verify(linear(0), tmp_path / "out").ok
+
+
 def test_every_file_an_export_writes_is_a_checkpoint_file():
     from offload_export.formats.fake_quant import QUANTIZER_STATE_NAME
     from offload_export.formats.modelopt import HF_QUANT_CONFIG_NAME
@@ -261,30 +275,34 @@ def _mount_namespace(tmp_path: Path) -> list[str]:
     return cmd
 
 
-@pytest.mark.parametrize("content", ["empty", "a checkpoint"])
-def test_a_mount_point_is_refused_before_anything_is_written(tmp_path, content):
+def test_a_mount_point_is_refused_before_anything_is_written(tmp_path):
     prefix = _mount_namespace(tmp_path)
-    result = run_child("mount", {"dest": str(tmp_path / "mnt"), "content": content}, prefix)
-    assert result["error"] == "ValueError" and "is a mount point" in result["message"], result
-    assert f"{tmp_path / 'mnt' / 'checkpoint'}" in result["message"]
-    assert result["inside"] == ([] if content == "empty" else ["config.json"])
-    assert result["beside"] == ["mnt"]  # nothing staged on the parent file system either
-    assert result["inner"] == ["model.safetensors"]  # the folder the message suggests works
+    mnt = tmp_path / "mnt"
+    results = run_child("mount", {"dest": str(mnt)}, prefix)
+    for content in ("empty", "a checkpoint"):
+        result = results[content]
+        assert result["error"] == "ValueError" and "is a mount point" in result["message"], result
+        assert f"e.g. {mnt / 'checkpoint'}" in result["message"]
+        assert result["inside"] == ([] if content == "empty" else ["config.json"])
+        assert result["beside"] == ["mnt"]  # nothing staged on the parent file system either
+    assert results["inner"] == ["model.safetensors"]  # the folder the message suggests works
 
 
 def child_mount(args: dict) -> None:
-    dest = Path(args["dest"])
+    dest, results = Path(args["dest"]), {}
     assert os.path.ismount(dest)
-    if args["content"] == "a checkpoint":
-        (dest / "config.json").write_text("{}")
-    try:
-        oe.save_clean(linear(0), dest, overwrite=args["content"] != "empty")
-        error, message = None, ""
-    except Exception as e:  # noqa: BLE001 - reported to the test
-        error, message = type(e).__name__, str(e)
-    inside, beside = sorted(os.listdir(dest)), sorted(os.listdir(dest.parent))
-    inner = oe.save_clean(linear(0), dest / "checkpoint").files
-    print(json.dumps({"error": error, "message": message, "inside": inside, "beside": beside, "inner": inner}))
+    for content in ("empty", "a checkpoint"):
+        if content == "a checkpoint":
+            (dest / "config.json").write_text("{}")
+        try:
+            oe.save_clean(linear(0), dest, overwrite=content != "empty")
+            error, message = None, ""
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            error, message = type(e).__name__, str(e)
+        results[content] = {"error": error, "message": message, "inside": sorted(os.listdir(dest)),
+                            "beside": sorted(os.listdir(dest.parent))}
+    results["inner"] = oe.save_clean(linear(0), dest / "checkpoint").files
+    print(json.dumps(results))
 
 
 # ----------------------------------------------------------------------- 5: a read-only previous checkpoint

@@ -27,7 +27,7 @@ and must match. When CUDA is available and ``device`` is not given, each rank fo
 ``group=dist.new_group([rank], use_local_synchronization=True)``; otherwise it waits for the other ranks
 until ``timeout`` and raises.
 
-One process, several GPUs needs none of this: :func:`offload_export.pipeline.stream_lanes` folds each unit
+One process, several GPUs needs none of this: :func:`offload_export.pipeline.run_units` folds each unit
 on its own fold device within ``save_clean`` itself.
 
 This module builds on the one-process export (job, pipeline, checkpoint files, atomic staging) and registers

@@ -16,8 +16,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -28,7 +26,7 @@ from torch import nn
 from ._store import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, FileSpan, pread_exact
 from .checkpoint import write_model_files
 from .job import INDEX_NAME, Job, prepare_job
-from .pipeline import UnitReader, stream
+from .pipeline import UnitReader, run_units
 from .plan import Unit
 from .vllm_fq import VLLM_FQ_STATE_NAME
 from .writer import TensorSpec
@@ -471,6 +469,10 @@ def _read_order(out_dir: Path, entries: dict[str, _Entry], units: list[Unit], re
     return ranges
 
 
+def _one_lane(reader: UnitReader, unit: Unit) -> int:
+    return 0
+
+
 def check(job: Job, out_dir: Path) -> VerifyReport:
     """Verify ``out_dir`` against an export job (the plan, quantizers and reader of :func:`save_clean`)."""
     start = time.perf_counter()
@@ -498,23 +500,14 @@ def check(job: Job, out_dir: Path) -> VerifyReport:
                     report.bytes += spec.nbytes
             del tensor
 
-    # units are compared behind, in order, while the next ones are read and folded (as the export writes
-    # behind); the stream's byte budget bounds how far the comparisons may lag
-    behind = ThreadPoolExecutor(1, thread_name_prefix="offload-export-verify-compare")
-    pending: deque[Future] = deque()
+    # units are compared behind, in order, by the loop's consumer thread while the next ones are read and folded
+    # (as the export writes behind); one lane keeps the order the prefetch requests the bytes in
     reader = job.reader()
     read_ahead = reader.read_ahead_bytes(wanted)
     prefetch = _Prefetch(_read_order(out_dir, entries, wanted, reader), max(_PREFETCH_MIN, 2 * read_ahead))
     try:
-        for unit, outputs in stream(reader, wanted, read_ahead_bytes=read_ahead, held=True):
-            while pending and pending[0].done():
-                pending.popleft().result()
-            pending.append(behind.submit(compare, unit, outputs))
-            del outputs
-        while pending:
-            pending.popleft().result()
+        run_units(reader, wanted, compare, read_ahead_bytes=read_ahead, lane=_one_lane, name="verify-compare")
     finally:
-        behind.shutdown(wait=True, cancel_futures=True)
         prefetch.close()
     expected = _check_model_files(job, out_dir, problems)
     _check_files(out_dir, weight_files, expected, problems)

@@ -8,14 +8,17 @@ reading the offload stores.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import queue
 import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 
 import torch
 
-from ._buffers import reusing
+from ._buffers import anon_empty, reusing
 from ._errors import add_note
 from ._hooks import offloaded_tensors
 from ._store import FileSpan, read_store, store_span
@@ -92,7 +95,8 @@ class UnitReader:
         if len(spans) == len(raw):
             return spans
         values = {k: raw.pop(k) for k in list(raw) if k not in spans}  # the format may consume them
-        out = self.format.finish(self, unit, values)
+        with _fold_threads():
+            out = self.format.finish(self, unit, values)
         out.update(spans)
         return out
 
@@ -110,8 +114,17 @@ class UnitReader:
         with onloaded(q.owner, dev, self._refs, skip=frozenset({(id(q.owner), q.target)})):
             yield dev
 
+    def _borrowed(self, key: str) -> bool:
+        """Whether :meth:`read` hands ``key`` over as the model's own memory (a resident tensor, an in-memory
+        store's tensor) rather than a buffer read for the export."""
+        info = self.lay[key]
+        return info.ref is None or info.ref.store.kind not in ("disk", "safetensors")
+
     def fold(self, key: str, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` passed through its enabled quantizer on :meth:`fold_device`; a CPU tensor or a device one.
+
+        The quantizer gets a tensor of its own: the model's memory (a resident weight, an in-memory store's
+        tensor) is copied first unless moving it to the fold device already made a copy.
 
         An exception from the quantizer propagates as its own type with a note naming the quantizer, the
         weight and the device (and a hint when its kernel seems to need CUDA).
@@ -120,13 +133,67 @@ class UnitReader:
         dev = self.fold_device(key)
         try:
             with self.onloaded_quantizers(key):
-                folded = q.adapter.fold(q, to_device(weight, dev))
+                moved = to_device(weight, dev)
+                if moved is weight and self._borrowed(key):
+                    moved = _copy(weight)  # a quantizer that works in place must not change the model
+                folded = q.adapter.fold(q, moved)
         except Exception as e:
             needs_cuda = dev.type == "cpu" and "cuda" in f"{type(e).__name__} {e}".lower()
             hint = " (its kernel may need CUDA: pass device='cuda')" if needs_cuda else ""
             add_note(e, f"offload_export: folding {q.name} into {key} on {dev} failed{hint}")
             raise
         return folded if folded.device.type == "cpu" else to_host(folded)
+
+
+_OPENMP_RUNTIMES = ("libgomp", "libomp", "libiomp5")
+
+
+@lru_cache(maxsize=1)
+def _openmp() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch runs its intra-op work on (when that is its parallel backend and loaded), else None."""
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        with open("/proc/self/maps") as maps:  # Linux: the library already loaded, whichever copy torch ships
+            paths = {line.split()[-1] for line in maps if any(name in line for name in _OPENMP_RUNTIMES)}
+        for path in sorted(paths):
+            lib = ctypes.CDLL(path)
+            if hasattr(lib, "omp_set_num_threads") and hasattr(lib, "omp_get_max_threads"):
+                return lib
+    except OSError:
+        pass
+    return None
+
+
+@contextmanager
+def _fold_threads() -> Iterator[None]:
+    """A block in which folds in this thread use one core less than the process may (one is left to the reader
+    and consumer threads).
+
+    With every core in the intra-op pool its spinning workers and the I/O threads fight over the cores; on a
+    loaded machine the folds then run several times slower. OpenMP's thread count is a setting of the calling
+    thread (``omp_set_num_threads``), restored after the block; ``torch.set_num_threads`` would also change
+    the count every thread that starts using torch meanwhile keeps (process-wide state), so it is not used.
+    """
+    omp = _openmp()
+    try:
+        wanted = len(os.sched_getaffinity(0)) - 1
+    except (AttributeError, OSError):
+        wanted = (os.cpu_count() or 1) - 1
+    torch.get_num_threads()  # torch's per-thread initialisation first, or it would overwrite the setting later
+    previous = omp.omp_get_max_threads() if omp is not None else 0
+    if omp is None or not 1 <= wanted < previous:
+        yield
+        return
+    omp.omp_set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        omp.omp_set_num_threads(previous)
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    return anon_empty(tuple(t.shape), t.dtype).copy_(t) if t.device.type == "cpu" else t.clone()
 
 
 class _Budget:

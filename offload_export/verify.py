@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._store import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, FileSpan, pread_exact
+from ._store import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, FileSpan, open_regular, pread_exact
 from .checkpoint import write_model_files
 from .job import INDEX_NAME, Job, prepare_job
 from .pipeline import UnitReader, run_units
@@ -271,8 +271,8 @@ class _Prefetch:
 
     def _advise(self, path: str, offset: int, nbytes: int) -> None:
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
+            fd = open_regular(path)
+        except (OSError, ValueError):
             return  # the comparison reports it
         try:
             step = _willneed_step(os.fstat(fd).st_dev)
@@ -327,9 +327,10 @@ def _same_bytes(expected: torch.Tensor | FileSpan, path: Path, offset: int, nbyt
     """
     span = expected if isinstance(expected, FileSpan) else None
     flat = None if span is not None else expected.reshape(-1).view(torch.uint8)
-    fd = os.open(path, os.O_RDONLY)
-    src = os.open(span.path, os.O_RDONLY) if span is not None else -1
+    fd = open_regular(str(path))
+    src = -1
     try:
+        src = open_regular(span.path) if span is not None else -1
         for pos in range(0, nbytes, _CHUNK):
             n = min(_CHUNK, nbytes - pos)
             want, got = bufs.views(n)

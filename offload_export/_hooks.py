@@ -18,7 +18,7 @@ from torch import nn
 
 __all__ = ["CacheHook", "Store", "StoreRef", "add_store_entry", "align_hooks", "cache_store", "execution_device",
            "is_offload_cache", "no_onloading", "offloaded_tensors", "offloads", "resolve_store", "resume_offload",
-           "state_lock", "suspend_offload"]
+           "state_lock", "suspend_offload", "suspensions"]
 
 # Guards every change :func:`offload_export.materialized` makes to hooks, modules and stores (one lock for all
 # of them, so that blocks entered from several threads compose). Re-entrant: a block may enter another.
@@ -89,6 +89,12 @@ def resume_offload(hook) -> None:
     if entry[1] == 0:
         hook.offload = entry[2]
         del _suspended[id(hook)]
+
+
+def suspensions(hook) -> int:
+    """How many :func:`suspend_offload` calls on ``hook`` are not resumed yet."""
+    entry = _suspended.get(id(hook))
+    return entry[1] if entry is not None else 0
 
 
 def offloads(hook) -> bool:

@@ -195,15 +195,20 @@ def quantizers_disabled(model: nn.Module, which: str = "weight") -> Iterator[lis
 
 
 def _restore_all(saved: list[tuple[Quantizer, Any]]) -> None:
-    """Restore every quantizer, even when one fails; then raise the first failure (its own type, with a note)."""
-    failed: list[tuple[Quantizer, Exception]] = []
+    """Restore every quantizer, even when one fails; one whose restore a ``KeyboardInterrupt`` stopped is restored
+    again. Then raise the first failure (its own type, with a note), an interrupt before any other error."""
+    failed: list[tuple[Quantizer, BaseException]] = []
     for q, snap in reversed(saved):
         try:
-            q.adapter.restore(q, snap)
-        except Exception as e:
+            try:
+                q.adapter.restore(q, snap)
+            except KeyboardInterrupt:
+                q.adapter.restore(q, snap)  # putting a snapshot back is idempotent: Ctrl-C must not skip it
+                raise
+        except BaseException as e:  # noqa: B036 - the others are restored first, then it is raised
             failed.append((q, e))
     if failed:
-        q, error = failed[0]
+        q, error = next((f for f in failed if not isinstance(f[1], Exception)), failed[0])
         add_note(error, f"offload_export: restoring {q.name} ({q.adapter.name}) failed; "
                         f"{len(saved) - len(failed)} of {len(saved)} quantizer(s) were restored")
         raise error

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -125,8 +125,11 @@ def _unprefix(weights_map: Mapping, name: str) -> tuple[Mapping, str]:
     return dataset, key
 
 
-def add_store_entry(weights_map: Mapping, name: str, value: torch.Tensor) -> None:
+def add_store_entry(weights_map: Mapping, name: str, value: torch.Tensor) -> Callable[[], None]:
     """Add a CPU copy of ``value`` as ``name`` to a hook's ``weights_map`` (a dict, or a loader's RAM entries).
+
+    Returns:
+        A function that puts the entry back as it was (absent, or its previous value).
 
     Raises:
         RuntimeError: the store cannot take new entries.
@@ -136,7 +139,10 @@ def add_store_entry(weights_map: Mapping, name: str, value: torch.Tensor) -> Non
         dataset = dataset.state_dict  # OffloadedWeightsLoader looks its RAM entries up first
     if not isinstance(dataset, MutableMapping):
         raise RuntimeError(f"cannot add {key} to an offload store of type {type(dataset).__name__}")
+    missing = object()
+    old = dataset.get(key, missing)
     dataset[key] = value.detach().to("cpu", copy=True)
+    return lambda: dataset.pop(key, None) if old is missing else dataset.__setitem__(key, old)
 
 
 def resolve_store(weights_map: Mapping, name: str) -> Store:

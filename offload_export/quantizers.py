@@ -158,9 +158,13 @@ def find_quantizers(model: nn.Module, which: str = "all") -> list[Quantizer]:
 def quantizers_disabled(model: nn.Module, which: str = "weight") -> Iterator[list[Quantizer]]:
     """Turn fake quantizers off for the duration of the block; each one's own prior state comes back.
 
-    A quantizer that was already disabled stays disabled after the block; ModelOpt quantizers also stop
-    applying their ``pre_quant_scale`` and rotation inside (their forward is the identity). Nests with
-    itself and with :func:`offload_export.materialized`.
+    A quantizer that was already disabled stays disabled after the block. ModelOpt quantizers are disabled
+    as ModelOpt's own ``disable_quantizer`` does: an input quantizer's ``pre_quant_scale`` (SmoothQuant, AWQ)
+    and a rotation still apply, since those methods scaled (rotated) the weight by their inverse. So
+    ``"all"`` gives the unquantized model (up to float rounding of the scale pair), ``"weight"`` the model with
+    only its activations quantized, ``"input"`` with only its weights quantized: each equal to ModelOpt's
+    ``disable_quantizer`` with the matching wildcard. Nests with itself and with
+    :func:`offload_export.materialized`.
 
     Args:
         model: the model (or any submodule).

@@ -35,6 +35,7 @@ from ._hooks import (Store, StoreRef, cache_store, is_offload_cache, offloaded_t
                      state_lock, suspend_offload, suspensions)
 from ._store import read_store, write_store
 from .layout import declared_ties
+from .quantizers import find_quantizers
 
 __all__ = ["materialized", "no_other_blocks", "onloaded", "waits_for_blocks"]
 
@@ -143,7 +144,11 @@ class _Onloaded:
         """Read ``tensor``'s store entry onto ``device`` and put the data under ``tensor`` (or in its slot)."""
         value = read_store(slot.ref.store, tensor.dtype, tuple(tensor.shape))
         copy = slot.ref.store.kind in ("cpu", "mapping")  # never hand out the store's own memory
-        twin = _real_twin(tensor, value.to(device, copy=copy))
+        return cls._swap_in(slot, tensor, value.to(device, copy=copy))
+
+    @classmethod
+    def _swap_in(cls, slot: _Slot, tensor: torch.Tensor, value: torch.Tensor) -> _Onloaded:
+        twin, home = _real_twin(tensor, value), tensor.device
         try:
             swap_tensors(tensor, twin)  # `tensor` keeps its identity but now holds the data
             return cls(slot.name, tensor, twin, True)
@@ -151,7 +156,7 @@ class _Onloaded:
             slot.put(twin)
             return cls(slot.name, twin, tensor, False)
         except BaseException:  # e.g. Ctrl-C right after the swap, before the entry exists: undo it
-            if twin.device.type == "meta" and tensor.device.type != "meta":
+            if tensor.device != home:
                 swap_tensors(tensor, twin)
             raise
 
@@ -188,6 +193,20 @@ class _Onloaded:
             f"{type(self.meta).__name__} object); the old object keeps its {self.live.device} memory until those "
             f"references go. Read it under torch.no_grad() and drop views before the block ends.",
             ResourceWarning, stacklevel=_caller_level())
+
+
+class _Moved(_Onloaded):
+    """A resident quantizer tensor moved to the block's ``device`` (a fold or forward there needs its state there):
+    ``meta`` holds it on its own device meanwhile and takes the block's final value back on restore."""
+
+    @classmethod
+    def load(cls, slot: _Slot, tensor: torch.Tensor, device: torch.device) -> _Moved:
+        return cls._swap_in(slot, tensor, tensor.detach().to(device, copy=True))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            self.meta.copy_(self.live)  # what the block computed (e.g. a calibration) stays
+        super().restore()
 
 
 def _caller_level() -> int:
@@ -391,6 +410,7 @@ class _Block:
 
     label: str
     module: nn.Module
+    quantizer_modules: frozenset[int] = frozenset()  # ids of quantizer modules (and their children) inside
     claims: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
 
@@ -416,8 +436,11 @@ def _claim_tensor(block: _Block, slot: _Slot, tensor: torch.Tensor, device) -> N
                 raise RuntimeError(
                     f"{slot.name} is on the meta device and no offloading hook inside this module supplies it;\n"
                     f"  if an enclosing module's hook owns it (place_submodules), materialize that module")
-            return
-        entry = _Onloaded.load(slot, tensor, device or slot.ref.execution_device)
+            if device is None or tensor.device == device or id(slot.owner) not in block.quantizer_modules:
+                return
+            entry = _Moved.load(slot, tensor, device)
+        else:
+            entry = _Onloaded.load(slot, tensor, device or slot.ref.execution_device)
         _by_tensor[id(entry.live)] = _by_tensor[id(entry.meta)] = entry
     if key not in entry.slots:
         entry.slots[key] = slot
@@ -440,6 +463,9 @@ def _enter(block: _Block, device, refs: dict[_Key, StoreRef], skip: frozenset[_K
     """Claim every offloaded tensor of ``block.module`` (onloading those nobody holds yet); on an error the
     caller releases what ``block`` claimed so far."""
     named = list(block.module.named_modules(remove_duplicate=False))
+    if device is not None:
+        block.quantizer_modules = frozenset(id(m) for q in find_quantizers(block.module)
+                                            if isinstance(q.handle, nn.Module) for m in q.handle.modules())
     for prefix, owner in named:  # compressed-tensors caches first: their dicts are then plain
         _claim_caches(block, f"{prefix}." if prefix else "", owner, device, skip)
     for prefix, owner in named:
@@ -584,7 +610,10 @@ def materialized(module: nn.Module, device: torch.device | str | None = None, *,
     Args:
         module: a model or any submodule carrying (or below) accelerate ``AlignDevicesHook``s or
             compressed-tensors ``OffloadCache``s.
-        device: where to put the onloaded tensors instead of each hook's execution device.
+        device: where to put the onloaded tensors instead of each hook's execution device; quantizer state
+            resident on another device (e.g. ModelOpt's ``_amax`` left on the CPU by calibrating an offloaded
+            model) is moved there too for the block, and put back on its own device, with the block's final
+            values, afterwards.
         writeback: on a normal exit of *this* block, persist every tensor it covers whose value differs from
             the store (in-place edits and replaced Parameters alike) into the offload store (the CPU dict, a
             ``.dat`` in the offload folder, compressed-tensors' cache; never the user's own safetensors file),

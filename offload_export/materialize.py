@@ -9,8 +9,9 @@ several threads:
   (:class:`_CacheSwap`), counted the same way;
 - each accelerate hook's ``offload`` flag is suspended and resumed with a count (``_hooks.suspend_offload``).
 
-A ``writeback=True`` block that exits normally writes every tensor it covers whose value differs from the
-store when *it* exits, even while other blocks keep the tensor onloaded.
+A ``writeback=True`` block that exits normally writes every tensor it covers whose value differs (bit for bit)
+from the store when *it* exits, even while other blocks keep the tensor onloaded; every value is checked before
+the first write, and a tied tensor's new value goes to every store of the tie.
 """
 
 from __future__ import annotations
@@ -617,13 +618,16 @@ def materialized(module: nn.Module, device: torch.device | str | None = None, *,
         writeback: on a normal exit of *this* block, persist every tensor it covers whose value differs from
             the store (in-place edits and replaced Parameters alike) into the offload store (the CPU dict, a
             ``.dat`` in the offload folder, compressed-tensors' cache; never the user's own safetensors file),
-            also while an enclosing or overlapping block keeps the tensor onloaded.
+            also while an enclosing or overlapping block keeps the tensor onloaded. A tied tensor (accelerate
+            keeps a store entry per side; transformers' ``_tied_weights_keys``) is written to every side's
+            store, so ``materialized(model.model.embed_tokens, writeback=True)`` also updates ``lm_head``.
 
     Yields:
         ``module`` itself.
 
     Raises:
-        ValueError: with ``writeback``, a tensor was replaced by one of another shape or dtype (or removed).
+        ValueError: with ``writeback``, a tensor was replaced by one of another shape or dtype (or removed), or
+            two sides of a tie were changed to different values; nothing was written back.
         RuntimeError: a meta tensor has no hook in ``module`` that can supply it.
         Exception: anything raised inside the block or by a store write passes through with its own type and
             a note saying what was restored and written.

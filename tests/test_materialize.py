@@ -458,7 +458,8 @@ def test_nested_writeback_over_the_source_safetensors_persists_the_outer_value(t
     assert torch.equal(forward_logits(model), forward_logits(reference))
 
 
-@pytest.mark.parametrize("layout", FEW)
+@pytest.mark.parametrize("layout", ["disk_offload", *(pytest.param(n, marks=pytest.mark.slow)
+                                                     for n in ("cpu_offload", "from_pretrained_disk"))])
 def test_writeback_of_a_sign_of_zero_only(layout, tmp_path):
     _, model = _build(layout, tmp_path)
     layer = model.model.layers[0]
@@ -469,7 +470,7 @@ def test_writeback_of_a_sign_of_zero_only(layout, tmp_path):
             assert bool(torch.signbit(layer.mlp.up_proj.weight[0, 0])) == (str(value) == "-0.0")
 
 
-@pytest.mark.parametrize("fail_at", ["pwrite", "fsync", "replace"])
+@pytest.mark.parametrize("fail_at", ["pwrite", *(pytest.param(n, marks=pytest.mark.slow) for n in ("fsync", "replace"))])
 def test_a_dat_writeback_failing_part_way_leaves_the_old_file(fail_at, tmp_path, monkeypatch):
     import errno
 
@@ -494,7 +495,7 @@ def test_a_dat_writeback_failing_part_way_leaves_the_old_file(fail_at, tmp_path,
     assert torch.equal(forward_logits(model), forward_logits(reference))
 
 
-@pytest.mark.parametrize("reader", ["save_clean", "verify"])
+@pytest.mark.parametrize("reader", ["save_clean", pytest.param("verify", marks=pytest.mark.slow)])
 def test_export_waits_for_another_threads_writeback_block(reader, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -534,3 +535,23 @@ def test_export_waits_for_another_threads_writeback_block(reader, tmp_path):
     else:
         reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
         assert torch.equal(forward_logits(reloaded), forward_logits(reference))
+
+
+def test_a_block_in_another_thread_waits_for_a_running_export(tmp_path):
+    from offload_export.materialize import no_other_blocks
+
+    _, model = _build("cpu_offload", tmp_path)
+    entered = threading.Event()
+
+    def block():
+        with oe.materialized(model.model.layers[0]):
+            entered.set()
+
+    with no_other_blocks(model):  # what save_clean / verify hold while they read
+        other = threading.Thread(target=block)
+        other.start()
+        assert not entered.wait(1.0)
+        with oe.materialized(model.model.layers[0]):  # the exporting thread's own blocks do not wait
+            pass
+    other.join()
+    assert entered.is_set()

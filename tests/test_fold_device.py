@@ -43,7 +43,8 @@ def _model(execution_device: str) -> nn.Module:
     for linear in model:
         linear.weight_quantizer = DeviceCheckingQuantizer(linear.out_features)
     model = cpu_offload(model, execution_device=torch.device(execution_device))
-    for linear in model:  # the weights are offloaded; the quantizers' state stays resident on the CPU
+    for linear in model:  # the weights are offloaded; the quantizers' state on the CPU, as calibration leaves it
+        linear.weight_quantizer.amax = linear.weight_quantizer.amax.cpu()
         assert linear.weight.device.type == "meta" and linear.weight_quantizer.amax.device.type == "cpu"
     return model
 

@@ -414,6 +414,9 @@ _TIED_LAYOUTS = {
     "from_pretrained_disk": LayoutSpec("from_pretrained", (("model.embed_tokens", "disk"), ("model.layers.0", "resident"),
                                                            ("model.layers.1", "resident"), ("model.norm", "resident"),
                                                            ("lm_head", "disk"))),
+    "place_submodules_resident_head": LayoutSpec("place_submodules", (
+        ("model.embed_tokens", "cpu"), ("model.layers.0", "resident"), ("model.layers.1", "resident"),
+        ("model.norm", "resident"), ("lm_head", "resident"))),  # the other side resident: updated in place
 }
 
 

@@ -425,6 +425,8 @@ _TIED_LAYOUTS = {
 def test_writeback_to_one_side_of_a_tie_updates_both_stores(layout, side, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    if layout == "place_submodules_resident_head" and side == "lm_head":
+        pytest.skip("lm_head is resident there: an edit of it is no writeback (the export's tie check's job)")
     reference, model = draw_offloaded("qwen3_tied", _TIED_LAYOUTS[layout], tmp_path)
     with oe.materialized(model.get_submodule(side), writeback=True), torch.no_grad():
         model.get_submodule(side).weight.mul_(2)

@@ -1,8 +1,8 @@
 """Which stores hold the other sides of a tied tensor: the entries of the same store that are the same data, and
 the sides of every tie a transformers model above the module declares (``_tied_weights_keys``), wherever they live.
 
-Modules do not know their parents: the model above a module is found through the garbage collector's referrers
-(a full heap scan per step up, once per model: every module under it is cached).
+Modules do not know their parents: the model above a module is found through the garbage collector's list of
+objects (one pass, once per model: every module under it is cached).
 """
 
 from __future__ import annotations
@@ -124,22 +124,23 @@ def model_root(module: nn.Module) -> nn.Module:
     root = cached() if cached is not None else None
     if root is not None and any(m is module for m in root.modules()):
         return root
-    root = module
-    while (parent := _parent(root)) is not None:
+    parents = _parents()
+    root, seen = module, {id(module)}
+    while (parent := parents.get(id(root))) is not None and id(parent) not in seen:
         root = parent
+        seen.add(id(root))
     for m in root.modules():
         _root_of[m] = weakref.ref(root)
     return root
 
 
-def _parent(module: nn.Module) -> nn.Module | None:
-    """A module that holds ``module`` among its children, or None."""
-    for children in gc.get_referrers(module):
-        if not (isinstance(children, dict) and any(v is module for v in children.values())):
-            continue
-        for attrs in gc.get_referrers(children):
-            if isinstance(attrs, dict) and attrs.get("_modules") is children:
-                for owner in gc.get_referrers(attrs):
-                    if isinstance(owner, nn.Module) and owner.__dict__ is attrs and owner is not module:
-                        return owner
-    return None
+def _parents() -> dict[int, nn.Module]:
+    """``id(child) -> a module holding it`` over every module alive (one pass over the garbage collector's
+    objects: modules do not know their parents)."""
+    parents: dict[int, nn.Module] = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), nn.Module):
+            for child in obj.__dict__.get("_modules", {}).values():
+                if child is not None:
+                    parents.setdefault(id(child), obj)
+    return parents

@@ -46,7 +46,7 @@ def __getattr__(name: str):
         register_quantizer,
     )
     from .verify import VerifyReport, verify
-    from . import distributed  # noqa: F401  (registers the export over torch.distributed ranks behind save_clean(group=...))
+    from . import distributed  # noqa: F401  (registers the export over torch.distributed ranks: save_clean(group=))
 
     globals().update({n: v for n, v in locals().items() if n in __all__})
     return globals()[name]

@@ -93,7 +93,8 @@ def _shard_size(text: str) -> int:
     try:
         return _bytes(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB or 500MiB (at most 2**63 - 1 bytes)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB or 500MiB (at most 2**63 - 1 bytes)") \
+            from None
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -138,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fake-quantize its linear weights (but lm_head) with a built-in scheme and export "
                                    "it into OUT with save_clean (atomic: OUT appears only when complete). With "
                                    "--format modelopt the weights are quantized by ModelOpt itself "
-                                   f"({', '.join(f'{s}: {c}' for s, c in MODELOPT_CONFIGS.items())}).")
+                                   f"({', '.join(f'{s}: {c}' for s, c in MODELOPT_CONFIGS.items())}), which keeps "
+                                   "disk-offloaded weights in CPU RAM once quantized.")
     _add_loading(p)
     p.add_argument("out", metavar="OUT", help="the destination directory (must be absent or empty)")
     p.add_argument("--scheme", choices=(*SCHEMES, "none"), default="none",
@@ -282,10 +284,13 @@ def _summary(lay) -> str:
 def _quantize(model, scheme: str, fmt: str, phases: _Phases) -> int:
     """Quantize ``model``'s Linear weights (but lm_head): built-in, or ModelOpt's own for ``--format modelopt``."""
     if fmt == "modelopt":
+        import io
         import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # version notes on import; "calibrated disk weights kept in RAM"
+        # ModelOpt prints what it inserts on stdout: stderr's business here, and nothing under --quiet
+        chatter = sys.stderr if phases.show else io.StringIO()
+        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+            warnings.simplefilter("ignore")  # version notes on import; "disk writeback kept in CPU state_dict"
             import modelopt.torch.quantization as mtq
 
             with phases(f"quantizing with ModelOpt's {MODELOPT_CONFIGS[scheme]}"):

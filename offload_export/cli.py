@@ -29,7 +29,7 @@ _LAYOUTS = ("cpu", "disk", "mixed")
 _SIZES = ("tiny", "small")
 _MAX_BYTES = 2**63 - 1
 #: ModelOpt's configuration for each built-in scheme, weights only (no calibration data needed)
-MODELOPT_CONFIGS = {"int8": "INT8_WEIGHT_ONLY_CFG", "int4-g128": "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"}
+_MODELOPT_CONFIGS = {"int8": "INT8_WEIGHT_ONLY_CFG", "int4-g128": "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"}
 _MODELOPT_ALGOS = {"W8A16": "int8", "W4A16_AWQ": "int4-g128"}  # hf_quant_config.json's quant_algo of each
 EPILOG = """\
 examples:
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fake-quantize its linear weights (but lm_head) with a built-in scheme and export "
                                    "it into OUT with save_clean (atomic: OUT appears only when complete). With "
                                    "--format modelopt the weights are quantized by ModelOpt itself "
-                                   f"({', '.join(f'{s}: {c}' for s, c in MODELOPT_CONFIGS.items())}), which keeps "
+                                   f"({', '.join(f'{s}: {c}' for s, c in _MODELOPT_CONFIGS.items())}), which keeps "
                                    "disk-offloaded weights in CPU RAM once quantized.")
     _add_loading(p)
     p.add_argument("out", metavar="OUT", help="the destination directory (must be absent or empty)")
@@ -293,8 +293,8 @@ def _quantize(model, scheme: str, fmt: str, phases: _Phases) -> int:
             warnings.simplefilter("ignore")  # version notes on import; "disk writeback kept in CPU state_dict"
             import modelopt.torch.quantization as mtq
 
-            with phases(f"quantizing with ModelOpt's {MODELOPT_CONFIGS[scheme]}"):
-                mtq.quantize(model, getattr(mtq, MODELOPT_CONFIGS[scheme]), forward_loop=None)
+            with phases(f"quantizing with ModelOpt's {_MODELOPT_CONFIGS[scheme]}"):
+                mtq.quantize(model, getattr(mtq, _MODELOPT_CONFIGS[scheme]), forward_loop=None)
         from .quantizers import find_quantizers
 
         return sum(q.enabled for q in find_quantizers(model, "weight"))
@@ -333,9 +333,9 @@ def _check_format(scheme: str, fmt: str) -> None:
         return
     if scheme == "none":
         raise ValueError(f"--format {fmt} packs quantized weights: pass --scheme too")
-    if fmt == "modelopt" and scheme not in MODELOPT_CONFIGS:
+    if fmt == "modelopt" and scheme not in _MODELOPT_CONFIGS:
         raise ValueError(f"--format modelopt: the command line quantizes with ModelOpt's weight-only configurations "
-                         f"({', '.join(f'--scheme {s}' for s in MODELOPT_CONFIGS)}); for --scheme {scheme}, quantize "
+                         f"({', '.join(f'--scheme {s}' for s in _MODELOPT_CONFIGS)}); for --scheme {scheme}, quantize "
                          f"with modelopt.torch.quantization in Python (calibration data for its activation "
                          f"quantizers) and call offload_export.save_clean(model, OUT, format='modelopt'), or use "
                          f"--format compressed-tensors")

@@ -173,7 +173,7 @@ def bad_inputs(tmp_path_factory, checkpoint) -> list[tuple[list[str], str]]:
         (["export", checkpoint, tmp / "o", "--dtype", "int7"], "invalid choice: 'int7'"),
         (["layout", tmp / "missing"], "no such directory"),
         (["verify", checkpoint, tmp / "missing"], "missing: no such directory"),
-        (["demo", "--out", tmp / "full"], "is not empty"),
+        (["demo", "--out", tmp / "full"], "is not empty; pass --overwrite"),
         (["demo", "--layout", "gpu"], "invalid choice: 'gpu'"),
         (["demo", "--size", "huge"], "invalid choice: 'huge'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -348,3 +348,17 @@ def test_packed_formats_export_and_verify_from_the_command_line(capsys, tmp_path
     code, stdout, stderr = _main(capsys, "verify", checkpoint, out)  # scheme and format read from OUT
     assert code == 0 and ": OK" in stdout, stderr
     assert f"quantized 21 linear weights ({scheme}" in stdout
+
+
+def test_verify_recognises_every_built_in_scheme_in_every_format_it_can_write(tmp_path, checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    from offload_export.cli import _recorded
+
+    for scheme in oe.SCHEMES:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+        oe.quantize_weights(model, scheme=scheme)
+        for fmt in ("fake-quant", "compressed-tensors"):
+            oe.save_clean(model, tmp_path / f"{scheme}-{fmt}", format=fmt)
+            assert _recorded(tmp_path / f"{scheme}-{fmt}") == (scheme, fmt)
+    assert _recorded(checkpoint) == ("none", "fake-quant")

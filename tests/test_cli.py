@@ -8,6 +8,7 @@ each.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -314,7 +315,7 @@ def _fake_distribution(root: Path, module: str, distribution: str, version: str)
 def test_an_unsupported_toolkit_release_is_refused_before_loading(tmp_path, checkpoint, fmt, module, distribution,
                                                                    version, required):
     site = _fake_distribution(tmp_path / "site", module, distribution, version)
-    env = {**__import__("os").environ, "PYTHONPATH": f"{site}:{__import__('os').environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{site}:{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run([*CLI, "export", str(checkpoint), str(tmp_path / "o"), "--scheme", "int8", "--format", fmt],
                             capture_output=True, text=True, timeout=120, env=env)
     _check_error(fmt, f"needs {required}, but {distribution} {version} is installed: "
@@ -362,3 +363,20 @@ def test_verify_recognises_every_built_in_scheme_in_every_format_it_can_write(tm
             oe.save_clean(model, tmp_path / f"{scheme}-{fmt}", format=fmt)
             assert _recorded(tmp_path / f"{scheme}-{fmt}") == (scheme, fmt)
     assert _recorded(checkpoint) == ("none", "fake-quant")
+
+
+def test_save_clean_checks_the_toolkit_release_before_writing(tmp_path, checkpoint):
+    """The library's own check (the command line's runs before loading; this one in the format, before writing)."""
+    site = _fake_distribution(tmp_path / "site", "compressed_tensors", "compressed-tensors", "0.18.0")
+    code = ("import sys, torch\nfrom transformers import AutoModelForCausalLM\nimport offload_export as oe\n"
+            "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)\n"
+            "oe.quantize_weights(model, scheme='int8')\n"
+            "try:\n    oe.save_clean(model, sys.argv[2], format='compressed-tensors')\n"
+            "except ImportError as e:\n    print('ImportError:', e)\n")
+    env = {**os.environ, "PYTHONPATH": f"{site}:{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-c", code, str(checkpoint), str(tmp_path / "o")], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert ("ImportError: format='compressed-tensors' needs compressed-tensors>=0.19,<0.21, but compressed-tensors "
+            "0.18.0 is installed") in result.stdout
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))

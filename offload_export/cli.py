@@ -285,16 +285,23 @@ def _quantize(model, scheme: str, fmt: str, phases: _Phases) -> int:
     """Quantize ``model``'s Linear weights (but lm_head): built-in, or ModelOpt's own for ``--format modelopt``."""
     if fmt == "modelopt":
         import io
+        import logging
         import warnings
 
         # ModelOpt prints what it inserts on stdout: stderr's business here, and nothing under --quiet
         chatter = sys.stderr if phases.show else io.StringIO()
-        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
-            warnings.simplefilter("ignore")  # version notes on import; "disk writeback kept in CPU state_dict"
-            import modelopt.torch.quantization as mtq
+        cpp_extension = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found" on a CPU host
+        level = cpp_extension.level
+        cpp_extension.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+                warnings.simplefilter("ignore")  # version notes on import; "disk writeback kept in CPU state_dict"
+                import modelopt.torch.quantization as mtq
 
-            with phases(f"quantizing with ModelOpt's {_MODELOPT_CONFIGS[scheme]}"):
-                mtq.quantize(model, getattr(mtq, _MODELOPT_CONFIGS[scheme]), forward_loop=None)
+                with phases(f"quantizing with ModelOpt's {_MODELOPT_CONFIGS[scheme]}"):
+                    mtq.quantize(model, getattr(mtq, _MODELOPT_CONFIGS[scheme]), forward_loop=None)
+        finally:
+            cpp_extension.setLevel(level)
         from .quantizers import find_quantizers
 
         return sum(q.enabled for q in find_quantizers(model, "weight"))

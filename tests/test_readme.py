@@ -65,3 +65,13 @@ def test_readme_blocks_run_as_written(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     assert (tmp_path / "my-model-w4" / "config.json").is_file()
     assert (tmp_path / "tiny-int8" / "quantizer_state.safetensors").is_file()
+
+
+def test_ci_runs_the_skipped_lines_exactly():
+    """The lines skipped here (install, test suite) are the ones CI runs, word for word."""
+    ci = (README.parent / ".ci" / "run").read_text()
+    skipped = [line.strip() for lang, code in blocks() if lang != "python" for line in code.splitlines()
+               if line.strip().startswith(SKIPPED)]
+    assert len(skipped) >= 3
+    for line in skipped:
+        assert line in ci, line

@@ -30,9 +30,29 @@ __all__ = [
 ]
 
 
+_loading = False
+
+
 def __getattr__(name: str):
-    if name not in __all__:
+    """The first use of a public name imports the public API (and with it the submodules, as an eager import did).
+
+    Private names and the import system's ``hasattr`` checks made while that import runs (``from . import x``)
+    are plain misses, so that the submodule gets imported.
+    """
+    global _loading
+    if name.startswith("_") or _loading:
         raise AttributeError(f"module 'offload_export' has no attribute {name!r}")
+    _loading = True
+    try:
+        _import_api()
+    finally:
+        _loading = False
+    if name not in globals():
+        raise AttributeError(f"module 'offload_export' has no attribute {name!r}")
+    return globals()[name]
+
+
+def _import_api() -> None:
     from .adapters import SCHEMES, FakeQuantizer, quantize_weights  # registers the adapters that ship
     from .export import ExportReport, save_clean
     from .layout import Layout, TensorInfo, layout
@@ -49,7 +69,6 @@ def __getattr__(name: str):
     from . import distributed  # noqa: F401  (registers the export over torch.distributed ranks: save_clean(group=))
 
     globals().update({n: v for n, v in locals().items() if n in __all__})
-    return globals()[name]
 
 
 def __dir__() -> list[str]:

@@ -48,6 +48,7 @@ _CLI_HINTS = (
     (re.compile(r"\boverwrite=True\b"), "--overwrite"),
     (re.compile(r"\bpass dtype= to save_clean\b"), "pass --dtype"),
     (re.compile(r"\bpass device='cuda'"), "call save_clean(device='cuda') from Python"),
+    (re.compile(r"\bexport with fold=False\b"), "export with save_clean(fold=False) from Python"),
 )
 
 
@@ -205,8 +206,8 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path}: cannot be read as JSON ({e})") from None
 
 
-def _check_architecture(src: Path) -> None:
-    """Refuse, before loading, a checkpoint that ``AutoModelForCausalLM`` would load with random weights."""
+def _check_source(src: Path) -> None:
+    """Refuse, before loading, what the command line cannot export: not a causal LM, already quantized, remote code."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     config = _read_json(src / "config.json")
@@ -216,6 +217,11 @@ def _check_architecture(src: Path) -> None:
         raise ValueError(f"{src}: its architecture {', '.join(architectures)} is not a causal language model; the "
                          f"command line loads causal LMs only (AutoModelForCausalLM): load this model with its own "
                          f"class in Python and call offload_export.save_clean(model, OUT)")
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method is not None:
+        raise ValueError(f"{src} is already quantized (quantization_config in config.json, quant_method {method!r}); "
+                         f"the command line quantizes unquantized checkpoints: start from the unquantized one, or "
+                         f"load this one in Python and call offload_export.save_clean(model, OUT)")
     if "auto_map" in config and config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(f"{src}: its model needs its own code (auto_map in config.json), which the command line "
                          f"never runs; if you trust it, load it in Python with trust_remote_code=True and call "
@@ -252,7 +258,7 @@ def _load(args: argparse.Namespace, offload_folder: str, phases: _Phases):
     from .quiet import quiet_libraries
 
     src = _checkpoint_dir(args.src)
-    _check_architecture(src)
+    _check_source(src)
     caps = dict(cap for group in args.max_memory for cap in group)
     with phases(f"loading {args.src}"), quiet_libraries():  # "some parameters are on the meta device" is the point
         if phases.show:

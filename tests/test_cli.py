@@ -380,3 +380,23 @@ def test_save_clean_checks_the_toolkit_release_before_writing(tmp_path, checkpoi
     assert ("ImportError: format='compressed-tensors' needs compressed-tensors>=0.19,<0.21, but compressed-tensors "
             "0.18.0 is installed") in result.stdout
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
+
+
+def test_an_already_quantized_checkpoint_is_refused_before_loading(capsys, tmp_path, checkpoint):
+    src = tmp_path / "packed"
+    src.mkdir()
+    for f in checkpoint.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    _check_error("quantized", "is already quantized (quantization_config in config.json, quant_method 'fp8')",
+                 *_main(capsys, "export", src, tmp_path / "o", "--scheme", "int8"))
+
+
+def test_library_hints_are_translated_to_the_command_line():
+    from offload_export.cli import _one_line
+
+    error = ValueError("x is compressed. Decompress it or export with fold=False")
+    error.add_note("out is not empty; pass overwrite=True to replace it")
+    assert _one_line(error) == ("x is compressed. Decompress it or export with save_clean(fold=False) from Python "
+                                "out is not empty; pass --overwrite to replace it")

@@ -238,7 +238,7 @@ def _check_loading(src: Path, info: dict) -> None:
             problems.append(f"{len(keys)} {what.replace('_keys', '')} weight(s): {shown}")
     if problems:
         raise ValueError(f"{src} does not match its model class: {'; '.join(problems)}; exporting it would write "
-                         f"randomly initialised or drop weights: repair or download the checkpoint again")
+                         f"randomly initialised weights or drop some: repair or download the checkpoint again")
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from .._hooks import offloaded_tensors
 from .._buffers import anon_empty, cast
 from .._store import read_store
 from .._transfer import to_device, to_host
+from ..toolkits import require_toolkit
 from ._modelopt_replay import Step, clone_module, group_weight_amax, shared_input_groups
 from .base import Format, Source, StateDict, register_format
 
@@ -753,6 +754,7 @@ class ModelOpt(Format):
     name = "modelopt"
 
     def __init__(self, source: Source):
+        require_toolkit(self.name)
         super().__init__(source)
         other = next((q for q in source.quantizers if q.adapter.name != "modelopt" and q.enabled), None)
         if other is not None and any(q.adapter.name == "modelopt" for q in source.quantizers):  # ModelOpt's export knows its own quantizers only: it would write the raw weight

@@ -161,7 +161,8 @@ def group_weight_amax(m: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def shared_input_groups(model: nn.Module, device: torch.device) -> tuple[list[list[str]], dict[int, str]]:
+def shared_input_groups(model: nn.Module, device: torch.device, *, fake: bool = True
+                        ) -> tuple[list[list[str]], dict[int, str]]:
     """Which quantized linears read the same input tensor, and the layernorm that produced it.
 
     ModelOpt's ``collect_shared_input_modules``, without its side effects: forward hooks on quantized
@@ -169,14 +170,17 @@ def shared_input_groups(model: nn.Module, device: torch.device) -> tuple[list[li
     off, no cache. The forward runs on a twin of the model under ``FakeTensorMode`` (its modules copied
     without hooks, every tensor a fake one: shapes, no data), so that no weight is read: which tensor
     object each module receives does not depend on the values (a forward that branches on values raises
-    there rather than taking another branch). Where the twin's forward fails, it runs on the model itself,
-    its input on ``device``, as ModelOpt's does.
+    there rather than taking another branch). Where the twin's forward fails, or with ``fake=False`` (the
+    fake forward costs a fixed time per op, the model's own forward the time to onload every weight: cheaper
+    when no weight is on disk), it runs on the model itself, its input on ``device``, as ModelOpt's does.
 
     Returns:
         The groups in first-call order (module names in call order) and, for each group index, the name
         of the layernorm whose output the group reads (when there is one).
     """
     roles = _hooked_roles(model)
+    if not fake:
+        return _traced_groups(model, roles, device)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             return _traced_groups(_fake_twin(model), roles, torch.device("cpu"))

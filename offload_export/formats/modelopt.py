@@ -127,6 +127,7 @@ class ModelOptPacker:
             raise ValueError(f"{FORMAT} needs a model quantized by NVIDIA ModelOpt (mtq.quantize); "
                              f"{type(model).__name__} has no ModelOpt quantizers. Use format='fake-quant'")
         self._model = model
+        self._refs = refs
         self.dtype = _resolve_export_dtype(model, dtype)
         if isinstance(self.dtype, str):  # config.torch_dtype is a string after a save_pretrained round trip
             self.dtype = getattr(torch, self.dtype.removeprefix("torch."))
@@ -242,7 +243,8 @@ class ModelOptPacker:
             self._fuse_prequant_to_linear(model)
         if all(q.fmt in _NO_FUSION for q in self.modules.values()):
             return
-        groups, norms = shared_input_groups(model, _input_device(model))
+        on_disk = any(ref.store.kind != "cpu" for ref in self._refs.values())
+        groups, norms = shared_input_groups(model, _input_device(model), fake=on_disk)
         for i, names in enumerate(groups):
             members = [self.modules[n] for n in names if n in self.modules]
             if len(names) < 2 or len(members) != len(names) or members[0].fmt in _NO_FUSION:

@@ -188,7 +188,7 @@ def other_groups(fake: bool):
     from offload_export.formats import modelopt as fmt
 
     saved = fmt.shared_input_groups
-    fmt.shared_input_groups = lambda model, device, fake_=None: saved(model, device, fake=fake)
+    fmt.shared_input_groups = lambda model, device, **kw: saved(model, device, fake=fake)
     return saved
 
 
@@ -252,19 +252,21 @@ def amax_to(model, device) -> int:
     return moved
 
 
-def curve_case(src: Path, work: Path, shape: str, kinds: list[str], rates: dict) -> list[dict]:
+def curve_case(src: Path, work: Path, shape: str, kinds: list[str], rates: dict, disk_held: bool = False) -> list[dict]:
     import modelopt.torch.quantization as mtq
 
     model = offloaded(src, CURVE_MEMORY, work)
     t = time.perf_counter()
     mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), calib_loop())
     calib_s = round(time.perf_counter() - t, 1)
+    promoted = drop_promoted(model) if disk_held else 0
     read, summary = disk_bytes(model)
     source_GB = sum(b for k, (_, b) in summary.items() if k not in ("tied", "missing")) / 1e9
     rows = []
     for kind in kinds:
         fmt = "modelopt" if kind == "packed" else "fake-quant"
-        row = {"shape": shape, "export": kind, "layout": summary, "calibrate_s": calib_s, "source_GB": round(source_GB, 2),
+        row = {"shape": shape, "export": kind, "layout": summary, "disk_held": disk_held,
+               "promoted_GB_dropped": round(promoted / 1e9, 2), "calibrate_s": calib_s, "source_GB": round(source_GB, 2),
                "read_disk_GB": round(read / 1e9, 2)}
         out = work / kind
         try:
@@ -317,7 +319,44 @@ def layer_inputs(model) -> tuple[list, dict]:
     return handles, seen
 
 
-def calibration_experiment(src: Path, work: Path, result: dict) -> None:
+def auto_offloaded(src: Path, work: Path):
+    """The issue's layout: transformers' ``device_map="auto"`` with ``max_memory={0: "2GiB", "cpu": "3GiB"}``."""
+    model = AutoModelForCausalLM.from_pretrained(src, device_map="auto", max_memory={0: "2GiB", "cpu": "3GiB"},
+                                                 dtype=torch.bfloat16, offload_folder=str(work / "offload"))
+    model.config.architectures = [type(model).__name__]
+    return model
+
+
+def execution_devices(model) -> dict[str, int]:
+    from offload_export._hooks import align_hooks
+
+    out: dict[str, int] = {}
+    for m in model.modules():
+        for h in align_hooks(m):
+            d = str(getattr(h, "execution_device", None))
+            out[d] = out.get(d, 0) + 1
+    return out
+
+
+def drop_promoted(model) -> int:
+    """Drop the CPU copies ModelOpt 0.47's calibration puts into accelerate's disk loaders (``_writeback_params_
+    to_weights_map`` promotes every disk-offloaded weight of a quantized module into the loader's ``state_dict``;
+    max calibration leaves the weights unchanged), so the export reads them from disk again. Returns bytes."""
+    from offload_export._hooks import align_hooks
+
+    seen, dropped = set(), 0
+    for m in model.modules():
+        for h in align_hooks(m):
+            ds = getattr(getattr(h, "weights_map", None), "dataset", None)
+            if ds is None or id(ds) in seen or not hasattr(ds, "index") or not hasattr(ds, "state_dict"):
+                continue
+            seen.add(id(ds))
+            for k in [k for k in ds.state_dict if k in ds.index]:
+                dropped += ds.state_dict.pop(k).nbytes
+    return dropped
+
+
+def calibration_experiment(src: Path, work: Path, result: dict, shape: str = "4b", issue_layout: bool = False) -> None:
     """Why the offloaded model's calibration differs from the resident twin's, and whether calibrating it inside
     ``oe.materialized(model, device="cuda")`` gives the resident twin's export."""
     import modelopt.torch.quantization as mtq
@@ -326,7 +365,8 @@ def calibration_experiment(src: Path, work: Path, result: dict) -> None:
     from offload_export.formats import modelopt as fmt
 
     qcfg = mtq.NVFP4_DEFAULT_CFG
-    row: dict = {"shape": "4b", "config": "NVFP4_DEFAULT_CFG", "map": "GPU 1 GiB + CPU 2 GiB + disk"}
+    row: dict = {"shape": shape, "config": "NVFP4_DEFAULT_CFG",
+                 "map": "device_map=auto, max_memory GPU 2 GiB, CPU 3 GiB" if issue_layout else "GPU 1 GiB + CPU 2 GiB + disk"}
 
     def calibrate(model, inside=None):
         handles, seen = layer_inputs(model)
@@ -351,8 +391,9 @@ def calibration_experiment(src: Path, work: Path, result: dict) -> None:
     torch.cuda.empty_cache()
     for label, inside in (("offloaded", None), ("inside_materialized_cuda", lambda m: oe.materialized(m, device="cuda"))):
         try:
-            model = offloaded(src, (1, 2), work)
+            model = auto_offloaded(src, work) if issue_layout else offloaded(src, (1, 2), work)
             row[f"{label}_layout"] = oe.layout(model).summary()
+            row[f"{label}_execution_devices"] = execution_devices(model)
             got_inputs = calibrate(model, inside)
             row[f"{label}_amax"] = compare_amax(amax_state(model), ref)
             bad = [i for i in sorted(ref_inputs) if got_inputs.get(i) != ref_inputs[i]]
@@ -360,7 +401,14 @@ def calibration_experiment(src: Path, work: Path, result: dict) -> None:
             row[f"{label}_layer_devices"] = {i: str(model.hf_device_map.get(f"model.layers.{i}")) for i in bad[:3]}
             row[f"{label}_ours"] = timed(lambda: oe.save_clean(model, work / "ours", format="modelopt"), work / "ours")
             row[f"{label}_ours_vs_resident"] = compare(work / "ours", work / "resident")
+            row[f"{label}_layout_after_calibration"] = oe.layout(model).summary()
             shutil.rmtree(work / "ours")
+            if issue_layout and label == "offloaded":
+                try:
+                    row["offloaded_fake_quant"] = timed(lambda: oe.save_clean(model, work / "fq"), work / "fq")
+                except Exception as e:
+                    row["offloaded_fake_quant"] = f"raised {type(e).__name__}: {str(e)[:200]}"
+                shutil.rmtree(work / "fq", ignore_errors=True)
             if label == "offloaded":
                 saved = other_groups(fake=False)
                 try:
@@ -376,7 +424,7 @@ def calibration_experiment(src: Path, work: Path, result: dict) -> None:
         gc.collect()
         torch.cuda.empty_cache()
         print(json.dumps({k: v for k, v in row.items() if k.startswith(label)}), flush=True)
-    result["calibration"] = row
+    result.setdefault("calibration", []).append(row)
     shutil.rmtree(work / "resident", ignore_errors=True)
 
 
@@ -428,6 +476,28 @@ def curve(args, result: dict) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def big(args, result: dict) -> None:
+    """8B: the issue's layout (calibration vs the resident twin, fake-quant there, calibration inside
+    ``materialized``), then fake-quant and packed with disk-held weights; 14B: packed with disk-held weights."""
+    for shape in args.big_shapes.split(","):
+        work = Path(tempfile.mkdtemp(prefix=f"big_{shape}_", dir=args.work))
+        cfg = Qwen3Config(vocab_size=VOCAB, num_key_value_heads=8, head_dim=128, **CURVE[shape])
+        build_checkpoint(work / "src", cfg)
+        rates = floor_rates(work / "src", work)
+        result["floors"][shape] = rates
+        print(json.dumps({"floor": shape, **rates}), flush=True)
+        if shape == "8b":
+            calibration_experiment(work / "src", work, result, shape, issue_layout=True)
+            args.save(result)
+        kinds = ["fake-quant", "packed"] if shape == "8b" else ["packed"]
+        try:
+            result["curve"] += curve_case(work / "src", work, shape, kinds, rates, disk_held=True)
+        except Exception as e:
+            result["curve"].append({"shape": shape, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]})
+        args.save(result)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def ratio(a, b):
     return round(a / b, 2) if isinstance(a, (int, float)) and b else None
 
@@ -459,18 +529,19 @@ def print_tables(result: dict) -> None:
                 print(f"| {r['shape']} | {r.get('export')} | ERROR {r.get('error', '')[:100]} {r.get('error2', '')[:100]} |")
                 continue
             note = f"amax moved to cuda ({r['amax_moved_to_cuda']}) after: {r['error'][:80]}" if "error" in r else ""
-            print(f"| {r['shape']} | {r['export']} | {r['s']} ({r['ttfb_s']}) | {r['read_disk_GB']} | "
+            print(f"| {r['shape']}{' disk-held' if r.get('disk_held') else ''} | {r['export']} | {r['s']} ({r['ttfb_s']}) | {r['read_disk_GB']} | "
                   f"{r['s_per_source_GB']} | {r['floor_s']} | {r['x_floor']} | "
                   f"{r['host_peak_MB']['RssAnon']}/{r['host_peak_MB']['VmRSS']} | {note} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", default="tables", choices=("tables", "curve", "both"))
+    ap.add_argument("--part", default="tables", choices=("tables", "curve", "both", "big"))
     ap.add_argument("--shapes", default="4b,moe")
     ap.add_argument("--configs", default="NVFP4_DEFAULT_CFG,FP8_DEFAULT_CFG")
     ap.add_argument("--curve-fake-quant", default="0.6b,4b,8b")
     ap.add_argument("--curve-packed", default="0.6b,4b,14b")
+    ap.add_argument("--big-shapes", default="8b,14b")
     ap.add_argument("--work", default=None, help="scratch folder (default: the system's temporary folder)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--tag", default="h200")
@@ -489,6 +560,8 @@ def main() -> None:
             tables(args, result)
         if args.part in ("curve", "both"):
             curve(args, result)
+        if args.part == "big":
+            big(args, result)
     finally:
         args.save(result)
         print_tables(result)

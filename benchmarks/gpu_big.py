@@ -1,24 +1,28 @@
 """Packed and fake-quant export of big offloaded models beside ModelOpt's exporters and the I/O floor, in one run.
 
-``--part tables``: the Qwen3-4B shape (GPU 2 GiB + CPU 3 GiB + disk) and the Qwen3-MoE shape (GPU 2 GiB +
-CPU 2 GiB + disk), NVFP4 and FP8 (ModelOpt ``NVFP4_DEFAULT_CFG`` / ``FP8_DEFAULT_CFG``). Per case: ModelOpt's
-``export_hf_checkpoint`` of the resident twin (the reference), then on the offloaded model (calibrated the
-same way): ours ``format="modelopt"`` (shared-input groups from the fake twin: today's code), ours with
-the groups from a forward of the model (the code before), ModelOpt's ``export_hf_checkpoint`` of the
-offloaded model (its streaming path; it breaks the model, so it runs last). Each export: seconds, time to
+``--part tables``: the Qwen3-4B shape (``device_map="auto"``, ``max_memory`` GPU 2 GiB + CPU 3 GiB, an offload
+folder) and the Qwen3-MoE shape (GPU 2 GiB + CPU 2 GiB), NVFP4 and FP8 (ModelOpt ``NVFP4_DEFAULT_CFG`` /
+``FP8_DEFAULT_CFG``). Per case: ModelOpt's ``export_hf_checkpoint`` of the resident twin (the reference), then on
+the offloaded model (calibrated the same way): ours ``format="modelopt"``, ours with the shared-input groups found
+the other way (fake twin / forward of the model), ModelOpt's ``export_hf_checkpoint`` of the offloaded model (its
+streaming path; it breaks the model, so it runs last). Each export: seconds, time to
 first byte (ours: first ``pwrite``; ModelOpt's: first non-empty ``*.safetensors`` seen by the sampler),
 host peak above the start (RssAnon and VmRSS, sampled every 5 ms), tensors equal to the reference.
 
-``--part curve``: the cost curve over GPU 2 GiB + CPU 8 GiB + disk: fake-quant NVFP4 at 0.6B/4B/8B and
-``format="modelopt"`` NVFP4 at 0.6B/4B/14B (``--curve-packed 0.6b,4b,8b`` when 14B does not fit): seconds
-per GB read, host peak, fraction of the floor.
+``--part curve``: the cost curve over GPU 2 GiB + CPU 8 GiB + disk (an explicit device map, :func:`budget_map`):
+fake-quant NVFP4 at 0.6B/4B/8B and ``format="modelopt"`` NVFP4 at 0.6B/4B/14B (``--curve-packed 0.6b,4b,8b``
+when 14B does not fit): seconds per GB read, host peak, fraction of the floor.
 
 The floor, measured in the same run on the same filesystem: reading the checkpoint's files (4 MiB
 ``readv``, as warm in the page cache as the export's reads) and writing + fsync-ing fresh bytes (64 MiB
-``pwrite``, each step's writeback started at once as our writer does); a case's floor is its disk-held source bytes at the read rate plus its output bytes at the
-write rate (CPU-held tensors count as free).
+``pwrite``, each step's writeback started at once as our writer does); a case's floor is its disk-held source
+bytes at the read rate plus its output bytes at the write rate (CPU-held tensors count as free).
 
-Usage (GPU machine, modelopt installed): python benchmarks/gpu_big.py --part tables --out $OUT
+``--part big``: the 8B shape in the issue's layout (``device_map="auto"``: calibration against the resident twin,
+fake-quant there, calibration inside ``oe.materialized(model, device="cuda")``), then 8B (fake-quant, packed) and
+14B (packed) with disk-held weights (ModelOpt calibration's CPU copies of them dropped: :func:`drop_promoted`).
+
+Usage (GPU machine, modelopt installed): python benchmarks/gpu_big.py --part tables|curve|big --out $OUT
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ CURVE = {"0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layer
                     tie_word_embeddings=False),
          "14b": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
                      tie_word_embeddings=False)}
-TABLE_MEMORY = {"4b": (2, 3), "moe": (2, 2)}  # GiB on GPU 0, GiB on the CPU, the rest on disk
+TABLE_MEMORY = {"4b": {0: "2GiB", "cpu": "3GiB"}, "moe": {0: "2GiB", "cpu": "2GiB"}}  # device_map="auto" (the issue's)
 CURVE_MEMORY = (2, 8)
 
 
@@ -209,7 +213,7 @@ def table_case(src: Path, work: Path, shape: str, cfg_name: str, rates: dict) ->
     gc.collect()
     torch.cuda.empty_cache()
 
-    model = offloaded(src, TABLE_MEMORY[shape], work)
+    model = auto_offloaded(src, work, TABLE_MEMORY[shape])
     mtq.quantize(model, copy.deepcopy(qcfg), calib_loop())
     read, row["layout"] = disk_bytes(model)
     row["read_disk_GB"] = round(read / 1e9, 2)
@@ -319,9 +323,9 @@ def layer_inputs(model) -> tuple[list, dict]:
     return handles, seen
 
 
-def auto_offloaded(src: Path, work: Path):
-    """The issue's layout: transformers' ``device_map="auto"`` with ``max_memory={0: "2GiB", "cpu": "3GiB"}``."""
-    model = AutoModelForCausalLM.from_pretrained(src, device_map="auto", max_memory={0: "2GiB", "cpu": "3GiB"},
+def auto_offloaded(src: Path, work: Path, max_memory: dict | None = None):
+    """The issue's layouts: transformers' ``device_map="auto"`` with ``max_memory`` (``{0: "2GiB", "cpu": "3GiB"}``)."""
+    model = AutoModelForCausalLM.from_pretrained(src, device_map="auto", max_memory=max_memory or TABLE_MEMORY["4b"],
                                                  dtype=torch.bfloat16, offload_folder=str(work / "offload"))
     model.config.architectures = [type(model).__name__]
     return model

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -18,7 +18,7 @@ from torch import nn
 
 __all__ = ["CacheHook", "Store", "StoreRef", "add_store_entry", "align_hooks", "cache_store", "execution_device",
            "is_offload_cache", "no_onloading", "offloaded_tensors", "offloads", "resolve_store", "resume_offload",
-           "state_lock", "suspend_offload"]
+           "state_lock", "store_paths", "suspend_offload", "suspensions"]
 
 # Guards every change :func:`offload_export.materialized` makes to hooks, modules and stores (one lock for all
 # of them, so that blocks entered from several threads compose). Re-entrant: a block may enter another.
@@ -91,6 +91,12 @@ def resume_offload(hook) -> None:
         del _suspended[id(hook)]
 
 
+def suspensions(hook) -> int:
+    """How many :func:`suspend_offload` calls on ``hook`` are not resumed yet."""
+    entry = _suspended.get(id(hook))
+    return entry[1] if entry is not None else 0
+
+
 def offloads(hook) -> bool:
     """Whether ``hook`` offloads its module's tensors, also while :func:`suspend_offload` holds it off."""
     entry = _suspended.get(id(hook))
@@ -119,8 +125,11 @@ def _unprefix(weights_map: Mapping, name: str) -> tuple[Mapping, str]:
     return dataset, key
 
 
-def add_store_entry(weights_map: Mapping, name: str, value: torch.Tensor) -> None:
+def add_store_entry(weights_map: Mapping, name: str, value: torch.Tensor) -> Callable[[], None]:
     """Add a CPU copy of ``value`` as ``name`` to a hook's ``weights_map`` (a dict, or a loader's RAM entries).
+
+    Returns:
+        A function that puts the entry back as it was (absent, or its previous value).
 
     Raises:
         RuntimeError: the store cannot take new entries.
@@ -130,7 +139,10 @@ def add_store_entry(weights_map: Mapping, name: str, value: torch.Tensor) -> Non
         dataset = dataset.state_dict  # OffloadedWeightsLoader looks its RAM entries up first
     if not isinstance(dataset, MutableMapping):
         raise RuntimeError(f"cannot add {key} to an offload store of type {type(dataset).__name__}")
+    missing = object()
+    old = dataset.get(key, missing)
     dataset[key] = value.detach().to("cpu", copy=True)
+    return lambda: dataset.pop(key, None) if old is missing else dataset.__setitem__(key, old)
 
 
 def resolve_store(weights_map: Mapping, name: str) -> Store:
@@ -211,6 +223,53 @@ def offloaded_tensors(model: nn.Module, *, include_suspended: bool = False) -> d
                 refs[(id(owner), attr)] = StoreRef(hook, module_name, device, store)
     refs.update(_ct_offloaded_tensors(model))
     return refs
+
+
+def _loader_paths(dataset: Mapping) -> set[str]:
+    """The offload folder and safetensors files an ``OffloadedWeightsLoader`` reads (nothing for other mappings)."""
+    index = getattr(dataset, "index", None)
+    if not isinstance(index, Mapping):
+        return set()
+    folder = getattr(dataset, "save_folder", None)
+    paths = {str(folder)} if folder else set()
+    return paths | {str(info["safetensors_file"]) for info in index.values()
+                    if isinstance(info, Mapping) and info.get("safetensors_file")}
+
+
+def store_paths(model: nn.Module) -> set[str]:
+    """Every file and folder an offload store of ``model`` keeps weights in, whatever its tensors hold right now.
+
+    Found from the stores themselves, not from which tensors are meta: inside ``materialized`` (hooks
+    suspended, compressed-tensors caches swapped for dicts) the answer is the same. Covers accelerate hooks'
+    ``weights_map`` (offload folders, the source checkpoint's safetensors files), the ``offload_dir`` of
+    compressed-tensors ``DiskCache``s on ``model``, and the folder of every file compressed-tensors' process-wide
+    disk index lists, with the source checkpoint's file where that file is a symlink to it.
+
+    Args:
+        model: the module to scan.
+
+    Returns:
+        Paths as the stores name them (not resolved).
+    """
+    paths: set[str] = set()
+    seen: set[int] = set()
+    for module in model.modules():
+        for hook in align_hooks(module):
+            dataset = _unprefix(hook.weights_map, "")[0] if hook.weights_map is not None else None
+            if dataset is not None and id(dataset) not in seen:
+                seen.add(id(dataset))
+                paths |= _loader_paths(dataset)
+        for cache in (module._parameters, module._buffers):
+            if is_offload_cache(cache) and getattr(cache, "offload_dir", None):
+                paths.add(str(cache.offload_dir))
+    disk = sys.modules.get("compressed_tensors.offload.cache.disk")
+    for info in list(getattr(getattr(disk, "DiskCache", None), "index", {}).values()):
+        file = info.get("safetensors_file") if isinstance(info, Mapping) else None
+        if file:  # a file it wrote, or a symlink to the source checkpoint's file
+            paths.add(os.path.dirname(str(file)))
+            if os.path.islink(file):
+                paths.add(os.path.realpath(file))
+    return paths
 
 
 # --- compressed-tensors' own offloading (compressed_tensors.offload) ------------------------------------

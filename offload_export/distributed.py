@@ -27,7 +27,7 @@ and each quantizer's configuration and a digest of its state) and must match. Wh
 ``group=dist.new_group([rank], use_local_synchronization=True)``; otherwise it waits for the other ranks
 until ``timeout`` and raises.
 
-One process, several GPUs needs none of this: :func:`offload_export.pipeline.stream_lanes` folds each unit
+One process, several GPUs needs none of this: :func:`offload_export.pipeline.run_units` folds each unit
 on its own fold device within ``save_clean`` itself.
 
 This module builds on the one-process export (job, pipeline, checkpoint files, atomic staging) and registers
@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -91,6 +92,32 @@ def assign_shards(sizes: Sequence[int], readable: Sequence[Sequence[bool]]) -> t
     return tuple(owner)
 
 
+def _wait(ctl, work) -> None:
+    """Wait for an asynchronous collective of group ``ctl``, then raise its error (the group's timeout, a peer gone).
+
+    A blocking wait holds the calling thread inside C++ until the collective returns, so Ctrl-C
+    (``KeyboardInterrupt``) would be raised only then. Here a helper thread waits and this one joins it in
+    short slices, which a signal interrupts at once. The helper holds the group and the collective until
+    the collective ends (their destructors wait for it), so after an interruption nothing in this thread
+    waits for it; the process can exit, and the other ranks then fail at once.
+    """
+    error: list[BaseException] = []
+
+    def wait(group=ctl, pending=work) -> None:
+        try:
+            pending.wait()
+        except BaseException as e:
+            error.append(e)
+
+    helper = threading.Thread(target=wait, name="offload-export-collective", daemon=True)
+    del ctl, work
+    helper.start()
+    while helper.is_alive():
+        helper.join(0.05)
+    if error:
+        raise error[0]
+
+
 def _exchange(ctl, fn: Callable[[], str], outcome: str = "no checkpoint was written") -> list[str]:
     """Run ``fn`` on every rank and gather the strings it returns; if it raised anywhere, raise everywhere.
 
@@ -107,12 +134,12 @@ def _exchange(ctl, fn: Callable[[], str], outcome: str = "no checkpoint was writ
     world = dist.get_world_size(ctl)
     header = torch.tensor([len(data), error is None], dtype=torch.int64)
     headers = [torch.empty_like(header) for _ in range(world)]
-    dist.all_gather(headers, header, group=ctl)
+    _wait(ctl, dist.all_gather(headers, header, group=ctl, async_op=True))
     longest = max(1, max(int(h[0]) for h in headers))
     padded = torch.zeros(longest, dtype=torch.uint8)
     padded[:len(data)] = data
     chunks = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(chunks, padded, group=ctl)
+    _wait(ctl, dist.all_gather(chunks, padded, group=ctl, async_op=True))
     texts = [c[:int(h[0])].numpy().tobytes().decode() for c, h in zip(chunks, headers)]
     failed = [r for r, h in enumerate(headers) if not h[1]]
     if error is not None:

@@ -153,20 +153,21 @@ def prepare_job(model: nn.Module, out_dir, *, fold: bool = True, format: str = "
 
     Raises:
         ValueError: a bad argument, a model that cannot be exported in ``format``, or an ``out_dir`` that is
-            (or contains) an offload folder or source file the model reads its weights from.
+            (or contains) an offload folder or source file the model reads its weights from, is ``""``, the
+            current directory or a mount point, or (with ``overwrite``) holds more than a checkpoint.
             Also a corrupt offload store (a safetensors header that the safetensors library rejects, a ``.dat``
             file of the wrong size), named by file and tensor, before anything is written.
         RuntimeError: a meta tensor that no hook supplies.
         FileExistsError, PermissionError: ``out_dir`` cannot be written.
     """
-    out_dir = Path(out_dir)
     format_cls = get_format(format)
     shard_bytes = parse_size(max_shard_size)
     dtype = as_dtype(dtype)
     device = torch.device(device) if device is not None else None
     lay = layout(model)
-    if check_out:
+    if check_out:  # the stores are found from the hooks, so this holds inside materialized() too
         _atomic.check_destination(out_dir, overwrite=overwrite, protected=lay.source_paths())
+    out_dir = Path(out_dir)
     _check_model(model, lay, allow_missing=allow_missing)
     for info in lay.values():  # corrupt offload files fail here, before anything is written
         if info.ref is not None:

@@ -19,8 +19,6 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -28,11 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._store import SAFETENSORS_DTYPES, CorruptHeader, FileSpan, pread_exact, read_safetensors_header, read_store
+from ._store import (SAFETENSORS_DTYPES, CorruptHeader, FileSpan, open_regular, pread_exact, read_safetensors_header,
+                     read_store)
 from .checkpoint import SHARD_METADATA, write_model_files
 from .job import INDEX_NAME, Job, prepare_job
-from .materialize import materialized
-from .pipeline import UnitReader, stream
+from .materialize import materialized, waits_for_blocks
+from .pipeline import UnitReader, run_units
 from .plan import Unit
 from ._hooks import offloaded_tensors
 from .vllm_fq import VLLM_FQ_STATE_NAME, write_vllm_fq_state
@@ -252,8 +251,8 @@ class _Prefetch:
 
     def _advise(self, path: str, offset: int, nbytes: int) -> None:
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
+            fd = open_regular(path)
+        except (OSError, ValueError):
             return  # the comparison reports it
         try:
             step = _willneed_step(os.fstat(fd).st_dev)
@@ -308,9 +307,10 @@ def _same_bytes(expected: torch.Tensor | FileSpan, path: Path, offset: int, nbyt
     """
     span = expected if isinstance(expected, FileSpan) else None
     flat = None if span is not None else expected.reshape(-1).view(torch.uint8)
-    fd = os.open(path, os.O_RDONLY)
-    src = os.open(span.path, os.O_RDONLY) if span is not None else -1
+    fd = open_regular(str(path))
+    src = -1
     try:
+        src = open_regular(span.path) if span is not None else -1
         for pos in range(0, nbytes, _CHUNK):
             n = min(_CHUNK, nbytes - pos)
             want, got = bufs.views(n)
@@ -698,6 +698,10 @@ def _read_order(out_dir: Path, entries: dict[str, _Entry], units: list[Unit], re
     return ranges
 
 
+def _one_lane(reader: UnitReader, unit: Unit) -> int:
+    return 0
+
+
 def check(job: Job, out_dir: Path, *, thorough: bool = False) -> VerifyReport:
     """Verify ``out_dir`` against an export job (the plan, quantizers and reader of :func:`save_clean`); with
     ``thorough``, every folded weight is also recomputed through its quantizer's forward (else a sample)."""
@@ -726,23 +730,14 @@ def check(job: Job, out_dir: Path, *, thorough: bool = False) -> VerifyReport:
                     report.bytes += spec.nbytes
             del tensor
 
-    # units are compared behind, in order, while the next ones are read and folded (as the export writes
-    # behind); the stream's byte budget bounds how far the comparisons may lag
-    behind = ThreadPoolExecutor(1, thread_name_prefix="offload-export-verify-compare")
-    pending: deque[Future] = deque()
+    # units are compared behind, in order, by the loop's consumer thread while the next ones are read and folded
+    # (as the export writes behind); one lane keeps the order the prefetch requests the bytes in
     reader = job.reader()
     read_ahead = reader.read_ahead_bytes(wanted)
     prefetch = _Prefetch(_read_order(out_dir, entries, wanted, reader), max(_PREFETCH_MIN, 2 * read_ahead))
     try:
-        for unit, outputs in stream(reader, wanted, read_ahead_bytes=read_ahead, held=True):
-            while pending and pending[0].done():
-                pending.popleft().result()
-            pending.append(behind.submit(compare, unit, outputs))
-            del outputs
-        while pending:
-            pending.popleft().result()
+        run_units(reader, wanted, compare, read_ahead_bytes=read_ahead, lane=_one_lane, name="verify-compare")
     finally:
-        behind.shutdown(wait=True, cancel_futures=True)
         prefetch.close()
     expected = _check_model_files(job, out_dir, problems)
     report.unchecked = _check_files(out_dir, weight_files, expected, problems)
@@ -751,6 +746,7 @@ def check(job: Job, out_dir: Path, *, thorough: bool = False) -> VerifyReport:
     return report
 
 
+@waits_for_blocks  # another thread's materialized() block would change tensors mid-read
 def verify(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "fake-quant", fold: bool = True,
            dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
            thorough: bool = False) -> VerifyReport:

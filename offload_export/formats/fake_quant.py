@@ -114,7 +114,11 @@ class FakeQuant(Format):
         # our writer, not safetensors' save_file: its metadata map is serialized in random order
         writer = ShardWriter(str(tmp / QUANTIZER_STATE_NAME), [TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()],
                              {"format": "pt", "quantizers": json.dumps(configs, sort_keys=True)})
-        for key, value in tensors.items():
-            writer.write(key, value)
-        writer.close()
+        try:
+            for key, value in tensors.items():
+                writer.write(key, value)
+            writer.close()
+        except BaseException:
+            writer.abort()  # its descriptor: a failed write must not keep the file's space allocated
+            raise
         return [QUANTIZER_STATE_NAME]

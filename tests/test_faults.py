@@ -374,7 +374,7 @@ def race_results(tmp_path_factory) -> dict[bool, tuple[Path, list[dict]]]:
         barrier.mkdir()
         if overwrite:
             dest.mkdir(parents=True)
-            (dest / "stale.txt").write_text("previous checkpoint")
+            (dest / "stale.safetensors").write_text("previous checkpoint")  # a checkpoint file: replaceable
         rounds.append({"dest": str(dest), "barrier": str(barrier), "overwrite": overwrite})
     procs = [subprocess.Popen([sys.executable, __file__, "race", json.dumps({"work": str(tmp / f"work{i}"),
                                                                           "rounds": rounds})],
@@ -395,7 +395,7 @@ def test_two_racing_exports_into_one_destination(race_results, tmp_path, overwri
     else:
         assert [r["outcome"] for r in results] == ["FileExistsError", "ok"] and results[1]["verified"]
         assert "another export" in results[0]["message"]
-    assert leftovers(dest.parent) == [] and not (dest / "stale.txt").exists()
+    assert leftovers(dest.parent) == [] and not (dest / "stale.safetensors").exists()
     assert oe.verify(build_plain(tmp_path), dest).ok  # one complete checkpoint, as exported
     assert all(load_file(f) for f in dest.glob("model*.safetensors"))
 

@@ -9,10 +9,12 @@ import copy
 import json
 import os
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 
+from .fingerprint import SHARD_METADATA
 from .job import INDEX_NAME, Job
 from .pipeline import UnitReader, stream_lanes
 from .plan import ExportPlan
@@ -21,8 +23,11 @@ from .writer import Descriptors, ShardWriter
 __all__ = ["write_metadata", "write_model_files", "write_weights"]
 
 
-def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: bool) -> list[str]:
+def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: bool,
+                  on_shard: Callable[[str], None] | None = None) -> list[str]:
     """Stream every unit of ``plan`` into its shards in ``tmp``; one unit is written while the next is made.
+
+    ``on_shard(path)`` is called (on the writer thread) as soon as a shard is complete and fsync-ed.
 
     Returns:
         The shard file names.
@@ -33,13 +38,16 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
         bar = tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="offload-export")
     # files open at their first tensor and close (fsync-ed) at their last; at most a few at once
     descriptors = Descriptors()
-    writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, {"format": "pt"}, descriptors=descriptors)
+    writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, SHARD_METADATA, descriptors=descriptors)
                for s in plan.shards}
     shard_of = plan.weight_map
 
     def write(unit, outputs):
         for spec in unit.outputs:
-            writers[shard_of[spec.name]].write(spec.name, outputs.pop(spec.name))
+            writer = writers[shard_of[spec.name]]
+            writer.write(spec.name, outputs.pop(spec.name))
+            if on_shard is not None and writer.complete:
+                on_shard(writer.path)
             if bar is not None:
                 bar.update(spec.nbytes)
 

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "that toolkit's own exporter writes")
     p.add_argument("--max-shard-size", type=_shard_size, default="5GB", help="bytes per shard (default: 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT once the export is complete")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed export into OUT: keep the shards it completed, if the plan is the same")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no report")
 
     p = sub.add_parser("verify", help="check an export against its source model, tensor by tensor",
@@ -192,7 +194,7 @@ def _run_export(args: argparse.Namespace) -> int:
         model = _load_quantized(args, folder, say)
         report = save_clean(model, args.out, format=args.format, max_shard_size=args.max_shard_size,
                             overwrite=args.overwrite, tokenizer=_tokenizer(args.src),
-                            progress=not args.quiet and sys.stdout.isatty())
+                            progress=not args.quiet and sys.stdout.isatty(), resume=args.resume)
     say(report)
     return 0
 

@@ -10,7 +10,7 @@ checkpoint), fake-quantizes every Linear with the built-in int8 scheme and times
 * ``fresh``: a plain export (journal and digests included: what every export does);
 * ``no-journal``: the same with the journal's shard hashing and the in-memory digest switched off, so that
   ``fresh - no-journal`` is the journal's cost;
-* ``resume-90``: first a child is SIGKILL-ed right after the journal recorded 90 % of the shards; then a
+* ``resume-90``: first a child is SIGKILL-ed once 90 % of the shards are complete and recorded; then a
   child times ``save_clean(..., resume=True)``, which verifies the kept shards (re-hashing them) and writes
   the rest. The result is checked byte for byte against the fresh export.
 
@@ -72,16 +72,23 @@ def _child(args: dict) -> None:
     if args["method"] == "no-journal":
         resume_mod.ResumeSession.shard_done = lambda self, path: None
         resume_mod.memory_digest = lambda *a, **k: None
-    if args["method"] == "kill":
-        append, records = resume_mod._append, [0]
+    if args["method"] == "kill":  # once the k-th shard is complete and its record is in the journal: SIGKILL
+        append, shard_done, records, shards = resume_mod._append, resume_mod.ResumeSession.shard_done, [0], [0]
 
         def append_(fd, data):
             append(fd, data)
             records[0] += b'"file"' in data
-            if records[0] == args["kill_after"]:
+
+        def shard_done_(self, path):
+            shard_done(self, path)
+            shards[0] += 1
+            if shards[0] == args["kill_after"]:
+                deadline = time.monotonic() + 120
+                while records[0] < shards[0] and time.monotonic() < deadline:
+                    time.sleep(0.01)
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        resume_mod._append = append_
+        resume_mod._append, resume_mod.ResumeSession.shard_done = append_, shard_done_
     start = time.perf_counter()
     report = oe.save_clean(model, work / args["out"], max_shard_size=args["shard"], resume=args["method"] != "fresh"
                            and args["method"] != "no-journal")

@@ -26,7 +26,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,10 +225,8 @@ class ResumeSession:
     written_shards: int = 0
     written_bytes: int = 0
     _fd: int = -1
-    _path: Path | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pool: ThreadPoolExecutor | None = None
-    _pending: list[Future] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _memory_thread: threading.Thread | None = None
     _kept: dict[str, int] = field(default_factory=dict)
@@ -255,7 +253,7 @@ class ResumeSession:
             if not self._stop.is_set():
                 self._record({"file": os.path.basename(path), "size": size, "sha256": digest})
 
-        self._pending.append(self._pool.submit(hash_and_record))
+        self._pool.submit(hash_and_record)
 
     def _close(self, *, cancel: bool, remove: Path | None) -> None:
         """Finish (or with ``cancel`` drop) the pending records; with ``remove``, delete every journal in it (before
@@ -387,7 +385,7 @@ def resume_session(job: Job, tmp: Path, share: ExportPlan, *, fingerprint: str, 
                      f"from the earlier export; writing {len(remaining.shards)}")
     path = tmp / f"{JOURNAL_PREFIX}.{rank}.{uuid.uuid4().hex[:8]}.jsonl"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-    session._fd, session._path = fd, path
+    session._fd = fd
     try:
         _lock(fd)
         session._record({"journal": 1, "fingerprint": fingerprint, "rank": rank, "memory": memory, "facts": facts,

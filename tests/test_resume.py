@@ -184,6 +184,23 @@ def test_a_staging_directory_of_another_pid_namespace_is_resumed_only_with_resum
     assert any("because resume=True" in n for n in report.notes), report.notes
 
 
+def test_cli_export_resume_continues_an_interrupted_export(work, monkeypatch, capsys):
+    from offload_export.cli import main
+    from offload_export.demo import build_checkpoint
+
+    build_checkpoint(work / "src", "tiny")
+    args = ["export", str(work / "src"), str(work / "out"), "--scheme", "int8", "--max-shard-size", "30000",
+            "--offload-folder", str(work / "offload"), "--resume"]
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        assert main(args) == 130  # Ctrl-C: with --resume the staging directory stays
+    assert main(args) == 0
+    assert "resumed: " in capsys.readouterr().out
+    assert main(["export", str(work / "src"), str(work / "ref"), "--scheme", "int8", "--max-shard-size", "30000",
+                 "--quiet"]) == 0
+    assert _files(work / "out") == _files(work / "ref")
+
+
 def test_fingerprint_covers_shards_quantizers_and_sources(work):
     model = _tiny_model(offload_dir=work / "offload")
     facts = plan_facts(prepare_job(model, work / "x", max_shard_size=SHARD))

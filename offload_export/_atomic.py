@@ -6,8 +6,9 @@ it is one it can see: only then, and only when that process is gone (its PID fre
 that started later), are the leftovers removed. A directory whose owner cannot be judged (another machine,
 boot, PID namespace or container, or no ``/proc``) is kept, and the export says so in its notes.
 
-The destination is resolved first: a symlink is followed and the checkpoint lands at its target (the link
-stays). The commit is then:
+The destination is resolved and checked first (:mod:`._destination`): a symlink is followed and the checkpoint
+lands at its target (the link stays); with ``overwrite`` it must hold nothing but a checkpoint, checked again
+right before the commit (what appeared there meanwhile is never replaced). The commit is then:
 
 * Linux, local file systems: one ``renameat2`` call, ``RENAME_NOREPLACE`` (two racing exports: exactly one
   wins, the other gets ``FileExistsError``) or ``RENAME_EXCHANGE`` (``overwrite``: the previous checkpoint
@@ -19,6 +20,10 @@ stays). The commit is then:
   cleanup ever deletes a backup whose destination is missing.
   A rival export can still slip in between the check and the rename of a fresh destination only when the
   destination is an empty directory, which counts as absent.
+
+A staging directory is registered as live before it is created, so another export's cleanup in the same
+process never takes it for an abandoned one. The replaced checkpoint is removed under our staging name, its
+read-only directories made writable first (only inside it); what cannot be removed is named in the notes.
 
 Files and directories are fsynced (``F_FULLFSYNC`` where the platform has it, as on macOS). Without /proc
 (macOS) an owner is judged by ``kill(pid, 0)`` alone: a free PID means dead, a PID in use keeps the directory.
@@ -35,19 +40,22 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+
+from ._destination import check_destination, check_replaceable
 
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["check_destination", "is_staging_dir", "resolve_destination", "staging"]
+__all__ = ["check_destination", "is_staging_dir", "staging"]  # check_destination: _destination's, for the callers
 
 _TAG = ".offload-export-"
 _BACKUP = "-backup"
@@ -56,73 +64,6 @@ _NAME = re.compile(r"^\.(?P<dest>.+)" + re.escape(_TAG) + r"(?P<owner>[0-9a-f]{1
 _AT_FDCWD = -100
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _active: set[str] = set()  # this process's staging directories and backups that are still in use
-
-
-# ------------------------------------------------------------------------------------------- destination
-
-
-def resolve_destination(out_dir: str | os.PathLike) -> Path:
-    """The directory a checkpoint for ``out_dir`` is written to: absolute, every symlink followed.
-
-    A symlink (also a dangling one) stands for its target: the checkpoint lands there and the link stays.
-
-    Args:
-        out_dir: the destination the user named.
-
-    Returns:
-        The resolved path.
-    """
-    return Path(os.path.realpath(os.path.abspath(out_dir)))
-
-
-def _named(out_dir: str | os.PathLike, target: Path) -> str:
-    return str(out_dir) if Path(os.path.abspath(out_dir)) == target else f"{out_dir} (-> {target})"
-
-
-def _check_sources(out_dir: str | os.PathLike, target: Path, protected: Iterable[str | os.PathLike]) -> None:
-    """Raise ValueError when ``target`` is, or contains, a file or folder the model reads its weights from."""
-    for source in protected:
-        real = resolve_destination(source)
-        if real == target or target in real.parents:
-            relation = "is" if real == target else "contains"
-            raise ValueError(f"cannot export into {_named(out_dir, target)}: it {relation} {source}, which the "
-                             f"model reads its offloaded weights from, and exporting there would replace them; "
-                             f"choose a destination that does not contain it (a new folder inside an offload "
-                             f"folder is fine)")
-
-
-def check_destination(out_dir: str | os.PathLike, *, overwrite: bool,
-                      protected: Iterable[str | os.PathLike] = ()) -> Path:
-    """Fail early, before anything is written, on a destination that cannot or must not be written.
-
-    Args:
-        out_dir: the destination directory; a symlink stands for its target.
-        overwrite: whether a non-empty destination may be replaced.
-        protected: files and folders the model reads its weights from (offload folders, the source
-            checkpoint's safetensors files: ``offload_export.layout(model).source_paths()``).
-
-    Returns:
-        The resolved destination (see :func:`resolve_destination`), where the checkpoint will be.
-
-    Raises:
-        ValueError: the destination is, or contains, one of ``protected``.
-        FileExistsError: the destination is a file, or a non-empty directory and ``overwrite`` is false.
-        PermissionError: the nearest existing ancestor directory is not writable.
-    """
-    target = resolve_destination(out_dir)
-    _check_sources(out_dir, target, protected)
-    if (target.exists() or target.is_symlink()) and not target.is_dir():
-        raise FileExistsError(f"{_named(out_dir, target)} exists and is not a directory; choose another destination")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"{_named(out_dir, target)} is not empty; pass overwrite=True to replace it once the "
-                              f"new checkpoint is complete, or choose another destination")
-    parent = target.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    effective = os.access in os.supports_effective_ids  # a setuid/seteuid process is judged by its euid
-    if not os.access(parent, os.W_OK | os.X_OK, effective_ids=effective):
-        raise PermissionError(f"cannot write into {parent}: permission denied; choose a writable destination")
-    return target
 
 
 def is_staging_dir(path: Path) -> bool:
@@ -217,8 +158,7 @@ def _restore(backup: Path, dest: Path) -> list[str]:
         if dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
             dest.rmdir()  # an empty destination counts as absent
         if dest.exists() or dest.is_symlink():  # the new checkpoint made it to the destination
-            shutil.rmtree(backup, ignore_errors=True)
-            return []
+            return _remove(backup, "the checkpoint it replaced")
         if _move_noreplace(backup, dest):
             _fsync(dest.parent)
             return [f"restored {dest} from {backup.name}: an export that was replacing it died between the "
@@ -246,8 +186,49 @@ def _remove_stale(parent: Path) -> list[str]:
         elif reason is None and m["suffix"] == _BACKUP:
             notes += _restore(path, parent / m["dest"])
         elif reason is None:
-            shutil.rmtree(path, ignore_errors=True)
+            notes += _remove(path, "a dead export's files")
     return notes
+
+
+def _remove_tree(path: Path) -> None:
+    """``rmtree`` that tolerates entries removed meanwhile (by another export's cleanup)."""
+    def gone(func, name, exc):
+        exc = exc[1] if isinstance(exc, tuple) else exc
+        if not isinstance(exc, FileNotFoundError):
+            raise exc
+
+    shutil.rmtree(path, **{"onexc" if sys.version_info >= (3, 12) else "onerror": gone})
+
+
+def _make_writable(path: Path) -> None:
+    """Give the owner full access to ``path`` and every directory below it (files are left as they are)."""
+    stack = [path]
+    while stack:  # top-down, so that each directory can be listed once it is accessible
+        folder = stack.pop()
+        os.chmod(folder, stat.S_IMODE(os.lstat(folder).st_mode) | stat.S_IRWXU)
+        with os.scandir(folder) as entries:
+            stack += [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+
+
+def _remove(path: Path, what: str) -> list[str]:
+    """Remove one of our staging directories or backups, making its read-only directories writable if need be.
+
+    Only ``path`` (which carries our staging name) and the directories inside it are ever chmodded.
+
+    Returns:
+        A note naming ``path`` and ``what`` it holds when it could not be removed, else nothing.
+    """
+    try:
+        try:
+            _remove_tree(path)
+        except PermissionError:  # a read-only checkpoint: its directories cannot have entries removed
+            _make_writable(path)
+            _remove_tree(path)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        return [f"could not remove {path} ({e}): it holds {what}; delete it by hand"]
+    return []
 
 
 # ------------------------------------------------------------------------------------------- commit
@@ -357,6 +338,7 @@ def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
                                   f"destination won the race); nothing was written")
         if not out_dir.is_dir() or out_dir.is_symlink():
             raise FileExistsError(f"{out_dir} appeared as a file or symlink while exporting; nothing was written")
+        check_replaceable(out_dir, out_dir)  # again: what was put there while exporting must not be lost
         _swap(tmp, out_dir)  # tmp now holds the previous checkpoint
     _fsync(out_dir.parent)
 
@@ -400,15 +382,15 @@ def staging(out_dir: str | os.PathLike, *, overwrite: bool, notes: list[str] | N
             keep_on_interrupt: bool = False) -> Iterator[Path]:
     """Yield a fresh staging directory beside ``out_dir``; on success fsync it and rename it into place.
 
-    ``out_dir`` is resolved first (:func:`resolve_destination`): the checkpoint lands at a symlink's target.
-    Leftovers of dead exports in the same parent directory are removed first (backups of a dead overwrite
-    are put back). On any exception (disk full, Ctrl-C) the staging directory is removed and the exception
-    propagates; ``out_dir`` is untouched. With ``overwrite`` the previous checkpoint stays complete until the
-    new one replaces it.
+    ``out_dir`` is checked first (:func:`check_destination`, without protected paths) and resolved: the
+    checkpoint lands at a symlink's target. Leftovers of dead exports in the same parent directory are
+    removed first (backups of a dead overwrite are put back). On any exception (disk full, Ctrl-C) the
+    staging directory is removed and the exception propagates; ``out_dir`` is untouched. With ``overwrite``
+    the previous checkpoint stays complete until the new one replaces it, and is removed afterwards.
 
     Args:
         out_dir: the destination directory.
-        overwrite: replace a non-empty destination.
+        overwrite: replace a destination that holds a checkpoint.
         notes: where to append what the cleanup did or left alone (for ``ExportReport.notes``).
         adopt: given the staging directories of earlier exports into ``out_dir`` whose owner is dead or cannot
             be judged (``(path, None or why)``), returns the one to continue, which is renamed to this
@@ -419,30 +401,35 @@ def staging(out_dir: str | os.PathLike, *, overwrite: bool, notes: list[str] | N
         The staging directory to write the checkpoint's files into.
 
     Raises:
+        ValueError: ``out_dir`` cannot be a destination, or (with ``overwrite``) holds more than a checkpoint,
+            also when that appeared while exporting (see :func:`check_destination`).
         FileExistsError: ``out_dir`` appeared while exporting and ``overwrite`` is false, or is a file.
     """
-    out_dir = resolve_destination(out_dir)
+    out_dir = check_destination(out_dir, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     adopted = _adopt(out_dir, adopt) if adopt is not None else None
     cleanup = _remove_stale(out_dir.parent)
     if notes is not None:
         notes += cleanup
     tmp = adopted or out_dir.parent / _temp_name(out_dir)
-    if adopted is None:
-        tmp.mkdir()
-    _active.add(str(tmp))
-    interrupted = False
+    _active.add(str(tmp))  # live before it exists: another export's cleanup must never see it unregistered
+    committed = interrupted = False
     try:
+        if adopted is None:
+            tmp.mkdir()
         yield tmp
         for f in tmp.iterdir():
             if f.is_file():
                 _fsync(f)
         _fsync(tmp)
         _commit(tmp, out_dir, overwrite)
+        committed = True
     except KeyboardInterrupt:
         interrupted = keep_on_interrupt
         raise
-    finally:
-        if not interrupted:
-            shutil.rmtree(tmp, ignore_errors=True)  # the failed export, or the replaced checkpoint
+    finally:  # the replaced checkpoint (now under our name), or the failed export's files
+        left = [] if interrupted else _remove(
+            tmp, f"the checkpoint {out_dir} held before" if committed else "a failed export's files")
         _active.discard(str(tmp))
+        if notes is not None:
+            notes += left

@@ -18,7 +18,7 @@ from torch import nn
 
 __all__ = ["CacheHook", "Store", "StoreRef", "add_store_entry", "align_hooks", "cache_store", "execution_device",
            "is_offload_cache", "no_onloading", "offloaded_tensors", "offloads", "resolve_store", "resume_offload",
-           "state_lock", "suspend_offload"]
+           "state_lock", "store_paths", "suspend_offload"]
 
 # Guards every change :func:`offload_export.materialized` makes to hooks, modules and stores (one lock for all
 # of them, so that blocks entered from several threads compose). Re-entrant: a block may enter another.
@@ -211,6 +211,53 @@ def offloaded_tensors(model: nn.Module, *, include_suspended: bool = False) -> d
                 refs[(id(owner), attr)] = StoreRef(hook, module_name, device, store)
     refs.update(_ct_offloaded_tensors(model))
     return refs
+
+
+def _loader_paths(dataset: Mapping) -> set[str]:
+    """The offload folder and safetensors files an ``OffloadedWeightsLoader`` reads (nothing for other mappings)."""
+    index = getattr(dataset, "index", None)
+    if not isinstance(index, Mapping):
+        return set()
+    folder = getattr(dataset, "save_folder", None)
+    paths = {str(folder)} if folder else set()
+    return paths | {str(info["safetensors_file"]) for info in index.values()
+                    if isinstance(info, Mapping) and info.get("safetensors_file")}
+
+
+def store_paths(model: nn.Module) -> set[str]:
+    """Every file and folder an offload store of ``model`` keeps weights in, whatever its tensors hold right now.
+
+    Found from the stores themselves, not from which tensors are meta: inside ``materialized`` (hooks
+    suspended, compressed-tensors caches swapped for dicts) the answer is the same. Covers accelerate hooks'
+    ``weights_map`` (offload folders, the source checkpoint's safetensors files), the ``offload_dir`` of
+    compressed-tensors ``DiskCache``s on ``model``, and the folder of every file compressed-tensors' process-wide
+    disk index lists, with the source checkpoint's file where that file is a symlink to it.
+
+    Args:
+        model: the module to scan.
+
+    Returns:
+        Paths as the stores name them (not resolved).
+    """
+    paths: set[str] = set()
+    seen: set[int] = set()
+    for module in model.modules():
+        for hook in align_hooks(module):
+            dataset = _unprefix(hook.weights_map, "")[0] if hook.weights_map is not None else None
+            if dataset is not None and id(dataset) not in seen:
+                seen.add(id(dataset))
+                paths |= _loader_paths(dataset)
+        for cache in (module._parameters, module._buffers):
+            if is_offload_cache(cache) and getattr(cache, "offload_dir", None):
+                paths.add(str(cache.offload_dir))
+    disk = sys.modules.get("compressed_tensors.offload.cache.disk")
+    for info in list(getattr(getattr(disk, "DiskCache", None), "index", {}).values()):
+        file = info.get("safetensors_file") if isinstance(info, Mapping) else None
+        if file:  # a file it wrote, or a symlink to the source checkpoint's file
+            paths.add(os.path.dirname(str(file)))
+            if os.path.islink(file):
+                paths.add(os.path.realpath(file))
+    return paths
 
 
 # --- compressed-tensors' own offloading (compressed_tensors.offload) ------------------------------------

@@ -14,13 +14,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 
-from .fingerprint import SHARD_METADATA
 from .job import INDEX_NAME, Job
 from .pipeline import UnitReader, stream_lanes
 from .plan import ExportPlan
 from .writer import Descriptors, ShardWriter
 
-__all__ = ["write_metadata", "write_model_files", "write_weights"]
+__all__ = ["SHARD_METADATA", "write_metadata", "write_model_files", "write_weights"]
+
+#: the ``__metadata__`` of every weight shard (what ``save_pretrained`` writes)
+SHARD_METADATA = {"format": "pt"}
 
 
 def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: bool,

@@ -21,6 +21,7 @@ from ._hooks import offloaded_tensors
 from .checkpoint import write_metadata, write_weights
 from .fingerprint import fingerprint, plan_facts
 from .job import Job, prepare_job
+from .materialize import waits_for_blocks
 from .resume import Resumer, resume_session
 from .verify import check_staged
 from .vllm_fq import write_vllm_fq_state
@@ -100,6 +101,7 @@ def _count_reasons(dropped: dict[str, str]) -> str:
     return ", ".join(f"{n} {r}" for r, n in counts.items()) or "none"
 
 
+@waits_for_blocks  # another thread's materialized() block would change tensors mid-read
 def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "fake-quant", fold: bool = True,
                max_shard_size: int | str = "5GB", dtype: torch.dtype | str | None = None,
                device: torch.device | str | None = None, overwrite: bool = False, tokenizer=None,
@@ -116,7 +118,9 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "f
     Args:
         model: the model; a ``transformers`` model gets ``config.json`` (without ``auto_map``) and
             ``generation_config.json`` too.
-        out_dir: the destination directory; must be absent or empty unless ``overwrite``.
+        out_dir: the destination directory; must be absent or empty unless ``overwrite``. Never ``""``, the
+            current directory, a mount point (use a folder inside it) or a folder the model's offloaded weights
+            are read from.
         format: ``"fake-quant"`` (default): the weights as the fake-quantized model computes with them.
             ``"modelopt"``: the packed checkpoint ModelOpt's ``export_hf_checkpoint`` writes for the model kept
             resident (packed weights and scales, fused MoE experts per expert, ``hf_quant_config.json``, its
@@ -128,7 +132,8 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "f
         max_shard_size: bytes per shard, an int or a string like ``"5GB"``.
         dtype: cast floating-point weights to this dtype.
         device: fold on this device instead of the quantizer's / the module's execution device.
-        overwrite: replace a non-empty ``out_dir`` (only once the new checkpoint is complete).
+        overwrite: replace an ``out_dir`` that holds a checkpoint and nothing else (weights, configs, tokenizer
+            files: ``offload_export._destination.CHECKPOINT_FILES``), only once the new checkpoint is complete.
         tokenizer: saved with ``save_pretrained`` into the checkpoint when given.
         progress: show a progress bar over bytes written.
         group: a ``torch.distributed`` process group whose ranks share the work (see
@@ -151,7 +156,9 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "f
 
     Raises:
         FileExistsError: ``out_dir`` is not empty and ``overwrite`` is false, or is a file.
-        ValueError: a bad argument (shard size, dtype) or a model that cannot be exported as is.
+        ValueError: a bad argument (shard size, dtype), a model that cannot be exported as is, or a destination
+            that must not be written (see ``out_dir``; with ``overwrite``, one holding files that are not part
+            of a checkpoint: they are listed).
         RuntimeError: a weight that cannot be read or folded (the message names it), or ``verify`` found
             mismatches (they are listed; nothing was committed).
 

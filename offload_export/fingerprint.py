@@ -21,15 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ._store import read_store
+from .checkpoint import SHARD_METADATA
 from .job import Job
 from .layout import Layout
 from .quantizers import Quantizer, json_safe
 from .writer import safetensors_layout
 
-__all__ = ["SHARD_METADATA", "canonical_digest", "differing_parts", "fingerprint", "memory_digest", "plan_facts",
+__all__ = ["canonical_digest", "differing_parts", "fingerprint", "memory_digest", "plan_facts",
            "quantizer_digests", "source_identity", "tensor_digest"]
 
-SHARD_METADATA = {"format": "pt"}  # every weight shard's ``__metadata__``
 _CHUNK = 16 << 20  # bytes of a GPU tensor copied to the CPU at once for hashing
 
 

@@ -69,13 +69,18 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """``torch.bfloat16`` from ``"bfloat16"`` / ``"torch.bfloat16"`` / the dtype itself; None stays None.
 
     Raises:
-        ValueError: not a torch dtype.
+        ValueError: not a torch dtype, or not a floating-point one (an integer or bool cast would turn every
+            weight into integers, zeros or True).
     """
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if dtype is None:
+        return None
+    value = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(value, torch.dtype):
         raise ValueError(f"dtype={dtype!r} is not a torch dtype (e.g. 'bfloat16', 'float16', torch.float32)")
+    if not value.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not a floating-point dtype: dtype= casts the model's "
+                         f"floating-point weights (use 'bfloat16', 'float16' or 'float32'; packed formats choose "
+                         f"their own integer and fp8 dtypes)")
     return value
 
 
@@ -86,6 +91,12 @@ def _check_model(model: nn.Module, lay: Layout, *, allow_missing: bool) -> None:
         where = f"model.{compiled}" if compiled else "model"
         raise ValueError(f"got a torch.compile wrapper at {where!r}: its state-dict keys carry '_orig_mod.' and "
                          f"would not load; pass the original module ({where}._orig_mod) instead")
+    if lay.opaque:
+        key, kind = next(iter(lay.opaque.items()))
+        raise ValueError(f"{key} is a {kind} (the extra state of module {key.rpartition('.')[0]!r}, from its "
+                         f"get_extra_state), not a tensor: a safetensors checkpoint cannot hold it and a reload would "
+                         f"lose it ({len(lay.opaque)} such entr(ies)). Make get_extra_state return a tensor, or export "
+                         f"a model without it")
     missing = [k for k, i in lay.items() if i.kind == "missing"]
     if missing and not allow_missing:
         raise RuntimeError(
@@ -142,24 +153,25 @@ def prepare_job(model: nn.Module, out_dir, *, fold: bool = True, format: str = "
 
     Raises:
         ValueError: a bad argument, a model that cannot be exported in ``format``, or an ``out_dir`` that is
-            (or contains) an offload folder or source file the model reads its weights from.
+            (or contains) an offload folder or source file the model reads its weights from, is ``""``, the
+            current directory or a mount point, or (with ``overwrite``) holds more than a checkpoint.
             Also a corrupt offload store (a safetensors header that the safetensors library rejects, a ``.dat``
             file of the wrong size), named by file and tensor, before anything is written.
         RuntimeError: a meta tensor that no hook supplies.
         FileExistsError, PermissionError: ``out_dir`` cannot be written.
     """
-    out_dir = Path(out_dir)
     format_cls = get_format(format)
     shard_bytes = parse_size(max_shard_size)
     dtype = as_dtype(dtype)
     device = torch.device(device) if device is not None else None
     lay = layout(model)
-    if check_out:
+    if check_out:  # the stores are found from the hooks, so this holds inside materialized() too
         _atomic.check_destination(out_dir, overwrite=overwrite, protected=lay.source_paths())
+    out_dir = Path(out_dir)
     _check_model(model, lay, allow_missing=allow_missing)
     for info in lay.values():  # corrupt offload files fail here, before anything is written
         if info.ref is not None:
-            check_store(info.ref.store, info.shape)
+            check_store(info.ref.store, info.shape, info.dtype)
     quantizers = find_quantizers(model)
     quantizer_keys = {k for q in quantizers for k in q.state_keys}
     _check_shared_storage(model, lay, quantizer_keys)

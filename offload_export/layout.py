@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ._hooks import StoreRef, no_onloading, offloaded_tensors
+from ._hooks import StoreRef, no_onloading, offloaded_tensors, store_paths
 
 __all__ = ["Layout", "TensorInfo", "layout"]
 
@@ -52,8 +51,13 @@ class TensorInfo:
 class Layout(Mapping):
     """An ordered mapping ``state-dict key -> TensorInfo`` with a readable table as its repr."""
 
-    def __init__(self, entries: dict[str, TensorInfo]):
+    def __init__(self, entries: dict[str, TensorInfo], stores: set[str] | frozenset[str] = frozenset(),
+                 opaque: dict[str, str] | None = None):
         self._entries = entries
+        self._stores = frozenset(stores)
+        #: state-dict entries that are not tensors (a module's ``get_extra_state`` object): key -> type name.
+        #: They are not among the entries; safetensors cannot hold them.
+        self.opaque = dict(opaque or {})
 
     def __getitem__(self, key: str) -> TensorInfo:
         return self._entries[key]
@@ -74,24 +78,17 @@ class Layout(Mapping):
         return out
 
     def source_paths(self) -> list[str]:
-        """The files and folders the offloaded entries are read from (and written back to), sorted.
+        """The files and folders the model's offload stores keep weights in (and are written back to), sorted.
 
         Returns:
-            Offload folders (of ``.dat`` entries, and those an offload loader writes into) and safetensors
-            files (usually the user's own checkpoint); empty when nothing is offloaded to disk. An export
-            must not replace any of them: pass them to ``check_destination(..., protected=...)``.
+            Offload folders (``.dat`` files, ``offload_folder``, compressed-tensors' ``DiskCache`` folders) and
+            safetensors files (usually the user's own checkpoint); empty when nothing is offloaded to disk.
+            Also inside ``materialized``, where the tensors are real for a while; for compressed-tensors'
+            ``DiskCache`` (which ``materialized`` swaps out of the module), those of every disk-offloaded model
+            in this process. An export must not replace any of them: pass them to
+            ``check_destination(..., protected=...)``.
         """
-        paths = set()
-        for info in self._entries.values():
-            store = info.ref.store if info.ref is not None else None
-            if store is None:
-                continue
-            if store.path is not None:
-                paths.add(os.path.dirname(store.path) if store.kind == "disk" else store.path)
-            folder = getattr(store.dataset, "save_folder", None)  # an OffloadedWeightsLoader's offload folder
-            if store.kind in ("disk", "safetensors") and folder:
-                paths.add(str(folder))
-        return sorted(paths)
+        return sorted(self._stores)
 
     def __repr__(self) -> str:
         rows = [("key", "kind", "device", "dtype", "shape", "MB", "source")]
@@ -193,7 +190,8 @@ def layout(model: nn.Module) -> Layout:
             ``SequentialHook``; ``place_submodules``; ``offload_buffers``).
 
     Returns:
-        A :class:`Layout` in state-dict order; print it for a table.
+        A :class:`Layout` in state-dict order; print it for a table. State-dict entries that are not tensors
+        (``get_extra_state`` objects) are listed in ``Layout.opaque`` instead.
 
     Example:
         >>> print(offload_export.layout(model))  # doctest: +SKIP
@@ -201,12 +199,16 @@ def layout(model: nn.Module) -> Layout:
     refs = offloaded_tensors(model)
     slots = _named_slots(model)
     infos: dict[str, TensorInfo] = {}
+    opaque: dict[str, str] = {}
     with no_onloading():  # a compressed-tensors OffloadCache would onload every tensor for state_dict()
         state = model.state_dict(keep_vars=True)
     for key, value in state.items():
         owner, attr = slots.get(key, (None, None))
         module_name = key.rpartition(".")[0]
-        if owner is None or not isinstance(value, torch.Tensor):
+        if not isinstance(value, torch.Tensor):  # a module's get_extra_state() object
+            opaque[key] = type(value).__name__
+            continue
+        if owner is None:
             infos[key] = _info(key, module_name, key.rpartition(".")[2], value, None)
             continue
         infos[key] = _info(key, module_name, attr, value, refs.get((id(owner), attr)))
@@ -217,4 +219,4 @@ def layout(model: nn.Module) -> Layout:
                 infos[key] = TensorInfo(key, infos[key].module, infos[key].attr, "tied", infos[key].device,
                                         infos[key].shape, infos[key].dtype, infos[key].nbytes,
                                         tied_to=primary, ref=infos[key].ref, tensor=infos[key].tensor)
-    return Layout(infos)
+    return Layout(infos, store_paths(model), opaque)

@@ -16,24 +16,30 @@ store when *it* exits, even while other blocks keep the tensor onloaded.
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import sys
+import threading
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
 from torch.utils import swap_tensors
 
 from ._errors import add_note
-from ._hooks import (StoreRef, cache_store, is_offload_cache, offloaded_tensors, resume_offload, state_lock,
-                     suspend_offload)
+from ._hooks import (Store, StoreRef, cache_store, is_offload_cache, offloaded_tensors, resolve_store, resume_offload,
+                     state_lock, suspend_offload)
 from ._store import read_store, write_store
+from .layout import declared_ties
 
-__all__ = ["materialized", "onloaded"]
+__all__ = ["materialized", "no_other_blocks", "onloaded", "waits_for_blocks"]
 
 _Key = tuple[int, str]  # (id(owner module), attribute name)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,10 +92,34 @@ def _check_value(name: str, value: object, like: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (``torch.equal`` calls ``-0.0`` equal to ``0.0`` and a nan unequal to itself)."""
+    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(-1).view(torch.uint8),
+                                                                      b.view(-1).view(torch.uint8))
+
+
 def _differs(store, value: torch.Tensor) -> bool:
-    """Whether ``store`` holds something other than ``value`` (read back and compared exactly)."""
-    stored = read_store(store, value.dtype, tuple(value.shape))
-    return not torch.equal(stored, value.detach().to(stored.device))
+    """Whether ``store`` holds something other than ``value`` (read back and compared bit for bit)."""
+    return not _same_bits(read_store(store, value.dtype, tuple(value.shape)), value)
+
+
+@dataclass(eq=False)
+class _Change:
+    """A value to persist into ``store`` (``write`` it; :func:`._store.write_store` when None)."""
+
+    name: str
+    value: torch.Tensor
+    store: Store
+    slot: _Slot | None = None
+    write: Callable[[torch.Tensor], None] | None = None
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return id(self.store.dataset), self.store.key
+
+    def apply(self) -> None:
+        (self.write or functools.partial(write_store, self.store))(self.value)
 
 
 @dataclass(eq=False)
@@ -121,13 +151,16 @@ class _Onloaded:
             slot.put(twin)
             return cls(slot.name, twin, tensor, False)
 
-    def write_back(self) -> None:
-        """Persist each slot's current value (also a replacement Parameter) into that slot's store."""
+    def changes(self) -> list[_Change]:
+        """Each slot's current value (also a replacement Parameter) that differs from that slot's store."""
+        changes = []
         for slot in self.slots.values():
             if slot.ref is not None:
                 value = _check_value(slot.name, slot.current(), self.meta)
-                if _differs(slot.ref.store, value):
-                    write_store(slot.ref.store, value.detach())
+                store = _current(slot.ref.store)
+                if _differs(store, value):
+                    changes.append(_Change(slot.name, value.detach(), store, slot))
+        return changes
 
     def restore(self) -> None:
         """Back on meta; every slot holds the module's own object again (its meta placeholder as a last resort)."""
@@ -186,9 +219,9 @@ class _CacheSwap:
         setattr(owner, dict_name, plain)
         return cls(f"{name}{dict_name.lstrip('_')}", name, owner, dict_name, cache, plain, skipped)
 
-    def write_back(self) -> None:
-        """Persist changed values through compressed-tensors' own ``cache[key] = value`` (``update_offload``)."""
-        stored = self.cache.offloaded_values
+    def changes(self) -> list[_Change]:
+        """Changed values, written through compressed-tensors' own ``cache[key] = value`` (``update_offload``)."""
+        stored, changes = self.cache.offloaded_values, []
         for key in sorted(set(stored) | set(self.plain)):
             if key not in stored:
                 raise ValueError(f"materialized(writeback=True): {self.prefix}{key} was added inside the block;\n"
@@ -197,7 +230,9 @@ class _CacheSwap:
                 continue
             value = _check_value(f"{self.prefix}{key}", self.plain.get(key), stored[key])
             if _differs(cache_store(self.cache, key), value):
-                self.cache[key] = value.detach()
+                changes.append(_Change(f"{self.prefix}{key}", value.detach(), cache_store(self.cache, key),
+                                       None, functools.partial(self.cache.__setitem__, key)))
+        return changes
 
     def restore(self) -> None:
         setattr(self.owner, self.dict_name, self.cache)
@@ -213,6 +248,133 @@ def _onload_cached(cache, key: str, device: torch.device, skipped: bool) -> torc
     return _real_twin(offloaded, value.to(device, copy=True))
 
 
+def _current(store: Store) -> Store:
+    """Where ``store``'s entry is now: a writeback repoints a loader's entry from the source safetensors file to
+    a ``.dat`` in its offload folder (an earlier, e.g. nested, block may have done so since this one began)."""
+    if store.kind in ("safetensors", "disk"):
+        return resolve_store(store.dataset, store.key)
+    return store
+
+
+def _store_aliases(store: Store) -> list[Store]:
+    """Other entries of ``store``'s mapping that are the same data: the same CPU tensor, or the same tensor of
+    the same safetensors file (how accelerate and transformers keep tied weights)."""
+    if store.kind == "cpu":
+        value = store.dataset[store.key]
+        return [Store("cpu", store.dataset, k) for k, v in store.dataset.items()
+                if k != store.key and isinstance(v, torch.Tensor) and _same_memory(v, value)]
+    if store.kind == "safetensors":
+        index, loader_state = store.dataset.index, store.dataset.state_dict
+        return [resolve_store(store.dataset, k) for k, info in index.items()
+                if k != store.key and k not in loader_state and info.get("safetensors_file") == store.path
+                and info.get("weight_name", k) == store.file_key]
+    return []
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.device == b.device and a.device.type != "meta" and a.data_ptr() == b.data_ptr()
+                      and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype)
+
+
+class _Ties:
+    """The tie partners of a block's changed tensors: aliases in the same store, and the other side of every tie
+    a transformers model above (or at) the block's module declares, whatever holds it."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self._ancestors: list[tuple[nn.Module, str]] | None = None
+        self._refs: dict[int, dict] = {}
+
+    def partners(self, change: _Change) -> list[_Change]:
+        if change.slot is None:  # compressed-tensors caches: no ties
+            return []
+        found = [_Change(change.name, change.value, s, None, _alias_writer(change.store, s))
+                 for s in _store_aliases(change.store)]
+        for ancestor, prefix in self.ancestors():
+            ties = declared_ties(ancestor)
+            full = prefix + change.slot.name
+            source = ties.get(full, full)
+            for other in {source, *(k for k, v in ties.items() if v == source)} - {full}:
+                partner = self._partner(ancestor, other, change)
+                if partner is not None:
+                    found.append(partner)
+        return found
+
+    def ancestors(self) -> list[tuple[nn.Module, str]]:
+        """``(module, prefix of the block's module in it)`` for the block's module and every module above it."""
+        if self._ancestors is None:
+            root = _root(self.module)
+            path = next(n for n, m in root.named_modules(remove_duplicate=False) if m is self.module)
+            parts = path.split(".") if path else []
+            self._ancestors = [(root.get_submodule(".".join(parts[:i])), ".".join(parts[i:]) + "." if parts[i:]
+                                else "") for i in range(len(parts) + 1)]
+        return self._ancestors
+
+    def _partner(self, ancestor: nn.Module, name: str, change: _Change) -> _Change | None:
+        owner_name, _, attr = name.rpartition(".")
+        try:
+            owner = ancestor.get_submodule(owner_name)
+        except AttributeError:
+            return None
+        tensor = owner._parameters.get(attr, owner._buffers.get(attr))
+        if tensor is None or tensor.shape != change.value.shape:
+            return None
+        refs = self._refs.get(id(ancestor))
+        if refs is None:
+            refs = self._refs[id(ancestor)] = offloaded_tensors(ancestor, include_suspended=True)
+        ref = refs.get((id(owner), attr))
+        if ref is not None:
+            return _Change(name, change.value, ref.store)
+        if tensor.device.type == "meta" or tensor is change.slot.current():
+            return None
+        # a resident side of the tie: it takes the value too (resident tensors are their own store)
+        return _Change(name, change.value, Store("resident", {}, f"{id(tensor)}"), None,
+                       functools.partial(_copy_into, tensor))
+
+
+def _copy_into(tensor: torch.Tensor, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        tensor.copy_(value)
+
+
+def _alias_writer(source: Store, alias: Store) -> Callable[[torch.Tensor], None] | None:
+    """For a CPU alias: share the tensor :func:`write_store` just put under ``source`` (still one tensor)."""
+    if alias.kind != "cpu" or source.kind != "cpu" or alias.dataset is not source.dataset:
+        return None
+    return lambda value: alias.dataset.__setitem__(alias.key, source.dataset[source.key])
+
+
+_root_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _root(module: nn.Module) -> nn.Module:
+    """The topmost module containing ``module`` (found through the garbage collector's referrers: modules do not
+    know their parents), cached for every module under it while it still contains ``module``."""
+    cached = _root_of.get(module)
+    root = cached() if cached is not None else None
+    if root is not None and any(m is module for m in root.modules()):
+        return root
+    root = module
+    while (parent := _parent(root)) is not None:
+        root = parent
+    for m in root.modules():
+        _root_of[m] = weakref.ref(root)
+    return root
+
+
+def _parent(module: nn.Module) -> nn.Module | None:
+    """A module that holds ``module`` among its children, or None."""
+    for children in gc.get_referrers(module):
+        if not (isinstance(children, dict) and any(v is module for v in children.values())):
+            continue
+        for attrs in gc.get_referrers(children):
+            if isinstance(attrs, dict) and attrs.get("_modules") is children:
+                for owner in gc.get_referrers(attrs):
+                    if isinstance(owner, nn.Module) and owner.__dict__ is attrs and owner is not module:
+                        return owner
+    return None
+
+
 # The registry: what is onloaded now, by slot and by tensor object (tied: one tensor in several slots).
 _by_slot: dict[_Key, _Onloaded] = {}
 _by_tensor: dict[int, _Onloaded] = {}
@@ -224,6 +386,7 @@ class _Block:
     """What one ``with`` block claimed: entries (once per claim) and the hooks it suspended."""
 
     label: str
+    module: nn.Module
     claims: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
 
@@ -267,7 +430,7 @@ def _claim_tensor(block: _Block, slot: _Slot, tensor: torch.Tensor, device) -> N
 
 def _enter(module: nn.Module, device, refs: dict[_Key, StoreRef], skip: frozenset[_Key]) -> _Block:
     """Claim every offloaded tensor of ``module`` for a new block (onloading those nobody holds yet)."""
-    block = _Block(type(module).__name__)
+    block = _Block(type(module).__name__, module)
     try:
         named = list(module.named_modules(remove_duplicate=False))
         for prefix, owner in named:  # compressed-tensors caches first: their dicts are then plain
@@ -342,15 +505,42 @@ def _report_release(block: _Block, failures: list, error: BaseException | None) 
                        f"offload device: {text}") from failures[0][1]
 
 
-def _write_back(block: _Block) -> None:
-    """Persist every changed tensor the block covers; all are tried, the first failure is raised with a note."""
-    done, failed, first = [], [], None
+def _planned_changes(block: _Block) -> list[_Change]:
+    """Every changed tensor the block covers, plus the other stores of the ties it belongs to.
+
+    Raises:
+        ValueError: two sides of one tie were changed to different values.
+        Exception: a claim's value could not be checked or read (a note names it; nothing was written).
+    """
+    planned: dict[tuple[int, str], _Change] = {}
+    ties = _Ties(block.module)
     for claim in dict.fromkeys(block.claims):  # once each, in claim order
         try:
-            claim.write_back()
-            done.append(claim.name)
+            changes = claim.changes()
         except Exception as e:
-            failed.append(claim.name)
+            add_note(e, f"while writing back {claim.name} on exit from materialized({block.label}, writeback=True); "
+                        f"every tensor was restored to its offload device and nothing was written back")
+            raise
+        for change in changes:
+            for partner in [change, *ties.partners(change)]:
+                other = planned.setdefault(partner.key, partner)
+                if other is not partner and not _same_bits(other.value, partner.value):
+                    raise ValueError(
+                        f"materialized(writeback=True): {other.name} and {change.name} are one tied tensor "
+                        f"(store entry {partner.store.key!r}) but were changed to different values;\n  nothing was "
+                        f"written back: give both the same value, or untie them outside materialized()")
+    return list(planned.values())
+
+
+def _write_back(block: _Block) -> None:
+    """Persist every changed tensor the block covers (and its ties); all are tried, the first failure is raised."""
+    done, failed, first = [], [], None
+    for change in _planned_changes(block):
+        try:
+            change.apply()
+            done.append(change.name)
+        except Exception as e:
+            failed.append(change.name)
             first = first or e
     if first is not None:
         add_note(first, f"while writing back {failed[0]} on exit from materialized({block.label}, writeback=True); "
@@ -378,7 +568,9 @@ def materialized(module: nn.Module, device: torch.device | str | None = None, *,
     tensor another open block already holds stays where that block put it), and accelerate's hooks do not
     offload them again after a forward. Modules offloaded by compressed-tensors' own ``OffloadCache`` get a
     dict of onloaded copies for the block. Blocks nest, overlap in any order and may run in several
-    threads: each tensor is restored when the last block holding it exits. On exit (also on an exception
+    threads: each tensor is restored when the last block holding it exits. A block entered while another
+    thread exports or verifies the same model (``save_clean``, ``verify``) waits for that to finish, and they
+    wait for the blocks other threads have open over the model. On exit (also on an exception
     or ``KeyboardInterrupt``) every tensor is the same object as before, back on the meta device, and the
     hooks are as they were; a tensor still referenced from outside (a view, an autograd graph) cannot be
     swapped back in place, so its slot gets a meta placeholder instead (with a ``ResourceWarning``).
@@ -405,13 +597,68 @@ def materialized(module: nn.Module, device: torch.device | str | None = None, *,
         >>> with offload_export.materialized(model.model.layers[3]) as layer:  # doctest: +SKIP
         ...     print(layer.mlp.up_proj.weight.abs().max())
     """
-    with onloaded(module, device, None, writeback=writeback):
-        try:
-            yield module
-        except Exception as e:
-            add_note(e, f"raised inside offload_export.materialized({type(module).__name__}): its offloaded "
-                        f"tensors were restored{', nothing was written back' if writeback else ''}")
-            raise
+    entry = (threading.get_ident(), module)
+    with _blocks_changed:
+        _blocks_changed.wait_for(lambda: not _conflict(_exports, module))
+        _user_blocks.append(entry)
+    try:
+        with onloaded(module, device, None, writeback=writeback):
+            try:
+                yield module
+            except Exception as e:
+                add_note(e, f"raised inside offload_export.materialized({type(module).__name__}): its offloaded "
+                            f"tensors were restored{', nothing was written back' if writeback else ''}")
+                raise
+    finally:
+        with _blocks_changed:
+            _user_blocks.remove(entry)
+            _blocks_changed.notify_all()
+
+
+# Open materialized() blocks and running exports, as (thread ident, module): an export waits until no other
+# thread has a block open over its model, and blocks of other threads wait for the export to finish.
+_user_blocks: list[tuple[int, nn.Module]] = []
+_exports: list[tuple[int, nn.Module]] = []
+_blocks_changed = threading.Condition(state_lock)
+
+
+def _overlap(a: nn.Module, b: nn.Module) -> bool:
+    return a is b or any(m is a for m in b.modules()) or any(m is b for m in a.modules())
+
+
+def _conflict(entries: list[tuple[int, nn.Module]], module: nn.Module) -> bool:
+    me = threading.get_ident()
+    return any(thread != me and _overlap(other, module) for thread, other in entries)
+
+
+@contextlib.contextmanager
+def no_other_blocks(model: nn.Module) -> Iterator[None]:
+    """Wait until no other thread is inside :func:`materialized` over (a part of) ``model``, and keep other
+    threads' new blocks waiting until this block exits. For readers of the whole model (the export, ``verify``):
+    a block that exits in another thread mid-read would put tensors back on meta under them. Blocks of the
+    calling thread are not waited for (an export inside ``with materialized(model):`` reads its values).
+    """
+    entry = (threading.get_ident(), model)
+    with _blocks_changed:
+        _blocks_changed.wait_for(lambda: not _conflict(_user_blocks, model))
+        _exports.append(entry)
+    try:
+        yield
+    finally:
+        with _blocks_changed:
+            _exports.remove(entry)
+            _blocks_changed.notify_all()
+
+
+def waits_for_blocks(reader: Callable[..., _T]) -> Callable[..., _T]:
+    """Decorate ``reader(model, ...)`` to run inside :func:`no_other_blocks` of its ``model``."""
+
+    @functools.wraps(reader)
+    def wrapper(model: nn.Module, *args, **kwargs) -> _T:
+        with no_other_blocks(model):
+            return reader(model, *args, **kwargs)
+
+    return wrapper
 
 
 @contextlib.contextmanager

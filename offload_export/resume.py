@@ -31,7 +31,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .fingerprint import SHARD_METADATA, differing_parts, memory_digest
+from .checkpoint import SHARD_METADATA
+from .fingerprint import differing_parts, memory_digest
 from .job import Job
 from .plan import ExportPlan, select_shards
 from .writer import safetensors_layout

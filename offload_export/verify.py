@@ -10,8 +10,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import reprlib
 import os
-import struct
 import tempfile
 import threading
 import time
@@ -25,12 +25,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._store import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, FileSpan, pread_exact
-from .checkpoint import write_model_files
+from ._store import SAFETENSORS_DTYPES, CorruptHeader, FileSpan, pread_exact, read_safetensors_header
+from .checkpoint import SHARD_METADATA, write_model_files
 from .job import INDEX_NAME, Job, prepare_job
+from .materialize import waits_for_blocks
 from .pipeline import UnitReader, stream
 from .plan import Unit
-from .vllm_fq import VLLM_FQ_STATE_NAME
+from ._hooks import offloaded_tensors
+from .vllm_fq import VLLM_FQ_STATE_NAME, write_vllm_fq_state
 from .writer import TensorSpec
 
 __all__ = ["VerifyReport", "check", "check_staged", "verify"]
@@ -49,6 +51,7 @@ class VerifyReport:
         tensors: weight tensors whose bytes were compared; bytes: their total size.
         mismatches: every problem found, one line each (empty when the checkpoint matches).
         seconds: wall time of the check.
+        unchecked: files verify cannot check (a tokenizer's, saved with ``save_clean(tokenizer=...)``).
     """
 
     out_dir: str
@@ -56,6 +59,7 @@ class VerifyReport:
     bytes: int = 0
     mismatches: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    unchecked: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -66,6 +70,8 @@ class VerifyReport:
         status = "OK" if self.ok else f"{len(self.mismatches)} mismatch(es)"
         lines = [f"VerifyReport({self.out_dir}): {status}",
                  f"  {self.tensors} tensors, {self.bytes / 1e6:.1f} MB compared in {self.seconds:.2f} s"]
+        if self.unchecked:
+            lines.append(f"  not checked (tokenizer files): {', '.join(self.unchecked)}")
         lines += [f"  - {m}" for m in self.mismatches[:_MAX_LISTED]]
         if len(self.mismatches) > _MAX_LISTED:
             lines.append(f"  ... and {len(self.mismatches) - _MAX_LISTED} more")
@@ -83,71 +89,33 @@ class _Entry:
     nbytes: int
 
 
-def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    return TensorSpec("", dtype, shape).nbytes
-
-
-def _raw_header(path: Path, problems: list[str]) -> tuple[int, dict, int] | None:
-    """``(data start, header, file size)`` of a safetensors file, the header as written (``__metadata__``
-    included), or None (with the problem noted). Parsed here, not by ``_store``'s strict reader, which refuses
-    the whole file: a truncated or damaged shard still names its tensors."""
-    name = path.name
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else size
-            if length > min(size - 8, MAX_HEADER_BYTES):
-                problems.append(f"{name}: not a safetensors file (header length beyond the end of the file)")
-                return None
-            header = json.loads(f.read(length))
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        problems.append(f"{name}: unreadable safetensors header ({e})")
-        return None
-    if not isinstance(header, dict):
-        problems.append(f"{name}: unreadable safetensors header (a JSON {type(header).__name__}, not an object)")
-        return None
-    return 8 + length, header, size
-
-
-def _read_header(path: Path, problems: list[str]) -> tuple[dict[str, _Entry], object] | None:
+def _read_header(path: Path, problems: list[str]) -> tuple[dict[str, _Entry], dict | None] | None:
     """The tensor entries of a safetensors file and its ``__metadata__``, or None (with the problem noted).
 
-    Every entry whose dtype, shape and offsets can be read is kept, also when the file is cut short or its
-    entries do not tile the data; each such problem is noted (the tensors past the end are reported by name
-    when their bytes are compared).
+    Read by the export's one header reader, as strictly as safetensors reads it; a file cut short or with
+    trailing bytes keeps its entries (the problem noted: the tensors past the end are reported by name when
+    their bytes are compared).
     """
-    raw = _raw_header(path, problems)
-    if raw is None:
+    try:
+        parsed = read_safetensors_header(str(path))
+    except CorruptHeader as e:
+        problems.append(f"{path.name}: not a valid safetensors file: {e.what}")
         return None
-    (start, header, size), name = raw, path.name
-    metadata = header.get("__metadata__")
-    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        problems.append(f"{name}: __metadata__ is not a {{string: string}} object: {metadata!r}")
-    entries: dict[str, _Entry] = {}
-    spans = []
-    for key, meta in header.items():
-        if key == "__metadata__":
+    except OSError as e:
+        problems.append(f"{path.name}: unreadable ({e})")
+        return None
+    if parsed.start + parsed.data_end != parsed.size:
+        problems.append(f"{path.name}: file is {parsed.size} bytes, its header describes "
+                        f"{parsed.start + parsed.data_end} (truncated or trailing data)")
+    entries = {}
+    for key, meta in parsed.tensors.items():
+        dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
+        if dtype is None:
+            problems.append(f"{path.name}: {key} is stored as {meta['dtype']}, which this export never writes")
             continue
-        try:
-            dtype, shape = SAFETENSORS_DTYPES[meta["dtype"]], tuple(int(d) for d in meta["shape"])
-            begin, end = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            problems.append(f"{name}: malformed header entry for {key!r}: {meta!r}")
-            continue
-        if end - begin != _nbytes(dtype, shape):
-            problems.append(f"{name}: {key} spans {end - begin} bytes, its dtype and shape need "
-                            f"{_nbytes(dtype, shape)}")
-        entries[key] = _Entry(name, dtype, shape, start + begin, end - begin)
-        spans.append((begin, end, key))
-    pos = 0
-    for begin, end, key in sorted(spans):
-        if begin != pos:
-            problems.append(f"{name}: {key} starts at data byte {begin}, expected {pos} (gap or overlap)")
-        pos = max(pos, end)
-    if start + pos != size:
-        problems.append(f"{name}: file is {size} bytes, its header describes {start + pos} (truncated or trailing data)")
-    return entries, metadata
+        begin, end = meta["data_offsets"]
+        entries[key] = _Entry(path.name, dtype, tuple(meta["shape"]), parsed.start + begin, end - begin)
+    return entries, parsed.metadata
 
 
 def _index(out_dir: Path, problems: list[str]) -> tuple[dict[str, str] | None, int | None]:
@@ -163,9 +131,13 @@ def _index(out_dir: Path, problems: list[str]) -> tuple[dict[str, str] | None, i
         weight_map, total = index["weight_map"], (index.get("metadata") or {}).get("total_size")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError("weight_map is not a {tensor: file} mapping")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        problems.append(f"{INDEX_NAME}: unreadable ({e})")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        problems.append(f"{INDEX_NAME}: unreadable ({type(e).__name__}: {e})")
         return {}, None
+    for key in sorted(set(index) - {"metadata", "weight_map"}):
+        problems.append(f"{INDEX_NAME}: has {key!r}, which the export does not write")
+    for key in sorted(set(index.get("metadata") or {}) - {"total_size"}):
+        problems.append(f"{INDEX_NAME}: metadata has {key!r}, which the export does not write")
     if not isinstance(total, int):
         problems.append(f"{INDEX_NAME}: metadata.total_size is {total!r}, expected the weights' byte count")
         total = None
@@ -184,7 +156,9 @@ def _read_entries(out_dir: Path, problems: list[str]) -> tuple[dict[str, _Entry]
         read = _read_header(out_dir / file, problems)
         if read is None:
             continue
-        header = read[0]
+        header, metadata = read
+        if metadata != SHARD_METADATA:
+            problems.append(f"{file}: __metadata__ is {metadata!r}, the export writes {SHARD_METADATA!r}")
         for key, entry in header.items():
             if weight_map is not None and weight_map.get(key) != file:
                 where = f"maps it to {weight_map[key]}" if key in weight_map else "does not list it"
@@ -391,25 +365,55 @@ def _check_names(specs: Iterable[TensorSpec], entries: dict[str, _Entry], droppe
         problems.append(f"unexpected tensor: {name} should not be among the weights{why}")
 
 
-def _check_files(out_dir: Path, weight_files: set[str], expected: set[str], problems: list[str]) -> None:
-    """Directories, non-safetensors weight files (.bin, .pt, ...), unreferenced weight files and missing model files."""
+# what a tokenizer's save_pretrained writes beside the weights (save_clean(tokenizer=...)): verify does not
+# know the tokenizer, so these files are listed as unchecked, not as mismatches
+_TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                              "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt",
+                              "tokenizer.model", "spiece.model", "sentencepiece.bpe.model"})
+
+
+def _check_files(out_dir: Path, weight_files: set[str], expected: set[str], problems: list[str]) -> list[str]:
+    """Every file the export did not write is a problem (tokenizer files aside); every missing one too.
+
+    Returns:
+        The tokenizer files present, which verify cannot check.
+    """
     names = {p.name: p for p in out_dir.iterdir()}
+    known = weight_files | expected | {INDEX_NAME, VLLM_FQ_STATE_NAME}
+    unchecked = []
     for name, path in sorted(names.items()):
         if path.is_dir():
             problems.append(f"unexpected directory: {name}")
-        elif name.endswith(".safetensors") and name not in weight_files and name not in expected:
+        elif name.endswith(".safetensors") and name not in known:
             problems.append(f"unexpected file: {name} (a weight file that the index does not reference)")
-        elif name.endswith(_PICKLE_SUFFIXES) and name != VLLM_FQ_STATE_NAME:  # the opt-in vLLM file
+        elif name.endswith(_PICKLE_SUFFIXES) and name not in known:
             problems.append(f"unexpected file: {name} (only safetensors weights belong in this checkpoint)")
+        elif name in _TOKENIZER_FILES:
+            unchecked.append(name)
+        elif name not in known:
+            problems.append(f"unexpected file: {name} (the export does not write it)")
     for name in sorted(expected - set(names)):
         problems.append(f"missing file: {name}")
+    return unchecked
+
+
+def _typed(value: object) -> str:
+    """A JSON value as text that tells ``true`` from ``1`` and ``64`` from ``64.0`` (keys sorted)."""
+    return json.dumps(value, sort_keys=True)
+
+
+def _load_json(name: str, path: Path, problems: list[str]) -> object | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        problems.append(f"{name}: unreadable ({type(e).__name__}: {e})")
+        return None
 
 
 def _compare_json(name: str, want: dict, got_path: Path, problems: list[str]) -> None:
-    try:
-        got = json.loads(got_path.read_text())
-    except (OSError, ValueError) as e:
-        problems.append(f"{name}: unreadable ({e})")
+    """Key by key, types included: ``true`` is not ``1``, ``64`` is not ``64.0`` (transformers refuses them)."""
+    got = _load_json(name, got_path, problems)
+    if got is None:
         return
     if not isinstance(got, dict):
         problems.append(f"{name}: not a JSON object")
@@ -418,8 +422,17 @@ def _compare_json(name: str, want: dict, got_path: Path, problems: list[str]) ->
         problems.append(f"{name}: has {key!r}, which the export does not write")
     for key in sorted(set(want) - set(got)):
         problems.append(f"{name}: lacks {key!r} (the export writes {want[key]!r})")
-    for key in sorted(k for k in set(want) & set(got) if want[k] != got[k]):
-        problems.append(f"{name}: {key!r} is {got[key]!r}, the model gives {want[key]!r}")
+    for key in sorted(set(want) & set(got)):
+        try:
+            same = _typed(want[key]) == _typed(got[key])
+        except (RecursionError, ValueError):
+            same = False
+        if not same:
+            problems.append(f"{name}: {key!r} is {_typed_repr(got[key])}, the model gives {_typed_repr(want[key])}")
+
+
+def _typed_repr(value: object) -> str:
+    return f"{reprlib.repr(value)} ({type(value).__name__})"
 
 
 def _compare_safetensors(name: str, ref: Path, got_path: Path, problems: list[str]) -> None:
@@ -437,6 +450,54 @@ def _compare_safetensors(name: str, ref: Path, got_path: Path, problems: list[st
     for key in sorted(set(want) & set(got)):
         expected = FileSpan(str(ref), want[key].offset, want[key].dtype, want[key].shape)
         _compare(f"{name}: {key}", expected, got[key], got_path.parent, problems, bufs)
+
+
+def _same_object(want: object, got: object) -> str | None:
+    """Where two loaded ``torch.load`` objects first differ (a path), or None: types, keys, tensors' dtype, shape
+    and bytes, every other value by ``==``; walked without recursion."""
+    todo = [("", want, got)]
+    while todo:
+        path, a, b = todo.pop()
+        if type(a) is not type(b):
+            return f"{path or 'the top'}: {type(b).__name__}, expected {type(a).__name__}"
+        if isinstance(a, torch.Tensor):
+            if a.dtype != b.dtype or a.shape != b.shape or (a.numel() and not torch.equal(
+                    a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))):
+                return f"{path}: tensor {b.dtype} {list(b.shape)} differs from the expected {a.dtype} {list(a.shape)}"
+        elif isinstance(a, dict):
+            if list(a) != list(b):
+                return f"{path or 'the top'}: keys {sorted(map(str, b))[:8]}, expected {sorted(map(str, a))[:8]}"
+            todo += [(f"{path}[{k!r}]", a[k], b[k]) for k in a]
+        elif isinstance(a, (list, tuple)):
+            if len(a) != len(b):
+                return f"{path or 'the top'}: {len(b)} items, expected {len(a)}"
+            todo += [(f"{path}[{i}]", x, y) for i, (x, y) in enumerate(zip(a, b))]
+        elif a != b:
+            return f"{path}: {reprlib.repr(b)}, expected {reprlib.repr(a)}"
+    return None
+
+
+def _check_vllm_state(job: Job, out_dir: Path, ref: Path, problems: list[str]) -> None:
+    """A ``vllm_fq_modelopt_state.pth`` in ``out_dir`` must load with ``weights_only=True`` and equal what
+    ``save_clean(vllm_fq_state=True)`` writes for the model."""
+    got_path = out_dir / VLLM_FQ_STATE_NAME
+    if not got_path.is_file():
+        return
+    try:
+        write_vllm_fq_state(job.model, job.quantizers, offloaded_tensors(job.model), set(job.folds), ref)
+    except ValueError as e:
+        problems.append(f"{VLLM_FQ_STATE_NAME}: the export does not write it for this model ({e})")
+        return
+    want = torch.load(ref / VLLM_FQ_STATE_NAME, weights_only=True)
+    try:
+        got = torch.load(got_path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever the unpickler refuses is a mismatch, not a crash
+        problems.append(f"{VLLM_FQ_STATE_NAME}: does not load with torch.load(weights_only=True) "
+                        f"({type(e).__name__}: {e})")
+        return
+    where = _same_object(want, got)
+    if where is not None:
+        problems.append(f"{VLLM_FQ_STATE_NAME}: differs from what the model gives at {where}")
 
 
 def _check_model_files(job: Job, out_dir: Path, problems: list[str]) -> set[str]:
@@ -457,6 +518,7 @@ def _check_model_files(job: Job, out_dir: Path, problems: list[str]) -> set[str]
                 _compare_safetensors(name, Path(ref) / name, got, problems)
             elif (Path(ref) / name).read_bytes() != got.read_bytes():
                 problems.append(f"{name}: differs from what the model gives")
+        _check_vllm_state(job, out_dir, Path(ref), problems)
     return names
 
 
@@ -517,11 +579,12 @@ def check(job: Job, out_dir: Path) -> VerifyReport:
         behind.shutdown(wait=True, cancel_futures=True)
         prefetch.close()
     expected = _check_model_files(job, out_dir, problems)
-    _check_files(out_dir, weight_files, expected, problems)
+    report.unchecked = _check_files(out_dir, weight_files, expected, problems)
     report.seconds = time.perf_counter() - start
     return report
 
 
+@waits_for_blocks  # another thread's materialized() block would change tensors mid-read
 def verify(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "fake-quant", fold: bool = True,
            dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> VerifyReport:
     """Check a checkpoint written by :func:`~offload_export.save_clean` against ``model``, tensor by tensor.

@@ -75,6 +75,9 @@ def test_a_non_empty_destination_needs_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="is not empty; pass overwrite=True"):
         oe.save_clean(two_linears(), tmp_path / "out")
     assert os.listdir(tmp_path / "out") == ["keep.txt"]
+    with pytest.raises(ValueError, match="would be lost: keep.txt;"):  # overwrite replaces only a checkpoint
+        oe.save_clean(two_linears(), tmp_path / "out", overwrite=True)
+    (tmp_path / "out" / "keep.txt").rename(tmp_path / "out" / "config.json")
     oe.save_clean(two_linears(), tmp_path / "out", overwrite=True)
     assert sorted(os.listdir(tmp_path / "out")) == ["model.safetensors"]
 

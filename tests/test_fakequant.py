@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from torch import nn
+from torch.nn import functional as F
 
 import offload_export as oe
 from offload_export.adapters.builtin import E4M3_MAX, _e2m1_round, _fp8_fake_quant, _nvfp4_scales
@@ -479,3 +480,28 @@ def test_save_clean_folds_fake_quant_of_offloaded_model(method, tmp_path):
     assert config["model.layers.0.self_attn.q_proj.weight_quantizer"]["folded"] is True
     reloaded = type(model).from_pretrained(str(out))
     assert bits_equal(forward_logits(reloaded), forward_logits(model))
+
+
+@pytest.mark.parametrize("scheme", oe.SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_with_grad_enabled_equals_no_grad_and_backward_is_straight_through(scheme, dtype):
+    """Training-mode forward (grad enabled) works, gives the no_grad logits bit for bit, and the weight's
+    gradient is the one of the plain linear at the fake-quantized weight (fake_quant's derivative: identity)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(200, 48), nn.ReLU(), nn.Linear(48, 8)).to(dtype)
+    assert oe.quantize_weights(model, scheme, skip=()) == 2
+    x = torch.randn(5, 200, dtype=dtype)
+    with torch.no_grad():
+        expected = model(x)
+    out = model(x)
+    assert out.requires_grad and bits_equal(out.detach(), expected)
+    out.float().square().sum().backward()
+    # the same graph with the fake-quantized weights as plain leaves: their grads must equal the weights' grads
+    first, last = model[0], model[2]
+    wq = [m.weight_quantizer(m.weight.detach()).requires_grad_() for m in (first, last)]
+    h = torch.relu(F.linear(x, wq[0], first.bias.detach()))
+    F.linear(h, wq[1], last.bias.detach()).float().square().sum().backward()
+    for m, w in zip((first, last), wq):
+        assert m.weight.grad is not None and bits_equal(m.weight.grad, w.grad)
+    with oe.quantizers_disabled(model), torch.no_grad():
+        assert not torch.equal(model(x), expected)

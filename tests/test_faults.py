@@ -219,10 +219,10 @@ def test_commit_never_replaces_a_destination_that_appeared_meanwhile(tmp_path, c
 def test_overwrite_swaps_in_the_complete_checkpoint_and_removes_the_old_one(tmp_path, commit_path):
     dest = tmp_path / "out"
     dest.mkdir()
-    (dest / "old").write_text("old")
+    (dest / "config.json").write_text("old")  # overwrite replaces only a checkpoint's files
     with _atomic.staging(dest, overwrite=True) as tmp:
         (tmp / "new").write_text("new")
-        assert os.listdir(dest) == ["old"]  # untouched until the new one is complete
+        assert os.listdir(dest) == ["config.json"]  # untouched until the new one is complete
     assert os.listdir(dest) == ["new"] and os.listdir(tmp_path) == ["out"]
 
 

@@ -373,3 +373,21 @@ def test_exception_part_way_leaves_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["l"]
     assert torch.equal(forward_logits(model), logits)
+
+
+@pytest.mark.parametrize("schemes,dtype", [(("int8", "int4-g128"), torch.float32), (("fp8", "nvfp4"), torch.bfloat16)])
+def test_two_builtin_schemes_reload_in_transformers(tmp_path, schemes, dtype):
+    """int8 attention + int4 MLP (fp8 + nvfp4): each config group targets its modules, transformers loads it."""
+    model = _tiny_qwen3(dtype)
+    attention = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".self_attn." in n]
+    mlp = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".mlp." in n]
+    oe.quantize_weights(model, schemes[0], modules=attention)
+    oe.quantize_weights(model, schemes[1], modules=mlp)
+    oe.save_clean(model, tmp_path / "out", format=CT)
+    groups = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert sorted(sorted(g["targets"]) for g in groups.values()) == sorted([sorted(attention), sorted(mlp)])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=dtype).eval()
+    ids = fixed_input_ids()
+    tol = 1e-5 if dtype == torch.float32 else 0.02
+    torch.testing.assert_close(forward_logits(loaded, ids), forward_logits(model, ids), rtol=tol, atol=tol)
+    assert oe.verify(model, tmp_path / "out", format=CT).ok

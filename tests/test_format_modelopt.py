@@ -230,6 +230,29 @@ def test_a_model_without_modelopt_quantizers_is_refused(tmp_path):
     assert_refused(builtin, tmp_path / "b" / "out", "no ModelOpt quantizers")
 
 
+class HalvingQuantizer(torch.nn.Module):
+    """A user's own weight quantizer (registered below): ModelOpt's export does not know it."""
+
+    def __init__(self):
+        super().__init__()
+        self.enabled = True
+
+    def forward(self, x):
+        return x * 0.5
+
+
+oe.register_quantizer(HalvingQuantizer)
+
+
+def test_a_registered_non_modelopt_quantizer_is_refused_naming_its_module(tmp_path):
+    model = quantize(tiny_qwen3(), "INT8_WEIGHT_ONLY_CFG")
+    model.model.embed_tokens.weight_quantizer = HalvingQuantizer()
+    assert_refused(model, tmp_path / "x" / "out", "model.embed_tokens is quantized by", "HalvingQuantizer",
+                   "not by NVIDIA ModelOpt", "fake-quant")
+    model.model.embed_tokens.weight_quantizer.enabled = False  # a disabled one changes nothing: exported
+    oe.save_clean(model, tmp_path / "y" / "out", format="modelopt")
+
+
 def test_a_weight_modelopt_cannot_pack_is_refused_naming_it(tmp_path):
     model = quantize(make_model("qwen3_tied", dtype=torch.bfloat16), "INT4_AWQ_CFG")  # input dims 64 and 96
     assert_refused(model, tmp_path / "x" / "out", "model.layers.0.self_attn.q_proj.weight", "block size 128")

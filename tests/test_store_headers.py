@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from layouts import LayoutSpec, apply_layout_with_artifacts, make_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 
 import offload_export as oe
@@ -187,3 +189,92 @@ def test_valid_files_parse_as_safetensors_writes_them(dtype, tmp_path):
     save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
     start, header = safetensors_header(str(tmp_path / "x.safetensors"))
     assert sorted(header) == ["a", "b", "c"] and start > 8
+
+
+def _int_in_place_of_float(path: Path) -> str:
+    """A float32 tensor re-labelled I32: same size, same shape, the file valid; its bits would read as integers."""
+    header, data = _split(path)
+    name = next(k for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32" and "layers.0" in k)
+    header[name]["dtype"] = "I32"
+    _replace(path, _join(header, data))
+    return name
+
+
+def test_a_float_relabelled_as_int_is_refused_before_writing(offloaded, tmp_path):
+    model, source = offloaded
+    name = _int_in_place_of_float(source)
+    with pytest.raises(ValueError, match=f"tensor '{name}' is stored as I32, the module holds .* as torch.float32"):
+        oe.save_clean(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_header_changed_after_the_plan_is_refused_at_read_time(offloaded, tmp_path):
+    """The store is checked when the export is planned and again when each tensor is read."""
+    from offload_export.checkpoint import write_weights
+    from offload_export.job import prepare_job
+
+    model, source = offloaded
+    job = prepare_job(model, tmp_path / "out")
+    name = _int_in_place_of_float(source)
+    (tmp_path / "tmp").mkdir()
+    with pytest.raises(ValueError, match=f"tensor '{name}' is stored as I32"):
+        write_weights(job.reader(), job.plan, tmp_path / "tmp", False)
+
+
+def test_a_deeply_nested_header_is_the_documented_value_error(offloaded, tmp_path):
+    model, source = offloaded
+    header, data = _split(source)
+    text = json.dumps(header)
+    text = text[:-2] + ',"extra":' + "[" * 100_000 + "]" * 100_000 + "}}"
+    _replace(source, _join(text, data))
+    with pytest.raises(ValueError, match="deeper than safetensors' limit of 127"):
+        oe.save_clean(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# one header reader, as strict as safetensors: mutate a valid header and both must agree on every result
+_VALID = {"__metadata__": {"format": "pt"},
+          "a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+          "b": {"dtype": "BF16", "shape": [4], "data_offsets": [24, 32]},
+          "c": {"dtype": "U8", "shape": [0], "data_offsets": [32, 32]}}
+_JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-3, 2**65) | st.floats(allow_nan=False)
+                            | st.text(max_size=4),
+                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                                          max_size=3), max_leaves=6)
+
+
+def _mutations() -> st.SearchStrategy:
+    keys = st.sampled_from(["a", "b", "c", "__metadata__"])
+    fields = st.sampled_from(["dtype", "shape", "data_offsets", "extra"])
+    values = (_JSON_VALUES | st.sampled_from(["F16", "I32", "F4", "I4", "F8_E8M0", "BOOL", "C64"])
+              | st.lists(st.integers(0, 40), max_size=3) | st.lists(st.floats(0, 40), min_size=2, max_size=2)
+              | st.lists(st.text("0123456789", min_size=1, max_size=2), max_size=2))
+    return st.lists(st.tuples(keys, fields, values), min_size=1, max_size=3)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(mutations=_mutations(), extra_bytes=st.integers(-4, 4), depth=st.sampled_from([0, 0, 0, 124, 125, 126, 200]))
+def test_the_header_reader_agrees_with_safetensors(tmp_path_factory, mutations, extra_bytes, depth):
+    header = json.loads(json.dumps(_VALID))
+    for key, field, value in mutations:
+        if key == "__metadata__":
+            header[key] = value if field == "extra" else {field: value}
+        elif isinstance(header.get(key), dict):
+            header[key][field] = value
+    text = json.dumps(header)
+    if depth:  # an unknown key nested `depth` deep inside tensor a's entry (3 levels down with it)
+        text = text.replace('"a": {', '"a": {"deep": ' + "[" * depth + "]" * depth + ", ", 1)
+    path = tmp_path_factory.mktemp("h") / "x.safetensors"
+    path.write_bytes(_join(text, b"\0" * max(0, 32 + extra_bytes)))
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+        theirs = None
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        theirs = str(e)
+    try:
+        safetensors_header(str(path))
+        ours = None
+    except ValueError as e:
+        ours = str(e)
+    assert (ours is None) == (theirs is None), (ours, theirs, text[:300])

@@ -124,6 +124,31 @@ def _edit_json(ck: Path, name: str, key: str, value) -> None:
     (ck / name).write_text(json.dumps(data))
 
 
+def _first_tensor(header: dict) -> dict:
+    return next(v for k, v in header.items() if k != "__metadata__")
+
+
+def _shape_as_strings(header: dict) -> None:
+    entry = _first_tensor(header)
+    entry["shape"] = [str(d) for d in entry["shape"]]
+
+
+def _float_offsets(header: dict) -> None:
+    entry = _first_tensor(header)
+    entry["data_offsets"] = [float(o) for o in entry["data_offsets"]]
+
+
+def _nest_in_first_shard(ck: Path, depth: int = 5000) -> None:
+    """An entry of the first shard gets an unknown key holding ``depth`` nested arrays (safetensors parses it)."""
+    shard = _shards(ck)[0]
+    data = shard.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    raw = data[8:8 + length].decode().rstrip()
+    raw = raw[:-2] + ',"extra":' + "[" * depth + "]" * depth + "}}"  # inside the last entry's object
+    raw += " " * (-len(raw) % 8)
+    shard.write_bytes(len(raw).to_bytes(8, "little") + raw.encode() + data[8 + length:])
+
+
 DAMAGE = {
     "flipped byte": (_flip_last_byte, "elements differ in model-00002"),
     "deleted shard": (lambda ck: _shards(ck)[0].unlink(), "missing file: model-00001"),
@@ -139,19 +164,42 @@ DAMAGE = {
     "auto_map in config": (_add_auto_map, "config.json: has 'auto_map'"),
     "edited quantizer metadata": (_edit_quantizer_metadata, f"{QUANTIZER_STATE_NAME}: its metadata differs"),
     "non-string shard metadata": (lambda ck: _edit_shard_header(ck, lambda h: h.update(__metadata__={"format": 1})),
-                                  "model-00001-of-00012.safetensors: __metadata__ is not a {string: string} object"),
+                                  "model-00001-of-00012.safetensors: not a valid safetensors file: __metadata__ is not a {string: string}"),
     "truncated shard": (lambda ck: _shards(ck)[2].write_bytes(_shards(ck)[2].read_bytes()[:-10]), "truncated"),
-    "garbage header": (lambda ck: _shards(ck)[0].write_bytes(b"\xff" * 64), "not a safetensors file"),
+    "garbage header": (lambda ck: _shards(ck)[0].write_bytes(b"\xff" * 64), "not a valid safetensors file"),
     "leftover directory": (lambda ck: (ck / ".out.offload-export-0-0-0-0").mkdir(), "unexpected directory"),
     "no config": (lambda ck: (ck / "config.json").unlink(), "missing file: config.json"),
     "edited num_hidden_layers": (lambda ck: _edit_json(ck, "config.json", "num_hidden_layers", 1),
-                                 "config.json: 'num_hidden_layers' is 1, the model gives"),
+                                 "config.json: 'num_hidden_layers' is 1 (int), the model gives"),
     "edited rms_norm_eps": (lambda ck: _edit_json(ck, "config.json", "rms_norm_eps", 0.5),
-                            "config.json: 'rms_norm_eps' is 0.5, the model gives"),
+                            "config.json: 'rms_norm_eps' is 0.5 (float), the model gives"),
     "edited hidden_act": (lambda ck: _edit_json(ck, "config.json", "hidden_act", "gelu"),
-                          "config.json: 'hidden_act' is 'gelu', the model gives"),
+                          "config.json: 'hidden_act' is 'gelu' (str), the model gives"),
     "edited generation config": (lambda ck: _edit_json(ck, "generation_config.json", "eos_token_id", 12345),
-                                 "generation_config.json: 'eos_token_id' is 12345"),
+                                 "generation_config.json: 'eos_token_id' is 12345 (int)"),
+    # JSON types, not only values: transformers refuses a config with 1 for true or 64.0 for 64
+    "bool written as int": (lambda ck: _edit_json(ck, "config.json", "tie_word_embeddings", 0),
+                            "config.json: 'tie_word_embeddings' is 0 (int), the model gives False (bool)"),
+    "int written as float": (lambda ck: _edit_json(ck, "config.json", "hidden_size", 64.0),
+                             "config.json: 'hidden_size' is 64.0 (float), the model gives 64 (int)"),
+    "generation int as float": (lambda ck: _edit_json(ck, "generation_config.json", "bos_token_id", 1.0),
+                                "generation_config.json: 'bos_token_id' is 1.0 (float)"),
+    "deeply nested config": (lambda ck: (ck / "config.json").write_text("[" * 100_000 + "]" * 100_000),
+                             "config.json: unreadable (RecursionError"),
+    "shard metadata np": (lambda ck: _edit_shard_header(ck, lambda h: h.update(__metadata__={"format": "np"})),
+                          "model-00001-of-00012.safetensors: __metadata__ is {'format': 'np'}, the export writes"),
+    "extra key in the index": (lambda ck: _edit_index(ck, lambda i: i.update(extra={"a": 1})),
+                               f"{INDEX_NAME}: has 'extra', which the export does not write"),
+    "extra key in the index metadata": (lambda ck: _edit_index(ck, lambda i: i["metadata"].update(format="x")),
+                                        f"{INDEX_NAME}: metadata has 'format'"),
+    "a python file beside the weights": (lambda ck: (ck / "modeling_evil.py").write_text("import os\n"),
+                                         "unexpected file: modeling_evil.py (the export does not write it)"),
+    "garbage vllm state": (lambda ck: (ck / "vllm_fq_modelopt_state.pth").write_bytes(b"garbage"),
+                           "vllm_fq_modelopt_state.pth: the export does not write it for this model"),
+    # headers that safetensors itself refuses
+    "shape entries as strings": (lambda ck: _edit_shard_header(ck, _shape_as_strings), "is not a list of non-negative"),
+    "float offsets": (lambda ck: _edit_shard_header(ck, _float_offsets), "is not [begin, end]"),
+    "deeply nested header": (_nest_in_first_shard, "deeper than safetensors' limit"),
 }
 
 

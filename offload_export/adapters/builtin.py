@@ -296,6 +296,13 @@ class FakeQuantizer(nn.Module):
         if not self.enabled:
             return w
         self._check(w, rows)
+        if torch.is_grad_enabled() and w.requires_grad:
+            return _StraightThrough.apply(w, functools.partial(self._fold, rows=rows))
+        return self._fold(w, rows)
+
+    @torch.no_grad()
+    def _fold(self, w: torch.Tensor, rows: slice | None) -> torch.Tensor:
+        """:meth:`forward`'s value, computed in place in scratch buffers (no autograd graph)."""
         start = range(self.shape[0])[rows or slice(None)].start if len(w) else 0
         out = anon_empty(tuple(w.shape), w.dtype) if w.device.type == "cpu" else torch.empty_like(w)
         factors = self._factors(slice(start, start + len(w)))
@@ -334,6 +341,19 @@ class FakeQuantizer(nn.Module):
         else:
             out = _int_fake_quant(x, *factors, _INT_MAX[self.scheme])
         return out.reshape(n, -1)[:, :cols]
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``fold(w)`` forward, identity backward: the straight-through estimator of ModelOpt's fake quantizers
+    (within the calibrated range, which holds every element of a weight calibrated on itself)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, fold) -> torch.Tensor:
+        return fold(w.detach())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
 
 
 register_quantizer(FakeQuantizer)

@@ -298,7 +298,11 @@ def _builtin_meta(p: Packing) -> StateDict:
 
 def quantization_config(model: nn.Module, found: dict[str, Packing]) -> dict:
     """config.json's ``quantization_config``: what ``ModelCompressor.update_config`` writes after
-    ``compress_model``, computed on copies of the schemes (the model's are not changed)."""
+    ``compress_model``, computed on copies of the schemes (the model's are not changed).
+
+    Built-in quantizers of one scheme form one group that targets ``"Linear"`` (the rest are ignored); of
+    several schemes, one group per scheme that targets its modules by name, as llm-compressor writes them.
+    """
     import compressed_tensors
     from compressed_tensors.base import (COMPRESSION_VERSION_NAME, QUANTIZATION_METHOD, QUANTIZATION_METHOD_NAME,
                                          SPARSITY_CONFIG_NAME, TRANSFORM_CONFIG_NAME)
@@ -306,10 +310,16 @@ def quantization_config(model: nn.Module, found: dict[str, Packing]) -> dict:
 
     by_owner = {p.owner: p for p in found.values()}
     if any(p.builtin for p in found.values()):
-        groups: dict[str, Any] = {}
+        schemes: list[Any] = []
+        owners: list[list[str]] = []
         for p in found.values():
-            if p.scheme not in groups.values():
-                groups[f"group_{len(groups)}"] = p.scheme
+            if p.scheme not in schemes:
+                schemes.append(p.scheme)
+                owners.append([])
+            owners[schemes.index(p.scheme)].append(p.owner)
+        if len(schemes) > 1:  # one "Linear" group each would match every Linear twice: transformers refuses it
+            schemes = [s.model_copy(update={"targets": names}) for s, names in zip(schemes, owners)]
+        groups = {f"group_{i}": scheme for i, scheme in enumerate(schemes)}
         ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in by_owner]
         config = QuantizationConfig(config_groups=groups, ignore=ignore).model_copy(deep=True)
     else:

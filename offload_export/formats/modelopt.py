@@ -744,7 +744,8 @@ class ModelOpt(Format):
     a time, after replaying its resmoothing of modules that share an input. The model is never changed.
 
     Raises:
-        ValueError: no ModelOpt quantizers, a MoE kind ModelOpt cannot export (fused experts under AWQ) or this
+        ValueError: no ModelOpt quantizers, an enabled quantizer of another toolkit (or a user's registered one),
+            a MoE kind ModelOpt cannot export (fused experts under AWQ) or this
             export does not pack (experts other than ModelOpt's ``_QuantFusedExperts``), or a format/weight
             shape ModelOpt cannot pack (raised when the export is planned, before anything is written).
     """
@@ -753,6 +754,12 @@ class ModelOpt(Format):
 
     def __init__(self, source: Source):
         super().__init__(source)
+        other = next((q for q in source.quantizers if q.adapter.name != "modelopt" and q.enabled), None)
+        if other is not None and any(q.adapter.name == "modelopt" for q in source.quantizers):  # ModelOpt's export knows its own quantizers only: it would write the raw weight
+            raise ValueError(f"format='modelopt': {other.owner_name or '<root>'} is quantized by {other.adapter.name} "
+                             f"({other.name}), not by NVIDIA ModelOpt; ModelOpt's checkpoint cannot express it and "
+                             f"would hold the unquantized weight. Quantize it with ModelOpt, remove or disable that "
+                             f"quantizer, or use format='fake-quant'")
         self._refs = offloaded_tensors(source.model)
         self.packer = ModelOptPacker(source.model, quantizers=source.quantizers, read=self._read, refs=self._refs, dtype=source.dtype)
         tied = {i.tied_to for i in source.lay.values() if i.kind == "tied"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -18,7 +18,7 @@ from torch import nn
 
 __all__ = ["CacheHook", "Store", "StoreRef", "add_store_entry", "align_hooks", "cache_store", "execution_device",
            "is_offload_cache", "no_onloading", "offloaded_tensors", "offloads", "resolve_store", "resume_offload",
-           "state_lock", "store_paths", "suspend_offload"]
+           "state_lock", "store_paths", "suspend_offload", "suspensions"]
 
 # Guards every change :func:`offload_export.materialized` makes to hooks, modules and stores (one lock for all
 # of them, so that blocks entered from several threads compose). Re-entrant: a block may enter another.
@@ -91,6 +91,12 @@ def resume_offload(hook) -> None:
         del _suspended[id(hook)]
 
 
+def suspensions(hook) -> int:
+    """How many :func:`suspend_offload` calls on ``hook`` are not resumed yet."""
+    entry = _suspended.get(id(hook))
+    return entry[1] if entry is not None else 0
+
+
 def offloads(hook) -> bool:
     """Whether ``hook`` offloads its module's tensors, also while :func:`suspend_offload` holds it off."""
     entry = _suspended.get(id(hook))
@@ -119,8 +125,11 @@ def _unprefix(weights_map: Mapping, name: str) -> tuple[Mapping, str]:
     return dataset, key
 
 
-def add_store_entry(weights_map: Mapping, name: str, value: torch.Tensor) -> None:
+def add_store_entry(weights_map: Mapping, name: str, value: torch.Tensor) -> Callable[[], None]:
     """Add a CPU copy of ``value`` as ``name`` to a hook's ``weights_map`` (a dict, or a loader's RAM entries).
+
+    Returns:
+        A function that puts the entry back as it was (absent, or its previous value).
 
     Raises:
         RuntimeError: the store cannot take new entries.
@@ -130,7 +139,10 @@ def add_store_entry(weights_map: Mapping, name: str, value: torch.Tensor) -> Non
         dataset = dataset.state_dict  # OffloadedWeightsLoader looks its RAM entries up first
     if not isinstance(dataset, MutableMapping):
         raise RuntimeError(f"cannot add {key} to an offload store of type {type(dataset).__name__}")
+    missing = object()
+    old = dataset.get(key, missing)
     dataset[key] = value.detach().to("cpu", copy=True)
+    return lambda: dataset.pop(key, None) if old is missing else dataset.__setitem__(key, old)
 
 
 def resolve_store(weights_map: Mapping, name: str) -> Store:

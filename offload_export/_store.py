@@ -11,6 +11,7 @@ import json
 import math
 import os
 import secrets
+import stat
 import struct
 import threading
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ from ._buffers import anon_empty
 from ._hooks import Store
 
 __all__ = ["MAX_HEADER_BYTES", "SAFETENSORS_DTYPES", "CorruptHeader", "FileSpan", "SafetensorsHeader", "check_store",
-           "parse_safetensors_header", "pread_exact", "read_safetensors_header", "read_store", "safetensors_header",
-           "store_span", "write_store"]
+           "open_regular", "parse_safetensors_header", "pread_exact", "read_safetensors_header", "read_store",
+           "safetensors_header", "store_span", "write_store"]
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -75,6 +76,37 @@ class SafetensorsHeader:
 
 def _is_u64(x: object) -> bool:
     return type(x) is int and 0 <= x < _U64
+
+
+def _not_regular(path: str, mode: int) -> ValueError:
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a character device"
+            if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else "a directory"
+            if stat.S_ISDIR(mode) else "not a regular file")
+    return ValueError(f"{path}: is {kind}, not a regular file; nothing was read from it. An offload store or "
+                      f"checkpoint file must be a regular file: put the original file back (or re-save the "
+                      f"checkpoint) and reload the model.")
+
+
+def open_regular(path: str) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file; never blocks.
+
+    Opened non-blocking, so that a FIFO or device put in the file's place cannot block ``open`` (a FIFO
+    waits for a writer), then checked with ``fstat``.
+
+    Raises:
+        ValueError: ``path`` is not a regular file (a FIFO, a device, a directory, ...).
+        OSError: it cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _entry_span(path: str, name: str, entry: object) -> tuple[int, int]:
@@ -161,7 +193,7 @@ def read_safetensors_header(path: str) -> SafetensorsHeader:
         OSError: the file cannot be read.
     """
     size = os.stat(path).st_size
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
             raise CorruptHeader(path, f"file is {size} bytes, too short for a safetensors header")
@@ -190,10 +222,13 @@ def safetensors_header(path: str) -> tuple[int, dict]:
     where the file ends. Cached per ``(path, mtime, size)``.
 
     Raises:
-        ValueError: the file is not a valid safetensors file (the message names the file and the tensor).
+        ValueError: the file is not a valid safetensors file, or not a regular file (the message names the file
+            and the tensor).
         OSError: the file cannot be read.
     """
     st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):  # checked again on the descriptor: the lock is never held in a blocking open
+        raise _not_regular(path, st.st_mode)
     with _lock:
         return _header_cached(path, st.st_mtime_ns, st.st_size)
 
@@ -232,15 +267,19 @@ def check_store(store: Store, shape: tuple[int, ...], dtype: torch.dtype | None 
 
     Raises:
         ValueError: a corrupt safetensors header, an entry missing from it, a stored shape that is not
-            ``shape``, a stored dtype that no cast turns into ``dtype`` (an integer for a float tensor), or a
-            ``.dat`` file of the wrong size (the message names the file and tensor).
+            ``shape``, a stored dtype that no cast turns into ``dtype`` (an integer for a float tensor), a
+            ``.dat`` file of the wrong size, or a file that is not a regular file (the message names the file and
+            tensor).
         OSError: the file is missing or unreadable.
     """
     if store.kind == "safetensors":
         _safetensors_entry(store, dtype, shape)
     elif store.kind == "disk":
         need = math.prod(shape) * torch.empty((), dtype=store.file_dtype).element_size()
-        size = os.stat(store.path).st_size
+        st = os.stat(store.path)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(store.path, st.st_mode)
+        size = st.st_size
         if size != need:
             raise ValueError(f"{store.path}: offload file of {store.key!r} is {size} bytes, its shape {list(shape)} "
                              f"of {store.file_dtype} needs {need}; the offload folder is damaged: reload the model")
@@ -261,8 +300,8 @@ def pread_exact(fd: int, out: torch.Tensor, offset: int, name: str = "") -> None
 
 
 def _pread_into(path: str, offset: int, out: torch.Tensor) -> None:
-    """Fill the contiguous CPU tensor ``out`` with bytes of ``path`` starting at ``offset``."""
-    fd = os.open(path, os.O_RDONLY)
+    """Fill the contiguous CPU tensor ``out`` with bytes of ``path`` (a regular file) starting at ``offset``."""
+    fd = open_regular(path)
     try:
         pread_exact(fd, out, offset, path)
     finally:

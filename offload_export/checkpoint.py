@@ -8,14 +8,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 
 from .job import INDEX_NAME, Job
-from .pipeline import UnitReader, stream_lanes
+from .pipeline import UnitReader, run_units
 from .plan import ExportPlan
 from .writer import Descriptors, ShardWriter
 
@@ -27,7 +25,8 @@ SHARD_METADATA = {"format": "pt"}
 
 def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: bool,
                   on_shard: Callable[[str], None] | None = None) -> list[str]:
-    """Stream every unit of ``plan`` into its shards in ``tmp``; one unit is written while the next is made.
+    """Stream every unit of ``plan`` into its shards in ``tmp`` (:func:`run_units`); one unit is written while the
+    next is made. On any failure every shard file is closed before the exception propagates.
 
     ``on_shard(path)`` is called (on the writer thread) as soon as a shard is complete and fsync-ed.
 
@@ -53,29 +52,17 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
             if bar is not None:
                 bar.update(spec.nbytes)
 
-    # units are written behind, in order, while the next ones are folded: the disk and the CPU/GPU work at
-    # once; how far the writer may lag is bounded by the stream's byte budget (held=True: a unit counts
-    # until its outputs are written), not by a count, so a long pass-through copy does not stall the folds
-    behind = ThreadPoolExecutor(1, thread_name_prefix="offload-export-writer")
-    pending: deque[Future] = deque()
+    # units are written behind, in order, by the loop's consumer thread while the next ones are folded: the
+    # disk and the CPU/GPU work at once, within the loop's byte budget
     try:
-        for unit, outputs in stream_lanes(reader, plan.units, read_ahead_bytes=reader.read_ahead_bytes(plan.units),
-                                          held=True):
-            while pending and pending[0].done():
-                pending.popleft().result()  # a failed write stops the export here
-            pending.append(behind.submit(write, unit, outputs))
-            del outputs
-        while pending:
-            pending.popleft().result()
+        run_units(reader, plan.units, write, read_ahead_bytes=reader.read_ahead_bytes(plan.units))
         for w in writers.values():
             w.close()
     except BaseException:
-        behind.shutdown(wait=True, cancel_futures=True)
         for w in writers.values():
             w.abort()
         raise
     finally:
-        behind.shutdown(wait=True)
         if bar is not None:
             bar.close()
     return list(writers)

@@ -20,14 +20,14 @@ Two ways to hold the model:
     quantizer state (it is small: keep quantizers resident on every rank).
 
 Requirements: all ranks see ``out_dir``'s parent on one shared filesystem, and call ``save_clean`` with the
-same arguments. The ranks' plans are compared (a fingerprint of shards, dtypes, shapes and folded weights)
-and must match. When CUDA is available and ``device`` is not given, each rank folds on
+same arguments. The ranks' plans are compared (a fingerprint of shards, dtypes, shapes and folded weights,
+and each quantizer's configuration and a digest of its state) and must match. When CUDA is available and ``device`` is not given, each rank folds on
 ``cuda:$LOCAL_RANK``. A process that exports alone while ``torch.distributed`` is initialised (the
 ``if rank == 0: save_clean(...)`` pattern) must pass a single-rank group,
 ``group=dist.new_group([rank], use_local_synchronization=True)``; otherwise it waits for the other ranks
 until ``timeout`` and raises.
 
-One process, several GPUs needs none of this: :func:`offload_export.pipeline.stream_lanes` folds each unit
+One process, several GPUs needs none of this: :func:`offload_export.pipeline.run_units` folds each unit
 on its own fold device within ``save_clean`` itself.
 
 This module builds on the one-process export (job, pipeline, checkpoint files, atomic staging) and registers
@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -56,7 +57,9 @@ from .checkpoint import write_metadata, write_weights
 from .export import DEFAULT_TIMEOUT, ExportReport, register_group_export
 from .fingerprint import fingerprint, plan_facts
 from .job import Job, prepare_job
+from ._store import read_store
 from .plan import ExportPlan, select_shards
+from .quantizers import json_safe
 from .resume import Resumer, combined_fingerprint, remove_journals, resume_session
 
 __all__ = ["assign_shards", "save_clean_distributed"]
@@ -91,6 +94,32 @@ def assign_shards(sizes: Sequence[int], readable: Sequence[Sequence[bool]]) -> t
     return tuple(owner)
 
 
+def _wait(ctl, work) -> None:
+    """Wait for an asynchronous collective of group ``ctl``, then raise its error (the group's timeout, a peer gone).
+
+    A blocking wait holds the calling thread inside C++ until the collective returns, so Ctrl-C
+    (``KeyboardInterrupt``) would be raised only then. Here a helper thread waits and this one joins it in
+    short slices, which a signal interrupts at once. The helper holds the group and the collective until
+    the collective ends (their destructors wait for it), so after an interruption nothing in this thread
+    waits for it; the process can exit, and the other ranks then fail at once.
+    """
+    error: list[BaseException] = []
+
+    def wait(group=ctl, pending=work) -> None:
+        try:
+            pending.wait()
+        except BaseException as e:
+            error.append(e)
+
+    helper = threading.Thread(target=wait, name="offload-export-collective", daemon=True)
+    del ctl, work
+    helper.start()
+    while helper.is_alive():
+        helper.join(0.05)
+    if error:
+        raise error[0]
+
+
 def _exchange(ctl, fn: Callable[[], str], outcome: str = "no checkpoint was written") -> list[str]:
     """Run ``fn`` on every rank and gather the strings it returns; if it raised anywhere, raise everywhere.
 
@@ -107,12 +136,12 @@ def _exchange(ctl, fn: Callable[[], str], outcome: str = "no checkpoint was writ
     world = dist.get_world_size(ctl)
     header = torch.tensor([len(data), error is None], dtype=torch.int64)
     headers = [torch.empty_like(header) for _ in range(world)]
-    dist.all_gather(headers, header, group=ctl)
+    _wait(ctl, dist.all_gather(headers, header, group=ctl, async_op=True))
     longest = max(1, max(int(h[0]) for h in headers))
     padded = torch.zeros(longest, dtype=torch.uint8)
     padded[:len(data)] = data
     chunks = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(chunks, padded, group=ctl)
+    _wait(ctl, dist.all_gather(chunks, padded, group=ctl, async_op=True))
     texts = [c[:int(h[0])].numpy().tobytes().decode() for c, h in zip(chunks, headers)]
     failed = [r for r, h in enumerate(headers) if not h[1]]
     if error is not None:
@@ -144,12 +173,51 @@ def _fingerprint(job: Job) -> str:
     return hashlib.sha256(json.dumps([shards, sorted(job.folds)]).encode()).hexdigest()
 
 
+def _quantizer_digests(job: Job) -> dict[str, list]:
+    """``quantizer name -> [its configuration (JSON), a digest of its state, or None]``; None where this rank
+    holds part of the state on the meta device without a hook (another rank compares it)."""
+    out = {}
+    for q in job.quantizers:
+        state, config = q.adapter.state(q)
+        digest = hashlib.sha256()
+        for key in sorted(state):
+            t, info = state[key], job.lay.get(f"{q.name}.{key}")
+            if t.device.type == "meta":
+                if info is None or info.ref is None:
+                    digest = None
+                    break
+                t = read_store(info.ref.store, info.dtype, info.shape)
+            t = t.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(json.dumps([key, str(t.dtype), list(state[key].shape)]).encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+        out[q.name] = [json.dumps(json_safe(config), sort_keys=True), digest and digest.hexdigest()]
+    return out
+
+
 def _survey(job: Job) -> str:
-    """This rank's plan fingerprint and, per shard (then the quantizer state), whether it can read it."""
+    """This rank's plan fingerprint, its quantizers' configurations and state digests, and, per shard (then the
+    quantizer state), whether it can read it."""
     needs = _needs(job)
     readable = ["0" if _missing(job, {k for t in s.tensors for k in needs[t.name]}) else "1" for s in job.plan.shards]
     readable.append("0" if _missing(job, {k for q in job.quantizers for k in q.state_keys}) else "1")
-    return json.dumps({"plan": _fingerprint(job), "readable": "".join(readable)})
+    return json.dumps({"plan": _fingerprint(job), "quantizers": _quantizer_digests(job), "readable": "".join(readable)})
+
+
+def _check_quantizers(surveys: list[dict]) -> None:
+    """Every rank quantized alike: the same configuration of each quantizer, the same state where two ranks
+    can read it; raises the same error on every rank."""
+    for rank, survey in enumerate(surveys[1:], start=1):
+        for name, (config, digest) in surveys[0]["quantizers"].items():
+            other_config, other_digest = survey["quantizers"][name]
+            if other_config != config:
+                what = f"configuration ({other_config} on rank {rank}, {config} on rank 0)"
+            elif digest is not None and other_digest is not None and digest != other_digest:
+                what = "state (scales, amax, ...: calibrated differently)"
+            else:
+                continue
+            raise RuntimeError(f"the ranks quantized differently: {name}'s {what} differs between rank 0 and "
+                               f"rank {rank}; every rank must quantize the same model the same way (or load the "
+                               f"same quantized checkpoint) before save_clean")
 
 
 def _assign(job: Job, surveys: list[dict], rank: int) -> tuple[int, ...]:
@@ -158,6 +226,7 @@ def _assign(job: Job, surveys: list[dict], rank: int) -> tuple[int, ...]:
         raise RuntimeError("the ranks planned different exports (tensor names, dtypes, shapes or folded weights "
                            "differ): every rank must build the same model, quantize it the same way and call "
                            "save_clean with the same arguments")
+    _check_quantizers(surveys)
     if surveys[0]["readable"][-1] != "1":
         key = _missing(job, {k for q in job.quantizers for k in q.state_keys})
         raise RuntimeError(f"rank 0 cannot read the quantizer state it writes (e.g. {key or 'on rank 0'} is on the "

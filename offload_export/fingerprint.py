@@ -58,14 +58,19 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def quantizer_digests(quantizers: Iterable[Quantizer]) -> list[dict]:
+def quantizer_digests(quantizers: Iterable[Quantizer], lay: Layout) -> list[dict]:
     """Each quantizer's name, role, JSON configuration and the sha256 of its state tensors, in name order.
 
-    The configuration and tensors are those of the adapter's ``state()`` (what a format writes of it).
+    The configuration and tensors are those of the adapter's ``state()`` (what a format writes of it); state on
+    the meta device is read from its offload store (``lay``), or digested by shape where none holds it.
     """
     out = []
     for q in sorted(quantizers, key=lambda q: q.name):
         tensors, config = q.adapter.state(q)
+        for key, t in tensors.items():
+            info = lay.get(f"{q.name}.{key}")
+            if t.device.type == "meta" and info is not None and info.ref is not None:
+                tensors[key] = read_store(info.ref.store, info.dtype, info.shape)
         out.append({"name": q.name, "role": q.role, "target": q.target, "config": json_safe(config),
                     "state": tensor_digest(tensors)})
     return out
@@ -105,7 +110,7 @@ def plan_facts(job: Job) -> dict:
     shards = [[s.filename, hashlib.sha256(safetensors_layout(s.tensors, SHARD_METADATA)[0]).hexdigest(),
                [[t.name, str(t.dtype), list(t.shape)] for t in s.tensors]] for s in job.plan.shards]
     return {"version": _version(), "format": job.format.name, "device": str(job.device),
-            "shards": shards, "folds": sorted(job.folds), "quantizers": quantizer_digests(job.quantizers),
+            "shards": shards, "folds": sorted(job.folds), "quantizers": quantizer_digests(job.quantizers, job.lay),
             "sources": source_identity(job.lay)}
 
 

@@ -9,8 +9,9 @@ several threads:
   (:class:`_CacheSwap`), counted the same way;
 - each accelerate hook's ``offload`` flag is suspended and resumed with a count (``_hooks.suspend_offload``).
 
-A ``writeback=True`` block that exits normally writes every tensor it covers whose value differs from the
-store when *it* exits, even while other blocks keep the tensor onloaded.
+A ``writeback=True`` block that exits normally writes every tensor it covers whose value differs (bit for bit)
+from the store when *it* exits, even while other blocks keep the tensor onloaded; every value is checked before
+the first write, and a tied tensor's new value goes to every store of the tie.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from torch.utils import swap_tensors
 
 from ._errors import add_note
 from ._hooks import (Store, StoreRef, cache_store, is_offload_cache, offloaded_tensors, resolve_store, resume_offload,
-                     state_lock, suspend_offload)
+                     state_lock, suspend_offload, suspensions)
 from ._store import read_store, write_store
 from .layout import declared_ties
+from .quantizers import find_quantizers
 
 __all__ = ["materialized", "no_other_blocks", "onloaded", "waits_for_blocks"]
 
@@ -143,13 +145,21 @@ class _Onloaded:
         """Read ``tensor``'s store entry onto ``device`` and put the data under ``tensor`` (or in its slot)."""
         value = read_store(slot.ref.store, tensor.dtype, tuple(tensor.shape))
         copy = slot.ref.store.kind in ("cpu", "mapping")  # never hand out the store's own memory
-        twin = _real_twin(tensor, value.to(device, copy=copy))
+        return cls._swap_in(slot, tensor, value.to(device, copy=copy))
+
+    @classmethod
+    def _swap_in(cls, slot: _Slot, tensor: torch.Tensor, value: torch.Tensor) -> _Onloaded:
+        twin, home = _real_twin(tensor, value), tensor.device
         try:
             swap_tensors(tensor, twin)  # `tensor` keeps its identity but now holds the data
             return cls(slot.name, tensor, twin, True)
         except RuntimeError:  # a weakref or a view holds the meta tensor: work on the slot instead
             slot.put(twin)
             return cls(slot.name, twin, tensor, False)
+        except BaseException:  # e.g. Ctrl-C right after the swap, before the entry exists: undo it
+            if tensor.device != home:
+                swap_tensors(tensor, twin)
+            raise
 
     def changes(self) -> list[_Change]:
         """Each slot's current value (also a replacement Parameter) that differs from that slot's store."""
@@ -184,6 +194,20 @@ class _Onloaded:
             f"{type(self.meta).__name__} object); the old object keeps its {self.live.device} memory until those "
             f"references go. Read it under torch.no_grad() and drop views before the block ends.",
             ResourceWarning, stacklevel=_caller_level())
+
+
+class _Moved(_Onloaded):
+    """A resident quantizer tensor moved to the block's ``device`` (a fold or forward there needs its state there):
+    ``meta`` holds it on its own device meanwhile and takes the block's final value back on restore."""
+
+    @classmethod
+    def load(cls, slot: _Slot, tensor: torch.Tensor, device: torch.device) -> _Moved:
+        return cls._swap_in(slot, tensor, tensor.detach().to(device, copy=True))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            self.meta.copy_(self.live)  # what the block computed (e.g. a calibration) stays
+        super().restore()
 
 
 def _caller_level() -> int:
@@ -387,6 +411,7 @@ class _Block:
 
     label: str
     module: nn.Module
+    quantizer_modules: frozenset[int] = frozenset()  # ids of quantizer modules (and their children) inside
     claims: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
 
@@ -412,8 +437,11 @@ def _claim_tensor(block: _Block, slot: _Slot, tensor: torch.Tensor, device) -> N
                 raise RuntimeError(
                     f"{slot.name} is on the meta device and no offloading hook inside this module supplies it;\n"
                     f"  if an enclosing module's hook owns it (place_submodules), materialize that module")
-            return
-        entry = _Onloaded.load(slot, tensor, device or slot.ref.execution_device)
+            if device is None or tensor.device == device or id(slot.owner) not in block.quantizer_modules:
+                return
+            entry = _Moved.load(slot, tensor, device)
+        else:
+            entry = _Onloaded.load(slot, tensor, device or slot.ref.execution_device)
         _by_tensor[id(entry.live)] = _by_tensor[id(entry.meta)] = entry
     if key not in entry.slots:
         entry.slots[key] = slot
@@ -424,25 +452,27 @@ def _claim_tensor(block: _Block, slot: _Slot, tensor: torch.Tensor, device) -> N
     block.claims.append(entry)
     hook = slot.ref.hook if slot.ref is not None else None
     if hook is not None and all(h is not hook for h in block.hooks):
-        suspend_offload(hook)  # accelerate's post_forward would set the weights back to meta
-        block.hooks.append(hook)
+        before = suspensions(hook)
+        try:
+            suspend_offload(hook)  # accelerate's post_forward would set the weights back to meta
+        finally:
+            if suspensions(hook) > before:  # also when interrupted right after suspending
+                block.hooks.append(hook)
 
 
-def _enter(module: nn.Module, device, refs: dict[_Key, StoreRef], skip: frozenset[_Key]) -> _Block:
-    """Claim every offloaded tensor of ``module`` for a new block (onloading those nobody holds yet)."""
-    block = _Block(type(module).__name__, module)
-    try:
-        named = list(module.named_modules(remove_duplicate=False))
-        for prefix, owner in named:  # compressed-tensors caches first: their dicts are then plain
-            _claim_caches(block, f"{prefix}." if prefix else "", owner, device, skip)
-        for prefix, owner in named:
-            for name in ("_parameters", "_buffers"):
-                if (id(owner), name) not in _swaps:
-                    _claim_dict(block, prefix, owner, name, device, refs, skip)
-    except BaseException as error:
-        _release(block, error)
-        raise
-    return block
+def _enter(block: _Block, device, refs: dict[_Key, StoreRef], skip: frozenset[_Key]) -> None:
+    """Claim every offloaded tensor of ``block.module`` (onloading those nobody holds yet); on an error the
+    caller releases what ``block`` claimed so far."""
+    named = list(block.module.named_modules(remove_duplicate=False))
+    if device is not None:
+        block.quantizer_modules = frozenset(id(m) for q in find_quantizers(block.module)
+                                            if isinstance(q.handle, nn.Module) for m in q.handle.modules())
+    for prefix, owner in named:  # compressed-tensors caches first: their dicts are then plain
+        _claim_caches(block, f"{prefix}." if prefix else "", owner, device, skip)
+    for prefix, owner in named:
+        for name in ("_parameters", "_buffers"):
+            if (id(owner), name) not in _swaps:
+                _claim_dict(block, prefix, owner, name, device, refs, skip)
 
 
 def _claim_dict(block, prefix: str, owner: nn.Module, name: str, device, refs, skip) -> None:
@@ -456,26 +486,31 @@ def _claim_dict(block, prefix: str, owner: nn.Module, name: str, device, refs, s
 def _release(block: _Block, error: BaseException | None) -> None:
     """Drop the block's claims; the last claim of an entry restores it. Hooks resume afterwards.
 
-    Every claim is released even if one restore fails (or a ``KeyboardInterrupt`` arrives meanwhile). With
-    ``error`` given (the block is already failing), restore failures become notes on it.
+    Every claim is released and every hook resumed even if one step fails (or a ``KeyboardInterrupt`` arrives
+    in one). With ``error`` given (the block is already failing), those failures become notes on it.
 
     Raises:
         RuntimeError: (without ``error``) a tensor could not be restored.
         KeyboardInterrupt: arrived while restoring (after everything was restored).
     """
-    failures: list[tuple[object, BaseException]] = []
-    for claim in reversed(block.claims):
-        claim.count -= 1
-        if claim.count == 0:
-            _forget(claim)
-            try:
-                claim.restore()
-            except BaseException as e:  # noqa: B036 - restore the others first
-                failures.append((claim, e))
+    failures: list[tuple[str, BaseException]] = []
+    claims, hooks = block.claims[::-1], block.hooks[:]
     block.claims.clear()
-    for hook in block.hooks:
-        resume_offload(hook)
     block.hooks.clear()
+    for claim in claims:
+        try:
+            claim.count -= 1
+            if claim.count == 0:
+                _forget(claim)
+                claim.restore()
+        except BaseException as e:  # noqa: B036 - restore the others first
+            failures.append((claim.name + (f" (held by {_holders(claim.live)})" if isinstance(claim, _Onloaded)
+                                           else ""), e))
+    for hook in hooks:
+        try:
+            resume_offload(hook)
+        except BaseException as e:  # noqa: B036 - resume the others first
+            failures.append((f"resuming the offloading of a {type(hook).__name__}", e))
     _report_release(block, failures, error)
 
 
@@ -492,9 +527,7 @@ def _forget(claim) -> None:
 def _report_release(block: _Block, failures: list, error: BaseException | None) -> None:
     if not failures:
         return
-    text = "; ".join(f"{claim.name}: {type(e).__name__}: {e}"
-                     + (f" (held by {_holders(claim.live)})" if isinstance(claim, _Onloaded) else "")
-                     for claim, e in failures)
+    text = "; ".join(f"{name}: {type(e).__name__}: {e}" for name, e in failures)
     if error is not None:
         add_note(error, f"restoring {block.label} after this error also failed for {text}")
         return
@@ -578,17 +611,23 @@ def materialized(module: nn.Module, device: torch.device | str | None = None, *,
     Args:
         module: a model or any submodule carrying (or below) accelerate ``AlignDevicesHook``s or
             compressed-tensors ``OffloadCache``s.
-        device: where to put the onloaded tensors instead of each hook's execution device.
+        device: where to put the onloaded tensors instead of each hook's execution device; quantizer state
+            resident on another device (e.g. ModelOpt's ``_amax`` left on the CPU by calibrating an offloaded
+            model) is moved there too for the block, and put back on its own device, with the block's final
+            values, afterwards.
         writeback: on a normal exit of *this* block, persist every tensor it covers whose value differs from
             the store (in-place edits and replaced Parameters alike) into the offload store (the CPU dict, a
             ``.dat`` in the offload folder, compressed-tensors' cache; never the user's own safetensors file),
-            also while an enclosing or overlapping block keeps the tensor onloaded.
+            also while an enclosing or overlapping block keeps the tensor onloaded. A tied tensor (accelerate
+            keeps a store entry per side; transformers' ``_tied_weights_keys``) is written to every side's
+            store, so ``materialized(model.model.embed_tokens, writeback=True)`` also updates ``lm_head``.
 
     Yields:
         ``module`` itself.
 
     Raises:
-        ValueError: with ``writeback``, a tensor was replaced by one of another shape or dtype (or removed).
+        ValueError: with ``writeback``, a tensor was replaced by one of another shape or dtype (or removed), or
+            two sides of a tie were changed to different values; nothing was written back.
         RuntimeError: a meta tensor has no hook in ``module`` that can supply it.
         Exception: anything raised inside the block or by a store write passes through with its own type and
             a note saying what was restored and written.
@@ -598,10 +637,10 @@ def materialized(module: nn.Module, device: torch.device | str | None = None, *,
         ...     print(layer.mlp.up_proj.weight.abs().max())
     """
     entry = (threading.get_ident(), module)
-    with _blocks_changed:
-        _blocks_changed.wait_for(lambda: not _conflict(_exports, module))
-        _user_blocks.append(entry)
     try:
+        with _blocks_changed:
+            _blocks_changed.wait_for(lambda: not _conflict(_exports, module))
+            _user_blocks.append(entry)
         with onloaded(module, device, None, writeback=writeback):
             try:
                 yield module
@@ -610,9 +649,7 @@ def materialized(module: nn.Module, device: torch.device | str | None = None, *,
                             f"tensors were restored{', nothing was written back' if writeback else ''}")
                 raise
     finally:
-        with _blocks_changed:
-            _user_blocks.remove(entry)
-            _blocks_changed.notify_all()
+        _unregister(_user_blocks, entry)
 
 
 # Open materialized() blocks and running exports, as (thread ident, module): an export waits until no other
@@ -639,15 +676,23 @@ def no_other_blocks(model: nn.Module) -> Iterator[None]:
     calling thread are not waited for (an export inside ``with materialized(model):`` reads its values).
     """
     entry = (threading.get_ident(), model)
-    with _blocks_changed:
-        _blocks_changed.wait_for(lambda: not _conflict(_user_blocks, model))
-        _exports.append(entry)
     try:
+        with _blocks_changed:
+            _blocks_changed.wait_for(lambda: not _conflict(_user_blocks, model))
+            _exports.append(entry)
         yield
     finally:
-        with _blocks_changed:
-            _exports.remove(entry)
-            _blocks_changed.notify_all()
+        _unregister(_exports, entry)
+
+
+def _unregister(entries: list[tuple[int, nn.Module]], entry: tuple[int, nn.Module]) -> None:
+    """Remove ``entry`` itself (not an equal one of a nested block), if it was registered, and wake the waiters."""
+    with _blocks_changed:
+        for i, e in enumerate(entries):
+            if e is entry:
+                del entries[i]
+                break
+        _blocks_changed.notify_all()
 
 
 def waits_for_blocks(reader: Callable[..., _T]) -> Callable[..., _T]:
@@ -671,10 +716,11 @@ def onloaded(module: nn.Module, device: torch.device | str | None, refs: dict[_K
         skip: ``(id(owner), attr)`` slots to leave offloaded (the caller already holds their data).
     """
     device = torch.device(device) if device is not None else None
-    with state_lock:
-        refs = offloaded_tensors(module, include_suspended=True) if refs is None else refs
-        block = _enter(module, device, refs, skip)
+    block = _Block(type(module).__name__, module)
     try:
+        with state_lock:
+            refs = offloaded_tensors(module, include_suspended=True) if refs is None else refs
+            _enter(block, device, refs, skip)
         yield
     except BaseException as error:
         with state_lock:

@@ -1,22 +1,24 @@
-"""The export's data path: read ahead (a background thread under a byte budget), then the format's fold or pack.
+"""The export's data path: read ahead (a background thread under a byte budget), the format's fold or pack, then a consumer.
 
-``stream()`` yields, unit after unit, the final tensors of each planned output; ``stream_lanes()`` does
-the same with one worker per fold device (several GPUs in one process). The writer (and ``verify``)
-consume them; nothing here touches files other than reading the offload stores.
+:func:`run_units` is the one streaming loop of the export, ``verify`` and the distributed export: it makes
+each planned unit's final tensors (one lane per fold device, several GPUs in one process) and hands them
+to a consumer thread (the shard writer, or verify's comparison). Nothing here touches files other than
+reading the offload stores.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import threading
-import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
+from functools import lru_cache
 
 import torch
 
-from ._buffers import reusing
+from ._buffers import anon_empty, reusing
 from ._errors import add_note
 from ._hooks import offloaded_tensors
 from ._store import FileSpan, read_store, store_span
@@ -26,7 +28,7 @@ from .layout import TensorInfo
 from .materialize import onloaded
 from .plan import Unit
 
-__all__ = ["UnitReader", "stream", "stream_lanes"]
+__all__ = ["UnitReader", "run_units"]
 
 _MIN_READ_AHEAD = 64 << 20
 
@@ -93,7 +95,7 @@ class UnitReader:
         if len(spans) == len(raw):
             return spans
         values = {k: raw.pop(k) for k in list(raw) if k not in spans}  # the format may consume them
-        with _intra_op_threads(_fold_threads()):
+        with _fold_threads():
             out = self.format.finish(self, unit, values)
         out.update(spans)
         return out
@@ -112,8 +114,17 @@ class UnitReader:
         with onloaded(q.owner, dev, self._refs, skip=frozenset({(id(q.owner), q.target)})):
             yield dev
 
+    def _borrowed(self, key: str) -> bool:
+        """Whether :meth:`read` hands ``key`` over as the model's own memory (a resident tensor, an in-memory
+        store's tensor) rather than a buffer read for the export."""
+        info = self.lay[key]
+        return info.ref is None or info.ref.store.kind not in ("disk", "safetensors")
+
     def fold(self, key: str, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` passed through its enabled quantizer on :meth:`fold_device`; a CPU tensor or a device one.
+
+        The quantizer gets a tensor of its own: the model's memory (a resident weight, an in-memory store's
+        tensor) is copied first unless moving it to the fold device already made a copy.
 
         An exception from the quantizer propagates as its own type with a note naming the quantizer, the
         weight and the device (and a hint when its kernel seems to need CUDA).
@@ -122,7 +133,10 @@ class UnitReader:
         dev = self.fold_device(key)
         try:
             with self.onloaded_quantizers(key):
-                folded = q.adapter.fold(q, to_device(weight, dev))
+                moved = to_device(weight, dev)
+                if moved is weight and self._borrowed(key):
+                    moved = _copy(weight)  # a quantizer that works in place must not change the model
+                folded = q.adapter.fold(q, moved)
         except Exception as e:
             needs_cuda = dev.type == "cpu" and "cuda" in f"{type(e).__name__} {e}".lower()
             hint = " (its kernel may need CUDA: pass device='cuda')" if needs_cuda else ""
@@ -131,123 +145,119 @@ class UnitReader:
         return folded if folded.device.type == "cpu" else to_host(folded)
 
 
-def _fold_threads() -> int:
-    """Intra-op threads for CPU folds: one core is left to the reader and writer threads.
+_OPENMP_RUNTIMES = ("libgomp", "libomp", "libiomp5")
 
-    With every core in torch's pool, its spinning workers and the I/O threads fight over the cores: on 2
-    cores an int8 export measured 5-15 x slower that way when its writes cost more; with today's writer,
-    1.05-1.1 x slower and 1.4 x the CPU time (int8, fp8; 8 interleaved exports each).
-    """
+
+@lru_cache(maxsize=1)
+def _openmp() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch runs its intra-op work on (when that is its parallel backend and loaded), else None."""
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
     try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+        with open("/proc/self/maps") as maps:  # Linux: the library already loaded, whichever copy torch ships
+            paths = {line.split()[-1] for line in maps if any(name in line for name in _OPENMP_RUNTIMES)}
+        for path in sorted(paths):
+            lib = ctypes.CDLL(path)
+            if hasattr(lib, "omp_set_num_threads") and hasattr(lib, "omp_get_max_threads"):
+                return lib
+    except OSError:
+        pass
+    return None
 
 
 @contextmanager
-def _intra_op_threads(n: int) -> Iterator[None]:
-    """At most ``n`` torch intra-op threads in this thread for the block (OpenMP's setting is per thread;
-    threads started meanwhile inherit it, the caller's setting is restored after)."""
-    previous = torch.get_num_threads()
-    if n >= previous:
+def _fold_threads() -> Iterator[None]:
+    """A block in which folds in this thread use one core less than the process may (one is left to the reader
+    and consumer threads).
+
+    With every core in the intra-op pool its spinning workers and the I/O threads fight over the cores; on a
+    loaded machine the folds then run several times slower. OpenMP's thread count is a setting of the calling
+    thread (``omp_set_num_threads``), restored after the block; ``torch.set_num_threads`` would also change
+    the count every thread that starts using torch meanwhile keeps (process-wide state), so it is not used.
+    """
+    omp = _openmp()
+    try:
+        wanted = len(os.sched_getaffinity(0)) - 1
+    except (AttributeError, OSError):
+        wanted = (os.cpu_count() or 1) - 1
+    torch.get_num_threads()  # torch's per-thread initialisation first, or it would overwrite the setting later
+    previous = omp.omp_get_max_threads() if omp is not None else 0
+    if omp is None or not 1 <= wanted < previous:
         yield
         return
-    torch.set_num_threads(n)
+    omp.omp_set_num_threads(wanted)
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        omp.omp_set_num_threads(previous)
 
 
-class _ByteBudget:
-    """At most ``limit`` bytes in flight; a single item larger than the limit is still let through alone."""
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    return anon_empty(tuple(t.shape), t.dtype).copy_(t) if t.device.type == "cpu" else t.clone()
 
-    def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
+
+class _Budget:
+    """At most ``limit`` bytes leased at once (a single lease larger than that is granted alone)."""
+
+    def __init__(self, limit: int, stop: threading.Event):
+        self.limit, self.used, self._stop = limit, 0, stop
         self._cond = threading.Condition()
 
-    def acquire(self, n: int, stop: threading.Event) -> bool:
+    def lease(self, n: int) -> _Lease | None:
+        """Wait until ``n`` bytes fit and lease them; None once the run is stopped."""
         with self._cond:
-            while self.used and self.used + n > self.limit and not stop.is_set():
-                self._cond.wait(0.1)
+            while self.used and self.used + n > self.limit and not self._stop.is_set():
+                self._cond.wait()
+            if self._stop.is_set():
+                return None
             self.used += n
-            return not stop.is_set()
+        return _Lease(self, n)
 
-    def release(self, n: int) -> None:
+    def wake(self) -> None:
+        """Wake a waiting :meth:`lease` (the run was stopped)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def _give_back(self, n: int) -> None:
         with self._cond:
             self.used -= n
             self._cond.notify_all()
 
 
+class _Lease:
+    """Bytes of a :class:`_Budget` held by one unit; :meth:`release` gives them back (once)."""
+
+    __slots__ = ("_budget", "_n")
+
+    def __init__(self, budget: _Budget, n: int):
+        self._budget, self._n = budget, n
+
+    def release(self) -> None:
+        budget, self._budget = self._budget, None
+        if budget is not None:
+            budget._give_back(self._n)
+
+
+class _Run:
+    """What the stages of one :func:`run_units` share: a stop flag, the first error, the lanes' budgets."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.budgets: list[_Budget] = []
+        self._lock = threading.Lock()
+
+    def fail(self, error: BaseException) -> None:
+        """Record ``error`` (the first one wins) and stop every stage."""
+        with self._lock:
+            if self.error is None:
+                self.error = error
+        self.stop.set()
+        for budget in self.budgets:
+            budget.wake()
+
+
 _DONE = object()
-
-
-class _Outputs(dict):
-    """A unit's outputs as yielded by :func:`stream` (``held=True``): its bytes count until the dict is gone."""
-
-    __slots__ = ("__weakref__",)
-
-
-def stream(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int, held: bool = False
-           ) -> Iterator[tuple[Unit, dict[str, torch.Tensor]]]:
-    """Yield ``(unit, outputs)`` in order while a background thread reads the next units' sources.
-
-    At most ``read_ahead_bytes`` of unit data are in flight (a unit larger than that alone): read ahead,
-    and, with ``held``, also every unit whose outputs dict is still alive (being written behind), each
-    counted at the larger of its offloaded sources and its outputs. Only the unit being finished (its
-    sources and outputs at once during a fold) comes on top, so memory stays under about
-    ``read_ahead_bytes`` + the largest unit. With ``held`` the consumer must drop each outputs dict when
-    done with it, or reading stalls; without it a unit stops counting once the consumer asks for the next.
-    Errors in the reader thread are raised here; closing the generator early (an exception in the
-    consumer) stops the thread.
-    """
-    budget = _ByteBudget(read_ahead_bytes)
-    stop = threading.Event()
-    ready: queue.Queue = queue.Queue()
-
-    def produce():
-        try:
-            for unit in units:
-                n = reader.held_bytes(unit) if held else reader.offloaded_bytes(unit)
-                if not budget.acquire(n, stop):
-                    return
-                ready.put((unit, reader.read(unit), n))
-        except BaseException as e:  # handed to the consumer
-            ready.put(e)
-        ready.put(_DONE)
-
-    thread = threading.Thread(target=produce, name="offload-export-reader", daemon=True)
-    with reusing():  # buffers of units already written serve the next ones
-        thread.start()
-        try:
-            while (item := ready.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                unit, raw, n = item
-                del item  # the sources die with ``raw``, right after the fold
-                try:
-                    outputs = reader.finish(unit, raw)
-                except BaseException:
-                    budget.release(n)
-                    raise
-                finally:
-                    del raw
-                if not held:
-                    try:
-                        yield unit, outputs
-                    finally:
-                        del outputs
-                        budget.release(n)
-                    continue
-                outputs = _Outputs(outputs)
-                weakref.finalize(outputs, budget.release, n)
-                yield unit, outputs
-                del outputs
-        finally:
-            stop.set()
-            thread.join()
-
 
 def _fold_lane(reader: UnitReader, unit: Unit) -> Hashable:
     """The device a unit is folded on (the one of its first folded weight), else where its first tensor is."""
@@ -256,75 +266,147 @@ def _fold_lane(reader: UnitReader, unit: Unit) -> Hashable:
     return indexed(reader.fold_device(key) if key is not None else reader.device or reader.lay[unit.sources[0]].device)
 
 
-def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
-    while not stop.is_set():
+def _release_all(items: queue.Queue) -> None:
+    """Release the leases of the units left in ``items`` (the run stopped before they were used)."""
+    while True:
         try:
-            out.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            pass
-    return False
+            item = items.get_nowait()
+        except queue.Empty:
+            return
+        if item is not _DONE:
+            item[-1].release()
 
 
-def stream_lanes(reader: UnitReader, units: Iterable[Unit], *, read_ahead_bytes: int,
-                 lane: Callable[[UnitReader, Unit], Hashable] | None = None, held: bool = False
-                 ) -> Iterator[tuple[Unit, dict[str, torch.Tensor]]]:
-    """:func:`stream` with one worker thread per fold device, working concurrently.
+def _read_ahead(reader: UnitReader, units: list[Unit], budget: _Budget, run: _Run, ready: queue.Queue) -> None:
+    """The read-ahead thread of one lane: lease each unit's bytes, then read its sources."""
+    try:
+        for unit in units:
+            lease = budget.lease(reader.held_bytes(unit))
+            if lease is None:
+                return
+            try:
+                ready.put((unit, reader.read(unit), lease))
+            except BaseException:
+                lease.release()
+                raise
+    except BaseException as e:
+        run.fail(e)
+    finally:
+        ready.put(_DONE)
 
-    Units arrive in no fixed order across devices (in order within one); the consumer writes them at
-    planned offsets. With a single lane this is ``stream`` itself, in the calling thread's order.
+
+def _lane(reader: UnitReader, units: list[Unit], budget: _Budget, run: _Run, handoff: queue.Queue,
+          device: Hashable = None) -> None:
+    """Fold or pack one lane's units in this thread while a thread reads ahead; hand each to the consumer.
+
+    A unit's lease goes to the consumer with its outputs; on every other path it is released here.
+    """
+    ready: queue.Queue = queue.Queue()
+    thread = threading.Thread(target=_read_ahead, args=(reader, units, budget, run, ready),
+                              name="offload-export-reader", daemon=True)
+    try:
+        if isinstance(device, torch.device) and device.type == "cuda":
+            torch.cuda.set_device(device)  # kernels that allocate on the current device
+        thread.start()
+        while (item := ready.get()) is not _DONE:
+            unit, raw, lease = item
+            del item
+            try:
+                if not run.stop.is_set():
+                    outputs = reader.finish(unit, raw)
+                    del raw  # the sources die right after the fold
+                    handoff.put((unit, outputs, lease))
+                    lease = None
+                    del outputs
+            finally:
+                raw = None
+                if lease is not None:
+                    lease.release()
+    except BaseException as e:
+        run.fail(e)
+    finally:
+        if thread.ident is not None:
+            thread.join()
+        _release_all(ready)
+
+
+def _consume(consume: Callable[[Unit, dict], None], run: _Run, handoff: queue.Queue) -> None:
+    """The consumer thread: ``consume`` each unit in arrival order, releasing its lease whatever happens."""
+    while (item := handoff.get()) is not _DONE:
+        unit, outputs, lease = item
+        del item
+        try:
+            if not run.stop.is_set():
+                consume(unit, outputs)
+        except BaseException as e:
+            run.fail(e)
+        finally:
+            outputs.clear()  # what an exception's traceback still holds is no longer counted, nor kept
+            del outputs
+            lease.release()
+
+
+def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit, dict], None], *,
+              read_ahead_bytes: int, lane: Callable[[UnitReader, Unit], Hashable] | None = None,
+              name: str = "writer") -> None:
+    """Make every unit's outputs and hand them to ``consume(unit, outputs)``: the one streaming loop.
+
+    Three stages work at once: per lane (by default one per fold device) a thread reads the next units'
+    sources and the fold / pack runs (in this thread for a single lane, else in one thread per lane);
+    one consumer thread then calls ``consume`` with each unit's outputs (name -> tensor or
+    :class:`FileSpan`), in order within a lane. ``consume`` may pop from the dict; it is cleared after.
+
+    Memory: each unit holds a lease of :meth:`UnitReader.held_bytes` on its lane's budget of
+    ``read_ahead_bytes`` from before its read until ``consume`` returns or raises, or the run stops;
+    a lease is released in ``finally`` on every path, so memory stays under about ``read_ahead_bytes`` +
+    the largest unit per lane and a failure never leaves a stage waiting for bytes.
 
     Args:
         reader: the unit reader.
-        units: the units to produce.
-        read_ahead_bytes: read-ahead budget of each lane.
-        held: as for :func:`stream`.
+        units: the units, in plan order.
+        consume: the writer (or comparer) of one unit's outputs, called in the consumer thread.
+        read_ahead_bytes: the byte budget of each lane.
         lane: ``(reader, unit) -> key`` grouping units into lanes; by default the unit's fold device.
+        name: the consumer thread's name, after ``offload-export-``.
 
-    Yields:
-        ``(unit, outputs)`` as each lane finishes a unit.
+    Raises:
+        The first exception of any stage (reading, folding, ``consume``, a ``KeyboardInterrupt`` in this
+        thread), once every thread of the run has ended.
     """
-    units = list(units)
     lanes: dict[Hashable, list[Unit]] = {}
     for unit in units:
         lanes.setdefault((lane or _fold_lane)(reader, unit), []).append(unit)
-    if len(lanes) <= 1:
-        yield from stream(reader, units, read_ahead_bytes=read_ahead_bytes, held=held)
-        return
-    out: queue.Queue = queue.Queue(maxsize=len(lanes))
-    stop = threading.Event()
-
-    def work(key: Hashable, lane_units: list[Unit]) -> None:
+    run = _Run()
+    run.budgets = [_Budget(read_ahead_bytes, run.stop) for _ in lanes]
+    handoff: queue.Queue = queue.Queue()  # bounded by the budgets, not by a count
+    consumer = threading.Thread(target=_consume, args=(consume, run, handoff), name=f"offload-export-{name}",
+                                daemon=True)
+    with reusing():  # buffers of units already consumed serve the next ones
+        consumer.start()
         try:
-            if isinstance(key, torch.device) and key.type == "cuda":
-                torch.cuda.set_device(key)  # kernels that allocate on the current device
-            with closing(stream(reader, lane_units, read_ahead_bytes=read_ahead_bytes, held=held)) as items:
-                for item in items:
-                    put = _put(out, item, stop)
-                    del item  # with ``held``, a unit counts until the consumer drops it
-                    if not put:
-                        return
-        except BaseException as e:  # handed to the consumer
-            _put(out, e, stop)
+            if len(lanes) == 1:
+                _lane(reader, *lanes.values(), run.budgets[0], run, handoff)
+            else:
+                _lane_threads(reader, lanes, run, handoff)
         finally:
-            _put(out, _DONE, stop)
+            handoff.put(_DONE)
+            consumer.join()
+            _release_all(handoff)
+    if run.error is not None:
+        raise run.error
 
-    threads = [threading.Thread(target=work, args=item, name=f"offload-export-lane-{item[0]}", daemon=True)
-               for item in lanes.items()]
+
+def _lane_threads(reader: UnitReader, lanes: dict[Hashable, list[Unit]], run: _Run, handoff: queue.Queue) -> None:
+    threads = [threading.Thread(target=_lane, args=(reader, lane_units, budget, run, handoff, key),
+                                name=f"offload-export-lane-{key}", daemon=True)
+               for (key, lane_units), budget in zip(lanes.items(), run.budgets)]
     for t in threads:
         t.start()
     try:
-        running = len(threads)
-        while running:
-            item = out.get()
-            if item is _DONE:
-                running -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-            del item
-    finally:
-        stop.set()
         for t in threads:
             t.join()
+    except BaseException as e:  # a KeyboardInterrupt while waiting: stop the lanes, then wait for them
+        run.fail(e)
+        for t in threads:
+            t.join()
+

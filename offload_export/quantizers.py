@@ -158,9 +158,13 @@ def find_quantizers(model: nn.Module, which: str = "all") -> list[Quantizer]:
 def quantizers_disabled(model: nn.Module, which: str = "weight") -> Iterator[list[Quantizer]]:
     """Turn fake quantizers off for the duration of the block; each one's own prior state comes back.
 
-    A quantizer that was already disabled stays disabled after the block; ModelOpt quantizers also stop
-    applying their ``pre_quant_scale`` and rotation inside (their forward is the identity). Nests with
-    itself and with :func:`offload_export.materialized`.
+    A quantizer that was already disabled stays disabled after the block. ModelOpt quantizers are disabled
+    as ModelOpt's own ``disable_quantizer`` does: an input quantizer's ``pre_quant_scale`` (SmoothQuant, AWQ)
+    and a rotation still apply, since those methods scaled (rotated) the weight by their inverse. So
+    ``"all"`` gives the unquantized model (up to float rounding of the scale pair), ``"weight"`` the model with
+    only its activations quantized, ``"input"`` with only its weights quantized: each equal to ModelOpt's
+    ``disable_quantizer`` with the matching wildcard. Nests with itself and with
+    :func:`offload_export.materialized`.
 
     Args:
         model: the model (or any submodule).
@@ -195,15 +199,20 @@ def quantizers_disabled(model: nn.Module, which: str = "weight") -> Iterator[lis
 
 
 def _restore_all(saved: list[tuple[Quantizer, Any]]) -> None:
-    """Restore every quantizer, even when one fails; then raise the first failure (its own type, with a note)."""
-    failed: list[tuple[Quantizer, Exception]] = []
+    """Restore every quantizer, even when one fails; one whose restore a ``KeyboardInterrupt`` stopped is restored
+    again. Then raise the first failure (its own type, with a note), an interrupt before any other error."""
+    failed: list[tuple[Quantizer, BaseException]] = []
     for q, snap in reversed(saved):
         try:
-            q.adapter.restore(q, snap)
-        except Exception as e:
+            try:
+                q.adapter.restore(q, snap)
+            except KeyboardInterrupt:
+                q.adapter.restore(q, snap)  # putting a snapshot back is idempotent: Ctrl-C must not skip it
+                raise
+        except BaseException as e:  # noqa: B036 - the others are restored first, then it is raised
             failed.append((q, e))
     if failed:
-        q, error = failed[0]
+        q, error = next((f for f in failed if not isinstance(f[1], Exception)), failed[0])
         add_note(error, f"offload_export: restoring {q.name} ({q.adapter.name}) failed; "
                         f"{len(saved) - len(failed)} of {len(saved)} quantizer(s) were restored")
         raise error

@@ -2,7 +2,9 @@
 
 The expected tensors come from the export's own path (plan, read, fold, cast, convert); the file bytes
 are read with ``pread`` into buffers of one tensor, never through mmap, so memory stays bounded like the
-export's.
+export's. A second opinion does not replay that path: the consumers' own parsers (safetensors,
+transformers, compressed-tensors) read the files, ties are compared in the model, and a sample of folded
+weights is recomputed by the quantizer's own forward.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterable
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -25,11 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._store import SAFETENSORS_DTYPES, CorruptHeader, FileSpan, pread_exact, read_safetensors_header
+from ._store import (SAFETENSORS_DTYPES, CorruptHeader, FileSpan, open_regular, pread_exact, read_safetensors_header,
+                     read_store)
 from .checkpoint import SHARD_METADATA, write_model_files
 from .job import INDEX_NAME, Job, prepare_job
-from .materialize import waits_for_blocks
-from .pipeline import UnitReader, stream
+from .materialize import materialized, waits_for_blocks
+from .pipeline import UnitReader, run_units
 from .plan import Unit
 from ._hooks import offloaded_tensors
 from .vllm_fq import VLLM_FQ_STATE_NAME, write_vllm_fq_state
@@ -52,6 +54,7 @@ class VerifyReport:
         mismatches: every problem found, one line each (empty when the checkpoint matches).
         seconds: wall time of the check.
         unchecked: files verify cannot check (a tokenizer's, saved with ``save_clean(tokenizer=...)``).
+        forward_checked: folded weights also recomputed through their quantizer's own forward.
     """
 
     out_dir: str
@@ -60,6 +63,7 @@ class VerifyReport:
     mismatches: list[str] = field(default_factory=list)
     seconds: float = 0.0
     unchecked: list[str] = field(default_factory=list)
+    forward_checked: int = 0
 
     @property
     def ok(self) -> bool:
@@ -247,8 +251,8 @@ class _Prefetch:
 
     def _advise(self, path: str, offset: int, nbytes: int) -> None:
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
+            fd = open_regular(path)
+        except (OSError, ValueError):
             return  # the comparison reports it
         try:
             step = _willneed_step(os.fstat(fd).st_dev)
@@ -303,9 +307,10 @@ def _same_bytes(expected: torch.Tensor | FileSpan, path: Path, offset: int, nbyt
     """
     span = expected if isinstance(expected, FileSpan) else None
     flat = None if span is not None else expected.reshape(-1).view(torch.uint8)
-    fd = os.open(path, os.O_RDONLY)
-    src = os.open(span.path, os.O_RDONLY) if span is not None else -1
+    fd = open_regular(str(path))
+    src = -1
     try:
+        src = open_regular(span.path) if span is not None else -1
         for pos in range(0, nbytes, _CHUNK):
             n = min(_CHUNK, nbytes - pos)
             want, got = bufs.views(n)
@@ -522,6 +527,167 @@ def _check_model_files(job: Job, out_dir: Path, problems: list[str]) -> set[str]
     return names
 
 
+_SAMPLE = 3  # folded weights checked through their quantizer's own forward per run, unless thorough=True
+
+
+def _forward_checkable(job: Job, key: str) -> bool:
+    """Whether the file holds ``quantizer(weight)`` for ``key`` as the owner's forward computes it: a fake-quant
+    export, one quantizer module called on the whole weight, nothing else folded in (no ``pre_quant_scale``)."""
+    q = job.folds[key]
+    return (job.format.name == "fake-quant" and isinstance(q.handle, nn.Module)
+            and not isinstance(q.handle, (nn.ModuleList, nn.ModuleDict)) and q.adapter.name != "compressed-tensors"
+            and getattr(q.adapter, "pre_quant_scale", lambda _: None)(q) is None)
+
+
+def _forward_sample(job: Job, thorough: bool) -> list[str]:
+    """The folded weight keys whose values are recomputed through the quantizer's own forward: all with
+    ``thorough``, else ``_SAMPLE`` of them spread over the model (the same ones every run)."""
+    plain = {s.name for u in job.plan.units if not u.converted for s in u.outputs}
+    keys = [k for k in job.folds if k in plain and _forward_checkable(job, k)]
+    if thorough or len(keys) <= _SAMPLE:
+        return keys
+    return [keys[round(i * (len(keys) - 1) / (_SAMPLE - 1))] for i in range(_SAMPLE)]
+
+
+def _check_forward_values(job: Job, out_dir: Path, entries: dict[str, _Entry], keys: list[str],
+                          problems: list[str]) -> int:
+    """Compare the file's tensor with the quantizer's own forward on the materialized weight (not the export's
+    fold path), cast to the export dtype, for each of ``keys``.
+
+    Returns:
+        How many were compared.
+    """
+    compared = 0
+    for key in keys:
+        entry = entries.get(key)
+        if entry is None:
+            continue  # reported as missing
+        q, info = job.folds[key], job.lay[key]
+        owner = job.model.get_submodule(info.module)
+        with torch.no_grad(), materialized(owner):
+            weight = getattr(owner, info.attr)
+            want = q.handle(weight.detach().clone()).to(weight.dtype)  # a copy: a forward may work in place
+            if job.source.dtype is not None and want.is_floating_point():
+                want = want.to(job.source.dtype)
+            want = want.detach().to("cpu").contiguous()
+        if (want.dtype, tuple(want.shape)) != (entry.dtype, entry.shape):
+            problems.append(f"{key}: its quantizer's forward gives {want.dtype} {list(want.shape)}, {entry.file} "
+                            f"has {entry.dtype} {list(entry.shape)}")
+            continue
+        try:
+            got = FileSpan(str(out_dir / entry.file), entry.offset, entry.dtype, entry.shape).read()
+        except OSError:
+            continue  # a file cut short: reported with the export's comparison
+        differ = want.reshape(-1).view(torch.uint8).view(want.numel(), -1) != \
+            got.reshape(-1).view(torch.uint8).view(want.numel(), -1)
+        if want.numel() and differ.any():
+            rows = differ.any(dim=1)
+            worst = (want.float() - got.float()).abs().max().item()
+            problems.append(f"{key}: {int(rows.sum())} of {want.numel()} elements differ from its quantizer's own "
+                            f"forward on the weight (max |difference| {worst:.3g})")
+        compared += 1
+    return compared
+
+
+def _check_ties(job: Job, problems: list[str]) -> None:
+    """Each tie the checkpoint writes once must hold one value in the model: both sides read and compared."""
+    for key, info in job.lay.items():
+        if info.kind != "tied" or info.tied_to not in job.lay:
+            continue
+        a, b = _model_value(info), _model_value(job.lay[info.tied_to])
+        if a is None or b is None:
+            continue
+        if a.dtype != b.dtype or a.shape != b.shape or (a.numel() and not torch.equal(
+                a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))):
+            problems.append(f"{key}: tied to {info.tied_to} (written once), but the model holds another value for it; "
+                            f"the checkpoint cannot reload this model")
+
+
+def _model_value(info) -> torch.Tensor | None:
+    if info.ref is not None:
+        return read_store(info.ref.store, info.dtype, info.shape)
+    t = info.tensor
+    return t.detach().to("cpu") if isinstance(t, torch.Tensor) and t.device.type != "meta" else None
+
+
+def _check_with_consumers(job: Job, out_dir: Path, weight_files: set[str], problems: list[str]) -> None:
+    """What consumers read, read by their own code: every shard by ``safetensors.safe_open``, config.json by
+    transformers' ``AutoConfig``, generation_config.json by ``GenerationConfig``, a compressed-tensors
+    ``quantization_config`` by compressed-tensors' ``ModelCompressor``, ``hf_quant_config.json`` as ModelOpt's
+    loaders read it."""
+    from safetensors import safe_open
+
+    for name in sorted(weight_files):
+        path = out_dir / name
+        if not path.is_file():
+            continue
+        try:
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+            problems.append(f"{name}: safetensors refuses it ({type(e).__name__}: {e})")
+    if not (out_dir / "config.json").is_file() or getattr(job.model, "config", None) is None:
+        return
+    from transformers import AutoConfig, GenerationConfig
+
+    consumers = [("config.json", lambda: AutoConfig.from_pretrained(str(out_dir)))]
+    if (out_dir / "generation_config.json").is_file():
+        consumers.append(("generation_config.json", lambda: GenerationConfig.from_pretrained(str(out_dir))))
+    for name, load in consumers:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                load()
+        except Exception as e:  # noqa: BLE001 - whatever the consumer raises is a mismatch
+            problems.append(f"{name}: transformers cannot load it ({type(e).__name__}: {e})")
+    config = _load_json("config.json", out_dir / "config.json", [])
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    if isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors":
+        try:  # as transformers' CompressedTensorsHfQuantizer reads it
+            from compressed_tensors.compressors import ModelCompressor
+            from transformers.utils.quantization_config import CompressedTensorsConfig
+
+            ModelCompressor.from_compression_config(CompressedTensorsConfig.from_dict(quant))
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"config.json: compressed-tensors cannot read its quantization_config "
+                            f"({type(e).__name__}: {e})")
+    if (out_dir / "hf_quant_config.json").is_file():
+        _check_hf_quant_config(out_dir / "hf_quant_config.json", problems)
+
+
+def _check_hf_quant_config(path: Path, problems: list[str]) -> None:
+    """The structure vLLM's and TensorRT-LLM's ModelOpt loaders read: ``producer`` {name, version} and
+    ``quantization`` {quant_algo, kv_cache_quant_algo, exclude_modules, ...}."""
+    data = _load_json(path.name, path, problems)
+    if data is None:
+        return
+    quant = data.get("quantization") if isinstance(data, dict) else None
+    producer = data.get("producer") if isinstance(data, dict) else None
+    if not isinstance(producer, dict) or not isinstance(producer.get("name"), str):
+        problems.append(f"{path.name}: producer is not an object with a name")
+    if not isinstance(quant, dict):
+        problems.append(f"{path.name}: quantization is not an object")
+        return
+    if not isinstance(quant.get("quant_algo"), (str, type(None))):
+        problems.append(f"{path.name}: quantization.quant_algo is {quant.get('quant_algo')!r}, not a string")
+    if not isinstance(quant.get("kv_cache_quant_algo"), (str, type(None))):
+        problems.append(f"{path.name}: quantization.kv_cache_quant_algo is not a string or null")
+    excluded = quant.get("exclude_modules", [])
+    if not isinstance(excluded, list) or not all(isinstance(m, str) for m in excluded):
+        problems.append(f"{path.name}: quantization.exclude_modules is not a list of module names")
+    if "group_size" in quant and type(quant["group_size"]) is not int:
+        problems.append(f"{path.name}: quantization.group_size is {quant['group_size']!r}, not an integer")
+
+
+def _second_opinion(job: Job, out_dir: Path, entries: dict[str, _Entry], weight_files: set[str],
+                    report: VerifyReport, thorough: bool) -> None:
+    """The checks that do not replay the export's own path: consumers' parsers, ties, quantizer forwards."""
+    _check_with_consumers(job, out_dir, weight_files, report.mismatches)
+    _check_ties(job, report.mismatches)
+    report.forward_checked = _check_forward_values(job, out_dir, entries, _forward_sample(job, thorough),
+                                                   report.mismatches)
+
+
 def _read_order(out_dir: Path, entries: dict[str, _Entry], units: list[Unit], reader: UnitReader
                 ) -> list[tuple[str, int, int]]:
     """``(path, offset, nbytes)`` of the file bytes the comparisons read, unit after unit: each output's bytes in
@@ -533,8 +699,13 @@ def _read_order(out_dir: Path, entries: dict[str, _Entry], units: list[Unit], re
     return ranges
 
 
-def check(job: Job, out_dir: Path) -> VerifyReport:
-    """Verify ``out_dir`` against an export job (the plan, quantizers and reader of :func:`save_clean`)."""
+def _one_lane(reader: UnitReader, unit: Unit) -> int:
+    return 0
+
+
+def check(job: Job, out_dir: Path, *, thorough: bool = False) -> VerifyReport:
+    """Verify ``out_dir`` against an export job (the plan, quantizers and reader of :func:`save_clean`); with
+    ``thorough``, every folded weight is also recomputed through its quantizer's forward (else a sample)."""
     start = time.perf_counter()
     report = VerifyReport(str(out_dir))
     problems = report.mismatches
@@ -560,46 +731,48 @@ def check(job: Job, out_dir: Path) -> VerifyReport:
                     report.bytes += spec.nbytes
             del tensor
 
-    # units are compared behind, in order, while the next ones are read and folded (as the export writes
-    # behind); the stream's byte budget bounds how far the comparisons may lag
-    behind = ThreadPoolExecutor(1, thread_name_prefix="offload-export-verify-compare")
-    pending: deque[Future] = deque()
+    # units are compared behind, in order, by the loop's consumer thread while the next ones are read and folded
+    # (as the export writes behind); one lane keeps the order the prefetch requests the bytes in
     reader = job.reader()
     read_ahead = reader.read_ahead_bytes(wanted)
     prefetch = _Prefetch(_read_order(out_dir, entries, wanted, reader), max(_PREFETCH_MIN, 2 * read_ahead))
     try:
-        for unit, outputs in stream(reader, wanted, read_ahead_bytes=read_ahead, held=True):
-            while pending and pending[0].done():
-                pending.popleft().result()
-            pending.append(behind.submit(compare, unit, outputs))
-            del outputs
-        while pending:
-            pending.popleft().result()
+        run_units(reader, wanted, compare, read_ahead_bytes=read_ahead, lane=_one_lane, name="verify-compare")
     finally:
-        behind.shutdown(wait=True, cancel_futures=True)
         prefetch.close()
     expected = _check_model_files(job, out_dir, problems)
     report.unchecked = _check_files(out_dir, weight_files, expected, problems)
+    _second_opinion(job, out_dir, entries, weight_files, report, thorough)
     report.seconds = time.perf_counter() - start
     return report
 
 
 @waits_for_blocks  # another thread's materialized() block would change tensors mid-read
 def verify(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "fake-quant", fold: bool = True,
-           dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> VerifyReport:
+           dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+           thorough: bool = False) -> VerifyReport:
     """Check a checkpoint written by :func:`~offload_export.save_clean` against ``model``, tensor by tensor.
 
-    The model is streamed one unit at a time through the export's own read / fold / cast path and each
-    expected tensor is compared byte for byte with the file (read with ``pread``). Also checked: the
-    index against the files and their headers, ``metadata.total_size``, tensor names, dtypes and
-    shapes, extra or missing files, and the content of the files that follow from the model (the
-    quantizer state, ``config.json``, ``generation_config.json``, a packed format's own files), written
-    again aside and compared key by key and tensor by tensor. The model is not changed.
+    Two opinions. The export's own: the model is streamed one unit at a time through the export's read /
+    fold / cast path and each expected tensor is compared byte for byte with the file (read with
+    ``pread``); the index against the files and their headers, ``metadata.total_size``, tensor names,
+    dtypes and shapes, each shard's ``__metadata__``, every file the export did not write (tokenizer
+    files are listed in ``report.unchecked``) or that is missing, and the files that follow from the model
+    (the quantizer state, ``config.json``, ``generation_config.json``, a packed format's own files,
+    ``vllm_fq_modelopt_state.pth`` when present), written again aside and compared key by key with JSON
+    types. And the consumers': every shard opened by ``safetensors.safe_open``, ``config.json`` and
+    ``generation_config.json`` loaded by transformers' ``AutoConfig`` / ``GenerationConfig``, a
+    compressed-tensors ``quantization_config`` by ``ModelCompressor.from_compression_config``,
+    ``hf_quant_config.json``'s structure as ModelOpt's loaders read it, each tie the checkpoint writes once
+    holding one value in the model, and folded weights recomputed by their quantizer's own forward on the
+    materialized module (fake-quant exports; a few per run, the same ones each time; all with
+    ``thorough=True``). The model is not changed.
 
     Args:
         model: the model that was exported.
         out_dir: the checkpoint directory.
         format, fold, dtype, device: as given to :func:`~offload_export.save_clean`.
+        thorough: recompute every folded weight through its quantizer's forward, not a sample.
 
     Returns:
         A :class:`VerifyReport`; ``report.ok`` is True when nothing differs, ``report.mismatches``
@@ -615,7 +788,7 @@ def verify(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "fake-
     """
     job = prepare_job(model, out_dir, format=format, fold=fold, max_shard_size=_ANY_SHARD_SIZE, dtype=dtype,
                       device=device, overwrite=True, check_out=False)
-    return check(job, Path(out_dir))
+    return check(job, Path(out_dir), thorough=thorough)
 
 
 def check_staged(job: Job, tmp: Path) -> None:

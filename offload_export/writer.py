@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._store import SAFETENSORS_DTYPES, FileSpan
+from ._store import SAFETENSORS_DTYPES, FileSpan, open_regular
 
 __all__ = ["Descriptors", "FileSpan", "ShardWriter", "TensorSpec", "safetensors_layout"]
 
@@ -285,7 +285,7 @@ class ShardWriter:
         with self._lock:
             fd = self._open_locked()
             if spec.nbytes:
-                src = os.open(span.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                src = open_regular(span.path)
                 at = self._offsets[name]
                 try:
                     _in_steps(fd, at, spec.nbytes,

@@ -6,9 +6,11 @@ import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import socket
 import tempfile
 import threading
+import time
 import traceback
 from dataclasses import asdict
 from datetime import timedelta
@@ -85,7 +87,27 @@ class _Exiting(_Exploding):
     error = SystemExit
 
 
+class _Held(FakeQuantizer):
+    """A fold that waits (up to HOLD seconds) until the test creates ``release`` in ``work``: a slow rank."""
+
+    work: Path | None = None
+
+    def forward(self, *args, **kwargs):
+        deadline = time.monotonic() + HOLD
+        while type(self).work is not None and not (type(self).work / "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        type(self).work = None
+        return super().forward(*args, **kwargs)
+
+
+HOLD = 120  # seconds a held rank waits at most
+
+
 def _rank_model(scenario: str, rank: int, work: Path):
+    if scenario == "sigint":  # rank 1 is slow in its write phase; rank 0 waits for it in a collective
+        _Held.work = work
+        return _tiny_model(offload_dir=work / f"offload-{rank}", explode="model.layers.0.self_attn.q_proj" if rank else None,
+                           fault=_Held)
     if scenario == "partial" and rank == 1:  # holds layers 2.. and the head; the rest is meta without hooks
         model = _tiny_model(offload_dir=None)
         model.model.embed_tokens.to("meta")
@@ -116,6 +138,24 @@ def _leave_before_confirming(rank: int) -> None:
     distributed._exchange = leaving
 
 
+def _mark_waiting(work: Path) -> None:
+    """Rank 0 creates ``waiting`` once its write phase is done: it then waits for the others in a collective."""
+    exchange, calls = distributed._exchange, []
+
+    def marking(ctl, fn, *args, **kwargs):
+        calls.append(fn)
+
+        def marked():
+            text = fn()
+            if len(calls) == 3:  # prepare, stage, write
+                (work / "waiting").touch()
+            return text
+
+        return exchange(ctl, marked, *args, **kwargs)
+
+    distributed._exchange = marking
+
+
 def _rank_main(rank: int, world: int, port: int, work: str, scenario: str) -> None:
     import torch.distributed as dist
 
@@ -127,6 +167,8 @@ def _rank_main(rank: int, world: int, port: int, work: str, scenario: str) -> No
         model = _rank_model(scenario, rank, work)
         if scenario == "leave":
             _leave_before_confirming(rank)
+        if scenario == "sigint" and rank == 0:
+            _mark_waiting(work)
         report = oe.save_clean(model, work / "out", max_shard_size=SHARD, timeout=timedelta(hours=1),
                                format=PACKED.get(scenario, "fake-quant"))
         result = {"ok": True, "report": asdict(report)}
@@ -144,13 +186,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_ranks(world: int, work: Path, scenario: str) -> list[dict]:
+def _start_ranks(world: int, work: Path, scenario: str) -> list:
     ctx = mp.get_context("forkserver")  # a clean process per rank, without importing torch and transformers each time
     ctx.set_forkserver_preload(_PRELOAD)  # (python 3.11's forkserver ignores sys.path: this test module can't be preloaded)
     port = _free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(work), scenario)) for r in range(world)]
     for p in procs:
         p.start()
+    return procs
+
+
+def _join_ranks(procs: list, work: Path) -> list[dict]:
     for p in procs:
         p.join(JOIN_TIMEOUT)
     hung = [r for r, p in enumerate(procs) if p.is_alive()]
@@ -161,6 +207,10 @@ def _run_ranks(world: int, work: Path, scenario: str) -> list[dict]:
     assert not hung, f"ranks {hung} did not finish within {JOIN_TIMEOUT} s"
     return [json.loads(f.read_text()) if (f := work / f"result-{r}.json").exists() else {"exited": p.exitcode}
             for r, p in enumerate(procs)]
+
+
+def _run_ranks(world: int, work: Path, scenario: str) -> list[dict]:
+    return _join_ranks(_start_ranks(world, work, scenario), work)
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -203,6 +253,28 @@ def test_a_failure_on_any_rank_raises_on_every_rank_and_leaves_nothing(scenario,
         results = _run_ranks(2, work, scenario)
         assert not any(r["ok"] for r in results)
         assert all(message in r["error"] for r in results), [r["error"] for r in results]
+        assert not (work / "out").exists()
+        assert not [p for p in work.iterdir() if p.name.startswith(".")]
+
+
+def test_ctrl_c_on_a_rank_waiting_in_a_collective_raises_at_once_and_the_others_fail_too():
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        procs = _start_ranks(2, work, "sigint")
+        try:
+            deadline = time.monotonic() + JOIN_TIMEOUT
+            while not (work / "waiting").exists() and procs[0].is_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert (work / "waiting").exists(), "rank 0 never reached its wait for rank 1"
+            time.sleep(0.5)  # inside the collective
+            os.kill(procs[0].pid, signal.SIGINT)
+            procs[0].join(JOIN_TIMEOUT)  # rank 1 is held meanwhile: rank 0 must not wait for the collective
+            assert not procs[0].is_alive(), "Ctrl-C was not raised while rank 0 waited for rank 1"
+        finally:
+            (work / "release").touch()
+        results = _join_ranks(procs, work)
+        assert results[0]["error"].startswith("KeyboardInterrupt"), results[0]
+        assert not results[1]["ok"], results[1]
         assert not (work / "out").exists()
         assert not [p for p in work.iterdir() if p.name.startswith(".")]
 

@@ -505,3 +505,46 @@ def test_forward_with_grad_enabled_equals_no_grad_and_backward_is_straight_throu
         assert m.weight.grad is not None and bits_equal(m.weight.grad, w.grad)
     with oe.quantizers_disabled(model), torch.no_grad():
         assert not torch.equal(model(x), expected)
+
+
+class _OwnForwardLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _swapped(model: nn.Module) -> list[tuple[str, str, bool]]:
+    return [(n, type(m).__name__, hasattr(m, "weight_quantizer")) for n, m in model.named_modules()]
+
+
+def test_quantize_weights_refused_at_a_later_linear_changes_nothing():
+    model = make_model("llama_untied")
+    model.model.layers[1].mlp.down_proj.__class__ = _OwnForwardLinear  # the last Linear quantize_weights reaches
+    before, logits = _swapped(model), forward_logits(model)
+    with pytest.raises(ValueError, match="overrides nn.Linear.forward"):
+        oe.quantize_weights(model, "int8")
+    assert _swapped(model) == before
+    assert bits_equal(forward_logits(model), logits)
+
+
+@pytest.mark.parametrize("fail_at", [1, 5])
+def test_quantize_weights_failing_part_way_on_an_offloaded_model_changes_nothing(fail_at, tmp_path, monkeypatch):
+    from offload_export.adapters import builtin
+
+    model = apply_layout(make_model("qwen3_tied"), _LAYOUTS["place_submodules_buffers"], tmp_path)
+    oe.quantize_weights(model, "fp8", modules=["model.layers.1.mlp.up_proj"])  # re-quantized below: restored
+    before, keys, logits = _swapped(model), set(model.state_dict()), forward_logits(model)
+    calls, real = [], builtin.add_store_entry
+
+    def failing(*args):
+        calls.append(args[1])
+        if len(calls) == fail_at:
+            raise RuntimeError("injected store failure")
+        return real(*args)
+
+    monkeypatch.setattr(builtin, "add_store_entry", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        oe.quantize_weights(model, "nvfp4")
+    monkeypatch.undo()
+    assert _swapped(model) == before and set(model.state_dict()) == keys
+    assert model.model.layers[1].mlp.up_proj.weight_quantizer.scheme == "fp8"
+    assert bits_equal(forward_logits(model), logits)

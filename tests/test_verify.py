@@ -291,8 +291,9 @@ def test_a_flipped_byte_is_reported_naming_the_tensor(exported, checkpoint, smal
     assert _passed_through(model, out, name) is FLIPPED[name]
     _flip_byte_of(checkpoint, name)
     report = oe.verify(model, checkpoint)
-    assert len(report.mismatches) == 1, report
-    assert report.mismatches[0].startswith(f"{name}: 1 of ") and "elements differ" in report.mismatches[0], report
+    assert report.mismatches[0].startswith(f"{name}: 1 of ") and "elements differ in" in report.mismatches[0], report
+    # the second opinion (the quantizer's own forward) names it too when it samples that weight
+    assert all(m.startswith(f"{name}: 1 of ") for m in report.mismatches[1:]) and len(report.mismatches) <= 2, report
 
 
 @pytest.mark.parametrize("name", ["lm_head.weight", "model.layers.0.mlp.down_proj.weight"])
@@ -383,6 +384,6 @@ def test_save_clean_verify_true_commits_a_verified_export(exported, tmp_path):
 def test_save_clean_verify_true_commits_nothing_on_a_mismatch(tmp_path):
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     model[1].weight_quantizer = NoisyQuantizer()
-    with pytest.raises(RuntimeError, match=r"verify found 1 mismatch\(es\).*\n  - 1\.weight: 64 of 64 elements differ"):
+    with pytest.raises(RuntimeError, match=r"verify found 2 mismatch\(es\).*\n  - 1\.weight: 64 of 64 elements differ in model"):
         oe.save_clean(model, tmp_path / "out", verify=True)
     assert list(tmp_path.iterdir()) == [] and leftovers(tmp_path) == []

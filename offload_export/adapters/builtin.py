@@ -24,7 +24,7 @@ import fnmatch
 import functools
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import MethodType
 
 import torch
@@ -374,19 +374,14 @@ def _fake_quant_class(base: type[nn.Linear]) -> type[nn.Linear]:
     return _FAKE_QUANT_CLASSES[base]
 
 
-def _install(name: str, linear: nn.Linear, quantizer: FakeQuantizer) -> None:
-    """Attach ``quantizer`` and switch ``linear`` to its ``FakeQuant`` class, accelerate hook included.
-
-    accelerate's ``add_hook_to_module`` keeps the original bound forward in ``_old_forward`` and calls it
-    from the hook; that bound method is rebound to the new class's forward.
-    """
+def _check_installable(name: str, linear: nn.Linear) -> None:
+    """Raise the ``ValueError`` :func:`_install` would, without changing anything."""
     base = type(linear)
     current = getattr(linear, "weight_quantizer", None)
     if current is not None and not isinstance(current, FakeQuantizer):
         raise ValueError(f"{name} already has a weight_quantizer of type {type(current).__name__}; "
                          f"remove it or leave {name} out (skip=...)")
     if base is _FAKE_QUANT_CLASSES.get(base):
-        linear.weight_quantizer = quantizer
         return
     if base.forward is not nn.Linear.forward:
         raise ValueError(f"{name} ({base.__name__}) overrides nn.Linear.forward; fake quantization would change "
@@ -395,17 +390,44 @@ def _install(name: str, linear: nn.Linear, quantizer: FakeQuantizer) -> None:
     if "forward" in linear.__dict__ and getattr(old_forward, "__func__", None) is not base.forward:
         raise ValueError(f"{name}.forward was replaced by something other than an accelerate hook; "
                          f"cannot route it through the fake quantizer")
+
+
+def _install(name: str, linear: nn.Linear, quantizer: FakeQuantizer) -> Callable[[], None]:
+    """Attach ``quantizer`` and switch ``linear`` to its ``FakeQuant`` class, accelerate hook included.
+
+    accelerate's ``add_hook_to_module`` keeps the original bound forward in ``_old_forward`` and calls it
+    from the hook; that bound method is rebound to the new class's forward.
+
+    Returns:
+        A function that undoes the change.
+    """
+    _check_installable(name, linear)
+    base, old_quantizer = type(linear), linear._modules.get("weight_quantizer")
+    old_forward = linear.__dict__.get("_old_forward")
+
+    def undo() -> None:
+        linear.__class__ = base
+        if old_forward is not None:
+            linear._old_forward = old_forward
+        if old_quantizer is not None:
+            linear.weight_quantizer = old_quantizer
+        else:
+            del linear.weight_quantizer
+
     linear.weight_quantizer = quantizer
-    linear.__class__ = _fake_quant_class(base)
-    if old_forward is not None:
-        linear._old_forward = MethodType(linear.__class__.forward, linear)
+    if base is not _FAKE_QUANT_CLASSES.get(base):
+        linear.__class__ = _fake_quant_class(base)
+        if old_forward is not None:
+            linear._old_forward = MethodType(linear.__class__.forward, linear)
+    return undo
 
 
-def _add_to_offloading_hooks(model: nn.Module, name: str, quantizer: FakeQuantizer) -> None:
+def _add_to_offloading_hooks(model: nn.Module, name: str, quantizer: FakeQuantizer, undo: list) -> None:
     """Give the quantizer's buffers a store entry in hooks that load the buffers of submodules.
 
     An ``AlignDevicesHook`` with ``place_submodules`` and ``offload_buffers`` (on the Linear or above)
     loads every buffer below it from its ``weights_map`` in ``pre_forward``; without an entry it fails.
+    Each entry's undo function is appended to ``undo``.
     """
     parts = name.split(".") if name else []
     for i in range(len(parts) + 1):
@@ -414,7 +436,7 @@ def _add_to_offloading_hooks(model: nn.Module, name: str, quantizer: FakeQuantiz
         for hook in align_hooks(owner):
             if offloads(hook) and hook.offload_buffers and hook.place_submodules and hook.weights_map is not None:
                 for buffer_name, buffer in quantizer.named_buffers():
-                    add_store_entry(hook.weights_map, f"{prefix}.{buffer_name}", buffer)
+                    undo.append(add_store_entry(hook.weights_map, f"{prefix}.{buffer_name}", buffer))
 
 
 def _targets(model: nn.Module, modules: Iterable[str] | None, skip: Iterable[str]) -> list[tuple[str, nn.Linear]]:
@@ -457,7 +479,7 @@ def quantize_weights(model: nn.Module, scheme: str = "int8", *, modules: Iterabl
 
     Raises:
         ValueError: unknown scheme, a named module that is not a Linear, or a Linear whose forward was
-            replaced by something other than accelerate.
+            replaced by something other than accelerate. On any error the model is left unchanged.
 
     Example:
         >>> offload_export.quantize_weights(model, "nvfp4")  # doctest: +SKIP
@@ -465,13 +487,24 @@ def quantize_weights(model: nn.Module, scheme: str = "int8", *, modules: Iterabl
     """
     _check_scheme(scheme)
     targets = _targets(model, modules, skip)
+    for name, linear in targets:
+        _check_installable(name, linear)
     lay = layout(model)
     refs = offloaded_tensors(model)
+    quantizers = []
     for name, linear in targets:
         device = lay[f"{name}.weight" if name else "weight"].device
         quantizer = FakeQuantizer(scheme, tuple(linear.weight.shape), device=device)
         with onloaded(linear, None, refs):
             quantizer.calibrate(linear.weight)
-        _install(name, linear, quantizer)
-        _add_to_offloading_hooks(model, name, quantizer)
+        quantizers.append(quantizer)
+    undo: list[Callable[[], None]] = []
+    try:  # all or nothing: every check and calibration passed; a failure here undoes what was installed
+        for (name, linear), quantizer in zip(targets, quantizers):
+            undo.append(_install(name, linear, quantizer))
+            _add_to_offloading_hooks(model, name, quantizer, undo)
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
     return len(targets)

@@ -19,7 +19,7 @@ class ModelOptAdapter(QuantizerAdapter):
     """
 
     name = "modelopt"
-    _SAVED = ("_disabled", "_rotate", "_enable_pre_quant_scale")
+    _SAVED = ("_disabled",)
 
     @staticmethod
     def _is_tensor_quantizer(m: nn.Module) -> bool:
@@ -45,12 +45,10 @@ class ModelOptAdapter(QuantizerAdapter):
         return [{a: getattr(leaf, a) for a in self._SAVED if hasattr(leaf, a)} for leaf in self.leaves(q)]
 
     def disable(self, q):
+        """As ModelOpt's own ``disable_quantizer``: no quantization, but a ``pre_quant_scale`` and a rotation still
+        apply (SmoothQuant / AWQ scaled the weight by their inverse; the pair is the unquantized product)."""
         for leaf in self.leaves(q):
             leaf._disabled = True  # not disable(): some subclasses override it; the flag is the truth
-            if hasattr(leaf, "_enable_pre_quant_scale"):
-                leaf._enable_pre_quant_scale = False
-            if getattr(leaf, "_rotate", False):
-                leaf.disable_rotate()
 
     def restore(self, q, snapshot):
         for leaf, saved in zip(self.leaves(q), snapshot):

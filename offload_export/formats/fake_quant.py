@@ -9,8 +9,11 @@ with each quantizer's JSON configuration in the metadata), never among the weigh
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+from torch import nn
+from torch.nn.utils import parametrize
 
 from .._buffers import cast
 from .._store import read_store
@@ -42,11 +45,47 @@ def quantizer_state(source: Source) -> tuple[StateDict, dict]:
     return tensors, configs
 
 
+def _transform(model: nn.Module, source: Source) -> tuple[str, str] | None:
+    """``(module, what)`` of the first transform the model's forward applies beyond its weights: a
+    compressed-tensors transform still attached (an input / output / attention rotation hook, or a weight
+    parametrization), a parametrized weight, or a ModelOpt quantizer that rotates its tensor."""
+    # a model holds compressed-tensors transforms only after compressed-tensors was imported
+    base = sys.modules.get("compressed_tensors.transform.factory.base")
+    for name, module in model.named_modules():
+        if base is not None and isinstance(module, base.TransformBase):
+            return name.rpartition(".")[0], f"a compressed-tensors transform ({name}, {type(module).__name__})"
+        if parametrize.is_parametrized(module):
+            return name, f"a parametrization of {', '.join(module.parametrizations)}"
+    for q in source.quantizers:
+        if q.adapter.name != "modelopt":
+            continue
+        leaves = q.handle if isinstance(q.handle, (nn.ModuleList, nn.Sequential)) else [q.handle]
+        if any(getattr(leaf, "rotate_is_enabled", False) and getattr(leaf, "is_enabled", False) for leaf in leaves):
+            return q.owner_name, f"a ModelOpt quantizer that rotates its tensor ({q.name}, rotate=True)"
+    return None
+
+
 @register_format
 class FakeQuant(Format):
-    """Weights as the fake-quantized model computes with them: what evaluation and vLLM's fake-quant worker read."""
+    """Weights as the fake-quantized model computes with them: what evaluation and vLLM's fake-quant worker read.
+
+    Raises:
+        ValueError: the model's forward applies a transform the checkpoint cannot express (a compressed-tensors
+            rotation such as QuIP's or SpinQuant's, a weight parametrization, ModelOpt's ``rotate``): plain
+            transformers would load the weights without it.
+    """
 
     name = "fake-quant"
+
+    def __init__(self, source: Source):
+        super().__init__(source)
+        found = _transform(source.model, source)
+        if found is not None:
+            module, what = found
+            raise ValueError(f"format='fake-quant': the forward of {module or '<root>'} applies {what}, which a "
+                             f"fake-quant checkpoint cannot express (a plain reload computes without it). Export "
+                             f"the toolkit's own format (compressed-tensors' or ModelOpt's exporter, which write the "
+                             f"transform), or remove the transform before exporting")
 
     def outputs(self, meta: StateDict) -> StateDict:
         return self.source.convert(meta) if self.source.convert is not None else meta
@@ -75,7 +114,11 @@ class FakeQuant(Format):
         # our writer, not safetensors' save_file: its metadata map is serialized in random order
         writer = ShardWriter(str(tmp / QUANTIZER_STATE_NAME), [TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()],
                              {"format": "pt", "quantizers": json.dumps(configs, sort_keys=True)})
-        for key, value in tensors.items():
-            writer.write(key, value)
-        writer.close()
+        try:
+            for key, value in tensors.items():
+                writer.write(key, value)
+            writer.close()
+        except BaseException:
+            writer.abort()  # its descriptor: a failed write must not keep the file's space allocated
+            raise
         return [QUANTIZER_STATE_NAME]

@@ -1,0 +1,209 @@
+"""The streaming loop's resources are leases released on every path: a failure never hangs, leaks or changes the model."""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import os
+import threading
+from pathlib import Path
+
+import accelerate
+import pytest
+import torch
+from torch import nn
+
+import offload_export as oe
+
+BOUND = 60  # seconds a failing call may take before it counts as a hang
+verify_module = importlib.import_module("offload_export.verify")  # the package exports the function
+BIG_CALL = 512 << 10  # the writer's largest pwrite: only the embedding's data is written in calls this big
+
+
+def _big_model(work: Path) -> nn.Module:
+    """A 64 MB embedding (the unit holding the whole read-ahead budget) and two small Linears, disk-offloaded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(16384, 1024), nn.Linear(1024, 8), nn.Linear(8, 8))
+    return accelerate.disk_offload(model, str(work / "offload"), execution_device="cpu")
+
+
+def _bounded(fn):
+    """``fn()``'s exception (or None), raising AssertionError when it has not returned within BOUND seconds."""
+    outcome: list = []
+
+    def call():
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(BOUND)
+    assert not thread.is_alive(), f"still running after {BOUND} s: a hang"
+    return outcome[0]
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    work = tmp_path_factory.mktemp("big")
+    return _big_model(work), work
+
+
+def test_a_disk_full_write_of_the_unit_holding_the_budget_raises_instead_of_hanging(big, tmp_path, monkeypatch):
+    model, _ = big
+    pwrite = os.pwrite
+
+    def full(fd, data, offset):
+        if len(data) >= BIG_CALL:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full)
+    threads, fds = threading.active_count(), _fds()
+    error = _bounded(lambda: oe.save_clean(model, tmp_path / "out", dtype=torch.float16, max_shard_size="1MB"))
+    assert isinstance(error, OSError) and error.errno == errno.ENOSPC, error
+    assert os.listdir(tmp_path) == []
+    assert threading.active_count() == threads
+    assert _fds() <= fds
+
+
+def test_a_failing_comparison_of_the_unit_holding_the_budget_raises_instead_of_hanging(big, tmp_path, monkeypatch):
+    model, _ = big
+    oe.save_clean(model, tmp_path / "out", dtype=torch.float16, max_shard_size="1MB")
+    same_bytes = verify_module._same_bytes
+
+    def failing(expected, path, offset, nbytes, bufs):
+        if nbytes >= 32 << 20:
+            raise MemoryError("injected")
+        return same_bytes(expected, path, offset, nbytes, bufs)
+
+    monkeypatch.setattr(verify_module, "_same_bytes", failing)
+    threads = threading.active_count()
+    error = _bounded(lambda: oe.verify(model, tmp_path / "out", dtype=torch.float16))
+    assert isinstance(error, MemoryError), error
+    assert threading.active_count() == threads
+
+
+# -- a FIFO in place of a source file: a ValueError, never an open() that blocks (holding the header lock)
+
+_PLACE = (("model.embed_tokens", "disk"), ("model.layers.0", "disk"), ("model.layers.1", "resident"),
+          ("model.norm", "resident"), ("lm_head", "disk"))
+
+
+def _fifo_in_place_of(path: Path) -> None:
+    os.remove(path)
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize("layout", ["disk_offload", "from_pretrained"])
+def test_a_fifo_in_place_of_a_source_file_is_a_value_error_not_a_hang(layout, tmp_path):
+    from layouts import LayoutSpec, apply_layout_with_artifacts, make_model
+
+    spec = LayoutSpec("from_pretrained", _PLACE) if layout == "from_pretrained" else LayoutSpec("disk_offload")
+    model, art = apply_layout_with_artifacts(make_model("llama_untied"), spec, tmp_path / "layout")
+    source = art.source_file if layout == "from_pretrained" else sorted(art.offload_dir.glob("*.dat"))[0]
+    _fifo_in_place_of(source)
+    for call in (lambda: oe.save_clean(model, tmp_path / "out"), lambda: oe.verify(model, tmp_path / "out")):
+        error = _bounded(call)
+        assert isinstance(error, ValueError) and "FIFO" in str(error) and str(source) in str(error), error
+    assert not (tmp_path / "out").exists()
+
+
+# -- a failed write of quantizer_state.safetensors closes its descriptor
+
+def test_a_failed_quantizer_state_write_leaves_no_descriptor_open(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    oe.quantize_weights(model, "int8")
+    pwrite = os.pwrite
+
+    def full(fd, data, offset):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("quantizer_state.safetensors") and offset > 0:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full)
+    fds = _fds()
+    with pytest.raises(OSError, match="injected"):
+        oe.save_clean(model, tmp_path / "out")
+    assert _fds() <= fds
+    assert os.listdir(tmp_path) == []
+
+
+# -- the quantizer's fold gets a tensor of its own, never the model's memory
+
+class InPlaceQuantizer(nn.Module):
+    """Rounds its input in place (as some kernels do to save memory) and returns it."""
+
+    def __init__(self):
+        super().__init__()
+        self.enabled = True
+        self.register_buffer("step", torch.tensor(0.25))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w.div_(self.step).round_().mul_(self.step)
+
+
+oe.register_quantizer(InPlaceQuantizer)
+
+
+@pytest.mark.parametrize("where", ["resident", "cpu_offload", "disk_offload"])
+def test_a_fold_that_works_in_place_does_not_change_the_model(where, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    for linear in model:
+        linear.weight_quantizer = InPlaceQuantizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if where == "cpu_offload":
+        model = accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    elif where == "disk_offload":
+        model = accelerate.disk_offload(model, str(tmp_path / "offload"), execution_device="cpu")
+    oe.save_clean(model, tmp_path / "out")
+    with oe.materialized(model):
+        after = {k: v.clone() for k, v in model.state_dict().items()}
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
+    from safetensors.torch import load_file
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(written["0.weight"], (before["0.weight"] / 0.25).round() * 0.25)
+
+
+# -- no process-wide thread setting: a thread that starts using torch during a fold gets torch's own count
+
+class ObservingQuantizer(nn.Module):
+    """Starts a thread that asks torch for its thread count while the export folds, and records the answer."""
+
+    seen: list[int] = []
+
+    def __init__(self):
+        super().__init__()
+        self.enabled = True
+        self.register_buffer("step", torch.tensor(0.25))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        thread = threading.Thread(target=lambda: type(self).seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        return torch.round(w / self.step) * self.step
+
+
+oe.register_quantizer(ObservingQuantizer)
+
+
+def test_an_export_does_not_change_the_thread_count_of_other_threads(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    for linear in model:
+        linear.weight_quantizer = ObservingQuantizer()
+    model = accelerate.disk_offload(model, str(tmp_path / "offload"), execution_device="cpu")
+    threads = torch.get_num_threads()
+    ObservingQuantizer.seen.clear()
+    oe.save_clean(model, tmp_path / "out")
+    assert ObservingQuantizer.seen == [threads, threads]
+    assert torch.get_num_threads() == threads

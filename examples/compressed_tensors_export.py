@@ -1,8 +1,11 @@
-"""compressed-tensors (llm-compressor's format library) W8A16 on an offloaded model; export; reload.
+"""compressed-tensors (llm-compressor's format library) W8A16 on an offloaded model; export fake-quant and packed.
 
 compressed-tensors attaches a ``quantization_scheme`` and ``weight_scale`` / ``weight_zero_point``
-parameters to each quantized Linear and wraps its forward; offload_export's compressed-tensors adapter
-finds those modules, folds the scheme into the weight on export and keeps the qparams out of the weights.
+parameters to each quantized Linear and wraps its forward (what llm-compressor's ``oneshot`` leaves after
+calibration; here a min-max calibration stands in for it). offload_export's compressed-tensors adapter finds
+those modules: ``format="fake-quant"`` folds the scheme into the weight and keeps the qparams aside,
+``format="compressed-tensors"`` writes the packed checkpoint llm-compressor's ``save_pretrained`` writes (for
+vLLM, SGLang, and transformers with compressed-tensors installed).
 
     pip install -e ".[compressed-tensors]"
     python examples/compressed_tensors_export.py
@@ -77,7 +80,16 @@ def main(work: Path) -> None:
     name, entry = next(iter(state.items()))
     print(f"{name}: adapter {entry['adapter']}, status {entry['quantization_status']}")
 
-    # 4. Plain transformers reproduces the fake-quantized model.
+    # 4. The packed checkpoint: int8 codes packed into int32, their scales, quantization_config in config.json.
+    packed = oe.save_clean(model, work / "packed", format="compressed-tensors")
+    print(packed)
+    qc = json.loads((work / "packed" / "config.json").read_text())["quantization_config"]
+    with safe_open(work / "packed" / "model.safetensors", "pt") as f:
+        weight = f.get_tensor("model.layers.0.mlp.up_proj.weight_packed")
+    print(f"packed: {qc['quant_method']} {qc['format']}, up_proj weight_packed {weight.dtype} {tuple(weight.shape)}")
+    assert oe.verify(model, work / "packed", format="compressed-tensors").ok
+
+    # 5. Plain transformers reproduces the fake-quantized model.
     reloaded = AutoModelForCausalLM.from_pretrained(work / "export", dtype=torch.bfloat16).eval()
     with torch.no_grad():
         diff = (reloaded(ids).logits - quantized).abs().max().item()

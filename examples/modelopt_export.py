@@ -1,8 +1,11 @@
-"""NVIDIA ModelOpt INT8 weight-only on an offloaded model, on a CPU; export with save_clean; reload.
+"""NVIDIA ModelOpt INT8 weight-only on an offloaded model, on a CPU; export fake-quant and packed; reload.
 
 ModelOpt's accelerate plugin calibrates offloaded modules in place (it onloads each one around its
 calibration), so ``mtq.quantize`` runs on the offloaded model directly. Its own HF export reads
-``model.state_dict()`` and so gets meta tensors for offloaded weights; ``save_clean`` streams them instead.
+``model.state_dict()`` and so gets meta tensors for offloaded weights; ``save_clean`` streams them instead:
+``format="fake-quant"`` (weights with the quantization folded in: what transformers reloads for evaluation)
+and ``format="modelopt"`` (the packed checkpoint ModelOpt's ``export_hf_checkpoint`` writes, for TensorRT-LLM,
+vLLM and SGLang), both one module at a time.
 
     pip install -e ".[modelopt]"
     python examples/modelopt_export.py
@@ -55,6 +58,17 @@ def main(work: Path) -> None:
         configs = json.loads(f.metadata()["quantizers"])
         name = weight_quantizers[0].name
         print(f"{name}: amax {tuple(f.get_tensor(name + '._amax').shape)}, config keys {sorted(configs[name])}")
+
+    # The packed checkpoint: int8 weights, per-channel weight_scale, hf_quant_config.json.
+    packed = oe.save_clean(model, work / "packed", format="modelopt")
+    print(packed)
+    quant = json.loads((work / "packed" / "hf_quant_config.json").read_text())["quantization"]
+    with safe_open(work / "packed" / "model.safetensors", "pt") as f:
+        key = weight_quantizers[0].name.removesuffix("weight_quantizer")
+        weight, scale = f.get_tensor(key + "weight"), f.get_tensor(key + "weight_scale")
+    print(f"packed: quant_algo {quant['quant_algo']}, {key}weight {weight.dtype} {tuple(weight.shape)}, "
+          f"weight_scale {tuple(scale.shape)}")
+    assert weight.dtype == torch.int8 and oe.verify(model, work / "packed", format="modelopt").ok
 
     reloaded = AutoModelForCausalLM.from_pretrained(work / "export", dtype=torch.bfloat16).eval()
     with torch.no_grad():

@@ -225,16 +225,17 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_demo(out: str | Path | None = None, *, layout: str = "mixed", scheme: str = "int8", size: str = "tiny",
-             log: Callable[[str], None] = print, progress: bool = False) -> DemoResult:
+             log: Callable[[str], None] = print, progress: bool = False, overwrite: bool = False) -> DemoResult:
     """Build, offload, fake-quantize, export and verify a Qwen3-shaped model; log a report.
 
     Args:
-        out: the export directory (must be absent or empty); a temporary one, deleted at the end, if None.
+        out: the export directory (absent or empty, unless ``overwrite``); a temporary one, deleted at the end, if None.
         layout: ``"cpu"``, ``"disk"`` or ``"mixed"`` (resident + cpu + disk).
         scheme: a built-in fake-quantization scheme (:data:`offload_export.builtin.SCHEMES`).
         size: ``"tiny"`` or ``"small"``.
         log: where report lines go.
         progress: show the export's progress bar.
+        overwrite: replace a non-empty ``out`` once the export is complete.
 
     Returns:
         A :class:`DemoResult`; ``result.verified`` tells whether the reloaded checkpoint reproduces the
@@ -242,7 +243,7 @@ def run_demo(out: str | Path | None = None, *, layout: str = "mixed", scheme: st
 
     Raises:
         ValueError: an unknown layout, scheme or size.
-        FileExistsError: ``out`` is not empty.
+        FileExistsError: ``out`` is not empty and ``overwrite`` is False.
     """
     from .adapters import builtin
 
@@ -254,10 +255,11 @@ def run_demo(out: str | Path | None = None, *, layout: str = "mixed", scheme: st
         raise ValueError(f"layout={layout!r}: expected one of {', '.join(LAYOUTS)}")
     with tempfile.TemporaryDirectory(prefix="offload-export-demo-") as work, quiet_libraries():
         return _run(Path(work), Path(out) if out is not None else Path(work) / "export", layout, scheme, size,
-                    log, progress, keep=out is not None)
+                    log, progress, keep=out is not None, overwrite=overwrite)
 
 
-def _run(work: Path, out: Path, layout: str, scheme: str, size: str, log, progress: bool, keep: bool) -> DemoResult:
+def _run(work: Path, out: Path, layout: str, scheme: str, size: str, log, progress: bool, keep: bool,
+         overwrite: bool) -> DemoResult:
     from transformers import AutoModelForCausalLM
 
     from .adapters import builtin
@@ -266,7 +268,7 @@ def _run(work: Path, out: Path, layout: str, scheme: str, size: str, log, progre
     from .layout import layout as layout_of
     from .verify import verify
 
-    check_destination(out, overwrite=False)
+    check_destination(out, overwrite=overwrite)
     start = time.perf_counter()
     config = build_checkpoint(work / "source", size)
     model = load_offloaded(work / "source", layout, work / "offload")
@@ -281,7 +283,7 @@ def _run(work: Path, out: Path, layout: str, scheme: str, size: str, log, progre
     expected = _logits(model, device)
     log(f"fake-quantized: {quantized} linear weights ({scheme})")
     with PeakMemory() as mem:
-        report = save_clean(model, out, progress=progress)
+        report = save_clean(model, out, progress=progress, overwrite=overwrite)
     log(f"export: {report.tensors} tensors, {report.bytes / 1e6:.1f} MB in {report.shards} shard(s), "
         f"{report.seconds:.2f} s -> {out if keep else '(temporary directory)'}")
     log(f"  files: {', '.join(report.files)}")

@@ -91,13 +91,13 @@ class Layout(Mapping):
         return sorted(self._stores)
 
     def __repr__(self) -> str:
-        rows = [("key", "kind", "device", "dtype", "shape", "MB", "source")]
+        rows = [("key", "kind", "device", "dtype", "shape", "MiB", "source")]
         for info in self._entries.values():
             rows.append((info.key, info.kind, str(info.device), str(info.dtype).removeprefix("torch."),
                          "x".join(map(str, info.shape)) or "()", f"{info.nbytes / 2**20:.2f}", _source(info)))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        totals = ", ".join(f"{kind}: {n} tensors {b / 2**20:.1f} MB" for kind, (n, b) in self.summary().items())
+        totals = ", ".join(f"{kind}: {n} tensors {b / 2**20:.1f} MiB" for kind, (n, b) in self.summary().items())
         return "\n".join(lines + [f"-- {len(self)} entries; {totals}"])
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import sys
 import threading
 import warnings
@@ -35,8 +34,8 @@ from ._errors import add_note
 from ._hooks import (Store, StoreRef, cache_store, is_offload_cache, offloaded_tensors, resolve_store, resume_offload,
                      state_lock, suspend_offload, suspensions)
 from ._store import read_store, write_store
-from .layout import declared_ties
 from .quantizers import find_quantizers
+from .ties import TiedSide, TieFinder
 
 __all__ = ["materialized", "no_other_blocks", "onloaded", "waits_for_blocks"]
 
@@ -280,80 +279,23 @@ def _current(store: Store) -> Store:
     return store
 
 
-def _store_aliases(store: Store) -> list[Store]:
-    """Other entries of ``store``'s mapping that are the same data: the same CPU tensor, or the same tensor of
-    the same safetensors file (how accelerate and transformers keep tied weights)."""
-    if store.kind == "cpu":
-        value = store.dataset[store.key]
-        return [Store("cpu", store.dataset, k) for k, v in store.dataset.items()
-                if k != store.key and isinstance(v, torch.Tensor) and _same_memory(v, value)]
-    if store.kind == "safetensors":
-        index, loader_state = store.dataset.index, store.dataset.state_dict
-        return [resolve_store(store.dataset, k) for k, info in index.items()
-                if k != store.key and k not in loader_state and info.get("safetensors_file") == store.path
-                and info.get("weight_name", k) == store.file_key]
-    return []
-
-
-def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a is b or (a.device == b.device and a.device.type != "meta" and a.data_ptr() == b.data_ptr()
-                      and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype)
-
-
 class _Ties:
-    """The tie partners of a block's changed tensors: aliases in the same store, and the other side of every tie
-    a transformers model above (or at) the block's module declares, whatever holds it."""
+    """The stores a block's changed tensor must also go to (:class:`.ties.TieFinder`), as changes."""
 
     def __init__(self, module: nn.Module):
-        self.module = module
-        self._ancestors: list[tuple[nn.Module, str]] | None = None
-        self._refs: dict[int, dict] = {}
+        self.finder = TieFinder(module)
 
     def partners(self, change: _Change) -> list[_Change]:
         if change.slot is None:  # compressed-tensors caches: no ties
             return []
-        found = [_Change(change.name, change.value, s, None, _alias_writer(change.store, s))
-                 for s in _store_aliases(change.store)]
-        for ancestor, prefix in self.ancestors():
-            ties = declared_ties(ancestor)
-            full = prefix + change.slot.name
-            source = ties.get(full, full)
-            for other in {source, *(k for k, v in ties.items() if v == source)} - {full}:
-                partner = self._partner(ancestor, other, change)
-                if partner is not None:
-                    found.append(partner)
+        found = []
+        for side in self.finder.sides(change.slot.name, change.store, change.value.shape, change.slot.current()):
+            if side.store is not None:
+                found.append(_Change(side.name, change.value, side.store, None, _alias_writer(change.store, side)))
+            else:  # a resident side of the tie takes the value too (resident tensors are their own store)
+                found.append(_Change(side.name, change.value, Store("resident", {}, side.name), None,
+                                     functools.partial(_copy_into, side.tensor)))
         return found
-
-    def ancestors(self) -> list[tuple[nn.Module, str]]:
-        """``(module, prefix of the block's module in it)`` for the block's module and every module above it."""
-        if self._ancestors is None:
-            root = _root(self.module)
-            path = next(n for n, m in root.named_modules(remove_duplicate=False) if m is self.module)
-            parts = path.split(".") if path else []
-            self._ancestors = [(root.get_submodule(".".join(parts[:i])), ".".join(parts[i:]) + "." if parts[i:]
-                                else "") for i in range(len(parts) + 1)]
-        return self._ancestors
-
-    def _partner(self, ancestor: nn.Module, name: str, change: _Change) -> _Change | None:
-        owner_name, _, attr = name.rpartition(".")
-        try:
-            owner = ancestor.get_submodule(owner_name)
-        except AttributeError:
-            return None
-        tensor = owner._parameters.get(attr, owner._buffers.get(attr))
-        if tensor is None or tensor.shape != change.value.shape:
-            return None
-        refs = self._refs.get(id(ancestor))
-        if refs is None:
-            refs = self._refs[id(ancestor)] = offloaded_tensors(ancestor, include_suspended=True)
-        ref = refs.get((id(owner), attr))
-        if ref is not None:
-            return _Change(name, change.value, ref.store)
-        if tensor.device.type == "meta" or tensor is change.slot.current():
-            return None
-        # a resident side of the tie: it takes the value too (resident tensors are their own store)
-        return _Change(name, change.value, Store("resident", {}, f"{id(tensor)}"), None,
-                       functools.partial(_copy_into, tensor))
 
 
 def _copy_into(tensor: torch.Tensor, value: torch.Tensor) -> None:
@@ -361,42 +303,12 @@ def _copy_into(tensor: torch.Tensor, value: torch.Tensor) -> None:
         tensor.copy_(value)
 
 
-def _alias_writer(source: Store, alias: Store) -> Callable[[torch.Tensor], None] | None:
-    """For a CPU alias: share the tensor :func:`write_store` just put under ``source`` (still one tensor)."""
-    if alias.kind != "cpu" or source.kind != "cpu" or alias.dataset is not source.dataset:
+def _alias_writer(source: Store, side: TiedSide) -> Callable[[torch.Tensor], None] | None:
+    """For an alias in the same CPU dict: share the tensor :func:`write_store` just put under ``source``."""
+    alias = side.store
+    if not side.alias or alias.kind != "cpu" or source.kind != "cpu" or alias.dataset is not source.dataset:
         return None
     return lambda value: alias.dataset.__setitem__(alias.key, source.dataset[source.key])
-
-
-_root_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _root(module: nn.Module) -> nn.Module:
-    """The topmost module containing ``module`` (found through the garbage collector's referrers: modules do not
-    know their parents), cached for every module under it while it still contains ``module``."""
-    cached = _root_of.get(module)
-    root = cached() if cached is not None else None
-    if root is not None and any(m is module for m in root.modules()):
-        return root
-    root = module
-    while (parent := _parent(root)) is not None:
-        root = parent
-    for m in root.modules():
-        _root_of[m] = weakref.ref(root)
-    return root
-
-
-def _parent(module: nn.Module) -> nn.Module | None:
-    """A module that holds ``module`` among its children, or None."""
-    for children in gc.get_referrers(module):
-        if not (isinstance(children, dict) and any(v is module for v in children.values())):
-            continue
-        for attrs in gc.get_referrers(children):
-            if isinstance(attrs, dict) and attrs.get("_modules") is children:
-                for owner in gc.get_referrers(attrs):
-                    if isinstance(owner, nn.Module) and owner.__dict__ is attrs and owner is not module:
-                        return owner
-    return None
 
 
 # The registry: what is onloaded now, by slot and by tensor object (tied: one tensor in several slots).

@@ -94,12 +94,11 @@ class QuantizerAdapter(ABC):
         """Return the fake-quantized ``weight`` (same shape and dtype) for an enabled weight quantizer."""
 
     def fold_device(self, q: Quantizer) -> torch.device | None:
-        """The device the quantizer's state lives on (its kernels run there), if it has real state."""
+        """The device the quantizer's state lives on (its kernels run there), if it has real state; an accelerator
+        when the state is split between one and the CPU (the fold moves the rest there for the fold)."""
         handle = q.handle if isinstance(q.handle, nn.Module) else None
-        for t in handle.buffers() if handle is not None else ():
-            if t.device.type != "meta":
-                return t.device
-        return None
+        devices = [t.device for t in (handle.buffers() if handle is not None else ()) if t.device.type != "meta"]
+        return next((d for d in devices if d.type != "cpu"), devices[0] if devices else None)
 
     def state(self, q: Quantizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The quantizer's tensors (keyed relative to ``q.name``) and a JSON-able configuration."""

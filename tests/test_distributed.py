@@ -71,12 +71,16 @@ def _tiny_model(*, offload_dir: Path | None, explode: str | None = None, fault: 
 
 
 class _Exploding(FakeQuantizer):
-    """A fake quantizer whose fold fails: the fault injected on one rank."""
+    """A fake quantizer whose fold fails where ``armed`` (one rank): every rank has the same quantizer classes,
+    as the cross-rank check requires, and only one of them fails."""
 
     error: type[BaseException] = RuntimeError
+    armed = False
 
     def forward(self, *args, **kwargs):
-        raise self.error("injected fault in a quantizer kernel")
+        if type(self).armed:
+            raise self.error("injected fault in a quantizer kernel")
+        return super().forward(*args, **kwargs)
 
 
 class _Interrupted(_Exploding):
@@ -105,9 +109,8 @@ HOLD = 120  # seconds a held rank waits at most
 
 def _rank_model(scenario: str, rank: int, work: Path):
     if scenario == "sigint":  # rank 1 is slow in its write phase; rank 0 waits for it in a collective
-        _Held.work = work
-        return _tiny_model(offload_dir=work / f"offload-{rank}", explode="model.layers.0.self_attn.q_proj" if rank else None,
-                           fault=_Held)
+        _Held.work = work if rank else None
+        return _tiny_model(offload_dir=work / f"offload-{rank}", explode="model.layers.0.self_attn.q_proj", fault=_Held)
     if scenario == "partial" and rank == 1:  # holds layers 2.. and the head; the rest is meta without hooks
         model = _tiny_model(offload_dir=None)
         model.model.embed_tokens.to("meta")
@@ -121,7 +124,8 @@ def _rank_model(scenario: str, rank: int, work: Path):
     if scenario in PACKED:
         return _tiny_model(offload_dir=work / f"offload-{rank}", quantized_by=_quantized_by(scenario))
     faults = {"fault": _Exploding, "interrupt": _Interrupted, "exit": _Exiting}
-    explode = "model." if scenario in faults and rank == 1 else None
+    explode = "model." if scenario in faults else None
+    faults.get(scenario, _Exploding).armed = rank == 1
     return _tiny_model(offload_dir=work / f"offload-{rank}", explode=explode, fault=faults.get(scenario, _Exploding))
 
 
@@ -333,6 +337,7 @@ def test_a_failing_lane_fails_the_export_and_stops_every_lane(monkeypatch):
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = _tiny_model(offload_dir=work / "offload", explode="model.layers.2.mlp.down_proj")
+        monkeypatch.setattr(_Exploding, "armed", True)
         monkeypatch.setattr(pipeline, "_fold_lane", _lane_by_layer)
         threads = threading.active_count()
         with pytest.raises(RuntimeError, match="injected fault"):

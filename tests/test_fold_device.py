@@ -43,7 +43,8 @@ def _model(execution_device: str) -> nn.Module:
     for linear in model:
         linear.weight_quantizer = DeviceCheckingQuantizer(linear.out_features)
     model = cpu_offload(model, execution_device=torch.device(execution_device))
-    for linear in model:  # the weights are offloaded; the quantizers' state stays resident on the CPU
+    for linear in model:  # the weights are offloaded; the quantizers' state on the CPU, as calibration leaves it
+        linear.weight_quantizer.amax = linear.weight_quantizer.amax.cpu()
         assert linear.weight.device.type == "meta" and linear.weight_quantizer.amax.device.type == "cpu"
     return model
 
@@ -75,3 +76,12 @@ def test_state_on_the_cpu_is_moved_to_the_fold_and_block_device_and_put_back(tmp
     assert all(linear.weight_quantizer.amax.device.type == "cpu" for linear in model)
     assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["0.weight"], expected)
     assert out.shape == (2, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+def test_state_split_between_cuda_and_the_cpu_folds_on_cuda(tmp_path):
+    model = _model("cuda")
+    for linear in model:
+        linear.weight_quantizer.register_buffer("scale_2", torch.ones((), device="cuda"))
+    oe.save_clean(model, tmp_path / "out")  # without device=: the fold runs where part of the state is
+    assert all(linear.weight_quantizer.amax.device.type == "cpu" for linear in model)

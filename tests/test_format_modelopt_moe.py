@@ -233,3 +233,25 @@ def test_experts_left_unquantized_are_written_per_expert_as_modelopt_writes_them
     model = apply_layout(model, LayoutSpec("cpu_offload"), tmp_path / "layout")
     oe.save_clean(model, tmp_path / "out", format="modelopt")
     assert_same_checkpoint(tmp_path / "out", expected)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_shared_input_groups_come_from_a_fake_twin_without_running_the_model(kind, tmp_path):
+    """The groups ModelOpt's export fuses are found on a data-less twin (fused experts stand in): the model's own
+    forward (which would read every offloaded weight) never runs, and they equal those of a forward of the model."""
+    from offload_export.formats import _modelopt_replay as replay
+
+    model = quantize(tiny_moe(kind), "NVFP4_DEFAULT_CFG")
+    model = apply_layout(model, LayoutSpec("disk_offload"), tmp_path / "layout")
+    expected = replay._traced_groups(model, replay._hooked_roles(model), torch.device("cpu"))
+
+    def refuse(*args):
+        raise AssertionError("the model's own forward ran")
+
+    handle = model.register_forward_pre_hook(refuse)
+    try:
+        groups, norms = replay.shared_input_groups(model, torch.device("cpu"))
+    finally:
+        handle.remove()
+    assert (groups, norms) == expected
+    assert any(len(g) == 3 for g in groups) and norms  # q/k/v after input_layernorm

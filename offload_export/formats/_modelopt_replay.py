@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 __all__ = ["Step", "clone_module", "shared_input_groups"]
 
@@ -160,16 +161,75 @@ def group_weight_amax(m: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def shared_input_groups(model: nn.Module, device: torch.device) -> tuple[list[list[str]], dict[int, str]]:
+def shared_input_groups(model: nn.Module, device: torch.device, *, fake: bool = True
+                        ) -> tuple[list[list[str]], dict[int, str]]:
     """Which quantized linears read the same input tensor, and the layernorm that produced it.
 
     ModelOpt's ``collect_shared_input_modules``, without its side effects: forward hooks on quantized
     linears (any quantizer enabled) and layernorms, one forward of ``ones(1, 2)`` with every quantizer
-    off, no cache. Returns the groups in first-call order (module names in call order) and, for each
-    group index, the name of the layernorm whose output the group reads (when there is one).
+    off, no cache. The forward runs on a twin of the model under ``FakeTensorMode`` (its modules copied
+    without hooks, every tensor a fake one: shapes, no data), so that no weight is read: which tensor
+    object each module receives does not depend on the values (a forward that branches on values raises
+    there rather than taking another branch). Where the twin's forward fails, or with ``fake=False`` (the
+    fake forward costs a fixed time per op, the model's own forward the time to onload every weight: cheaper
+    when no weight is on disk), it runs on the model itself, its input on ``device``, as ModelOpt's does.
+
+    Returns:
+        The groups in first-call order (module names in call order) and, for each group index, the name
+        of the layernorm whose output the group reads (when there is one).
     """
+    roles = _hooked_roles(model)
+    if not fake:
+        return _traced_groups(model, roles, device)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            return _traced_groups(_fake_twin(model), roles, torch.device("cpu"))
+    except Exception:  # a value-dependent forward: trace the model itself
+        return _traced_groups(model, roles, device)
+
+
+def _hooked_roles(model: nn.Module) -> dict[str, str]:
+    """The modules ModelOpt's ``collect_shared_input_modules`` hooks: ``"norm"`` (layernorms) or ``"linear"``."""
     from modelopt.torch.export.layer_utils import is_layernorm, is_quantlinear
     from modelopt.torch.export.unified_export_hf import _is_enabled_quantizer
+
+    roles = {}
+    for name, module in model.named_modules():
+        if is_layernorm(module):
+            roles[name] = "norm"
+        elif is_quantlinear(module) and (_is_enabled_quantizer(module.input_quantizer)
+                                         or _is_enabled_quantizer(module.weight_quantizer)):
+            roles[name] = "linear"
+    return roles
+
+
+def _fake_twin(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s tree for a forward without data: same classes, every parameter and buffer a new
+    empty tensor on the CPU (call it inside a ``FakeTensorMode``: no memory), no accelerate or torch hooks;
+    other attributes shared with the module (shallow). Fused experts (``_QuantFusedExperts``) return an empty
+    tensor like their input instead of routing."""
+    from modelopt.torch.export.hf_export_handlers import _has_fused_experts_quantizers
+
+    new = object.__new__(type(module))
+    new.__dict__.update({k: type(v)() if "hooks" in k and isinstance(v, dict) else v
+                         for k, v in module.__dict__.items() if k not in _HOOK_ATTRS and k not in _TENSOR_DICTS})
+    new._parameters = OrderedDict((k, None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                                          requires_grad=False))
+                                  for k, p in module._parameters.items())
+    new._buffers = OrderedDict((k, None if b is None else torch.empty(b.shape, dtype=b.dtype))
+                               for k, b in module._buffers.items())
+    new._modules = OrderedDict((k, None if c is None else _fake_twin(c)) for k, c in module._modules.items())
+    if _has_fused_experts_quantizers(module):
+        # its routing loop depends on values; it holds no quantized linear, and its output is a new tensor either way
+        new.forward = _fused_experts_stand_in
+    return new
+
+
+def _fused_experts_stand_in(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return torch.empty_like(hidden_states)
+
+
+def _traced_groups(model: nn.Module, roles: dict[str, str], device: torch.device):
     from modelopt.torch.utils.dataset_utils import _disable_use_cache
 
     from ..quantizers import quantizers_disabled
@@ -191,11 +251,9 @@ def shared_input_groups(model: nn.Module, device: torch.device) -> tuple[list[li
         return hook
 
     for name, module in model.named_modules():
-        if is_layernorm(module):
-            handles.append(module.register_forward_hook(on_norm(name)))
-        elif is_quantlinear(module) and (_is_enabled_quantizer(module.input_quantizer)
-                                         or _is_enabled_quantizer(module.weight_quantizer)):
-            handles.append(module.register_forward_hook(on_linear(name)))
+        role = roles.get(name)
+        if role is not None:
+            handles.append(module.register_forward_hook(on_norm(name) if role == "norm" else on_linear(name)))
     try:
         with torch.no_grad(), quantizers_disabled(model, "all"), _disable_use_cache(model):
             model(torch.ones([1, 2], dtype=torch.long, device=device))

@@ -28,6 +28,7 @@ from torch import nn
 from .._buffers import anon_empty, cast
 from ..adapters.builtin import FakeQuantizer
 from ..quantizers import Quantizer
+from ..toolkits import require_toolkit
 from .base import Format, Reader, Source, StateDict, register_format
 
 __all__ = ["FORMATS_WRITTEN", "CompressedTensors", "Packing", "pack", "packed_specs", "packings"]
@@ -348,6 +349,7 @@ class CompressedTensors(Format):
     name = NAME
 
     def __init__(self, source: Source):
+        require_toolkit(self.name)
         super().__init__(source)
         self.packings = packings(source)
         self._config = quantization_config(source.model, self.packings)

@@ -33,6 +33,7 @@ from .._hooks import offloaded_tensors
 from .._buffers import anon_empty, cast
 from .._store import read_store
 from .._transfer import to_device, to_host
+from ..toolkits import require_toolkit
 from ._modelopt_replay import Step, clone_module, group_weight_amax, shared_input_groups
 from .base import Format, Source, StateDict, register_format
 
@@ -43,6 +44,7 @@ FORMAT = "format='modelopt'"
 _KV_MAX_BOUND = 448  # ModelOpt: "kv cache scale as amax / 448 for both FP8 and NVFP4 KV cache"
 # formats whose shared-input groups ModelOpt leaves alone (_fuse_shared_input_modules)
 _NO_FUSION = ("fp8", "fp8_pb_real", None)
+_FAKE_GROUPS_DISK_BYTES = 4 << 30  # see ModelOpt.__init__
 _PACKED = ("int8_wo", "int8_sq", "fp8", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq", "w4a16_nvfp4")
 
 
@@ -110,13 +112,16 @@ class ModelOptPacker:
             (AWQ groups with a per-tensor weight scale); called one key at a time.
         refs: the model's offload map (``offloaded_tensors(model)``), to onload quantizer buffers.
         dtype: the export dtype (``export_hf_checkpoint(dtype=)``); the model's own when None.
+        fake_groups: find the linears that share an input on a fake twin of the model (no weight read) instead of
+            a forward of the model itself (which onloads every offloaded weight); the same groups either way.
 
     Raises:
         ValueError: no ModelOpt quantizers, a MoE kind this export does not pack (see :meth:`_check_moe`), a
             format or weight shape ModelOpt cannot pack.
     """
 
-    def __init__(self, model: nn.Module, *, quantizers: list, read, refs: dict, dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, *, quantizers: list, read, refs: dict, dtype: torch.dtype | None = None,
+                 fake_groups: bool = True):
         from modelopt.torch.export.quant_utils import get_quant_config, get_quantization_format
         from modelopt.torch.export.unified_export_hf import _resolve_export_dtype
 
@@ -127,6 +132,7 @@ class ModelOptPacker:
             raise ValueError(f"{FORMAT} needs a model quantized by NVIDIA ModelOpt (mtq.quantize); "
                              f"{type(model).__name__} has no ModelOpt quantizers. Use format='fake-quant'")
         self._model = model
+        self._fake_groups = fake_groups
         self.dtype = _resolve_export_dtype(model, dtype)
         if isinstance(self.dtype, str):  # config.torch_dtype is a string after a save_pretrained round trip
             self.dtype = getattr(torch, self.dtype.removeprefix("torch."))
@@ -242,7 +248,7 @@ class ModelOptPacker:
             self._fuse_prequant_to_linear(model)
         if all(q.fmt in _NO_FUSION for q in self.modules.values()):
             return
-        groups, norms = shared_input_groups(model, _input_device(model))
+        groups, norms = shared_input_groups(model, _input_device(model), fake=self._fake_groups)
         for i, names in enumerate(groups):
             members = [self.modules[n] for n in names if n in self.modules]
             if len(names) < 2 or len(members) != len(names) or members[0].fmt in _NO_FUSION:
@@ -753,6 +759,7 @@ class ModelOpt(Format):
     name = "modelopt"
 
     def __init__(self, source: Source):
+        require_toolkit(self.name)
         super().__init__(source)
         other = next((q for q in source.quantizers if q.adapter.name != "modelopt" and q.enabled), None)
         if other is not None and any(q.adapter.name == "modelopt" for q in source.quantizers):  # ModelOpt's export knows its own quantizers only: it would write the raw weight
@@ -761,7 +768,11 @@ class ModelOpt(Format):
                              f"would hold the unquantized weight. Quantize it with ModelOpt, remove or disable that "
                              f"quantizer, or use format='fake-quant'")
         self._refs = offloaded_tensors(source.model)
-        self.packer = ModelOptPacker(source.model, quantizers=source.quantizers, read=self._read, refs=self._refs, dtype=source.dtype)
+        # the fake twin's trace costs a fixed time per op, a forward of the model the reading of every disk-held
+        # byte (CPU-held ones onload faster than the twin traces): the twin once the disk holds a few GiB
+        on_disk = sum(i.nbytes for i in source.lay.values() if i.kind in ("disk", "safetensors"))
+        self.packer = ModelOptPacker(source.model, quantizers=source.quantizers, read=self._read, refs=self._refs,
+                                     dtype=source.dtype, fake_groups=on_disk >= _FAKE_GROUPS_DISK_BYTES)
         tied = {i.tied_to for i in source.lay.values() if i.kind == "tied"}
         for name in self.packer.modules:
             key = f"{name}.weight" if name else "weight"

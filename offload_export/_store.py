@@ -7,6 +7,7 @@ Reading through mmap (what accelerate and safetensors do) grows the process's RS
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -78,10 +79,11 @@ def _is_u64(x: object) -> bool:
     return type(x) is int and 0 <= x < _U64
 
 
-def _not_regular(path: str, mode: int) -> ValueError:
+def _not_regular(path: str, mode: int) -> OSError | ValueError:
+    if stat.S_ISDIR(mode):  # what reading it would raise
+        return IsADirectoryError(errno.EISDIR, "Is a directory", path)
     kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a character device"
-            if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else "a directory"
-            if stat.S_ISDIR(mode) else "not a regular file")
+            if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else "not a regular file")
     return ValueError(f"{path}: is {kind}, not a regular file; nothing was read from it. An offload store or "
                       f"checkpoint file must be a regular file: put the original file back (or re-save the "
                       f"checkpoint) and reload the model.")
@@ -94,8 +96,8 @@ def open_regular(path: str) -> int:
     waits for a writer), then checked with ``fstat``.
 
     Raises:
-        ValueError: ``path`` is not a regular file (a FIFO, a device, a directory, ...).
-        OSError: it cannot be opened.
+        ValueError: ``path`` is not a regular file (a FIFO, a device, a socket).
+        OSError: it cannot be opened; IsADirectoryError: it is a directory.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:

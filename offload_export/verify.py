@@ -578,10 +578,9 @@ def _check_forward_values(job: Job, out_dir: Path, entries: dict[str, _Entry], k
             got = FileSpan(str(out_dir / entry.file), entry.offset, entry.dtype, entry.shape).read()
         except OSError:
             continue  # a file cut short: reported with the export's comparison
-        differ = want.reshape(-1).view(torch.uint8).view(want.numel(), -1) != \
-            got.reshape(-1).view(torch.uint8).view(want.numel(), -1)
-        if want.numel() and differ.any():
-            rows = differ.any(dim=1)
+        a, b = want.reshape(-1).view(torch.uint8), got.reshape(-1).view(torch.uint8)
+        if want.numel() and not _equal_bytes(a, b):
+            rows = (a.view(want.numel(), -1) != b.view(want.numel(), -1)).any(dim=1)
             worst = (want.float() - got.float()).abs().max().item()
             problems.append(f"{key}: {int(rows.sum())} of {want.numel()} elements differ from its quantizer's own "
                             f"forward on the weight (max |difference| {worst:.3g})")

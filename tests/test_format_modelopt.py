@@ -304,3 +304,16 @@ def test_groups_found_on_the_fake_twin_give_modelopts_export_without_running_the
     finally:
         handle.remove()
     assert_same_checkpoint(tmp_path / "out", expected)
+
+
+def test_verify_checks_hf_quant_config_with_types_and_as_loaders_read_it(tmp_path):
+    model = quantize(tiny_qwen3(), "FP8_DEFAULT_CFG")
+    out = tmp_path / "out"
+    oe.save_clean(model, out, format="modelopt")
+    assert oe.verify(model, out, format="modelopt").ok
+    data = json.loads((out / "hf_quant_config.json").read_text())
+    data["quantization"]["exclude_modules"] = "lm_head"  # a string where loaders iterate module names
+    (out / "hf_quant_config.json").write_text(json.dumps(data))
+    mismatches = oe.verify(model, out, format="modelopt").mismatches
+    assert "hf_quant_config.json: quantization.exclude_modules is not a list of module names" in mismatches
+    assert any(m.startswith("hf_quant_config.json: 'quantization' is ") for m in mismatches), mismatches

@@ -278,3 +278,25 @@ def test_the_header_reader_agrees_with_safetensors(tmp_path_factory, mutations, 
     except ValueError as e:
         ours = str(e)
     assert (ours is None) == (theirs is None), (ours, theirs, text[:300])
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(specs=st.lists(st.tuples(st.text("abc.", min_size=1, max_size=4),
+                                st.sampled_from([torch.float32, torch.bfloat16, torch.int8, torch.bool,
+                                                 torch.float8_e4m3fn]),
+                                st.lists(st.integers(0, 3), max_size=3)), max_size=5, unique_by=lambda s: s[0]))
+def test_the_writers_headers_are_read_by_both_readers(tmp_path_factory, specs):
+    """The writer lays the format out itself; what it writes, the one reader and safetensors both accept alike."""
+    from offload_export.writer import ShardWriter, TensorSpec
+
+    path = tmp_path_factory.mktemp("w") / "x.safetensors"
+    tensors = {name: torch.zeros(shape, dtype=dtype) for name, dtype, shape in specs}
+    writer = ShardWriter(str(path), [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], {"format": "pt"})
+    for name, t in tensors.items():
+        writer.write(name, t)
+    writer.close()
+    start, header = safetensors_header(str(path))
+    with safe_open(str(path), "pt") as f:
+        assert sorted(f.keys()) == sorted(header) == sorted(tensors) and f.metadata() == {"format": "pt"}
+        for name, t in tensors.items():
+            assert f.get_tensor(name).dtype == t.dtype and list(header[name]["shape"]) == list(t.shape)

@@ -336,8 +336,10 @@ def _clear(tmp: Path, keep: set[str], mine: set[str], planned: set[str], owner: 
             path.unlink(missing_ok=True)
 
 
-def _digest_threads() -> int:
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
+def _digest_threads(alone: bool = False) -> int:
+    """Threads that hash at once: beside the export half the cores (at most 4); ``alone``, every core (at most 8)."""
+    cores = os.cpu_count() or 2
+    return max(1, min(8, cores) if alone else min(4, cores // 2))
 
 
 @contextmanager
@@ -368,12 +370,12 @@ def resume_session(job: Job, tmp: Path, share: ExportPlan, *, fingerprint: str, 
     kept: dict[str, int] = {}
     old = [j for j in _journals(tmp) if j.header.get("fingerprint") == fingerprint] if resume else []
     if old:
-        memory = memory_digest(job.lay, quantizer_keys, threads=_digest_threads())
+        memory = memory_digest(job.lay, quantizer_keys, threads=_digest_threads(alone=True))
         usable = [j for j in old if j.memory == memory]
         if not usable:
             notes.append("resume: the tensors the model holds in memory differ from the earlier export's (or "
                          "it was killed before it had recorded their digest): every shard is written again")
-        kept = _verified(tmp, share, usable, _digest_threads()) if usable else {}
+        kept = _verified(tmp, share, usable, _digest_threads(alone=True)) if usable else {}
     planned = {s.filename for s in job.plan.shards}
     if resume:
         _clear(tmp, set(kept), {s.filename for s in share.shards}, planned, owner)

@@ -43,7 +43,7 @@ import socket
 import stat
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -347,8 +347,39 @@ def _temp_name(out_dir: Path) -> str:
     return f".{out_dir.name}{_TAG}{_identity()}-{os.getpid()}-{_own_start()}-{uuid.uuid4().hex[:8]}"
 
 
+def _leftovers(out_dir: Path) -> list[tuple[Path, str | None]]:
+    """Staging directories of earlier exports into ``out_dir`` whose owner is dead (None) or cannot be judged."""
+    found = []
+    for path in sorted(out_dir.parent.glob(f".*{_TAG}*")):
+        m = _NAME.match(path.name)
+        if (m is None or m["suffix"] or m["dest"] != out_dir.name or str(path) in _active or path.is_symlink()
+                or not path.is_dir()):
+            continue
+        reason = _judge(m["owner"], int(m["pid"]), m["start"])
+        if reason != "":
+            found.append((path, reason))
+    return found
+
+
+def _adopt(out_dir: Path, adopt: Callable[[list[tuple[Path, str | None]]], Path | None]) -> Path | None:
+    """Rename the leftover staging directory ``adopt`` picks to a fresh staging name of this process."""
+    chosen = adopt(_leftovers(out_dir))
+    if chosen is None:
+        return None
+    tmp = out_dir.parent / _temp_name(out_dir)
+    _active.add(str(tmp))
+    try:
+        os.rename(chosen, tmp)  # the claim: a rival resuming the same directory finds it gone
+    except OSError:
+        _active.discard(str(tmp))
+        return None
+    return tmp
+
+
 @contextmanager
-def staging(out_dir: str | os.PathLike, *, overwrite: bool, notes: list[str] | None = None) -> Iterator[Path]:
+def staging(out_dir: str | os.PathLike, *, overwrite: bool, notes: list[str] | None = None,
+            adopt: Callable[[list[tuple[Path, str | None]]], Path | None] | None = None,
+            keep_on_interrupt: bool = False) -> Iterator[Path]:
     """Yield a fresh staging directory beside ``out_dir``; on success fsync it and rename it into place.
 
     ``out_dir`` is checked first (:func:`check_destination`, without protected paths) and resolved: the
@@ -361,6 +392,10 @@ def staging(out_dir: str | os.PathLike, *, overwrite: bool, notes: list[str] | N
         out_dir: the destination directory.
         overwrite: replace a destination that holds a checkpoint.
         notes: where to append what the cleanup did or left alone (for ``ExportReport.notes``).
+        adopt: given the staging directories of earlier exports into ``out_dir`` whose owner is dead or cannot
+            be judged (``(path, None or why)``), returns the one to continue, which is renamed to this
+            export's staging name and yielded (a resumed export), or None for a fresh one.
+        keep_on_interrupt: on ``KeyboardInterrupt`` keep the staging directory (a later export may resume it).
 
     Yields:
         The staging directory to write the checkpoint's files into.
@@ -372,14 +407,16 @@ def staging(out_dir: str | os.PathLike, *, overwrite: bool, notes: list[str] | N
     """
     out_dir = check_destination(out_dir, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    adopted = _adopt(out_dir, adopt) if adopt is not None else None
     cleanup = _remove_stale(out_dir.parent)
     if notes is not None:
         notes += cleanup
-    tmp = out_dir.parent / _temp_name(out_dir)
+    tmp = adopted or out_dir.parent / _temp_name(out_dir)
     _active.add(str(tmp))  # live before it exists: another export's cleanup must never see it unregistered
-    committed = False
+    committed = interrupted = False
     try:
-        tmp.mkdir()
+        if adopted is None:
+            tmp.mkdir()
         yield tmp
         for f in tmp.iterdir():
             if f.is_file():
@@ -387,8 +424,12 @@ def staging(out_dir: str | os.PathLike, *, overwrite: bool, notes: list[str] | N
         _fsync(tmp)
         _commit(tmp, out_dir, overwrite)
         committed = True
+    except KeyboardInterrupt:
+        interrupted = keep_on_interrupt
+        raise
     finally:  # the replaced checkpoint (now under our name), or the failed export's files
-        left = _remove(tmp, f"the checkpoint {out_dir} held before" if committed else "a failed export's files")
+        left = [] if interrupted else _remove(
+            tmp, f"the checkpoint {out_dir} held before" if committed else "a failed export's files")
         _active.discard(str(tmp))
         if notes is not None:
             notes += left

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -22,9 +23,12 @@ __all__ = ["SHARD_METADATA", "write_metadata", "write_model_files", "write_weigh
 SHARD_METADATA = {"format": "pt"}
 
 
-def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: bool) -> list[str]:
+def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: bool,
+                  on_shard: Callable[[str], None] | None = None) -> list[str]:
     """Stream every unit of ``plan`` into its shards in ``tmp`` (:func:`run_units`); one unit is written while the
     next is made. On any failure every shard file is closed before the exception propagates.
+
+    ``on_shard(path)`` is called (on the writer thread) as soon as a shard is complete and fsync-ed.
 
     Returns:
         The shard file names.
@@ -41,7 +45,10 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
 
     def write(unit, outputs):
         for spec in unit.outputs:
-            writers[shard_of[spec.name]].write(spec.name, outputs.pop(spec.name))
+            writer = writers[shard_of[spec.name]]
+            writer.write(spec.name, outputs.pop(spec.name))
+            if on_shard is not None and writer.complete:
+                on_shard(writer.path)
             if bar is not None:
                 bar.update(spec.nbytes)
 

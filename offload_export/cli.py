@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "pip install \"offload_export[compressed-tensors]\" / \"offload_export[modelopt]\")")
     p.add_argument("--max-shard-size", type=_shard_size, default="5GB", help="bytes per shard (default: 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT once the export is complete")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed export into OUT: keep the shards it completed, if the plan is the same")
     _add_common(p)
 
     p = sub.add_parser("verify", help="check an export against its source model, tensor by tensor",
@@ -371,7 +373,8 @@ def _run_export(args: argparse.Namespace) -> int:
         model = _load_quantized(args, folder, say, phases)
         with phases(f"exporting to {args.out}"):
             report = save_clean(model, args.out, format=args.format, max_shard_size=args.max_shard_size,
-                                overwrite=args.overwrite, tokenizer=_tokenizer(args.src), progress=phases.show)
+                                overwrite=args.overwrite, tokenizer=_tokenizer(args.src), progress=phases.show,
+                                resume=args.resume)
     say(report)
     return 0
 

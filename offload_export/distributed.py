@@ -44,7 +44,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -55,10 +55,12 @@ from torch import nn
 from . import _atomic
 from .checkpoint import write_metadata, write_weights
 from .export import DEFAULT_TIMEOUT, ExportReport, register_group_export
+from .fingerprint import fingerprint, plan_facts
 from .job import Job, prepare_job
 from ._store import read_store
-from .plan import ExportPlan
+from .plan import ExportPlan, select_shards
 from .quantizers import json_safe
+from .resume import Resumer, combined_fingerprint, remove_journals, resume_session
 
 __all__ = ["assign_shards", "save_clean_distributed"]
 
@@ -243,15 +245,7 @@ def _assign(job: Job, surveys: list[dict], rank: int) -> tuple[int, ...]:
 
 def _share(plan: ExportPlan, owner: tuple[int, ...], rank: int) -> ExportPlan:
     """The part of ``plan`` one rank writes: its shards, and of each unit only the outputs in them."""
-    shards = tuple(s for s, r in zip(plan.shards, owner) if r == rank)
-    mine = {t.name for s in shards for t in s.tensors}
-    units = []
-    for unit in plan.units:
-        outputs = tuple(o for o in unit.outputs if o.name in mine)
-        if outputs:
-            sources = unit.sources if unit.converted else tuple(o.name for o in outputs)
-            units.append(replace(unit, sources=sources, outputs=outputs))
-    return ExportPlan(tuple(units), shards, plan.dropped)
+    return select_shards(plan, [s.filename for s, r in zip(plan.shards, owner) if r == rank])
 
 
 def _rank_device(device) -> torch.device | None:
@@ -264,8 +258,8 @@ def save_clean_distributed(model: nn.Module, out_dir: str | os.PathLike, *, form
                            fold: bool = True,
                            max_shard_size: int | str = "5GB", dtype: torch.dtype | str | None = None,
                            device: torch.device | str | None = None, overwrite: bool = False, tokenizer=None,
-                           progress: bool = False, group=None, timeout: timedelta = DEFAULT_TIMEOUT
-                           ) -> ExportReport:
+                           progress: bool = False, group=None, timeout: timedelta = DEFAULT_TIMEOUT,
+                           resume: bool = False) -> ExportReport:
     """:func:`offload_export.save_clean` with the shards split over the ranks of ``group``; call it on every rank.
 
     Args:
@@ -275,6 +269,8 @@ def save_clean_distributed(model: nn.Module, out_dir: str | os.PathLike, *, form
         group: the process group (default: the whole world). ``torch.distributed`` must be initialised.
         timeout: how long a rank waits for the others at each agreement point (the slowest rank's write
             phase included) before raising.
+        resume: as for ``save_clean``: rank 0 picks the earlier staging directory made for the ranks' combined
+            plan fingerprint, and each rank keeps those of its own shards that a journal recorded.
 
     Returns:
         The same :class:`~offload_export.export.ExportReport` on every rank.
@@ -296,36 +292,45 @@ def save_clean_distributed(model: nn.Module, out_dir: str | os.PathLike, *, form
     try:
         options = dict(format=format, fold=fold, max_shard_size=max_shard_size, dtype=dtype,
                        device=_rank_device(device), overwrite=overwrite)
-        return _export(model, out_dir, options, tokenizer, progress and rank == 0, ctl, rank)
+        return _export(model, out_dir, options, tokenizer, progress and rank == 0, ctl, rank, resume)
     finally:
         dist.destroy_process_group(ctl)
 
 
-def _export(model: nn.Module, out_dir, options: dict, tokenizer, progress: bool, ctl, rank: int) -> ExportReport:
+def _export(model: nn.Module, out_dir, options: dict, tokenizer, progress: bool, ctl, rank: int,
+            resume: bool = False) -> ExportReport:
     start = time.perf_counter()
     job: Job | None = None
+    facts: dict = {}
 
     def prepare() -> str:
-        nonlocal job
+        nonlocal job, facts
         job = prepare_job(model, out_dir, allow_missing=True, **options)
-        return _survey(job)
+        facts = plan_facts(job)
+        return json.dumps({**json.loads(_survey(job)), "resume": fingerprint(facts)})
 
     surveys = [json.loads(s) for s in _exchange(ctl, prepare)]
     owner = _assign(job, surveys, rank)
     share = _share(job.plan, owner, rank)
+    plan_id = combined_fingerprint([s["resume"] for s in surveys])
     cleanup_notes: list[str] = []
     with ExitStack() as stack:
         def stage() -> str:
+            adopt = Resumer(plan_id, facts, cleanup_notes) if resume else None
             return str(stack.enter_context(_atomic.staging(job.out_dir, overwrite=options["overwrite"],
-                                                           notes=cleanup_notes)))
+                                                           notes=cleanup_notes, adopt=adopt,
+                                                           keep_on_interrupt=resume)))
 
         tmp = Path(_exchange(ctl, stage if rank == 0 else lambda: "")[0])
 
         def write() -> str:
-            write_weights(job.reader(), share, tmp, progress)
-            return ""
+            notes: list[str] = []
+            with resume_session(job, tmp, share, fingerprint=plan_id, facts=facts, resume=resume, notes=notes,
+                                rank=rank, owner=rank == 0, commit=False) as session:
+                write_weights(job.reader(), session.plan, tmp, progress, on_shard=session.shard_done)
+            return json.dumps({"counts": session.counts, "notes": [f"rank {rank}: {n}" for n in notes]})
 
-        _exchange(ctl, write)
+        written = [json.loads(t) for t in _exchange(ctl, write)]
 
         committed: ExportReport | None = None
 
@@ -333,10 +338,13 @@ def _export(model: nn.Module, out_dir, options: dict, tokenizer, progress: bool,
             nonlocal committed
             if rank != 0:
                 return ""
-            notes = [_split_note(job.plan, owner, dist.get_world_size(ctl)), *cleanup_notes]
+            notes = [_split_note(job.plan, owner, dist.get_world_size(ctl)), *cleanup_notes,
+                     *(n for w in written for n in w["notes"])]
             files = write_metadata(job, tmp, tokenizer=tokenizer, notes=notes)
+            remove_journals(tmp)
             stack.close()  # fsync and rename into place: the checkpoint is committed
-            committed = ExportReport.of(job, files, time.perf_counter() - start, notes)
+            counts = {k: sum(w["counts"][k] for w in written) for k in written[0]["counts"]}
+            committed = ExportReport.of(job, files, time.perf_counter() - start, notes, counts)
             return json.dumps(asdict(committed))
 
         try:

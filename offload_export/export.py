@@ -19,8 +19,10 @@ from torch import nn
 from . import _atomic
 from ._hooks import offloaded_tensors
 from .checkpoint import write_metadata, write_weights
+from .fingerprint import fingerprint, plan_facts
 from .job import Job, prepare_job
 from .materialize import waits_for_blocks
+from .resume import Resumer, resume_session
 from .verify import check_staged
 from .vllm_fq import write_vllm_fq_state
 
@@ -43,6 +45,9 @@ class ExportReport:
         dropped: state-dict keys left out of the weights, with the reason.
         largest_tensor: bytes of the largest weight tensor.
         seconds: wall time of the export.
+        notes: what the export wants you to know (cleanup, dropped config keys, what a resume kept or why not).
+        reused_shards, reused_bytes: shards kept from an earlier, interrupted export (``resume=True``).
+        written_shards, written_bytes: shards this export wrote (all of them unless it resumed).
     """
 
     out_dir: str
@@ -56,6 +61,10 @@ class ExportReport:
     largest_tensor: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    reused_shards: int = 0
+    reused_bytes: int = 0
+    written_shards: int = 0
+    written_bytes: int = 0
 
     def __repr__(self) -> str:
         lines = [f"ExportReport({self.out_dir}, format={self.format})",
@@ -64,17 +73,24 @@ class ExportReport:
                  f"  folded: {len(self.folded)} weight(s); dropped: {len(self.dropped)} key(s) "
                  f"({_count_reasons(self.dropped)})",
                  f"  files: {', '.join(self.files)}"]
+        if self.reused_shards:
+            lines.append(f"  resumed: {self.reused_shards} shard(s) ({self.reused_bytes / 1e6:.1f} MB) kept, "
+                         f"{self.written_shards} ({self.written_bytes / 1e6:.1f} MB) written")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     @classmethod
-    def of(cls, job: Job, files: list[str], seconds: float, notes: list[str]) -> ExportReport:
-        """The report of ``job`` once ``files`` were written (the planned shards are added)."""
+    def of(cls, job: Job, files: list[str], seconds: float, notes: list[str],
+           counts: dict[str, int] | None = None) -> ExportReport:
+        """The report of ``job`` once ``files`` were written (the planned shards are added).
+
+        ``counts``: the shards reused and written (:attr:`offload_export.resume.ResumeSession.counts`).
+        """
         plan = job.plan
         files = sorted(set(files) | {s.filename for s in plan.shards})
         return cls(str(job.out_dir), files, job.format.name, sum(len(s.tensors) for s in plan.shards),
                    plan.total_size, len(plan.shards), sorted(job.folds), dict(plan.dropped), plan.largest_tensor,
-                   seconds, notes)
+                   seconds, notes, **(counts or {}))
 
 
 def _count_reasons(dropped: dict[str, str]) -> str:
@@ -90,7 +106,7 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "f
                max_shard_size: int | str = "5GB", dtype: torch.dtype | str | None = None,
                device: torch.device | str | None = None, overwrite: bool = False, tokenizer=None,
                progress: bool = False, group=None, timeout: timedelta = DEFAULT_TIMEOUT, verify: bool = False,
-               vllm_fq_state: bool = False) -> ExportReport:
+               vllm_fq_state: bool = False, resume: bool = False) -> ExportReport:
     """Export ``model`` (offloaded or not, fake-quantized or not) as a clean Hugging Face checkpoint.
 
     One module at a time: its tensors are read from wherever they live (GPU, CPU offload, ``.dat``
@@ -128,6 +144,12 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "f
             :func:`offload_export.verify` (a second pass over the model); any mismatch aborts the export.
         vllm_fq_state: also write ``vllm_fq_modelopt_state.pth`` for ModelOpt's vLLM fake-quant worker
             (ModelOpt models only; tensors and plain types, loadable with ``torch.load(weights_only=True)``).
+        resume: continue an earlier export into ``out_dir`` that was killed or interrupted: when its staging
+            directory is left, its process is gone and it was made for the same plan (same tensors, shards,
+            format, quantizer configuration and state, same files read, same tensors in memory), keep every
+            shard whose recorded size and sha256 still match and write only the rest; otherwise export afresh
+            (``notes`` say why). Also keeps the staging directory on ``KeyboardInterrupt``. A staging
+            directory of another machine or PID namespace is continued only with ``resume=True``.
 
     Returns:
         An :class:`ExportReport`.
@@ -152,18 +174,23 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "f
         if _group_export is None:
             raise RuntimeError("the distributed export is not available (import offload_export.distributed)")
         return _group_export(model, out_dir, tokenizer=tokenizer, progress=progress, group=group, timeout=timeout,
-                             **options)
+                             resume=resume, **options)
     start = time.perf_counter()
     job = prepare_job(model, out_dir, **options)
     notes: list[str] = []
-    with _atomic.staging(job.out_dir, overwrite=overwrite, notes=notes) as tmp:
-        files = write_weights(job.reader(), job.plan, tmp, progress)
-        files += write_metadata(job, tmp, tokenizer=tokenizer, notes=notes)
-        if vllm_fq_state:
-            files.append(write_vllm_fq_state(model, job.quantizers, offloaded_tensors(model), set(job.folds), tmp))
+    facts = plan_facts(job)
+    adopt = Resumer(fingerprint(facts), facts, notes) if resume else None
+    with _atomic.staging(job.out_dir, overwrite=overwrite, notes=notes, adopt=adopt, keep_on_interrupt=resume) as tmp:
+        with resume_session(job, tmp, job.plan, fingerprint=fingerprint(facts), facts=facts, resume=resume,
+                            notes=notes) as session:  # its journal is gone once the block ends
+            files = write_weights(job.reader(), session.plan, tmp, progress, on_shard=session.shard_done)
+            files += write_metadata(job, tmp, tokenizer=tokenizer, notes=notes)
+            if vllm_fq_state:
+                files.append(write_vllm_fq_state(model, job.quantizers, offloaded_tensors(model), set(job.folds),
+                                                 tmp))
         if verify:
             check_staged(job, tmp)
-    return ExportReport.of(job, files, time.perf_counter() - start, notes)
+    return ExportReport.of(job, files, time.perf_counter() - start, notes, session.counts)
 
 
 def default_group():

@@ -9,15 +9,15 @@ dtypes and shapes.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
 from .layout import Layout
 from .writer import TensorSpec
 
-__all__ = ["ExportPlan", "Shard", "Unit", "parse_size", "plan_export", "shard_specs"]
+__all__ = ["ExportPlan", "Shard", "Unit", "parse_size", "plan_export", "select_shards", "shard_specs"]
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -112,6 +112,20 @@ def shard_specs(specs: Sequence[TensorSpec], max_shard_size: int) -> tuple[Shard
         return (Shard("model.safetensors", tuple(groups[0])),)
     n = len(groups)
     return tuple(Shard(f"model-{i:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups, 1))
+
+
+def select_shards(plan: ExportPlan, filenames: Iterable[str]) -> ExportPlan:
+    """The part of ``plan`` that writes only the shards named: those shards, and of each unit only their outputs."""
+    wanted = set(filenames)
+    shards = tuple(s for s in plan.shards if s.filename in wanted)
+    mine = {t.name for s in shards for t in s.tensors}
+    units = []
+    for unit in plan.units:
+        outputs = tuple(o for o in unit.outputs if o.name in mine)
+        if outputs:
+            sources = unit.sources if unit.converted else tuple(o.name for o in outputs)
+            units.append(replace(unit, sources=sources, outputs=outputs))
+    return ExportPlan(tuple(units), shards, plan.dropped)
 
 
 def _ignored(key: str, patterns: Sequence[str]) -> bool:

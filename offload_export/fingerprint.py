@@ -1,0 +1,178 @@
+"""What makes two exports the same: digests of the plan, the quantizers and what the model reads.
+
+:func:`plan_facts` describes an export by parts (the shards with their header bytes, the format, the
+quantizers' configuration and state, the identity of the files the model reads); :func:`fingerprint` is the
+sha256 of their canonical JSON. Two jobs with the same fingerprint write the same weight shards, byte for
+byte, as long as the tensors held in memory are the same too: :func:`memory_digest` hashes those (it reads
+them all, so it is computed apart from the rest). A resumed export compares both with those recorded by
+the export it continues; ranks of a distributed export compare fingerprints before they write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from ._store import read_store
+from .checkpoint import SHARD_METADATA
+from .job import Job
+from .layout import Layout
+from .quantizers import Quantizer, json_safe
+from .writer import safetensors_layout
+
+__all__ = ["canonical_digest", "differing_parts", "fingerprint", "memory_digest", "plan_facts",
+           "quantizer_digests", "source_identity", "tensor_digest"]
+
+_CHUNK = 16 << 20  # bytes of a GPU tensor copied to the CPU at once for hashing
+
+
+def canonical_digest(value) -> str:
+    """sha256 of ``value`` as canonical JSON (sorted keys, no whitespace)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _hash_tensor(h, t: torch.Tensor) -> None:
+    h.update(f"{t.dtype}:{list(t.shape)}:".encode())
+    if t.device.type == "meta":
+        h.update(b"meta")
+        return
+    raw = t.detach().contiguous().view(-1).view(torch.uint8)
+    step = max(1, raw.numel()) if raw.device.type == "cpu" else _CHUNK
+    for start in range(0, raw.numel(), step):
+        h.update(memoryview(raw[start:start + step].cpu().numpy()))
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of ``tensors`` (in name order; meta tensors by shape only)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode() + b"\0")
+        _hash_tensor(h, tensors[name])
+    return h.hexdigest()
+
+
+def quantizer_digests(quantizers: Iterable[Quantizer], lay: Layout) -> list[dict]:
+    """Each quantizer's name, role, JSON configuration and the sha256 of its state tensors, in name order.
+
+    The configuration and tensors are those of the adapter's ``state()`` (what a format writes of it); state on
+    the meta device is read from its offload store (``lay``), or digested by shape where none holds it.
+    """
+    out = []
+    for q in sorted(quantizers, key=lambda q: q.name):
+        tensors, config = q.adapter.state(q)
+        for key, t in tensors.items():
+            info = lay.get(f"{q.name}.{key}")
+            if t.device.type == "meta" and info is not None and info.ref is not None:
+                tensors[key] = read_store(info.ref.store, info.dtype, info.shape)
+        out.append({"name": q.name, "role": q.role, "target": q.target, "config": json_safe(config),
+                    "state": tensor_digest(tensors)})
+    return out
+
+
+def source_identity(lay: Layout) -> dict[str, list[int]]:
+    """``path -> [size, mtime_ns]`` of every file the offloaded entries of ``lay`` are read from.
+
+    Files that cannot be stat-ed are ``[-1, -1]`` (the export itself reports them).
+    """
+    paths = {os.path.realpath(i.ref.store.path) for i in lay.values()
+             if i.ref is not None and i.ref.store.path is not None and i.kind != "missing"}
+    out = {}
+    for path in sorted(paths):
+        try:
+            st = os.stat(path)
+            out[path] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            out[path] = [-1, -1]
+    return out
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("offload_export")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def plan_facts(job: Job) -> dict:
+    """The parts of ``job`` that decide the bytes of its weight shards, as JSON-able values.
+
+    Keys: ``version`` (of the package), ``format``, ``device`` (where folds run), ``shards`` (file names, each
+    tensor's name/dtype/shape and the sha256 of the shard's header bytes), ``folds`` (folded weights),
+    ``quantizers`` (:func:`quantizer_digests`), ``sources`` (:func:`source_identity`).
+    """
+    shards = [[s.filename, hashlib.sha256(safetensors_layout(s.tensors, SHARD_METADATA)[0]).hexdigest(),
+               [[t.name, str(t.dtype), list(t.shape)] for t in s.tensors]] for s in job.plan.shards]
+    return {"version": _version(), "format": job.format.name, "device": str(job.device),
+            "shards": shards, "folds": sorted(job.folds), "quantizers": quantizer_digests(job.quantizers, job.lay),
+            "sources": source_identity(job.lay)}
+
+
+def fingerprint(facts: Mapping) -> str:
+    """The sha256 of :func:`plan_facts`' canonical JSON."""
+    return canonical_digest(dict(facts))
+
+
+_PART_NAMES = {"version": "the offload_export version", "format": "the output format",
+               "device": "the fold device", "shards": "the planned shards (tensor names, dtypes, shapes or shard "
+               "size)", "folds": "the folded weights", "quantizers": "the quantizer configuration or state"}
+
+
+def differing_parts(old: Mapping, new: Mapping) -> list[str]:
+    """Why two :func:`plan_facts` differ, in words (empty when they are equal)."""
+    why = [desc for key, desc in _PART_NAMES.items() if old.get(key) != new.get(key)]
+    if "quantizers" in old and old.get("quantizers") != new.get("quantizers"):
+        before = {q["name"]: q for q in old["quantizers"]}
+        changed = [q["name"] for q in new["quantizers"] if before.get(q["name"]) != q]
+        if changed:
+            why[-1] += f" (e.g. {changed[0]})"
+    old_src, new_src = old.get("sources", {}), new.get("sources", {})
+    if old_src != new_src:
+        changed = sorted(p for p in set(old_src) | set(new_src) if old_src.get(p) != new_src.get(p))
+        why.append(f"a file the model reads changed, was added or removed (e.g. {changed[0]}: size/mtime "
+                   f"{old_src.get(changed[0])} -> {new_src.get(changed[0])})")
+    return why
+
+
+def _entry_tensor(lay: Layout, key: str) -> torch.Tensor | None:
+    info = lay[key]
+    if info.kind == "resident":
+        return info.tensor
+    if info.ref is not None and info.ref.store.path is None:  # in RAM or another mapping: its value
+        return read_store(info.ref.store, info.dtype, info.shape)
+    return None  # in a file (identified by source_identity) or missing on this rank
+
+
+def memory_digest(lay: Layout, skip: Iterable[str] = (), *, stop: threading.Event | None = None,
+                  threads: int = 2) -> str | None:
+    """sha256 over every tensor ``lay`` holds in memory (resident, CPU-offloaded, other mappings), by key.
+
+    Args:
+        lay: the layout.
+        skip: keys left out (quantizer state, digested by :func:`quantizer_digests`).
+        stop: when set, give up and return None.
+        threads: tensors hashed at once (hashing releases the GIL).
+
+    Returns:
+        The digest, or None when ``stop`` was set first.
+    """
+    skip = set(skip)
+    keys = [k for k, i in lay.items() if k not in skip and i.kind in ("resident", "cpu", "mapping")]
+
+    def one(key: str) -> str | None:
+        if stop is not None and stop.is_set():
+            return None
+        t = _entry_tensor(lay, key)
+        return tensor_digest({key: t}) if t is not None else "file"
+
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="offload-export-digest") as pool:
+        digests = list(pool.map(one, keys))
+    if stop is not None and stop.is_set():
+        return None
+    return canonical_digest(list(zip(keys, digests)))

@@ -1,0 +1,412 @@
+"""Resumable export: a journal of completed shards in the staging directory, and picking it up again.
+
+Every export keeps a journal in its staging directory (``.offload-export-journal.<rank>.<nonce>.jsonl``, one
+per writing process, held under an exclusive ``flock`` while the process lives): first a header with the
+plan's fingerprint (:mod:`offload_export.fingerprint`), then one record per weight shard that was completed,
+fsync-ed and hashed (file name, size, sha256 of its bytes, read back from the page cache by a background
+thread), each record fsync-ed. The digest of the tensors the model holds in memory follows as soon as a
+background thread has computed it; records count only once it is there.
+
+``save_clean(..., resume=True)`` hands :class:`Resumer` to the staging directory's creation: among the
+staging directories an earlier export into the same destination left behind (owner dead, or not judgeable
+from here), the one made for the same fingerprint with the most recorded bytes is renamed to this export's
+own staging name. :func:`resume_session` then keeps every planned shard whose size and sha256 still match a
+record of a journal with the same fingerprint and the same in-memory digest, removes everything else, and
+returns the plan of what is left to write. Journals are removed right before the commit, so the checkpoint
+holds none.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import SHARD_METADATA
+from .fingerprint import differing_parts, memory_digest
+from .job import Job
+from .plan import ExportPlan, select_shards
+from .writer import safetensors_layout
+
+try:
+    import fcntl
+except ImportError:  # Windows: no locks, a live owner is then judged by its PID alone
+    fcntl = None
+
+__all__ = ["JOURNAL_PREFIX", "Resumer", "ResumeSession", "combined_fingerprint", "file_digest", "is_journal",
+           "remove_journals", "resume_session"]
+
+JOURNAL_PREFIX = ".offload-export-journal"
+_READ = 8 << 20
+
+
+def is_journal(name: str) -> bool:
+    """Whether a file name in a staging directory is a journal (bookkeeping, never committed)."""
+    return name.startswith(JOURNAL_PREFIX) and name.endswith(".jsonl")
+
+
+def combined_fingerprint(fingerprints: Sequence[str]) -> str:
+    """One fingerprint for the ranks of an export: the ranks' own when they agree, else a digest of the set."""
+    distinct = sorted(set(fingerprints))
+    if len(distinct) == 1:
+        return distinct[0]
+    return hashlib.sha256(json.dumps(distinct).encode()).hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 8 MiB pieces (hashing releases the GIL: several run in parallel)."""
+    h = hashlib.sha256()
+    buf = bytearray(_READ)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _append(fd: int, data: bytes) -> None:
+    """Append ``data`` to a journal and flush it to disk (one record: written whole or torn at the end)."""
+    done = 0
+    while done < len(data):
+        done += os.write(fd, data[done:])
+    os.fsync(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _lock(fd: int) -> bool:
+    """Take an exclusive lock on ``fd`` without waiting; False when another process holds it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        return True  # a file system without locks: the owner's PID was judged already
+
+
+@dataclass
+class _Journal:
+    """One journal file as read back: header, in-memory digest, shard records (a torn tail is ignored)."""
+
+    path: Path
+    header: dict
+    memory: str | None = None
+    shards: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+
+    @property
+    def recorded_bytes(self) -> int:
+        return sum(size for records in self.shards.values() for size, _ in records[-1:])
+
+
+def _read_journal(path: Path) -> _Journal | None:
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError:
+        return None
+    journal = None
+    for line in lines[:-1]:  # the last piece has no newline: empty, or a torn record
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if journal is None:
+            if not isinstance(record, dict) or record.get("journal") != 1:
+                return None
+            journal = _Journal(path, record, record.get("memory"))
+        elif "memory" in record:
+            journal.memory = record["memory"]
+        elif "file" in record:
+            journal.shards.setdefault(record["file"], []).append((int(record["size"]), str(record["sha256"])))
+    return journal
+
+
+def _journals(folder: Path) -> list[_Journal]:
+    try:
+        names = sorted(p for p in folder.iterdir() if is_journal(p.name))
+    except OSError:
+        return []
+    return [j for j in map(_read_journal, names) if j is not None]
+
+
+def _in_use(folder: Path) -> bool:
+    """Whether a live process holds one of ``folder``'s journals (it locks its journal while it exports)."""
+    for path in folder.iterdir():
+        if not is_journal(path.name):
+            continue
+        try:
+            fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            if not _lock(fd):
+                return True
+        finally:
+            os.close(fd)  # releases the lock just taken
+    return False
+
+
+class Resumer:
+    """Chooses which leftover staging directory an export continues (``_atomic.staging``'s ``adopt``).
+
+    Args:
+        fingerprint: the export's (combined) plan fingerprint.
+        facts: this process's :func:`~offload_export.fingerprint.plan_facts`, to say why another plan differs.
+        notes: receives what was resumed or why not.
+    """
+
+    def __init__(self, fingerprint: str, facts: dict, notes: list[str]):
+        self.fingerprint = fingerprint
+        self.facts = facts
+        self.notes = notes
+
+    def __call__(self, candidates: Sequence[tuple[Path, str | None]]) -> Path | None:
+        """Pick the candidate made for this plan with the most recorded bytes; None when none fits.
+
+        Args:
+            candidates: staging directories of earlier exports into the same destination whose owner is dead
+                (``None``) or cannot be judged from here (the reason).
+        """
+        best, best_bytes = None, -1
+        for path, reason in candidates:
+            try:
+                if _in_use(path):
+                    self.notes.append(f"resume: kept {path}: an export still holds its journal")
+                    continue
+            except OSError:
+                continue
+            journals = _journals(path)
+            same = [j for j in journals if j.header.get("fingerprint") == self.fingerprint]
+            if not same:
+                why = differing_parts(journals[0].header.get("facts", {}), self.facts) if journals else []
+                self.notes.append(f"resume: started fresh instead of continuing {path.name}: " + (
+                    "; ".join(why) if why else "it holds no journal of this export's plan (killed before its "
+                    "first record, made by another version, or for other ranks)"))
+                continue
+            recorded = max(j.recorded_bytes for j in same)
+            if recorded > best_bytes:
+                best, best_bytes = path, recorded
+                if reason:
+                    self.notes.append(f"resume: continuing {path.name}, {reason}, because resume=True")
+        return best
+
+
+@dataclass
+class ResumeSession:
+    """What one process of an export writes and what it kept (see :func:`resume_session`).
+
+    Attributes:
+        plan: the shards still to write (all of the process's shards when nothing was resumed).
+        reused_shards, reused_bytes: shards kept from the earlier export, and their size.
+        written_shards, written_bytes: shards this export writes.
+    """
+
+    plan: ExportPlan
+    reused_shards: int = 0
+    reused_bytes: int = 0
+    written_shards: int = 0
+    written_bytes: int = 0
+    _fd: int = -1
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _pool: ThreadPoolExecutor | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _memory_thread: threading.Thread | None = None
+    _kept: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"reused_shards": self.reused_shards, "reused_bytes": self.reused_bytes,
+                "written_shards": self.written_shards, "written_bytes": self.written_bytes}
+
+    def _record(self, record: dict) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                _append(self._fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
+
+    def shard_done(self, path: str) -> None:
+        """A shard was completed and fsync-ed: hash it in the background and append its record."""
+        if self._pool is None or self._stop.is_set():
+            return
+
+        def hash_and_record() -> None:
+            if self._stop.is_set():
+                return
+            size, digest = os.path.getsize(path), file_digest(path)
+            if not self._stop.is_set():
+                self._record({"file": os.path.basename(path), "size": size, "sha256": digest})
+
+        self._pool.submit(hash_and_record)
+
+    def _close(self, *, cancel: bool, remove: Path | None) -> None:
+        """Finish (or with ``cancel`` drop) the pending records; with ``remove``, delete every journal in it (before
+        the commit); release the lock."""
+        if cancel:
+            self._stop.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
+        if self._memory_thread is not None:
+            self._memory_thread.join()
+        self._stop.set()
+        if remove is not None:
+            remove_journals(remove)
+        with self._lock:
+            if self._fd >= 0:
+                fd, self._fd = self._fd, -1
+                os.close(fd)
+
+    def check_kept(self, tmp: Path) -> None:
+        """Raise RuntimeError when a kept shard vanished or changed size meanwhile (another process's cleanup)."""
+        for name, size in self._kept.items():
+            try:
+                actual = (tmp / name).stat().st_size
+            except OSError:
+                actual = -1
+            if actual != size:
+                raise RuntimeError(f"{tmp / name}, kept from the earlier export, changed while exporting; run the "
+                                   f"export again")
+
+
+def remove_journals(folder: Path) -> None:
+    """Delete every journal in ``folder`` (right before the commit: the checkpoint must hold none)."""
+    for path in folder.iterdir():
+        if is_journal(path.name):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+    _fsync_dir(folder)
+
+
+def _shard_sizes(plan: ExportPlan) -> dict[str, int]:
+    return {s.filename: len(safetensors_layout(s.tensors, SHARD_METADATA)[0]) + s.nbytes for s in plan.shards}
+
+
+def _verified(tmp: Path, plan: ExportPlan, journals: list[_Journal], threads: int) -> dict[str, int]:
+    """The planned shards whose size and sha256 match a record of ``journals``: ``name -> size``."""
+    sizes = _shard_sizes(plan)
+    recorded: dict[str, set[str]] = {}
+    for j in journals:
+        for name, records in j.shards.items():
+            recorded.setdefault(name, set()).update(d for size, d in records if size == sizes.get(name))
+
+    def check(name: str) -> bool:
+        path = tmp / name
+        try:
+            if path.is_symlink() or path.stat().st_size != sizes[name]:
+                return False
+            return file_digest(path) in recorded[name]
+        except OSError:
+            return False
+
+    names = [n for n in sizes if recorded.get(n)]
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="offload-export-resume") as pool:
+        ok = list(pool.map(check, names))
+    return {n: sizes[n] for n, good in zip(names, ok) if good}
+
+
+def _clear(tmp: Path, keep: set[str], mine: set[str], planned: set[str], owner: bool) -> None:
+    """Remove what an earlier export left and this process does not keep: its own planned shards, and with
+    ``owner`` everything that is neither a planned shard nor a journal (metadata, a tokenizer, a torn file)."""
+    for path in tmp.iterdir():
+        name = path.name
+        if name in keep or is_journal(name) or not (name in mine or (owner and name not in planned)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _digest_threads(alone: bool = False) -> int:
+    """Threads that hash at once: beside the export half the cores (at most 4); ``alone``, every core (at most 8)."""
+    cores = os.cpu_count() or 2
+    return max(1, min(8, cores) if alone else min(4, cores // 2))
+
+
+@contextmanager
+def resume_session(job: Job, tmp: Path, share: ExportPlan, *, fingerprint: str, facts: dict, resume: bool,
+                   notes: list[str], rank: int = 0, owner: bool = True, commit: bool = True
+                   ) -> Iterator[ResumeSession]:
+    """Start this process's journal in ``tmp``; with ``resume``, keep the verified shards an earlier export left.
+
+    Args:
+        job: the export.
+        tmp: the staging directory (fresh, or adopted by :class:`Resumer`).
+        share: the shards this process writes (the whole plan in one process).
+        fingerprint: the export's (combined) fingerprint; facts: this process's plan facts.
+        resume: keep what an earlier export left in ``tmp``.
+        notes: receives what was kept and what was started over.
+        rank: this process's rank (names its journal).
+        owner: this process writes the metadata (it removes stray files an earlier export left).
+        commit: remove every journal on a normal exit (the commit follows); else call :func:`remove_journals`
+            before committing.
+
+    Yields:
+        The :class:`ResumeSession`: ``plan`` is what is left to write; call ``shard_done`` as shards complete.
+        On a normal exit this process's lock is released (and with ``commit`` every journal removed); on an
+        exception the journals stay, for the next ``resume=True``.
+    """
+    quantizer_keys = {k for q in job.quantizers for k in q.state_keys}
+    memory = None
+    kept: dict[str, int] = {}
+    old = [j for j in _journals(tmp) if j.header.get("fingerprint") == fingerprint] if resume else []
+    if old:
+        memory = memory_digest(job.lay, quantizer_keys, threads=_digest_threads(alone=True))
+        usable = [j for j in old if j.memory == memory]
+        if not usable:
+            notes.append("resume: the tensors the model holds in memory differ from the earlier export's (or "
+                         "it was killed before it had recorded their digest): every shard is written again")
+        kept = _verified(tmp, share, usable, _digest_threads(alone=True)) if usable else {}
+    planned = {s.filename for s in job.plan.shards}
+    if resume:
+        _clear(tmp, set(kept), {s.filename for s in share.shards}, planned, owner)
+    remaining = select_shards(share, [s.filename for s in share.shards if s.filename not in kept])
+    session = ResumeSession(remaining, reused_shards=len(kept), reused_bytes=sum(kept.values()),
+                            written_shards=len(remaining.shards), written_bytes=sum(_shard_sizes(remaining).values()),
+                            _kept=kept)
+    if old:
+        notes.append(f"resume: kept {len(kept)} of {len(share.shards)} shard(s) ({sum(kept.values()) / 1e6:.1f} MB) "
+                     f"from the earlier export; writing {len(remaining.shards)}")
+    path = tmp / f"{JOURNAL_PREFIX}.{rank}.{uuid.uuid4().hex[:8]}.jsonl"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    session._fd = fd
+    try:
+        _lock(fd)
+        session._record({"journal": 1, "fingerprint": fingerprint, "rank": rank, "memory": memory, "facts": facts,
+                         "planned": len(planned)})
+        _fsync_dir(tmp)
+        session._pool = ThreadPoolExecutor(_digest_threads(), thread_name_prefix="offload-export-journal")
+        if memory is None:
+            def digest_memory() -> None:
+                value = memory_digest(job.lay, quantizer_keys, stop=session._stop, threads=1)
+                if value is not None and not session._stop.is_set():
+                    session._record({"memory": value})
+
+            session._memory_thread = threading.Thread(target=digest_memory, name="offload-export-memory-digest",
+                                                      daemon=True)
+            session._memory_thread.start()
+        yield session
+        session.check_kept(tmp)
+    except BaseException:
+        session._close(cancel=False, remove=None)  # what was completed is recorded, for the next resume
+        raise
+    session._close(cancel=commit, remove=tmp if commit else None)

@@ -217,7 +217,7 @@ def _restore(backup: Path, dest: Path) -> list[str]:
         if dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
             dest.rmdir()  # an empty destination counts as absent
         if dest.exists() or dest.is_symlink():  # the new checkpoint made it to the destination
-            shutil.rmtree(backup, ignore_errors=True)
+            _remove_tree(backup)
             return []
         if _move_noreplace(backup, dest):
             _fsync(dest.parent)
@@ -227,6 +227,14 @@ def _restore(backup: Path, dest: Path) -> list[str]:
         return []  # another export's cleanup got there first
     return [f"kept {backup}: the previous checkpoint of {dest}, which appeared meanwhile; delete it by hand "
             f"if {dest} is what you want"]
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a directory tree as far as possible, never raising: what is left is removed as stale later."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass  # rmtree closes a descriptor again when its close failed, and raises EBADF despite ignore_errors
 
 
 def _remove_stale(parent: Path) -> list[str]:
@@ -246,7 +254,7 @@ def _remove_stale(parent: Path) -> list[str]:
         elif reason is None and m["suffix"] == _BACKUP:
             notes += _restore(path, parent / m["dest"])
         elif reason is None:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_tree(path)
     return notes
 
 
@@ -351,6 +359,7 @@ def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
             pass
     elif out_dir.exists() or out_dir.is_symlink():
         raise FileExistsError(f"{out_dir} appeared as a file or symlink while exporting; nothing was written")
+    swapped = False
     if not _move_noreplace(tmp, out_dir):
         if not overwrite:
             raise FileExistsError(f"{out_dir} appeared while exporting (another export into the same "
@@ -358,7 +367,15 @@ def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
         if not out_dir.is_dir() or out_dir.is_symlink():
             raise FileExistsError(f"{out_dir} appeared as a file or symlink while exporting; nothing was written")
         _swap(tmp, out_dir)  # tmp now holds the previous checkpoint
-    _fsync(out_dir.parent)
+        swapped = True
+    try:
+        _fsync(out_dir.parent)
+    except BaseException:  # the rename may not be durable: a failed export leaves the destination as it was
+        if swapped:
+            _swap(tmp, out_dir)
+        else:
+            os.rename(out_dir, tmp)
+        raise
 
 
 def _temp_name(out_dir: Path) -> str:
@@ -402,5 +419,5 @@ def staging(out_dir: str | os.PathLike, *, overwrite: bool, notes: list[str] | N
         _fsync(tmp)
         _commit(tmp, out_dir, overwrite)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # the failed export, or the replaced checkpoint
+        _remove_tree(tmp)  # the failed export, or the replaced checkpoint
         _active.discard(str(tmp))

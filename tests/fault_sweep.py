@@ -230,7 +230,14 @@ def _tests_module(name: str):
 
 
 def logits(model) -> torch.Tensor:
-    return _tests_module("layouts").forward_logits(model)
+    """The model's logits, computed in one intra-op thread (with more, OpenMP's spinning workers cost this tiny
+    forward 15 x the CPU time on a busy machine); the caller's setting is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _tests_module("layouts").forward_logits(model)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Scenario:
@@ -265,6 +272,9 @@ class Scenario:
 
     def reset(self) -> None:
         """Outside the injection, after each run: undo what a successful run changed in the stores."""
+
+    def sync(self) -> None:
+        """Wait for the other ranks (before a run, before checking, before cleaning up): a no-op in one process."""
 
 
 def _diff(a: dict, b: dict) -> str:
@@ -386,6 +396,24 @@ class LargeExport(Scenario):
         return oe.save_clean(self.model, dest, max_shard_size="20MB")
 
 
+class GlooExport(TinyExport):
+    """One rank of a 2-rank gloo export: both ranks hold the whole model (each its own offload folder)."""
+
+    def __init__(self, work: Path, rank: int):
+        self.rank = rank
+        super().__init__(work)
+
+    def run(self, dest: Path):
+        from datetime import timedelta
+
+        return oe.save_clean(self.model, dest, max_shard_size=SHARD, timeout=timedelta(seconds=60))
+
+    def sync(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 SCENARIOS = {
     "fake-quant": lambda w: TinyExport(w),
     "compressed-tensors": lambda w: TinyExport(w, "compressed-tensors"),
@@ -403,8 +431,9 @@ SCENARIOS = {
 def check_one(scn: Scenario, inj: Injector, dest: Path, target) -> dict:
     """Run ``scn`` once with ``target`` armed (None: counting) and return what happened and what broke."""
     tmpdir = Path(os.environ["TMPDIR"])
-    dest.parent.mkdir(parents=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     scn.prepare(dest)
+    scn.sync()
     model_before = _tests_module("test_faults").model_state(scn.model)
     before = dict(fds=open_fds(), threads=threads(), num_threads=torch.get_num_threads(), parent=listing(dest.parent),
                   dest=tree_digest(dest) if dest.exists() else None, tmp=listing(tmpdir),
@@ -426,8 +455,11 @@ def check_one(scn: Scenario, inj: Injector, dest: Path, target) -> dict:
             # (shutil.rmtree closes a descriptor twice when close fails: EBADF instead of the injected error)
             violations.append(f"raised {type(error).__name__}, not the injected {errno.errorcode[target[2]]}")
     del error
-    gc.collect()
+    scn.sync()
     leaked = open_fds() - before["fds"]
+    if leaked:  # what only garbage collection would close is leaked as well, but name only what stays open
+        gc.collect()
+        leaked = (open_fds() - before["fds"]) or leaked
     if leaked:
         violations.append(f"open descriptors left: {sorted(_fd_path(fd) for fd in leaked)}")
     if threads() - before["threads"]:
@@ -449,6 +481,7 @@ def check_one(scn: Scenario, inj: Injector, dest: Path, target) -> dict:
     if not _tests_module("test_faults").same_state(state, model_before):
         violations.append("the model's tensors, hooks or quantizers changed")
     violations += scn.stores_ok(before["stores"], {str(r): tree_digest(r) for r in scn.stores})
+    scn.sync()
     shutil.rmtree(dest.parent, ignore_errors=True)
     scn.reset()
     if not torch.equal(logits(scn.model), scn.logits):
@@ -486,5 +519,40 @@ def main(args: dict) -> None:
         emit({"scenario": name, "done": len(points), "seconds": time.perf_counter() - start})
 
 
+def rank_main(args: dict) -> None:
+    """One rank of the gloo sweep: ``args``: ``work``, ``rank``, ``port``, ``mode`` (a :func:`select` mode).
+
+    Points are ``(function, k, errno, rank)``: the k-th call on that rank fails, the other rank runs unharmed;
+    both check the invariants. The ranks learn each other's call counts through files in ``work``.
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    work, rank = Path(args["work"]), args["rank"]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args['port']}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=120))
+    inj = Injector()
+    scn = GlooExport(work / f"model{rank}", rank)
+    counted = check_one(scn, inj, work / "count" / "out", None)
+    (work / f"counts{rank}.json").write_text(json.dumps(counted["counts"]))
+    emit({"scenario": "gloo", "rank": rank, "counts": counted["counts"], "violations": counted["violations"],
+          "trace": counted.get("trace")})
+    dist.barrier()
+    points = [(*p, r) for r in range(2) for p in select(json.loads((work / f"counts{r}.json").read_text()),
+                                                         args["mode"])]
+    for i, point in enumerate(points):
+        emit({"scenario": "gloo", "rank": rank, "start": point})
+        res = check_one(scn, inj, work / f"p{i}" / "out", point[:3] if point[3] == rank else None)
+        if point[3] != rank:  # the other rank: it raises, telling the injected rank's error, or both succeed
+            res["violations"] = [v for v in res["violations"] if v != "raised without an injected fault"]
+            if res["raised"] and os.strerror(point[2]) not in res.get("trace", ""):
+                res["violations"].append(f"raised without naming the other rank's error: {res['raised']}")
+        emit({"scenario": "gloo", "rank": rank, "point": point, **res})
+    emit({"scenario": "gloo", "rank": rank, "done": len(points)})
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
+    args = json.loads(sys.argv[1])
+    rank_main(args) if "rank" in args else main(args)

@@ -74,7 +74,7 @@ def run_sweep(work: Path, scenarios: dict, point_timeout: float = POINT_TIMEOUT)
                     if ev is None:
                         break
                     name = ev["scenario"]
-                    if "counts" in ev:
+                    if "counts" in ev and "point" not in ev:
                         assert not ev["violations"], f"{name}: the run without faults failed: {ev}"
                         results[name]["counts"] = ev["counts"]
                         planned[name] = fault_sweep.select(ev["counts"], todo[name])
@@ -128,9 +128,9 @@ def judge(scenario: str, result: dict) -> None:
         pytest.skip("; ".join(f"{d}: {len(p)} point(s), e.g. {p[:3]}" for d, p in skipped.items()))
 
 
-# the default sample: the first, middle and last call of each function in an export; the last (the commit) of an
-# overwrite; the first of a verify; first, middle and last of a writeback
-DEFAULT = {"fake-quant": "sample", "overwrite": "last", "verify": "first", "writeback": "sample"}
+# the default sample: the first, middle and last call of each function; every call of a writeback
+DEFAULT = {"fake-quant": "sample", "compressed-tensors": "sample", "overwrite": "sample", "verify": "sample",
+           "writeback": "all"}
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +157,53 @@ def test_every_injected_io_fault_leaves_everything_as_it_was(tmp_path, scenario)
 @pytest.mark.slow
 def test_injected_io_faults_in_an_export_with_a_64_mib_tensor(tmp_path):
     judge("large", run_sweep(tmp_path, {"large": "sample"})["large"])
+
+
+def run_gloo_sweep(work: Path, mode: str, timeout: float = 1800) -> dict:
+    """Both ranks of the gloo sweep (``fault_sweep.rank_main``); a hang kills both and fails the point."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (work / "tmp").mkdir()
+    env = {**os.environ, "TMPDIR": str(work / "tmp")}
+    procs = [subprocess.Popen([sys.executable, str(HERE / "fault_sweep.py"),
+                               json.dumps({"work": str(work), "rank": r, "port": port, "mode": mode})],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE, env=env)
+             for r in range(2)]
+    outputs, hung = [], False
+    for p in procs:
+        try:
+            outputs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            hung = True
+            for q in procs:
+                q.kill()
+            outputs.append(p.communicate()[0])
+    result = {"counts": {}, "points": {}, "seconds": 0.0}
+    last = {}
+    for rank, out in enumerate(outputs):
+        for line in out.splitlines():
+            if not line.startswith("{"):
+                continue
+            ev = json.loads(line)
+            if "counts" in ev and "point" not in ev:
+                assert not ev["violations"], f"rank {rank}: the run without faults failed: {ev}"
+                result["counts"][f"rank {rank}"] = ev["counts"]
+            elif "point" in ev:
+                result["points"][(*ev["point"], f"checked on rank {rank}")] = ev
+            if "start" in ev:
+                last[rank] = ev
+            elif "point" in ev or "done" in ev:
+                last.pop(rank, None)
+    for rank, ev in last.items():  # started and never finished: a hang or a crash
+        result["points"][(*ev["start"], f"checked on rank {rank}")] = {"violations": [
+            f"no result ({'hang' if hung else 'the rank died'}): {outputs[rank][-2000:]}"]}
+    assert result["counts"], outputs[0][-3000:] + outputs[1][-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_injected_io_faults_on_either_rank_of_a_gloo_export(tmp_path):
+    judge("gloo", run_gloo_sweep(tmp_path, "sample"))

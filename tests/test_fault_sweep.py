@@ -30,6 +30,9 @@ POINT_TIMEOUT = 120  # seconds for one injected run: past it the run counts as a
 KNOWN: list[tuple[str, str, str, str]] = [
     ("*", "pwrite", "quantizer_state.safetensors (deleted)",
      "known defect: a failed write of quantizer_state.safetensors leaks its descriptor (fix on another branch)"),
+    ("large", "*", "(hang)",
+     "known defect: a failed shard write hangs save_clean when the failing unit holds most of the read-ahead "
+     "budget (pipeline.py releases it by weakref.finalize; fix on another branch)"),
     ("writeback", "*", "half-written",
      "known defect: a .dat writeback that fails part way leaves the file half new (materialize/_store write_store "
      "is not atomic; fix on another branch)"),
@@ -159,51 +162,48 @@ def test_injected_io_faults_in_an_export_with_a_64_mib_tensor(tmp_path):
     judge("large", run_sweep(tmp_path, {"large": "sample"})["large"])
 
 
-def run_gloo_sweep(work: Path, mode: str, timeout: float = 1800) -> dict:
-    """Both ranks of the gloo sweep (``fault_sweep.rank_main``); a hang kills both and fails the point."""
+def _gloo_pair(work: Path, point: list | None, timeout: float) -> list[dict]:
+    """Both ranks of one gloo run (``fault_sweep.rank_main``) in fresh processes; a rank that gives no result in
+    ``timeout`` (a hang) or dies gets a violation."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    (work / "tmp").mkdir()
+    (work / "tmp").mkdir(parents=True)
     env = {**os.environ, "TMPDIR": str(work / "tmp")}
     procs = [subprocess.Popen([sys.executable, str(HERE / "fault_sweep.py"),
-                               json.dumps({"work": str(work), "rank": r, "port": port, "mode": mode})],
+                               json.dumps({"work": str(work), "rank": r, "port": port, "point": point})],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE, env=env)
              for r in range(2)]
-    outputs, hung = [], False
-    for p in procs:
+    results = []
+    for rank, p in enumerate(procs):
         try:
-            outputs.append(p.communicate(timeout=timeout)[0])
+            out = p.communicate(timeout=timeout)[0]
         except subprocess.TimeoutExpired:
-            hung = True
             for q in procs:
                 q.kill()
-            outputs.append(p.communicate()[0])
-    result = {"counts": {}, "points": {}, "seconds": 0.0}
-    last = {}
-    for rank, out in enumerate(outputs):
-        for line in out.splitlines():
-            if not line.startswith("{"):
-                continue
-            ev = json.loads(line)
-            if "counts" in ev and "point" not in ev:
-                assert not ev["violations"], f"rank {rank}: the run without faults failed: {ev}"
-                result["counts"][f"rank {rank}"] = ev["counts"]
-            elif "point" in ev:
-                result["points"][(*ev["point"], f"checked on rank {rank}")] = ev
-            if "start" in ev:
-                last[rank] = ev
-            elif "point" in ev or "done" in ev:
-                last.pop(rank, None)
-    for rank, ev in last.items():  # started and never finished: a hang or a crash
-        result["points"][(*ev["start"], f"checked on rank {rank}")] = {"violations": [
-            f"no result ({'hang' if hung else 'the rank died'}): {outputs[rank][-2000:]}"]}
-    assert result["counts"], outputs[0][-3000:] + outputs[1][-3000:]
+            out = p.communicate()[0]
+        events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        results.append(events[-1] if events else {"violations": [f"rank {rank}: no result (hang or crash): "
+                                                                 f"{out[-2000:]}"]})
+    return results
+
+
+def run_gloo_sweep(work: Path, mode: str, timeout: float = 300) -> dict:
+    """The gloo sweep: a counting run, then one run per point of ``mode`` (:func:`fault_sweep.select`) on each
+    rank's counts."""
+    counted = _gloo_pair(work / "count", None, timeout)
+    for rank, res in enumerate(counted):
+        assert "counts" in res and not res["violations"], f"rank {rank}: the run without faults failed: {res}"
+    result = {"counts": {f"rank {r}": res["counts"] for r, res in enumerate(counted)}, "points": {}, "seconds": 0.0}
+    points = [[*p, r] for r, res in enumerate(counted) for p in fault_sweep.select(res["counts"], mode)]
+    for i, point in enumerate(points):
+        for rank, res in enumerate(_gloo_pair(work / f"p{i}", point, timeout)):
+            result["points"][(*point, f"checked on rank {rank}")] = res
     return result
 
 
 @pytest.mark.slow
 def test_injected_io_faults_on_either_rank_of_a_gloo_export(tmp_path):
-    judge("gloo", run_gloo_sweep(tmp_path, "sample"))
+    judge("gloo", run_gloo_sweep(tmp_path, "last"))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import builtins
 import ctypes
 import errno
-import gc
 import hashlib
 import io
 import json
@@ -460,14 +459,12 @@ def check_one(scn: Scenario, inj: Injector, dest: Path, target) -> dict:
             violations.append(f"raised {type(error).__name__}, not the injected {errno.errorcode[target[2]]}")
     del error
     scn.sync()
-    leaked = open_fds() - before["fds"]
-    if leaked:  # what only garbage collection would close is leaked as well, but name only what stays open
-        gc.collect()
-        leaked = (open_fds() - before["fds"]) or leaked
+    leaked = open_fds() - before["fds"]  # one that only garbage collection would close is leaked as well
     if leaked:
         violations.append(f"open descriptors left: {sorted(f'{fd} -> {_fd_path(fd)}' for fd in leaked)}")
     if threads() - before["threads"]:
-        violations.append(f"threads left: {[t.name for t in threading.enumerate() if t.ident not in before['threads']]}")
+        new = [t.name for t in threading.enumerate() if t.ident not in before["threads"]]
+        violations.append(f"threads left: {new}")
     if torch.get_num_threads() != before["num_threads"]:
         violations.append(f"torch.get_num_threads() {before['num_threads']} -> {torch.get_num_threads()}")
     ok = out["raised"] is None

@@ -91,7 +91,8 @@ def run_sweep(work: Path, scenarios: dict, point_timeout: float = POINT_TIMEOUT)
                 proc.kill()
                 proc.wait()
         if current is None or "start" not in current:
-            assert not todo, f"the sweep child died outside an injection: {(work / f'stderr{attempt}').read_text()[-3000:]}"
+            stderr = (work / f"stderr{attempt}").read_text()
+            assert not todo, f"the sweep child died outside an injection: {stderr[-3000:]}"
             break
         name, point = current["scenario"], tuple(current["start"])  # hung (or crashed) in this injection
         results[name]["points"][point] = {"point": point, "violations": [

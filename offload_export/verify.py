@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -329,9 +330,12 @@ def _same_bytes(expected: torch.Tensor | FileSpan, path: Path, offset: int, nbyt
     """
     span = expected if isinstance(expected, FileSpan) else None
     flat = None if span is not None else expected.reshape(-1).view(torch.uint8)
-    fd = os.open(path, os.O_RDONLY)
-    src = os.open(span.path, os.O_RDONLY) if span is not None else -1
-    try:
+    with ExitStack() as stack:  # each descriptor closed whatever fails, the other's open or close included
+        fd = os.open(path, os.O_RDONLY)
+        stack.callback(os.close, fd)
+        src = os.open(span.path, os.O_RDONLY) if span is not None else -1
+        if src >= 0:
+            stack.callback(os.close, src)
         for pos in range(0, nbytes, _CHUNK):
             n = min(_CHUNK, nbytes - pos)
             want, got = bufs.views(n)
@@ -341,10 +345,6 @@ def _same_bytes(expected: torch.Tensor | FileSpan, path: Path, offset: int, nbyt
             if not _equal_bytes(want if span is not None else flat[pos:pos + n], got):
                 return False
         return True
-    finally:
-        os.close(fd)
-        if src >= 0:
-            os.close(src)
 
 
 def _compare(name: str, expected: torch.Tensor | FileSpan, entry: _Entry, out_dir: Path, problems: list[str],

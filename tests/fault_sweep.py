@@ -43,6 +43,7 @@ import offload_export as oe
 from offload_export import _atomic
 
 # function name -> (module holding it, attribute, errnos it is failed with: the first by default, all in -m slow).
+# A point's function may name a call site: ("close@_same_bytes", k, errno) fails the k-th close made there.
 # Python retries EINTR itself in every os.* call here (PEP 475); renameat2 goes through ctypes, which does not.
 FAULTS: dict[str, tuple[object, str, tuple[int, ...]]] = {
     "open": (os, "open", (errno.EMFILE, errno.EIO)),
@@ -81,12 +82,17 @@ class Injector:
         """Count a call of ``name``; the errno to fail it with, -1 to make it write short, or 0."""
         with self._lock:
             self.counts[name] += 1
-            if self.target is None or self.target[0] != name:
+            if self.target is None or self.target[0].partition("@")[0] != name:
                 return 0
             if self._short:
                 self._short = False
                 return self.target[2]
-            if self.counts[name] != self.target[1]:
+            site = self.target[0].partition("@")[2]  # "close@_same_bytes": the k-th call from that function
+            if site:
+                if not any(f.f_code.co_name == site for f in list(_frames())[1:4]):
+                    return 0
+                self.counts[self.target[0]] += 1
+            if self.counts[self.target[0]] != self.target[1]:
                 return 0
             self.fired = True
             frames = list(_frames())
@@ -168,10 +174,10 @@ def _frames():
 
 def select(counts: dict[str, int], mode: str | list) -> list[tuple[str, int, int]]:
     """Injection points for ``counts``, per function: ``"first"``, ``"last"``, ``"sample"`` (first, middle and last
-    call) or ``"all"`` calls with the function's first errno, ``"every-errno"``: all calls with each errno; a list:
-    those points."""
+    call) or ``"all"`` calls with the function's first errno, ``"every-errno"``: all calls with each errno; a list of
+    modes and ``[function, k, errno]`` points: all of them."""
     if not isinstance(mode, str):
-        return [tuple(p) for p in mode]
+        return list(dict.fromkeys(p for m in mode for p in (select(counts, m) if isinstance(m, str) else [tuple(m)])))
     points = []
     for name, n in sorted(counts.items()):
         ks = {"first": [1], "last": [n], "sample": sorted({1, (n + 1) // 2, n})}.get(mode, range(1, n + 1))

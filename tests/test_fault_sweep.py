@@ -9,6 +9,7 @@ Each test prints how many (function, call) points it covered.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -132,9 +133,10 @@ def judge(scenario: str, result: dict) -> None:
         pytest.skip("; ".join(f"{d}: {len(p)} point(s), e.g. {p[:3]}" for d, p in skipped.items()))
 
 
-# the default sample: the first, middle and last call of each function; every call of a writeback
-DEFAULT = {"fake-quant": "sample", "compressed-tensors": "sample", "overwrite": "sample", "verify": "sample",
-           "writeback": "all"}
+# the default sample: the first, middle and last call of each function; every call of a writeback; points that
+# found defects (verify: the close of a checkpoint file compared with a source file's bytes)
+DEFAULT = {"fake-quant": "sample", "compressed-tensors": "sample", "overwrite": "sample",
+           "verify": ["sample", ["close@_same_bytes", 1, errno.EIO], ["close@_same_bytes", 2, errno.EIO]], "writeback": "all"}
 
 
 @pytest.fixture(scope="module")

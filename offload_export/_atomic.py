@@ -332,6 +332,7 @@ def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
             pass
     elif out_dir.exists() or out_dir.is_symlink():
         raise FileExistsError(f"{out_dir} appeared as a file or symlink while exporting; nothing was written")
+    swapped = False
     if not _move_noreplace(tmp, out_dir):
         if not overwrite:
             raise FileExistsError(f"{out_dir} appeared while exporting (another export into the same "
@@ -340,7 +341,15 @@ def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
             raise FileExistsError(f"{out_dir} appeared as a file or symlink while exporting; nothing was written")
         check_replaceable(out_dir, out_dir)  # again: what was put there while exporting must not be lost
         _swap(tmp, out_dir)  # tmp now holds the previous checkpoint
-    _fsync(out_dir.parent)
+        swapped = True
+    try:
+        _fsync(out_dir.parent)
+    except BaseException:  # the rename may not be durable: a failed export leaves the destination as it was
+        if swapped:
+            _swap(tmp, out_dir)
+        else:
+            os.rename(out_dir, tmp)
+        raise
 
 
 def _temp_name(out_dir: Path) -> str:

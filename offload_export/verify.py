@@ -19,6 +19,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -307,10 +308,12 @@ def _same_bytes(expected: torch.Tensor | FileSpan, path: Path, offset: int, nbyt
     """
     span = expected if isinstance(expected, FileSpan) else None
     flat = None if span is not None else expected.reshape(-1).view(torch.uint8)
-    fd = open_regular(str(path))
-    src = -1
-    try:
+    with ExitStack() as stack:  # each descriptor closed whatever fails, the other's open or close included
+        fd = open_regular(str(path))
+        stack.callback(os.close, fd)
         src = open_regular(span.path) if span is not None else -1
+        if src >= 0:
+            stack.callback(os.close, src)
         for pos in range(0, nbytes, _CHUNK):
             n = min(_CHUNK, nbytes - pos)
             want, got = bufs.views(n)
@@ -320,10 +323,6 @@ def _same_bytes(expected: torch.Tensor | FileSpan, path: Path, offset: int, nbyt
             if not _equal_bytes(want if span is not None else flat[pos:pos + n], got):
                 return False
         return True
-    finally:
-        os.close(fd)
-        if src >= 0:
-            os.close(src)
 
 
 def _compare(name: str, expected: torch.Tensor | FileSpan, entry: _Entry, out_dir: Path, problems: list[str],

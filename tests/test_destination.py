@@ -174,7 +174,7 @@ def test_inside_materialized_the_offload_folder_is_still_refused(dat_model, wher
     expected = model(x)
     before = tree_hash(work)
     with oe.materialized(model):
-        assert oe.layout(model).source_paths() == [str(offload)]
+        assert str(offload) in oe.layout(model).source_paths()  # (with other models' compressed-tensors caches)
         with pytest.raises(ValueError, match=f"{offload}, which the model reads its offloaded weights from"):
             oe.save_clean(model, offload if where == "offload folder" else work, overwrite=True)
     assert tree_hash(work) == before and torch.equal(model(x), expected)
@@ -184,7 +184,7 @@ def test_inside_materialized_the_source_checkpoint_of_from_pretrained_is_still_r
     model, art = pretrained_model
     before = tree_hash(art.workdir)
     with oe.materialized(model):
-        assert oe.layout(model).source_paths() == sorted([str(art.offload_dir), str(art.source_file)])
+        assert {str(art.offload_dir), str(art.source_file)} <= set(oe.layout(model).source_paths())
         with pytest.raises(ValueError, match="which the model reads its offloaded weights from"):
             oe.save_clean(model, art.source_dir, overwrite=True)
     assert tree_hash(art.workdir) == before

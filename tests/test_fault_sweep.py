@@ -26,20 +26,6 @@ HERE = Path(__file__).parent
 START_TIMEOUT = 300  # seconds for a child to import, build its model and count (ModelOpt calibrates)
 POINT_TIMEOUT = 120  # seconds for one injected run: past it the run counts as a hang
 
-# Violations caused by defects being fixed on other branches: (scenario or "*", function or "*", words in the
-# violation) -> the defect. A point whose every violation is listed here is reported as skipped, not failed.
-KNOWN: list[tuple[str, str, str, str]] = [
-    ("*", "pwrite", "quantizer_state.safetensors (deleted)",
-     "known defect: a failed write of quantizer_state.safetensors leaks its descriptor (fix on another branch)"),
-    ("large", "*", "(hang)",
-     "known defect: a failed shard write hangs save_clean when the failing unit holds most of the read-ahead "
-     "budget (pipeline.py releases it by weakref.finalize; fix on another branch)"),
-    ("writeback", "*", "half-written",
-     "known defect: a .dat writeback that fails part way leaves the file half new (materialize/_store write_store "
-     "is not atomic; fix on another branch)"),
-]
-
-
 def _reader(stream, out: queue.Queue) -> None:
     for line in stream:
         if line.startswith("{"):
@@ -107,30 +93,15 @@ def run_sweep(work: Path, scenarios: dict, point_timeout: float = POINT_TIMEOUT)
     return results
 
 
-def known_defect(scenario: str, point: tuple, violation: str) -> str | None:
-    for scn, fn, words, defect in KNOWN:
-        if scn in ("*", scenario) and fn in ("*", point[0]) and words in violation:
-            return defect
-    return None
-
-
 def judge(scenario: str, result: dict) -> None:
-    """Fail on any violation that is not a known defect; skip (naming the defects) when only known ones remain."""
+    """Fail on any violation, listing the first ten with the exception raised and its traceback."""
     points = result["points"]
     covered = sorted({(p[0], p[1]) for p in points})
     print(f"\nfault sweep {scenario}: {len(points)} injections at {len(covered)} (function, call) points "
           f"in {result['seconds']:.1f} s; calls per function: {result['counts']}")
-    failures, skipped = [], {}
-    for point, res in sorted(points.items()):
-        for v in res["violations"]:
-            defect = known_defect(scenario, point, v)
-            if defect is None:
-                failures.append(f"{point}: {v}\n{res.get('raised')}\n{res.get('trace', '')[-1500:]}")
-            else:
-                skipped.setdefault(defect, []).append(point)
+    failures = [f"{point}: {v}\n{res.get('raised')}\n{res.get('trace', '')[-1500:]}"
+                for point, res in sorted(points.items()) for v in res["violations"]]
     assert not failures, f"{len(failures)} violation(s):\n" + "\n".join(failures[:10])
-    if skipped:
-        pytest.skip("; ".join(f"{d}: {len(p)} point(s), e.g. {p[:3]}" for d, p in skipped.items()))
 
 
 # the default sample: the first, middle and last call of each function; every call of a writeback; points that

@@ -129,7 +129,9 @@ class CompressedTensorsAdapter(QuantizerAdapter):
     def state(self, q: Quantizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The role's qparams keyed without the role prefix (``scale``, ``zero_point``, ``k_scale`` ...).
 
-        Offloaded (meta) qparams are read from their accelerate store.
+        Offloaded (meta) qparams are read from their accelerate store when a hook on the owner holds it; one held
+        by a hook above the owner (``place_submodules``) stays meta, for the caller to read through
+        :func:`offload_export.layout`.
         """
         tensors = {}
         refs = None
@@ -163,11 +165,7 @@ def _state_attrs(owner: nn.Module, role: str) -> list[str]:
 
 def _read_offloaded(q: Quantizer, attr: str, value: torch.Tensor, refs: dict) -> torch.Tensor:
     ref = refs.get((id(q.owner), attr))
-    if ref is None:
-        raise RuntimeError(
-            f"{q.owner_name}.{attr} is on the meta device and no accelerate hook on {q.owner_name} supplies it;\n"
-            f"  read the quantizer state inside offload_export.materialized(<the module whose hook owns it>)")
-    return read_store(ref.store, value.dtype, tuple(value.shape))
+    return value if ref is None else read_store(ref.store, value.dtype, tuple(value.shape))
 
 
 register_adapter(CompressedTensorsAdapter())

@@ -37,7 +37,10 @@ def quantizer_state(source: Source) -> tuple[StateDict, dict]:
         state, config = q.adapter.state(q)
         for k, t in state.items():
             info = source.lay.get(f"{q.name}.{k}")
-            if t.device.type == "meta" and info is not None and info.ref is not None:
+            if t.device.type == "meta":
+                if info is None or info.ref is None:
+                    raise RuntimeError(f"{q.name}.{k} is on the meta device and no accelerate hook supplies it;\n"
+                                       f"  export inside offload_export.materialized(<the module holding it>)")
                 t = read_store(info.ref.store, info.dtype, info.shape)
             tensors[f"{q.name}.{k}"] = t.detach().to("cpu").contiguous()
         config["folded"] = q.role == "weight" and f"{q.owner_name}.{q.target}" in source.folds

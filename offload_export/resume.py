@@ -6,8 +6,8 @@ plan's fingerprint (:mod:`offload_export.fingerprint`), then one record per weig
 fsync-ed and checksummed (``{"file", "size", "crc32"}``: the CRC-32 of its bytes, read back from the page
 cache by a background thread), each record fsync-ed. A CRC is what the journal needs: it guards a staging
 directory this package owns against torn, truncated or accidentally damaged shards, not against an
-adversary (the plan itself is identified by sha256 digests). The digest of the tensors the model holds in memory follows as soon as a
-background thread has computed it; records count only once it is there.
+adversary (the plan itself is identified by sha256 digests). The digest of the tensors the model holds in
+memory follows as soon as a background thread has computed it; records count only once it is there.
 
 ``save_clean(..., resume=True)`` hands :class:`Resumer` to the staging directory's creation: among the
 staging directories an earlier export into the same destination left behind (owner dead, or not judgeable

@@ -8,10 +8,10 @@ measurement is a child process that loads it with ``device_map={"": "disk"}`` (w
 checkpoint), fake-quantizes every Linear with the built-in int8 scheme and times ``save_clean`` alone:
 
 * ``fresh``: a plain export (journal and digests included: what every export does);
-* ``no-journal``: the same with the journal's shard hashing and the in-memory digest switched off, so that
+* ``no-journal``: the same with the journal's shard CRC-32s and the in-memory digest switched off, so that
   ``fresh - no-journal`` is the journal's cost;
 * ``resume-90``: first a child is SIGKILL-ed once 90 % of the shards are complete and recorded; then a
-  child times ``save_clean(..., resume=True)``, which verifies the kept shards (re-hashing them) and writes
+  child times ``save_clean(..., resume=True)``, which verifies the kept shards (their CRC-32 again) and writes
   the rest. The result is checked byte for byte against the fresh export.
 
 Methods are interleaved by repeat. Results: a table on stdout and JSON in

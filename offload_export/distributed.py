@@ -57,9 +57,7 @@ from .checkpoint import write_metadata, write_weights
 from .export import DEFAULT_TIMEOUT, ExportReport, register_group_export
 from .fingerprint import fingerprint, plan_facts
 from .job import Job, prepare_job
-from ._store import read_store
 from .plan import ExportPlan, select_shards
-from .quantizers import json_safe
 from .resume import Resumer, combined_fingerprint, remove_journals, resume_session
 
 __all__ = ["assign_shards", "save_clean_distributed"]
@@ -173,34 +171,18 @@ def _fingerprint(job: Job) -> str:
     return hashlib.sha256(json.dumps([shards, sorted(job.folds)]).encode()).hexdigest()
 
 
-def _quantizer_digests(job: Job) -> dict[str, list]:
-    """``quantizer name -> [its configuration (JSON), a digest of its state, or None]``; None where this rank
-    holds part of the state on the meta device without a hook (another rank compares it)."""
-    out = {}
-    for q in job.quantizers:
-        state, config = q.adapter.state(q)
-        digest = hashlib.sha256()
-        for key in sorted(state):
-            t, info = state[key], job.lay.get(f"{q.name}.{key}")
-            if t.device.type == "meta":
-                if info is None or info.ref is None:
-                    digest = None
-                    break
-                t = read_store(info.ref.store, info.dtype, info.shape)
-            t = t.detach().to("cpu").contiguous().reshape(-1)
-            digest.update(json.dumps([key, str(t.dtype), list(state[key].shape)]).encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes())
-        out[q.name] = [json.dumps(json_safe(config), sort_keys=True), digest and digest.hexdigest()]
-    return out
-
-
-def _survey(job: Job) -> str:
-    """This rank's plan fingerprint, its quantizers' configurations and state digests, and, per shard (then the
-    quantizer state), whether it can read it."""
+def _survey(job: Job, facts: dict) -> dict:
+    """This rank's plan fingerprint, its quantizers' configurations and state digests (from ``facts``, its
+    :func:`~offload_export.fingerprint.plan_facts`: ``name -> [configuration JSON, state digest or None]``),
+    per shard (then the quantizer state) whether it can read it, and its resume fingerprint."""
     needs = _needs(job)
     readable = ["0" if _missing(job, {k for t in s.tensors for k in needs[t.name]}) else "1" for s in job.plan.shards]
     readable.append("0" if _missing(job, {k for q in job.quantizers for k in q.state_keys}) else "1")
-    return json.dumps({"plan": _fingerprint(job), "quantizers": _quantizer_digests(job), "readable": "".join(readable)})
+    digests = {q["name"]: q for q in facts["quantizers"]}
+    quantizers = {q.name: [json.dumps(digests[q.name]["config"], sort_keys=True), digests[q.name]["state"]]
+                  for q in job.quantizers}  # in module order: a difference is reported at its first quantizer
+    return {"plan": _fingerprint(job), "quantizers": quantizers, "readable": "".join(readable),
+            "resume": fingerprint(facts)}
 
 
 def _check_quantizers(surveys: list[dict]) -> None:
@@ -307,7 +289,7 @@ def _export(model: nn.Module, out_dir, options: dict, tokenizer, progress: bool,
         nonlocal job, facts
         job = prepare_job(model, out_dir, allow_missing=True, **options)
         facts = plan_facts(job)
-        return json.dumps({**json.loads(_survey(job)), "resume": fingerprint(facts)})
+        return json.dumps(_survey(job, facts))
 
     surveys = [json.loads(s) for s in _exchange(ctl, prepare)]
     owner = _assign(job, surveys, rank)

@@ -147,7 +147,7 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "f
         resume: continue an earlier export into ``out_dir`` that was killed or interrupted: when its staging
             directory is left, its process is gone and it was made for the same plan (same tensors, shards,
             format, quantizer configuration and state, same files read, same tensors in memory), keep every
-            shard whose recorded size and sha256 still match and write only the rest; otherwise export afresh
+            shard whose recorded size and CRC-32 still match and write only the rest; otherwise export afresh
             (``notes`` say why). Also keeps the staging directory on ``KeyboardInterrupt``. A staging
             directory of another machine or PID namespace is continued only with ``resume=True``.
 

@@ -59,20 +59,26 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def quantizer_digests(quantizers: Iterable[Quantizer], lay: Layout) -> list[dict]:
-    """Each quantizer's name, role, JSON configuration and the sha256 of its state tensors, in name order.
+    """Each quantizer's name, role, target, JSON configuration and the sha256 of its state tensors, in name order.
 
     The configuration and tensors are those of the adapter's ``state()`` (what a format writes of it); state on
-    the meta device is read from its offload store (``lay``), or digested by shape where none holds it.
+    the meta device is read from its offload store (``lay``). ``state`` is None where some of it is on the meta
+    device without one (a rank of a distributed export that does not hold it: another rank compares it).
     """
     out = []
     for q in sorted(quantizers, key=lambda q: q.name):
         tensors, config = q.adapter.state(q)
+        readable = True
         for key, t in tensors.items():
+            if t.device.type != "meta":
+                continue
             info = lay.get(f"{q.name}.{key}")
-            if t.device.type == "meta" and info is not None and info.ref is not None:
-                tensors[key] = read_store(info.ref.store, info.dtype, info.shape)
+            if info is None or info.ref is None:
+                readable = False
+                break
+            tensors[key] = read_store(info.ref.store, info.dtype, info.shape)
         out.append({"name": q.name, "role": q.role, "target": q.target, "config": json_safe(config),
-                    "state": tensor_digest(tensors)})
+                    "state": tensor_digest(tensors) if readable else None})
     return out
 
 

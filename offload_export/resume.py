@@ -3,14 +3,16 @@
 Every export keeps a journal in its staging directory (``.offload-export-journal.<rank>.<nonce>.jsonl``, one
 per writing process, held under an exclusive ``flock`` while the process lives): first a header with the
 plan's fingerprint (:mod:`offload_export.fingerprint`), then one record per weight shard that was completed,
-fsync-ed and hashed (file name, size, sha256 of its bytes, read back from the page cache by a background
-thread), each record fsync-ed. The digest of the tensors the model holds in memory follows as soon as a
-background thread has computed it; records count only once it is there.
+fsync-ed and checksummed (``{"file", "size", "crc32"}``: the CRC-32 of its bytes, read back from the page
+cache by a background thread), each record fsync-ed. A CRC is what the journal needs: it guards a staging
+directory this package owns against torn, truncated or accidentally damaged shards, not against an
+adversary (the plan itself is identified by sha256 digests). The digest of the tensors the model holds in
+memory follows as soon as a background thread has computed it; records count only once it is there.
 
 ``save_clean(..., resume=True)`` hands :class:`Resumer` to the staging directory's creation: among the
 staging directories an earlier export into the same destination left behind (owner dead, or not judgeable
 from here), the one made for the same fingerprint with the most recorded bytes is renamed to this export's
-own staging name. :func:`resume_session` then keeps every planned shard whose size and sha256 still match a
+own staging name. :func:`resume_session` then keeps every planned shard whose size and CRC-32 still match a
 record of a journal with the same fingerprint and the same in-memory digest, removes everything else, and
 returns the plan of what is left to write. Journals are removed right before the commit, so the checkpoint
 holds none.
@@ -25,6 +27,7 @@ import os
 import shutil
 import threading
 import uuid
+import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -63,14 +66,15 @@ def combined_fingerprint(fingerprints: Sequence[str]) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, read in 8 MiB pieces (hashing releases the GIL: several run in parallel)."""
-    h = hashlib.sha256()
+    """CRC-32 of a file's bytes as 8 hex digits, read in 8 MiB pieces into one buffer (``zlib.crc32`` releases
+    the GIL: several run in parallel)."""
+    crc = 0
     buf = bytearray(_READ)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
+            crc = zlib.crc32(view[:n], crc)
+    return f"{crc:08x}"
 
 
 def _append(fd: int, data: bytes) -> None:
@@ -135,8 +139,8 @@ def _read_journal(path: Path) -> _Journal | None:
             journal = _Journal(path, record, record.get("memory"))
         elif "memory" in record:
             journal.memory = record["memory"]
-        elif "file" in record:
-            journal.shards.setdefault(record["file"], []).append((int(record["size"]), str(record["sha256"])))
+        elif "file" in record and "crc32" in record:  # records of another digest (an older version) are ignored
+            journal.shards.setdefault(record["file"], []).append((int(record["size"]), str(record["crc32"])))
     return journal
 
 
@@ -243,7 +247,7 @@ class ResumeSession:
                 _append(self._fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
 
     def shard_done(self, path: str) -> None:
-        """A shard was completed and fsync-ed: hash it in the background and append its record."""
+        """A shard was completed and fsync-ed: checksum it in the background and append its record."""
         if self._pool is None or self._stop.is_set():
             return
 
@@ -252,7 +256,7 @@ class ResumeSession:
                 return
             size, digest = os.path.getsize(path), file_digest(path)
             if not self._stop.is_set():
-                self._record({"file": os.path.basename(path), "size": size, "sha256": digest})
+                self._record({"file": os.path.basename(path), "size": size, "crc32": digest})
 
         self._pool.submit(hash_and_record)
 
@@ -301,7 +305,7 @@ def _shard_sizes(plan: ExportPlan) -> dict[str, int]:
 
 
 def _verified(tmp: Path, plan: ExportPlan, journals: list[_Journal], threads: int) -> dict[str, int]:
-    """The planned shards whose size and sha256 match a record of ``journals``: ``name -> size``."""
+    """The planned shards whose size and CRC-32 match a record of ``journals``: ``name -> size``."""
     sizes = _shard_sizes(plan)
     recorded: dict[str, set[str]] = {}
     for j in journals:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+import zlib
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -155,6 +156,24 @@ def test_torn_and_corrupted_shards_are_written_again(work, monkeypatch):
     (staged / "stray.txt").write_text("left by the earlier export")
     report = oe.save_clean(model, work / "out", max_shard_size=SHARD, resume=True)
     assert report.reused_shards == len(recorded) - 2
+    assert _files(work / "out") == _files(work / "ref")
+
+
+def test_journal_records_each_shard_by_size_and_crc32_and_ignores_records_of_another_digest(work, monkeypatch):
+    model = _tiny_model(offload_dir=work / "offload")
+    oe.save_clean(model, work / "ref", max_shard_size=SHARD)
+    staged = _interrupted(monkeypatch, model, work / "out")
+    (journal,) = [p for p in staged.iterdir() if resume_mod.is_journal(p.name)]
+    lines = journal.read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if "file" in r]
+    assert records
+    for r in records:
+        data = (staged / r["file"]).read_bytes()
+        assert r == {"file": r["file"], "size": len(data), "crc32": f"{zlib.crc32(data):08x}"}
+    # an earlier version's records (another digest) never vouch for a shard: every shard is written again
+    journal.write_text("".join(line.replace('"crc32":', '"sha256":') + "\n" for line in lines))
+    report = oe.save_clean(model, work / "out", max_shard_size=SHARD, resume=True)
+    assert report.reused_shards == 0 and report.written_shards == report.shards
     assert _files(work / "out") == _files(work / "ref")
 
 

@@ -27,6 +27,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -150,17 +151,21 @@ def main() -> None:
             print(f"{method:>10} #{rep}: {row['seconds']:.2f} s  reused {row['reused']}/{row['shards']} "
                   f"identical={row['identical']} load={load:.1f}", file=sys.stderr)
     best = {m: min(r["seconds"] for r in rs) for m, rs in rows.items()}
+    median = {m: statistics.median(r["seconds"] for r in rs) for m, rs in rows.items()}
+    loads = [r["load"] for rs in rows.values() for r in rs]
     print(f"model: {model_bytes / 1e6:.0f} MB bf16, {rows['fresh'][0]['shards']} shards of <= {opts.shard_mb} MB, "
-          f"int8 folded; best of {opts.repeats}")
-    print(f"{'method':>12} {'best s':>8} {'all s':>20} {'vs fresh':>9} {'kept':>6} {'written MB':>11}")
+          f"int8 folded; {opts.repeats} repeats; load average (1 min) {min(loads):.1f}-{max(loads):.1f}")
+    print(f"{'method':>12} {'best s':>8} {'median s':>9} {'all s':>30} {'best/fresh':>10} {'med/fresh':>9} "
+          f"{'kept':>5} {'written MB':>11}")
     for m, rs in rows.items():
         times = " ".join(f"{r['seconds']:.2f}" for r in rs)
-        print(f"{m:>12} {best[m]:8.2f} {times:>20} "
-              f"{best[m] / best['fresh']:9.0%} {rs[0]['reused']:6d} {rs[0]['written_bytes'] / 1e6:11.1f}")
-    print(f"journal cost (fresh - no-journal): {best['fresh'] - best['no-journal']:+.2f} s "
-          f"({(best['fresh'] - best['no-journal']) / best['no-journal']:+.1%})")
+        print(f"{m:>12} {best[m]:8.2f} {median[m]:9.2f} {times:>30} {best[m] / best['fresh']:10.0%} "
+              f"{median[m] / median['fresh']:9.0%} {rs[0]['reused']:5d} {rs[0]['written_bytes'] / 1e6:11.1f}")
+    for name, of in (("best", best), ("median", median)):
+        print(f"journal cost ({name}, fresh - no-journal): {of['fresh'] - of['no-journal']:+.2f} s "
+              f"({(of['fresh'] - of['no-journal']) / of['no-journal']:+.1%})")
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "model_bytes": model_bytes,
-              "shard_mb": opts.shard_mb, "done": opts.done, "rows": rows, "best": best}
+              "shard_mb": opts.shard_mb, "done": opts.done, "rows": rows, "best": best, "median": median}
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(result, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)

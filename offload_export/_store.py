@@ -195,7 +195,13 @@ def read_safetensors_header(path: str) -> SafetensorsHeader:
         OSError: the file cannot be read.
     """
     size = os.stat(path).st_size
-    with os.fdopen(open_regular(path), "rb") as f:
+    fd = open_regular(path)
+    try:
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
         prefix = f.read(8)
         if len(prefix) < 8:
             raise CorruptHeader(path, f"file is {size} bytes, too short for a safetensors header")

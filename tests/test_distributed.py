@@ -232,7 +232,8 @@ def _reference(work: Path, scenario: str = "whole") -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("world, scenario", [(2, "partial"), (3, "whole"), (2, "compressed-tensors"),
-                                             (2, "modelopt"), (2, "modelopt-moe")])
+                                             (2, "modelopt"),
+                                             pytest.param(2, "modelopt-moe", marks=pytest.mark.slow)])
 def test_ranks_write_the_single_process_checkpoint_byte_for_byte(world, scenario):
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

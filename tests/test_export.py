@@ -97,6 +97,7 @@ non_reloading_specs = st.sampled_from(MODEL_KINDS).flatmap(
         lambda s: s.method not in ("from_pretrained", "place_submodules"))))
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(non_reloading_specs, shard_sizes)
 def test_modelopt_int8_export_matches_modelopt_resident_export_on_every_layout(kind_spec, shard_size):

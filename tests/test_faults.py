@@ -280,7 +280,7 @@ def child_disk_full(args: dict) -> None:
             "sources_same": tree_hash(work) == sources}), flush=True)
 
 
-@pytest.fixture(scope="module", params=["fake-quant", "compressed-tensors"])
+@pytest.fixture(scope="module", params=["fake-quant", pytest.param("compressed-tensors", marks=pytest.mark.slow)])
 def disk_full_results(tmp_path_factory, request):
     work = tmp_path_factory.mktemp("disk_full")
     args = {"spec": "source", "work": str(work), "sweep": False, "format": request.param}

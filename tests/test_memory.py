@@ -31,6 +31,7 @@ def test_a_dominant_tensor_folded_and_cast_is_held_at_most_twice(tmp_path, cast)
     assert result["peak_extra"] <= 2 * result["largest"] + 64 * 2**20, result
 
 
+@pytest.mark.slow
 def test_tensors_copied_file_to_file_do_not_size_the_read_ahead(tmp_path):
     """Read-ahead is sized by what a unit holds in memory: the untied 188 MiB embedding and lm_head pass
     through file to file (not read), so an int8 export of 1-5.5 MiB Linears peaks far below one of them

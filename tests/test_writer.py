@@ -200,6 +200,7 @@ def _run_child(mode: str, tmp_path: Path) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_1500_shards_export_under_ulimit_200(tmp_path):
     result = _run_child("ok", tmp_path)
     assert result == {"shards": 1500, "fds_left": 0}, result

@@ -592,6 +592,8 @@ def _check_ties(job: Job, problems: list[str]) -> None:
     for key, info in job.lay.items():
         if info.kind != "tied" or info.tied_to not in job.lay:
             continue
+        if _same_home(info, job.lay[info.tied_to]):
+            continue  # one stored value (one file entry, one CPU tensor): equal without reading it
         a, b = _model_value(info), _model_value(job.lay[info.tied_to])
         if a is None or b is None:
             continue
@@ -599,6 +601,16 @@ def _check_ties(job: Job, problems: list[str]) -> None:
                 a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))):
             problems.append(f"{key}: tied to {info.tied_to} (written once), but the model holds another value for it; "
                             f"the checkpoint cannot reload this model")
+
+
+def _same_home(a, b) -> bool:
+    """Whether two layout entries are held by one stored value: the same file entry, or the same tensor."""
+    if a.ref is not None and b.ref is not None:
+        sa, sb = a.ref.store, b.ref.store
+        if sa.kind in ("disk", "safetensors"):
+            return (sa.kind, sa.path, sa.file_key) == (sb.kind, sb.path, sb.file_key)
+        return sa.dataset is sb.dataset and sa.key == sb.key
+    return a.ref is None and b.ref is None and isinstance(a.tensor, torch.Tensor) and a.tensor is b.tensor
 
 
 def _model_value(info) -> torch.Tensor | None:

@@ -65,14 +65,16 @@ def combined_fingerprint(fingerprints: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(distinct).encode()).hexdigest()
 
 
-def file_digest(path: str | os.PathLike) -> str:
+def file_digest(path: str | os.PathLike, stop: threading.Event | None = None) -> str | None:
     """CRC-32 of a file's bytes as 8 hex digits, read in 8 MiB pieces into one buffer (``zlib.crc32`` releases
-    the GIL: several run in parallel)."""
+    the GIL: several run in parallel); None once ``stop`` is set."""
     crc = 0
     buf = bytearray(_READ)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
+            if stop is not None and stop.is_set():
+                return None
             crc = zlib.crc32(view[:n], crc)
     return f"{crc:08x}"
 
@@ -254,8 +256,8 @@ class ResumeSession:
         def hash_and_record() -> None:
             if self._stop.is_set():
                 return
-            size, digest = os.path.getsize(path), file_digest(path)
-            if not self._stop.is_set():
+            size, digest = os.path.getsize(path), file_digest(path, self._stop)
+            if digest is not None and not self._stop.is_set():
                 self._record({"file": os.path.basename(path), "size": size, "crc32": digest})
 
         self._pool.submit(hash_and_record)

@@ -226,8 +226,8 @@ def _check_source(src: Path) -> None:
                          f"load this one in Python and call offload_export.save_clean(model, OUT)")
     if "auto_map" in config and config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(f"{src}: its model needs its own code (auto_map in config.json), which the command line "
-                         f"never runs; if you trust it, load it in Python with trust_remote_code=True and call "
-                         f"offload_export.save_clean(model, OUT)")
+                         f"never runs; if you trust it, load it in Python with transformers' trust_remote_code "
+                         f"option and call offload_export.save_clean(model, OUT)")
 
 
 def _check_loading(src: Path, info: dict) -> None:

@@ -495,7 +495,7 @@ def _check_vllm_state(job: Job, out_dir: Path, ref: Path, problems: list[str]) -
     want = torch.load(ref / VLLM_FQ_STATE_NAME, weights_only=True)
     try:
         got = torch.load(got_path, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - whatever the unpickler refuses is a mismatch, not a crash
+    except Exception as e:  # noqa: BLE001 - whatever torch.load refuses is a mismatch, not a crash
         problems.append(f"{VLLM_FQ_STATE_NAME}: does not load with torch.load(weights_only=True) "
                         f"({type(e).__name__}: {e})")
         return

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_atomic import disk_offloaded, leftovers, linear, tree_hash
+from test_atomic import dat_model, leftovers, linear, pretrained_model, tree_hash  # noqa: F401 (fixtures)
 from torch import nn
 
 import offload_export as oe
@@ -146,25 +146,6 @@ def test_a_file_put_into_the_destination_while_exporting_is_never_replaced(tmp_p
 
 
 # ----------------------------------------------------------------------- 2: the model's own files, everywhere
-
-
-@pytest.fixture(scope="module")
-def dat_model(tmp_path_factory):
-    work = tmp_path_factory.mktemp("dat")
-    model, offload = disk_offloaded(work)
-    return model, work, offload
-
-
-@pytest.fixture(scope="module")
-def pretrained_model(tmp_path_factory):
-    """from_pretrained(device_map=..., offload_folder=...): disk entries read from the source checkpoint."""
-    import layouts as lt
-
-    spec = lt.LayoutSpec("from_pretrained", (("model.embed_tokens", "disk"), ("model.layers.0", "resident"),
-                                             ("model.layers.1", "disk"), ("model.norm", "resident"),
-                                             ("lm_head", "disk")))
-    model, art = lt.apply_layout_with_artifacts(lt.make_model("llama_untied"), spec, tmp_path_factory.mktemp("fp"))
-    return model, art
 
 
 @pytest.mark.parametrize("where", ["offload folder", "its parent"])

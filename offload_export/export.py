@@ -179,9 +179,10 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "f
     job = prepare_job(model, out_dir, **options)
     notes: list[str] = []
     facts = plan_facts(job)
-    adopt = Resumer(fingerprint(facts), facts, notes) if resume else None
+    plan_id = fingerprint(facts)
+    adopt = Resumer(plan_id, facts, notes) if resume else None
     with _atomic.staging(job.out_dir, overwrite=overwrite, notes=notes, adopt=adopt, keep_on_interrupt=resume) as tmp:
-        with resume_session(job, tmp, job.plan, fingerprint=fingerprint(facts), facts=facts, resume=resume,
+        with resume_session(job, tmp, job.plan, fingerprint=plan_id, facts=facts, resume=resume,
                             notes=notes) as session:  # its journal is gone once the block ends
             files = write_weights(job.reader(), session.plan, tmp, progress, on_shard=session.shard_done)
             files += write_metadata(job, tmp, tokenizer=tokenizer, notes=notes)

@@ -190,11 +190,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_ranks(world: int, work: Path, scenario: str) -> list:
+def _start_ranks(world: int, work: Path, scenario, target=None) -> list:
+    """``world`` processes running ``target(rank, world, port, work, scenario)`` (by default this module's ranks)."""
     ctx = mp.get_context("forkserver")  # a clean process per rank, without importing torch and transformers each time
     ctx.set_forkserver_preload(_PRELOAD)  # (python 3.11's forkserver ignores sys.path: this test module can't be preloaded)
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(work), scenario)) for r in range(world)]
+    procs = [ctx.Process(target=target or _rank_main, args=(r, world, port, str(work), scenario)) for r in range(world)]
     for p in procs:
         p.start()
     return procs
@@ -213,8 +214,8 @@ def _join_ranks(procs: list, work: Path) -> list[dict]:
             for r, p in enumerate(procs)]
 
 
-def _run_ranks(world: int, work: Path, scenario: str) -> list[dict]:
-    return _join_ranks(_start_ranks(world, work, scenario), work)
+def _run_ranks(world: int, work: Path, scenario, target=None) -> list[dict]:
+    return _join_ranks(_start_ranks(world, work, scenario, target), work)
 
 
 def _files(path: Path) -> dict[str, bytes]:

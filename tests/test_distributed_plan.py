@@ -4,7 +4,6 @@ anything is written: the cross-rank plan check covers each quantizer's configura
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import tempfile
 import traceback
 from datetime import timedelta
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import _PRELOAD, JOIN_TIMEOUT, SHARD, _free_port, _tiny_model
+from test_distributed import JOIN_TIMEOUT, SHARD, _run_ranks, _tiny_model
 
 import offload_export as oe
 from offload_export.adapters.builtin import quantize_weights
@@ -51,21 +50,9 @@ def _rank_main(rank: int, world: int, port: int, work: str, scenario: str) -> No
     ("calibration", "model.layers.2.mlp.down_proj.weight_quantizer's state"),
 ])
 def test_ranks_that_quantized_differently_are_refused_on_every_rank(scenario, message):
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
-    port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        procs = [ctx.Process(target=_rank_main, args=(r, 2, port, tmp, scenario)) for r in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(JOIN_TIMEOUT)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        results = [json.loads((work / f"result-{r}.json").read_text()) for r in range(2)]
+        results = _run_ranks(2, work, scenario, _rank_main)
         assert not any(r["ok"] for r in results), results
         assert all("the ranks quantized differently" in r["error"] and message in r["error"] for r in results), \
             [r.get("error") for r in results]

@@ -8,7 +8,6 @@ journal append, and a child that resumes; every resumed checkpoint must equal th
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -30,7 +29,7 @@ from offload_export.fingerprint import fingerprint, plan_facts
 from offload_export.job import prepare_job
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_distributed import _PRELOAD, JOIN_TIMEOUT, SHARD, _files, _free_port, _tiny_model  # noqa: E402
+from test_distributed import JOIN_TIMEOUT, SHARD, _files, _run_ranks, _tiny_model  # noqa: E402
 
 KINDS = ("write", "finish", "journal", "recorded")  # kill inside a write / after a shard's fsync / inside and
 # after a journal append
@@ -387,19 +386,7 @@ def _rank_main(rank: int, world: int, port: int, work: str, resume: bool) -> Non
 
 
 def _ranks(work: Path, resume: bool) -> list[dict]:
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, str(work), resume)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(JOIN_TIMEOUT)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    return [json.loads((work / f"result-{r}.json").read_text()) for r in range(2)]
+    return _run_ranks(2, work, resume, _rank_main)
 
 
 def test_two_ranks_resume_each_their_own_shards(work):

@@ -259,6 +259,7 @@ class _Run:
 
 _DONE = object()
 
+
 def _fold_lane(reader: UnitReader, unit: Unit) -> Hashable:
     """The device a unit is folded on (the one of its first folded weight), else where its first tensor is."""
     key = next((k for k in unit.sources if k in reader.folds), None)

@@ -255,3 +255,35 @@ def test_shared_input_groups_come_from_a_fake_twin_without_running_the_model(kin
         handle.remove()
     assert (groups, norms) == expected
     assert any(len(g) == 3 for g in groups) and norms  # q/k/v after input_layernorm
+
+
+def test_a_batched_expert_pack_unlike_modelopts_own_falls_back_to_one_expert_at_a_time(monkeypatch, tmp_path):
+    """NVFP4 experts are packed a stack at a time with ModelOpt's functions, after packing one expert both ways:
+    a stacked pack that differs (here a flipped bit in the 3-D packing) is caught there, warned about, and the
+    experts are packed one at a time: the checkpoint still equals ModelOpt's."""
+    from modelopt.torch.export import quant_utils
+
+    model, expected = reference("NVFP4_DEFAULT_CFG", tmp_path)
+    real = quant_utils.to_quantized_weight
+
+    def off_by_one_bit_when_stacked(weight, *args, **kwargs):
+        packed = real(weight, *args, **kwargs)
+        return packed ^ 1 if weight.dim() == 3 else packed
+
+    monkeypatch.setattr(quant_utils, "to_quantized_weight", off_by_one_bit_when_stacked)
+    with pytest.warns(UserWarning, match=r"packing the experts of model\.layers\.0\.mlp\.experts together gives "
+                                         r"model\.layers\.0\.mlp\.experts\.0\.gate_proj\.weight unlike"):
+        oe.save_clean(model, tmp_path / "out", format="modelopt")
+    assert_same_checkpoint(tmp_path / "out", expected)
+
+
+def test_the_export_leaves_each_quantizers_last_seen_input_dtype_as_it_was(tmp_path):
+    """Finding the linears that share an input runs a forward of the model with its quantizers off; a disabled
+    ModelOpt quantizer records the dtype it sees (``_input_dtype``, part of its saved state): restored after."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    model, _ = reference("NVFP4_DEFAULT_CFG", tmp_path)
+    before = {n: m._input_dtype for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+    oe.save_clean(model, tmp_path / "out", format="modelopt")
+    after = {n: m._input_dtype for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+    assert after == before

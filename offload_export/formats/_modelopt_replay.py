@@ -254,12 +254,16 @@ def _traced_groups(model: nn.Module, roles: dict[str, str], device: torch.device
         role = roles.get(name)
         if role is not None:
             handles.append(module.register_forward_hook(on_norm(name) if role == "norm" else on_linear(name)))
+    # a disabled ModelOpt quantizer records the dtype it sees (its _input_dtype, part of its saved state)
+    seen_dtypes = [(m, m.__dict__["_input_dtype"]) for m in model.modules() if "_input_dtype" in m.__dict__]
     try:
         with torch.no_grad(), quantizers_disabled(model, "all"), _disable_use_cache(model):
             model(torch.ones([1, 2], dtype=torch.long, device=device))
     finally:
         for h in handles:
             h.remove()
+        for m, dtype in seen_dtypes:
+            m.__dict__["_input_dtype"] = dtype
     groups, norms = [], {}
     for key, (_, names) in inputs.items():
         if key in outputs:

@@ -37,7 +37,7 @@ from ._store import read_store, write_store
 from .quantizers import find_quantizers
 from .ties import TiedSide, TieFinder
 
-__all__ = ["materialized", "no_other_blocks", "onloaded", "waits_for_blocks"]
+__all__ = ["materialized", "no_other_blocks", "onloaded", "same_bits", "waits_for_blocks"]
 
 _Key = tuple[int, str]  # (id(owner module), attribute name)
 _T = TypeVar("_T")
@@ -93,7 +93,7 @@ def _check_value(name: str, value: object, like: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-for-bit equality (``torch.equal`` calls ``-0.0`` equal to ``0.0`` and a nan unequal to itself)."""
     a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(-1).view(torch.uint8),
@@ -102,7 +102,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _differs(store, value: torch.Tensor) -> bool:
     """Whether ``store`` holds something other than ``value`` (read back and compared bit for bit)."""
-    return not _same_bits(read_store(store, value.dtype, tuple(value.shape)), value)
+    return not same_bits(read_store(store, value.dtype, tuple(value.shape)), value)
 
 
 @dataclass(eq=False)
@@ -469,7 +469,7 @@ def _planned_changes(block: _Block) -> list[_Change]:
         for change in changes:
             for partner in [change, *ties.partners(change)]:
                 other = planned.setdefault(partner.key, partner)
-                if other is not partner and not _same_bits(other.value, partner.value):
+                if other is not partner and not same_bits(other.value, partner.value):
                     raise ValueError(
                         f"materialized(writeback=True): {other.name} and {change.name} are one tied tensor "
                         f"(store entry {partner.store.key!r}) but were changed to different values;\n  nothing was "

@@ -259,15 +259,20 @@ def child_export(args: dict) -> None:
     print(json.dumps({"pid": os.getpid(), "notes": report.notes}), flush=True)
 
 
-def _unshare() -> list[str]:
-    cmd = ["unshare", "-Urpf", "--mount-proc", "--kill-child"]
+def runs_or_skip(cmd: list[str], why: str) -> list[str]:
+    """``cmd`` (a command prefix) when ``cmd true`` succeeds here; else the test is skipped with ``why``."""
     try:
         ok = subprocess.run([*cmd, "true"], capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         ok = False
     if not ok:
-        pytest.skip("unshare -Urpf --mount-proc is not allowed here")
+        pytest.skip(why)
     return cmd
+
+
+def _unshare() -> list[str]:
+    return runs_or_skip(["unshare", "-Urpf", "--mount-proc", "--kill-child"],
+                        "unshare -Urpf --mount-proc is not allowed here")
 
 
 def hold(parent: Path, prefix: list[str]) -> tuple[subprocess.Popen, dict]:

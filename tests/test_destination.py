@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_atomic import dat_model, leftovers, linear, pretrained_model, tree_hash  # noqa: F401 (fixtures)
+from test_atomic import dat_model, leftovers, linear, pretrained_model, runs_or_skip, tree_hash  # noqa: F401 (fixtures)
 from torch import nn
 
 import offload_export as oe
@@ -247,13 +247,7 @@ def _mount_namespace(tmp_path: Path) -> list[str]:
     cmd = ["unshare", "-m" if os.geteuid() == 0 else "-rm", "--propagation", "private", "sh", "-c",
            'mount -t tmpfs tmpfs "$0" && exec "$@"', str(tmp_path / "mnt")]
     (tmp_path / "mnt").mkdir()
-    try:
-        ok = subprocess.run([*cmd, "true"], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        ok = False
-    if not ok:
-        pytest.skip("cannot mount a tmpfs in a private mount namespace here")
-    return cmd
+    return runs_or_skip(cmd, "cannot mount a tmpfs in a private mount namespace here")
 
 
 def test_a_mount_point_is_refused_before_anything_is_written(tmp_path):

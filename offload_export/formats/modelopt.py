@@ -33,6 +33,7 @@ from .._hooks import offloaded_tensors
 from .._buffers import anon_empty, cast
 from .._store import read_store
 from .._transfer import to_device, to_host
+from ..materialize import onloaded, same_bits
 from ..toolkits import require_toolkit
 from ._modelopt_replay import Step, clone_module, group_weight_amax, shared_input_groups
 from .base import Format, Source, StateDict, register_format
@@ -70,8 +71,6 @@ class _Experts:
             the per-expert projections ModelOpt makes of it.
         fmt: ModelOpt's quantization format of the module.
         planned_bytes: bytes of all its outputs, once planned.
-        batched: whether the experts are packed a stack at a time (:meth:`ModelOptPacker._batchable`), once known.
-        alone: with ``batched``, the experts packed one at a time (uncalibrated).
     """
 
     name: str
@@ -79,8 +78,6 @@ class _Experts:
     parts: dict[str, tuple[str, ...]]
     fmt: str | None = None
     planned_bytes: int = 0
-    batched: bool | None = None
-    alone: tuple[int, ...] = ()
 
     @property
     def num_experts(self) -> int:
@@ -130,8 +127,6 @@ class ModelOptPacker:
                  fake_groups: bool = True):
         from modelopt.torch.export.quant_utils import get_quant_config, get_quantization_format
         from modelopt.torch.export.unified_export_hf import _resolve_export_dtype
-
-        from ..materialize import onloaded
 
         quantizers = [q for q in quantizers if q.adapter.name == "modelopt"]
         if not quantizers:
@@ -528,8 +523,9 @@ class ModelOptPacker:
         """Run time: a stack of experts at a time where :meth:`_batchable` (checked against ModelOpt's own export of
         one expert), else one expert at a time. When the sources and all outputs exceed 2 x the larger 3-D weight (8-bit
         formats), each 3-D weight is packed in its own pass and popped from ``values`` once packed."""
-        if self._batchable(x):
-            out = self._pack_experts_batched(x, values, device)
+        alone = self._batchable(x)
+        if alone is not None:
+            out = self._pack_experts_batched(x, values, device, alone)
             if out is not None:
                 return out
         head = f"{x.name}."
@@ -551,73 +547,70 @@ class ModelOptPacker:
         return out
 
     @staticmethod
-    def _batchable(x: _Experts) -> bool:
+    def _batchable(x: _Experts) -> tuple[int, ...] | None:
         """NVFP4 experts whose weight quantizers are dynamic and alike but for their per-tensor amax, without
         ``pre_quant_scale``: what ModelOpt's export computes for each calibrated one is its NVFP4 numerics on the
         expert's slice with the expert's own ``weight_scale_2``, functions that take a stack of experts (its
-        ``to_quantized_weight`` reshapes ``weight_scale_2`` for MoE). Sets ``x.alone``: the experts left
-        uncalibrated (amax missing or zero), whose amax ModelOpt derives from the weight: packed one at a time."""
+        ``to_quantized_weight`` reshapes ``weight_scale_2`` for MoE).
+
+        Returns:
+            None when the experts are not packed a stack at a time; else the experts left uncalibrated (amax
+            missing or zero), whose amax ModelOpt derives from the weight: packed one at a time.
+        """
         from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
         from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
-        if x.batched is not None:
-            return x.batched
-        x.batched = False
         if x.fmt != "nvfp4":
-            return False
+            return None
         alone = set()
         for p in x.parts:
             if getattr(getattr(x.pristine, f"{p}_input_quantizer"), "_pre_quant_scale", None) is not None:
-                return False
+                return None
             for e, q in enumerate(getattr(x.pristine, f"{p}_weight_quantizers")):
                 if (not isinstance(q, TensorQuantizer) or isinstance(q, SequentialQuantizer) or not q.is_enabled
                         or NVFP4QTensor._is_static_quantizer(q)):
-                    return False
+                    return None
                 amax = getattr(q, "_amax", None)
                 if amax is None or not bool(amax.any()):
                     alone.add(e)
                 elif amax.numel() != 1:
-                    return False
+                    return None
         together = [e for e in range(x.num_experts) if e not in alone]
-        if not together:
-            return False
-        # the dtype a quantizer last saw while disabled (set by any forward) is not part of the export
-        first = _expert_signature(x, together[0], ignore=("_input_dtype",))
-        x.batched = all(_expert_signature(x, e, ignore=("_input_dtype",)) == first for e in together[1:])
-        x.alone = tuple(sorted(alone))
-        return x.batched
+        if not together or any(_expert_signature(x, e) != _expert_signature(x, together[0]) for e in together[1:]):
+            return None
+        return tuple(sorted(alone))
 
-    def _pack_experts_batched(self, x: _Experts, values: dict[str, torch.Tensor], device: torch.device
-                              ) -> dict[str, torch.Tensor] | None:
-        """Every expert of a :meth:`_batchable` module, the calibrated ones a stack at a time (as many as fit the row
-        chunk), each 3-D weight popped from ``values`` once packed. The first calibrated expert is first packed both
+    def _pack_experts_batched(self, x: _Experts, values: dict[str, torch.Tensor], device: torch.device,
+                              alone: tuple[int, ...]) -> dict[str, torch.Tensor] | None:
+        """Every expert of a :meth:`_batchable` module, those in ``alone`` one at a time, the others a stack at a time
+        (as many as fit the row chunk), each 3-D weight popped from ``values`` once packed. The first calibrated expert is first packed both
         ways: when its tensors differ from ModelOpt's own export of it, a warning says so and None is returned
         (nothing popped)."""
         head = f"{x.name}."
         inputs = _input_quantizers(x, device)
 
-        def alone(e: int) -> dict[str, torch.Tensor]:
+        def one(e: int) -> dict[str, torch.Tensor]:
             return self._pack_expert(x, e, {p: values[head + p][e:e + 1] for p in x.parts}, device, inputs)
 
-        k = next(e for e in range(x.num_experts) if e not in x.alone)
-        reference = alone(k)
+        k = next(e for e in range(x.num_experts) if e not in alone)
+        reference = one(k)
         stem = f"{head}{k}."
         shared = {n[len(stem):]: v for n, v in reference.items()
                   if n.startswith(stem) and n.endswith(".input_scale")}  # one input quantizer for all experts
-        trial = self._batched_outputs(x, values, device, shared, k, k + 1)
-        differs = sorted(set(reference) ^ set(trial)) or [n for n in reference if not _same_tensor(reference[n], trial[n])]
+        trial = self._batched_outputs(x, values, device, shared, alone, k, k + 1)
+        differs = sorted(set(reference) ^ set(trial)) or [n for n in reference if not same_bits(reference[n], trial[n])]
         if differs:
             warnings.warn(f"{FORMAT}: packing the experts of {x.name} together gives {differs[0]} unlike ModelOpt's "
                           f"export of expert {k}; packing them one at a time (slower) instead", stacklevel=2)
             return None
-        out = {n: t for e in x.alone for n, t in alone(e).items()}
-        out.update(self._batched_outputs(x, values, device, shared, 0, x.num_experts, pop=True))
+        out = {n: t for e in alone for n, t in one(e).items()}
+        out.update(self._batched_outputs(x, values, device, shared, alone, 0, x.num_experts, pop=True))
         return out
 
     def _batched_outputs(self, x: _Experts, values: dict[str, torch.Tensor], device: torch.device,
-                         shared: dict[str, torch.Tensor], start: int, stop: int, *, pop: bool = False
-                         ) -> dict[str, torch.Tensor]:
-        """ModelOpt's per-expert outputs of the calibrated experts in ``start:stop``, computed a stack of experts at
+                         shared: dict[str, torch.Tensor], alone: tuple[int, ...], start: int, stop: int, *,
+                         pop: bool = False) -> dict[str, torch.Tensor]:
+        """ModelOpt's per-expert outputs of the experts in ``start:stop`` but those in ``alone``, computed a stack of experts at
         a time with its NVFP4 functions; ``shared``: the ``<proj>.input_scale`` outputs (the same for every expert).
         With ``pop``, each 3-D weight is popped from ``values`` once packed."""
         from modelopt.torch.export.quant_utils import _postprocess_single_tensor, to_quantized_weight
@@ -632,7 +625,7 @@ class ModelOptPacker:
             # each expert's weight_scale_2 as ModelOpt's get_weight_scaling_factor_2(...).squeeze(), computed where its
             # export computes it (a CUDA division by a Python scalar multiplies by its reciprocal); 1 for those packed alone
             scale_2_here = torch.stack([
-                torch.ones((), dtype=torch.float32, device=device) if e in x.alone else
+                torch.ones((), dtype=torch.float32, device=device) if e in alone else
                 NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer(clone_module(quantizers[e], device=device)).squeeze()
                 for e in range(start, stop)])
             scale_2 = to_host(scale_2_here)
@@ -653,7 +646,7 @@ class ModelOptPacker:
                     scale = to_host(scale)
                     del weight
                     for e in range(e0, e1):
-                        if e in x.alone:
+                        if e in alone:
                             continue
                         made = {"weight": packed[e - e0], "weight_scale": scale[e - e0],
                                 "weight_scale_2": scale_2[e - start]}
@@ -739,13 +732,6 @@ def _export_copy(work: nn.Module, module: str, prefix: str, dtype: torch.dtype) 
     return out
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and bytes (on the CPU)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(a.detach().cpu().reshape(-1).view(torch.uint8), b.detach().cpu().reshape(-1).view(torch.uint8))
-
-
 def _input_quantizers(x: _Experts, device: torch.device) -> dict[str, nn.Module]:
     """Copies of the experts' shared input quantizers, by attribute name."""
     return {f"{p}_input_quantizer": clone_module(getattr(x.pristine, f"{p}_input_quantizer"), device=device)
@@ -768,17 +754,17 @@ def _expert_copy(x: _Experts, e: int, tensors: dict[str, torch.Tensor], device: 
     return work
 
 
-def _expert_signature(x: _Experts, e: int, ignore: tuple[str, ...] = ()) -> tuple:
+def _expert_signature(x: _Experts, e: int) -> tuple:
     """What ModelOpt's outputs for expert ``e`` depend on besides its weights' shapes: its quantizers' properties
-    (but those named in ``ignore``), their buffers' shapes, and which buffers are all zero (an uncalibrated amax,
-    replaced by the weight's)."""
+    (but ``_input_dtype``, the dtype a quantizer last saw while disabled, which its export never reads), their
+    buffers' shapes, and which buffers are all zero (an uncalibrated amax, replaced by the weight's)."""
     quantizers = [getattr(x.pristine, f"{p}_weight_quantizers")[e] for p in x.parts]
     quantizers += [getattr(x.pristine, f"{p}_input_quantizer") for p in x.parts]
     signature = []
     for q in quantizers:
         for leaf in _weight_leaves(q):
             props = leaf.get_modelopt_state(properties_only=True) if hasattr(leaf, "get_modelopt_state") else {}
-            props = {k: v for k, v in props.items() if k not in ignore}
+            props = {k: v for k, v in props.items() if k != "_input_dtype"}
             buffers = tuple((k, tuple(b.shape), b.dtype, not bool(b.any())) for k, b in leaf.named_buffers())
             signature.append((type(leaf).__name__, repr(sorted(props.items())), buffers))
     return tuple(signature)

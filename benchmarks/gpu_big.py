@@ -18,11 +18,14 @@ The floor, measured in the same run on the same filesystem: reading the checkpoi
 ``pwrite``, each step's writeback started at once as our writer does); a case's floor is its disk-held source
 bytes at the read rate plus its output bytes at the write rate (CPU-held tensors count as free).
 
+``--part ct``: ``format="compressed-tensors"`` (presets NVFP4, FP8) of the 4B shape dispatched over GPU 2 GiB +
+CPU 3 GiB + disk beside llm-compressor's save path on the resident twin (:func:`ct_case`), and the floor.
+
 ``--part big``: the 8B shape in the issue's layout (``device_map="auto"``: calibration against the resident twin,
 fake-quant there, calibration inside ``oe.materialized(model, device="cuda")``), then 8B (fake-quant, packed) and
 14B (packed) with disk-held weights (ModelOpt calibration's CPU copies of them dropped: :func:`drop_promoted`).
 
-Usage (GPU machine, modelopt installed): python benchmarks/gpu_big.py --part tables|curve|big --out $OUT
+Usage (GPU machine, modelopt installed; compressed-tensors for ct): python benchmarks/gpu_big.py --part tables|ct|curve|big --out $OUT
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ CURVE = {"0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layer
                      tie_word_embeddings=False)}
 TABLE_MEMORY = {"4b": {0: "2GiB", "cpu": "3GiB"}, "moe": {0: "2GiB", "cpu": "2GiB"}}  # device_map="auto" (the issue's)
 CURVE_MEMORY = (2, 8)
+TABLE_CPU_GPU = (2, 3)  # GiB on GPU 0, then on the CPU, for the compressed-tensors table (an explicit map)
 
 
 class FirstWrite:
@@ -236,6 +240,47 @@ def table_case(src: Path, work: Path, shape: str, cfg_name: str, rates: dict) ->
         row["modelopt_streaming"] = f"raised {type(e).__name__}: {str(e)[:200]}"
     written = row["ours"]["written_GB"]
     row["floor_s"] = floor_s(rates, read, written)
+    model = None  # noqa: F841
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def ct_case(src: Path, work: Path, preset: str, rates: dict) -> dict:
+    """``format="compressed-tensors"`` of the 4B shape beside llm-compressor's save of the resident twin.
+
+    The model is calibrated resident on the GPU (``gpu_compressed_tensors.calibrate``: min/max qparams); the
+    reference is llm-compressor's save path (``ModelCompressor.compress_model`` + ``save_pretrained`` +
+    ``update_config``) on a deep copy; the model is then dispatched over GPU 2 GiB + CPU 3 GiB + disk
+    (:func:`budget_map`, accelerate ``dispatch_model`` with an offload folder) and exported by us."""
+    from accelerate import dispatch_model
+    from compressed_tensors.compressors import ModelCompressor
+    from gpu_compressed_tensors import calibrate
+    from gpu_compressed_tensors import compare as ct_compare
+
+    row: dict = {"shape": "4b", "config": f"compressed-tensors {preset}"}
+    model = AutoModelForCausalLM.from_pretrained(src, device_map={"": 0}, dtype=torch.bfloat16).eval()
+    model.config.architectures = [type(model).__name__]
+    calibrate(model, preset)
+    twin = copy.deepcopy(model)
+
+    def llm_compressor_save():
+        compressor = ModelCompressor.from_pretrained_model(twin)
+        compressor.compress_model(twin)
+        twin.save_pretrained(work / "reference")
+        compressor.update_config(work / "reference")
+        os.sync()  # ours fsyncs its files; the reference is timed to the same point
+
+    row["llm_compressor_resident"] = timed(llm_compressor_save, work / "reference")
+    twin = None  # noqa: F841
+    gc.collect()
+    torch.cuda.empty_cache()
+    model = dispatch_model(model, budget_map(src, *TABLE_CPU_GPU), main_device=0, offload_dir=str(work / "offload"))
+    read, row["layout"] = disk_bytes(model)
+    row["read_disk_GB"] = round(read / 1e9, 2)
+    row["ours"] = timed(lambda: oe.save_clean(model, work / "ours", format="compressed-tensors"), work / "ours")
+    row["ours_vs_reference"] = ct_compare(work / "ours", work / "reference")
+    row["floor_s"] = floor_s(rates, read, row["ours"]["written_GB"])
     model = None  # noqa: F841
     gc.collect()
     torch.cuda.empty_cache()
@@ -456,6 +501,28 @@ def tables(args, result: dict) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def ct_tables(args, result: dict) -> None:
+    from gpu_packed_check import config
+
+    work = Path(tempfile.mkdtemp(prefix="big_ct_", dir=args.work))
+    build_checkpoint(work / "src", config("4b", None))
+    rates = floor_rates(work / "src", work)
+    result["floors"]["4b ct"] = rates
+    for preset in args.ct_presets.split(","):
+        case_dir = work / preset
+        case_dir.mkdir()
+        try:
+            row = ct_case(work / "src", case_dir, preset, rates)
+        except Exception as e:
+            row = {"config": f"compressed-tensors {preset}", "error": f"{type(e).__name__}: {e}",
+                   "trace": traceback.format_exc()[-1500:]}
+        result["ct_rows"].append(row)
+        print(json.dumps(row), flush=True)
+        args.save(result)
+        shutil.rmtree(case_dir, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def curve(args, result: dict) -> None:
     fq, packed = args.curve_fake_quant.split(","), args.curve_packed.split(",")
     for shape in sorted(set(fq) | set(packed), key=list(CURVE).index):
@@ -525,6 +592,19 @@ def print_tables(result: dict) -> None:
                   f"{(str(s['s']) + ' (' + str(s['ttfb_s']) + ')') if s_ok else s[:60]} | {res['s']} | {r['floor_s']} | "
                   f"{ratio(o['s'], s['s']) if s_ok else '-'} | {ratio(o['s'], r['floor_s'])} | "
                   f"{mb(o)}, {mb(s)}, {mb(res)} | {eq(r['ours_vs_resident'])}, {eq(r.get('streaming_vs_resident'))} |")
+    if result.get("ct_rows"):
+        print("| 4B, compressed-tensors | ours s (ttfb) | llm-compressor resident s | floor s | ours/llm-compressor | "
+              "ours/floor | host +anon/+rss MB: ours, llm-compressor | = llm-compressor |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in result["ct_rows"]:
+            if "error" in r:
+                print(f"| {r['config']} | ERROR {r['error'][:150]} |")
+                continue
+            o, ref, c = r["ours"], r["llm_compressor_resident"], r["ours_vs_reference"]
+            mb = lambda x: f"{x['host_peak_MB']['RssAnon']}/{x['host_peak_MB']['VmRSS']}"  # noqa: E731
+            print(f"| {r['config']} | {o['s']} ({o['ttfb_s']}) | {ref['s']} | {r['floor_s']} | {ratio(o['s'], ref['s'])} | "
+                  f"{ratio(o['s'], r['floor_s'])} | {mb(o)}, {mb(ref)} | {c['tensors'] - c['mismatched']}/{c['tensors']}"
+                  f"{'' if c['quantization_config_equal'] else ' (config differs)'} |")
     if result["curve"]:
         print("| shape | export | s (ttfb) | GB read from disk | s per source GB | floor s | x floor | host +anon/+rss MB | note |")
         print("|---|---|---|---|---|---|---|---|---|")
@@ -540,7 +620,8 @@ def print_tables(result: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", default="tables", choices=("tables", "curve", "both", "big"))
+    ap.add_argument("--part", default="tables", choices=("tables", "ct", "curve", "both", "big"))
+    ap.add_argument("--ct-presets", default="NVFP4,FP8")
     ap.add_argument("--shapes", default="4b,moe")
     ap.add_argument("--configs", default="NVFP4_DEFAULT_CFG,FP8_DEFAULT_CFG")
     ap.add_argument("--curve-fake-quant", default="0.6b,4b,8b")
@@ -555,13 +636,15 @@ def main() -> None:
     import transformers
 
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "modelopt": modelopt.__version__,
-              "transformers": transformers.__version__, "floors": {}, "rows": [], "curve": []}
+              "transformers": transformers.__version__, "floors": {}, "rows": [], "ct_rows": [], "curve": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     args.save = lambda r: (out / f"gpu_big_{args.part}_{args.tag}.json").write_text(json.dumps(r, indent=2, default=str))
     try:
         if args.part in ("tables", "both"):
             tables(args, result)
+        if args.part == "ct":
+            ct_tables(args, result)
         if args.part in ("curve", "both"):
             curve(args, result)
         if args.part == "big":

@@ -28,7 +28,7 @@ from .layout import Layout
 from .quantizers import Quantizer, json_safe
 from .writer import safetensors_layout
 
-__all__ = ["canonical_digest", "differing_parts", "fingerprint", "memory_digest", "plan_facts",
+__all__ = ["canonical_digest", "differing_parts", "fingerprint", "memory_digest", "memory_keys", "plan_facts",
            "quantizer_digests", "source_identity", "tensor_digest"]
 
 _CHUNK = 16 << 20  # bytes of a GPU tensor copied to the CPU at once for hashing
@@ -166,6 +166,13 @@ def _entry_tensor(lay: Layout, key: str) -> torch.Tensor | None:
     return None  # in a file (identified by source_identity) or missing on this rank
 
 
+def memory_keys(lay: Layout, skip: Iterable[str] = ()) -> list[str]:
+    """The keys of ``lay`` whose tensors are held in memory (resident, CPU-offloaded, other mappings), in layout
+    order, ``skip`` left out: what :func:`memory_digest` reads."""
+    skip = set(skip)
+    return [k for k, i in lay.items() if k not in skip and i.kind in ("resident", "cpu", "mapping")]
+
+
 def memory_digest(lay: Layout, skip: Iterable[str] = (), *, stop: threading.Event | None = None,
                   threads: int = 2) -> str | None:
     """A digest of every tensor ``lay`` holds in memory (resident, CPU-offloaded, other mappings): each tensor's
@@ -182,8 +189,7 @@ def memory_digest(lay: Layout, skip: Iterable[str] = (), *, stop: threading.Even
     Returns:
         The digest, or None when ``stop`` was set first.
     """
-    skip = set(skip)
-    keys = [k for k, i in lay.items() if k not in skip and i.kind in ("resident", "cpu", "mapping")]
+    keys = memory_keys(lay, skip)
 
     def one(key: str) -> str | None:
         if stop is not None and stop.is_set():

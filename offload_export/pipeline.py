@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
@@ -190,6 +191,41 @@ def _fold_threads() -> Iterator[None]:
         yield
     finally:
         omp.omp_set_num_threads(previous)
+
+
+class _SwitchInterval:
+    """Shortens the interpreter's thread switch interval while at least one run is streaming (process-wide state,
+    so the runs of several threads share one count; the previous value comes back when the last one ends).
+
+    The reader and writer threads spend their time in system calls and then need the GIL back for a moment, but a
+    fold or pack that runs Python code (ModelOpt's export) keeps it for a whole switch interval: 5 ms by default,
+    during which the disk idles. 0.5 ms: benchmarks/README.md has the measurement.
+    """
+
+    INTERVAL = 5e-4
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = 0.0
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._saved, self.INTERVAL))
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and sys.getswitchinterval() == min(self._saved, self.INTERVAL):
+                    sys.setswitchinterval(self._saved)  # unless someone else changed it meanwhile
+
+
+_quick_switching = _SwitchInterval()
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:
@@ -382,7 +418,7 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
     handoff: queue.Queue = queue.Queue()  # bounded by the budgets, not by a count
     consumer = threading.Thread(target=_consume, args=(consume, run, handoff), name=f"offload-export-{name}",
                                 daemon=True)
-    with reusing():  # buffers of units already consumed serve the next ones
+    with reusing(), _quick_switching():  # buffers of units already consumed serve the next ones
         consumer.start()
         try:
             if len(lanes) == 1:

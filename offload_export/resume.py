@@ -7,7 +7,9 @@ fsync-ed and checksummed (``{"file", "size", "crc32"}``: the CRC-32 of its bytes
 cache by a background thread), each record fsync-ed. A CRC is what the journal needs: it guards a staging
 directory this package owns against torn, truncated or accidentally damaged shards, not against an
 adversary (the plan itself is identified by sha256 digests). The digest of the tensors the model holds in
-memory follows as soon as a background thread has computed it; records count only once it is there.
+memory follows once a background thread has computed it; records count only once it is there. That thread
+starts only after the export has run for as long as the digest takes (:data:`DIGEST_DEFER_RATE`), or at
+once when the export fails: an export too short to be worth resuming never pays for it.
 
 ``save_clean(..., resume=True)`` hands :class:`Resumer` to the staging directory's creation: among the
 staging directories an earlier export into the same destination left behind (owner dead, or not judgeable
@@ -35,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import SHARD_METADATA
-from .fingerprint import differing_parts, memory_digest
+from .fingerprint import differing_parts, memory_digest, memory_keys
 from .job import Job
+from .layout import Layout
 from .plan import ExportPlan, select_shards
 from .writer import safetensors_layout
 
@@ -45,11 +48,16 @@ try:
 except ImportError:  # Windows: no locks, a live owner is then judged by its PID alone
     fcntl = None
 
-__all__ = ["JOURNAL_PREFIX", "Resumer", "ResumeSession", "combined_fingerprint", "file_digest", "is_journal",
+__all__ = ["DIGEST_DEFER_RATE", "JOURNAL_PREFIX", "Resumer", "ResumeSession", "combined_fingerprint", "file_digest", "is_journal",
            "remove_journals", "resume_session"]
 
 JOURNAL_PREFIX = ".offload-export-journal"
 _READ = 8 << 20
+DIGEST_DEFER_RATE = 1e9
+"""Bytes held in memory per second of export before the in-memory digest starts. The digest competes with the
+export for the CPU and the GIL (benchmarks/README.md: about 1 s of an 8 GB GPU export); deferred by its
+size at 1 GB/s, an export that ends sooner never pays, and one killed before it starts loses no more than
+that many seconds of work."""
 
 
 def is_journal(name: str) -> bool:
@@ -235,6 +243,8 @@ class ResumeSession:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pool: ThreadPoolExecutor | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
+    _digest_now: threading.Event = field(default_factory=threading.Event)
+    _digest_state: str = "deferred"  # then "running" or "dropped" (under _lock)
     _memory_thread: threading.Thread | None = None
     _kept: dict[str, int] = field(default_factory=dict)
 
@@ -262,11 +272,35 @@ class ResumeSession:
 
         self._pool.submit(hash_and_record)
 
-    def _close(self, *, cancel: bool, remove: Path | None) -> None:
+    def _digest_memory(self, lay: Layout, skip: set[str]) -> None:
+        """Record the in-memory digest from a background thread once the export has run for its
+        :data:`DIGEST_DEFER_RATE` delay (at once when :meth:`_close` says so)."""
+        defer = sum(lay[k].nbytes for k in memory_keys(lay, skip)) / DIGEST_DEFER_RATE
+
+        def run() -> None:
+            self._digest_now.wait(defer)
+            with self._lock:
+                if self._digest_state == "dropped":
+                    return
+                self._digest_state = "running"
+            value = memory_digest(lay, skip, stop=self._stop, threads=1)
+            if value is not None and not self._stop.is_set():
+                self._record({"memory": value})
+
+        self._memory_thread = threading.Thread(target=run, name="offload-export-memory-digest", daemon=True)
+        self._memory_thread.start()
+
+    def _close(self, *, cancel: bool, remove: Path | None, failed: bool = False) -> None:
         """Finish (or with ``cancel`` drop) the pending records; with ``remove``, delete every journal in it (before
-        the commit); release the lock."""
+        the commit); release the lock. A ``failed`` export computes its in-memory digest now if it had not, so
+        that what it completed can be resumed; any other drops a digest not yet started."""
         if cancel:
             self._stop.set()
+        if not failed:
+            with self._lock:
+                if self._digest_state == "deferred":
+                    self._digest_state = "dropped"
+        self._digest_now.set()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=cancel)
         if self._memory_thread is not None:
@@ -380,7 +414,8 @@ def resume_session(job: Job, tmp: Path, share: ExportPlan, *, fingerprint: str, 
         usable = [j for j in old if j.memory == memory]
         if not usable:
             notes.append("resume: the tensors the model holds in memory differ from the earlier export's (or "
-                         "it was killed before it had recorded their digest): every shard is written again")
+                         "it was stopped before it recorded their digest, which an export does after about a second per GB "
+                         "held in memory): every shard is written again")
         kept = _verified(tmp, share, usable, _digest_threads(alone=True)) if usable else {}
     planned = {s.filename for s in job.plan.shards}
     if resume:
@@ -402,17 +437,10 @@ def resume_session(job: Job, tmp: Path, share: ExportPlan, *, fingerprint: str, 
         _fsync_dir(tmp)
         session._pool = ThreadPoolExecutor(_digest_threads(), thread_name_prefix="offload-export-journal")
         if memory is None:
-            def digest_memory() -> None:
-                value = memory_digest(job.lay, quantizer_keys, stop=session._stop, threads=1)
-                if value is not None and not session._stop.is_set():
-                    session._record({"memory": value})
-
-            session._memory_thread = threading.Thread(target=digest_memory, name="offload-export-memory-digest",
-                                                      daemon=True)
-            session._memory_thread.start()
+            session._digest_memory(job.lay, quantizer_keys)
         yield session
         session.check_kept(tmp)
     except BaseException:
-        session._close(cancel=False, remove=None)  # what was completed is recorded, for the next resume
+        session._close(cancel=False, remove=None, failed=True)  # what was completed is recorded, for the next resume
         raise
     session._close(cancel=commit, remove=tmp if commit else None)

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 import zlib
 from dataclasses import asdict
@@ -92,6 +93,37 @@ def test_an_interrupted_export_resumes_from_its_completed_shards(work, monkeypat
                                                              for n in report.files if n.startswith("model-"))
     assert f"resumed: {recorded} shard(s)" in repr(report)
     assert sorted(p.name for p in work.iterdir()) == ["offload", "out", "ref"]  # staging gone, no journal kept
+
+
+def _memory_records(staged: Path) -> list[str]:
+    journal = next(p for p in staged.iterdir() if resume_mod.is_journal(p.name))
+    return [r["memory"] for r in map(json.loads, journal.read_text().splitlines()) if r.get("memory")]
+
+
+def test_the_memory_digest_is_deferred_yet_an_interrupted_export_records_it_and_resumes(work, monkeypatch):
+    monkeypatch.setattr(resume_mod, "DIGEST_DEFER_RATE", 1e-3)  # due in years: only the failure path digests
+    model = _tiny_model(offload_dir=None)  # held in memory
+    digests = []
+    real = resume_mod.memory_digest
+    monkeypatch.setattr(resume_mod, "memory_digest", lambda *a, **k: digests.append(1) or real(*a, **k))
+    start = time.monotonic()
+    oe.save_clean(model, work / "ref", max_shard_size=SHARD)
+    assert not digests  # the export ended first: it neither waited for the digest nor computed it
+    staged = _interrupted(monkeypatch, model, work / "out")
+    assert len(_memory_records(staged)) == 1 and len(digests) == 1
+    report = oe.save_clean(model, work / "out", max_shard_size=SHARD, resume=True)
+    assert report.reused_shards >= 5 and _files(work / "out") == _files(work / "ref")
+    assert time.monotonic() - start < 120
+
+
+def test_a_rank_that_ends_before_its_memory_digest_is_due_neither_waits_nor_records_it(work, monkeypatch):
+    monkeypatch.setattr(resume_mod, "DIGEST_DEFER_RATE", 1e-3)
+    job = prepare_job(_tiny_model(offload_dir=None), work / "out")
+    (work / "tmp").mkdir()
+    with resume_mod.resume_session(job, work / "tmp", job.plan, fingerprint="f", facts={}, resume=False,
+                                   notes=[], commit=False):
+        pass
+    assert not _memory_records(work / "tmp")
 
 
 def test_resume_false_deletes_the_staging_directory_of_a_dead_export(work, monkeypatch):

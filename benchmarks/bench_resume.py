@@ -71,7 +71,7 @@ def _child(args: dict) -> None:
                                                  offload_folder=str(work / "offload"))
     oe.quantize_weights(model, "int8")
     if args["method"] == "no-journal":
-        resume_mod.ResumeSession.shard_done = lambda self, path: None
+        resume_mod.ResumeSession.shard_done = lambda self, path, crc32: None
         resume_mod.memory_digest = lambda *a, **k: None
     if args["method"] == "kill":  # once the k-th shard is complete and its record is in the journal: SIGKILL
         append, shard_done, records, shards = resume_mod._append, resume_mod.ResumeSession.shard_done, [0], [0]
@@ -80,8 +80,8 @@ def _child(args: dict) -> None:
             append(fd, data)
             records[0] += b'"file"' in data
 
-        def shard_done_(self, path):
-            shard_done(self, path)
+        def shard_done_(self, path, crc32):
+            shard_done(self, path, crc32)
             shards[0] += 1
             if shards[0] == args["kill_after"]:
                 deadline = time.monotonic() + 120

@@ -9,6 +9,7 @@ import copy
 import json
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -24,11 +25,12 @@ SHARD_METADATA = {"format": "pt"}
 
 
 def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: bool,
-                  on_shard: Callable[[str], None] | None = None) -> list[str]:
+                  on_shard: Callable[[str, int], None] | None = None) -> list[str]:
     """Stream every unit of ``plan`` into its shards in ``tmp`` (:func:`run_units`); one unit is written while the
     next is made. On any failure every shard file is closed before the exception propagates.
 
-    ``on_shard(path)`` is called (on the writer thread) as soon as a shard is complete and fsync-ed.
+    ``on_shard(path, crc32)`` is called (on the writer thread) as soon as a shard is complete and fsync-ed, with
+    the CRC-32 of the bytes written into it (computed beside the writes: :class:`ShardWriter`).
 
     Returns:
         The shard file names.
@@ -39,8 +41,9 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
         bar = tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="offload-export")
     # files open at their first tensor and close (fsync-ed) at their last; at most a few at once
     descriptors = Descriptors()
-    writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, SHARD_METADATA, descriptors=descriptors)
-               for s in plan.shards}
+    checksums = ThreadPoolExecutor(1, thread_name_prefix="offload-export-crc") if on_shard is not None else None
+    writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, SHARD_METADATA, descriptors=descriptors,
+                                       checksums=checksums) for s in plan.shards}
     shard_of = plan.weight_map
 
     def write(unit, outputs):
@@ -48,7 +51,7 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
             writer = writers[shard_of[spec.name]]
             writer.write(spec.name, outputs.pop(spec.name))
             if on_shard is not None and writer.complete:
-                on_shard(writer.path)
+                on_shard(writer.path, writer.crc32)
             if bar is not None:
                 bar.update(spec.nbytes)
 
@@ -63,6 +66,8 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
             w.abort()
         raise
     finally:
+        if checksums is not None:
+            checksums.shutdown()
         if bar is not None:
             bar.close()
     return list(writers)

@@ -3,8 +3,8 @@
 Every export keeps a journal in its staging directory (``.offload-export-journal.<rank>.<nonce>.jsonl``, one
 per writing process, held under an exclusive ``flock`` while the process lives): first a header with the
 plan's fingerprint (:mod:`offload_export.fingerprint`), then one record per weight shard that was completed,
-fsync-ed and checksummed (``{"file", "size", "crc32"}``: the CRC-32 of its bytes, read back from the page
-cache by a background thread), each record fsync-ed. A CRC is what the journal needs: it guards a staging
+fsync-ed and checksummed (``{"file", "size", "crc32"}``: the CRC-32 of the bytes the writer wrote into it,
+computed beside the writes), each record fsync-ed. A CRC is what the journal needs: it guards a staging
 directory this package owns against torn, truncated or accidentally damaged shards, not against an
 adversary (the plan itself is identified by sha256 digests). The digest of the tensors the model holds in
 memory follows once a background thread has computed it; records count only once it is there. That thread
@@ -73,16 +73,14 @@ def combined_fingerprint(fingerprints: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(distinct).encode()).hexdigest()
 
 
-def file_digest(path: str | os.PathLike, stop: threading.Event | None = None) -> str | None:
+def file_digest(path: str | os.PathLike) -> str:
     """CRC-32 of a file's bytes as 8 hex digits, read in 8 MiB pieces into one buffer (``zlib.crc32`` releases
-    the GIL: several run in parallel); None once ``stop`` is set."""
+    the GIL: several run in parallel)."""
     crc = 0
     buf = bytearray(_READ)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
-            if stop is not None and stop.is_set():
-                return None
             crc = zlib.crc32(view[:n], crc)
     return f"{crc:08x}"
 
@@ -258,19 +256,16 @@ class ResumeSession:
             if self._fd >= 0:
                 _append(self._fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
 
-    def shard_done(self, path: str) -> None:
-        """A shard was completed and fsync-ed: checksum it in the background and append its record."""
+    def shard_done(self, path: str, crc32: int) -> None:
+        """A shard was completed and fsync-ed with bytes of CRC-32 ``crc32``: append its record in the background."""
         if self._pool is None or self._stop.is_set():
             return
 
-        def hash_and_record() -> None:
-            if self._stop.is_set():
-                return
-            size, digest = os.path.getsize(path), file_digest(path, self._stop)
-            if digest is not None and not self._stop.is_set():
-                self._record({"file": os.path.basename(path), "size": size, "crc32": digest})
+        def record() -> None:
+            if not self._stop.is_set():
+                self._record({"file": os.path.basename(path), "size": os.path.getsize(path), "crc32": f"{crc32:08x}"})
 
-        self._pool.submit(hash_and_record)
+        self._pool.submit(record)
 
     def _digest_memory(self, lay: Layout, skip: set[str]) -> None:
         """Record the in-memory digest from a background thread once the export has run for its
@@ -376,10 +371,9 @@ def _clear(tmp: Path, keep: set[str], mine: set[str], planned: set[str], owner: 
             path.unlink(missing_ok=True)
 
 
-def _digest_threads(alone: bool = False) -> int:
-    """Threads that hash at once: beside the export half the cores (at most 4); ``alone``, every core (at most 8)."""
-    cores = os.cpu_count() or 2
-    return max(1, min(8, cores) if alone else min(4, cores // 2))
+def _digest_threads() -> int:
+    """Threads that hash at once when a resume starts (nothing else runs then): every core, at most 8."""
+    return max(1, min(8, os.cpu_count() or 2))
 
 
 @contextmanager
@@ -410,13 +404,13 @@ def resume_session(job: Job, tmp: Path, share: ExportPlan, *, fingerprint: str, 
     kept: dict[str, int] = {}
     old = [j for j in _journals(tmp) if j.header.get("fingerprint") == fingerprint] if resume else []
     if old:
-        memory = memory_digest(job.lay, quantizer_keys, threads=_digest_threads(alone=True))
+        memory = memory_digest(job.lay, quantizer_keys, threads=_digest_threads())
         usable = [j for j in old if j.memory == memory]
         if not usable:
             notes.append("resume: the tensors the model holds in memory differ from the earlier export's (or "
                          "it was stopped before it recorded their digest, which an export does after about a second per GB "
                          "held in memory): every shard is written again")
-        kept = _verified(tmp, share, usable, _digest_threads(alone=True)) if usable else {}
+        kept = _verified(tmp, share, usable, _digest_threads()) if usable else {}
     planned = {s.filename for s in job.plan.shards}
     if resume:
         _clear(tmp, set(kept), {s.filename for s in share.shards}, planned, owner)
@@ -435,7 +429,7 @@ def resume_session(job: Job, tmp: Path, share: ExportPlan, *, fingerprint: str, 
         session._record({"journal": 1, "fingerprint": fingerprint, "rank": rank, "memory": memory, "facts": facts,
                          "planned": len(planned)})
         _fsync_dir(tmp)
-        session._pool = ThreadPoolExecutor(_digest_threads(), thread_name_prefix="offload-export-journal")
+        session._pool = ThreadPoolExecutor(1, thread_name_prefix="offload-export-journal")  # fsyncs off the writer
         if memory is None:
             session._digest_memory(job.lay, quantizer_keys)
         yield session

@@ -19,21 +19,24 @@ import json
 import mmap
 import os
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
 
 import torch
 
 from ._store import SAFETENSORS_DTYPES, FileSpan, open_regular
 
-__all__ = ["Descriptors", "FileSpan", "ShardWriter", "TensorSpec", "safetensors_layout"]
+__all__ = ["Descriptors", "FileSpan", "ShardWriter", "TensorSpec", "crc32_combine", "safetensors_layout"]
 
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _DEFAULT_MAX_OPEN = 64
 _WRITEBACK_STEP = 64 << 20  # bytes written before their disk writeback is started
 _MIN_WRITEBACK = 1 << 20
 _WRITE_CALL = 512 << 10  # bytes per pwrite (see _pwrite_all)
+_CRC_BESIDE = 4 << 20  # pieces from this size on are checksummed in another thread while being written
 # safetensors lays tensors out by its ``Dtype`` enum, descending, then by name (not by element size: BF16
 # comes before F16, F32 before U32 and I32, F8_E4M3 before I8 and U8)
 _LAYOUT_ORDER = ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E8M0", "F8_E4M3",
@@ -84,6 +87,51 @@ def safetensors_layout(specs: Sequence[TensorSpec], metadata: dict[str, str] | N
     raw += b" " * (-len(raw) % 8)
     prefix = len(raw).to_bytes(8, "little") + raw
     return prefix, {name: len(prefix) + off for name, off in relative.items()}
+
+
+_CRC_POLY = 0xEDB88320  # CRC-32 (zlib's), reflected
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a(x) * b(x) modulo the CRC-32 polynomial (reflected bit order), as zlib's ``multmodp``."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+
+
+_X2N = [1 << 30]  # x^(2^k) modulo the polynomial, k = 0..31
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32 of ``A + B`` from ``crc1 = crc32(A)``, ``crc2 = crc32(B)`` and ``len(B)`` (zlib's
+    ``crc32_combine``, which Python's ``zlib`` does not expose): pieces written in any order make one checksum."""
+    p, k, n = 1 << 31, 3, len2  # x^(8 * len2)
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return _multmodp(p, crc1) ^ crc2
+
+
+def _range_crc(fd: int, offset: int, nbytes: int) -> int:
+    """CRC-32 of ``nbytes`` of an open file from ``offset`` (read in pieces of at most 8 MiB)."""
+    buf = memoryview(bytearray(min(8 << 20, max(1, nbytes))))
+    crc, done = 0, 0
+    while done < nbytes:
+        n = os.preadv(fd, [buf[:min(len(buf), nbytes - done)]], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, f"unexpected end of the source file at byte {offset + done}")
+        crc = zlib.crc32(buf[:n], crc)
+        done += n
+    return crc
 
 
 def default_max_open() -> int:
@@ -201,19 +249,28 @@ class ShardWriter:
     The file is created (header written) at the first write, fsync-ed and closed right after the last
     planned tensor; between writes its descriptor may be closed by the shared ``descriptors`` pool.
 
+    With ``checksums``, the CRC-32 of the file's bytes is computed as they are written, beside each write (a
+    tensor from its own buffer, a copied span from its source, whose pages the copy reads too) rather than read
+    back after: the writer starts each range's writeback and lets the kernel drop its pages, so reading the file
+    again would read the disk. It is :attr:`crc32` once the file is complete.
+
     Args:
         path: the file to create (truncated if it exists).
         specs: every tensor the file will hold.
         metadata: the ``__metadata__`` strings.
         descriptors: the pool that caps open files; a private one of one descriptor by default.
+        checksums: where the CRC-32 of each piece is computed (a thread beside the writing one); None: no CRC.
     """
 
     def __init__(self, path: str, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None, *,
-                 descriptors: Descriptors | None = None):
+                 descriptors: Descriptors | None = None, checksums: Executor | None = None):
         self.path = path
         self._specs = {s.name: s for s in specs}
         self._header, self._offsets = safetensors_layout(specs, metadata)
         self.nbytes = len(self._header) + sum(s.nbytes for s in specs)
+        self._checksums = checksums
+        self._crcs = [(0, len(self._header), zlib.crc32(self._header))]  # (offset, length, crc) of each piece
+        self.crc32: int | None = None
         self._pending = set(self._specs)
         self._pool = descriptors if descriptors is not None else Descriptors(1)
         self._fd = -1
@@ -273,7 +330,9 @@ class ShardWriter:
             fd = self._open_locked()
             if data.numel():
                 view, at = memoryview(data.view(-1).view(torch.uint8).numpy()), self._offsets[name]
+                crc = self._checksum(len(view), zlib.crc32, view)
                 _in_steps(fd, at, len(view), lambda done, n: _pwrite_all(fd, view[done:done + n], at + done))
+                self._add_crc(at, len(view), crc)
             self._wrote(name)
 
     def copy(self, name: str, span: FileSpan) -> None:
@@ -286,13 +345,29 @@ class ShardWriter:
             fd = self._open_locked()
             if spec.nbytes:
                 src = open_regular(span.path)
-                at = self._offsets[name]
+                at, crc = self._offsets[name], None
                 try:
+                    # read beside the kernel's copy of the same pages: one of the two reads the disk
+                    crc = self._checksum(spec.nbytes, _range_crc, src, span.offset, spec.nbytes)
                     _in_steps(fd, at, spec.nbytes,
                               lambda done, n: _copy_range(src, span.offset + done, fd, at + done, n))
+                    self._add_crc(at, spec.nbytes, crc)
                 finally:
+                    if isinstance(crc, Future):
+                        wait([crc])  # it reads ``src``: close it only after
                     os.close(src)
             self._wrote(name)
+
+    def _checksum(self, nbytes: int, fn: Callable[..., int], *args) -> Future | int | None:
+        """``fn(*args)``, the CRC of ``nbytes`` being written: computed beside the write when large, else here
+        (handing a small piece to another thread costs more than its CRC)."""
+        if self._checksums is None:
+            return None
+        return self._checksums.submit(fn, *args) if nbytes >= _CRC_BESIDE else fn(*args)
+
+    def _add_crc(self, offset: int, nbytes: int, crc: Future | int | None) -> None:
+        if crc is not None:
+            self._crcs.append((offset, nbytes, crc.result() if isinstance(crc, Future) else crc))
 
     def _wrote(self, name: str) -> None:
         self._pending.discard(name)
@@ -300,7 +375,7 @@ class ShardWriter:
             self._finish()
 
     def _finish(self) -> None:
-        """fsync and close: every planned tensor is in the file."""
+        """fsync and close: every planned tensor is in the file; its CRC-32 from the pieces (in file order)."""
         fd = self._open_locked()
         try:
             os.fsync(fd)
@@ -308,6 +383,13 @@ class ShardWriter:
             self._pool._forget(self)
             self._close_fd()
             self._done = True
+        if self._checksums is not None:
+            crc, end = 0, 0
+            for offset, nbytes, piece in sorted(self._crcs):
+                if offset != end:
+                    raise RuntimeError(f"{self.path}: bytes {end}-{offset} were checksummed by no write")
+                crc, end = crc32_combine(crc, piece, nbytes), end + nbytes
+            self.crc32 = crc
 
     @property
     def complete(self) -> bool:

@@ -44,8 +44,8 @@ def _interrupt_after(monkeypatch, shards: int) -> None:
     done = resume_mod.ResumeSession.shard_done
     count = [0]
 
-    def shard_done(self, path):
-        done(self, path)
+    def shard_done(self, path, crc32):
+        done(self, path, crc32)
         count[0] += 1
         if count[0] == shards:
             raise KeyboardInterrupt
@@ -400,8 +400,8 @@ def _rank_main(rank: int, world: int, port: int, work: str, resume: bool) -> Non
         if not resume and rank == 0:  # rank 0 is interrupted after its second shard; rank 1 completes its own
             done, count = resume_mod.ResumeSession.shard_done, [0]
 
-            def shard_done(self, path):
-                done(self, path)
+            def shard_done(self, path, crc32):
+                done(self, path, crc32)
                 count[0] += 1
                 if count[0] == 2:
                     raise KeyboardInterrupt

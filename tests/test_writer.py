@@ -12,6 +12,8 @@ import resource
 import subprocess
 import sys
 import tempfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,47 @@ def test_file_span_is_copied_byte_for_byte(tmp_path):
     w.close()
     save_file(out, str(tmp_path / "ref.safetensors"))
     assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(0, 8), spans=st.integers(0, 2), order=st.randoms())
+def test_the_crc32_computed_beside_the_writes_is_the_files(tmp_path_factory, seed, n, spans, order):
+    tmp = tmp_path_factory.mktemp("crc")
+    tensors = _tensors(seed, n)  # zero-row tensors included
+    src = {f"span{i}": torch.randn(40 + i, 3) for i in range(spans)}
+    save_file(src, str(tmp / "src.safetensors"))
+    start, header = safetensors_header(str(tmp / "src.safetensors"))
+    items = [(k, v) for k, v in tensors.items()] + [
+        (k, FileSpan(str(tmp / "src.safetensors"), start + header[k]["data_offsets"][0], v.dtype, tuple(v.shape)))
+        for k, v in src.items()]
+    order.shuffle(items)  # any arrival order: the pieces are combined in file order
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in items]
+    with ThreadPoolExecutor(1) as pool:
+        w = ShardWriter(str(tmp / "out.safetensors"), specs, {"format": "pt"}, checksums=pool)
+        for k, v in items:
+            w.write(k, v)
+        w.close()
+    assert w.crc32 == zlib.crc32((tmp / "out.safetensors").read_bytes())
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.binary(max_size=3000), b=st.binary(max_size=3000))
+def test_crc32_combine_is_zlibs(a, b):
+    assert writer_mod.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+def test_an_export_reads_nothing_back_to_journal_its_shards(tmp_path, monkeypatch):
+    """The journal's CRC comes from the writes: reading the shards back would read the disk (the writer lets
+    the kernel drop written pages)."""
+    from test_distributed import SHARD, _tiny_model
+
+    import offload_export as oe
+    from offload_export import resume as resume_mod
+
+    read_back = []
+    monkeypatch.setattr(resume_mod, "file_digest", lambda path: read_back.append(path))
+    report = oe.save_clean(_tiny_model(offload_dir=tmp_path / "offload"), tmp_path / "out", max_shard_size=SHARD)
+    assert report.shards > 3 and not read_back
 
 
 def test_copy_falls_back_to_pread_pwrite_when_the_kernel_refuses(tmp_path, monkeypatch):

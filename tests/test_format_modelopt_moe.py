@@ -257,6 +257,23 @@ def test_shared_input_groups_come_from_a_fake_twin_without_running_the_model(kin
     assert any(len(g) == 3 for g in groups) and norms  # q/k/v after input_layernorm
 
 
+def test_a_mixture_of_experts_held_in_memory_takes_its_groups_from_the_fake_twin(ref_root, tmp_path):
+    """Nothing on disk, yet the export never runs the model's forward for its groups (it would route through
+    every expert): the fake twin stands in for them, and the export is ModelOpt's byte for byte."""
+    model, expected = reference("NVFP4_DEFAULT_CFG", ref_root)
+    model = apply_layout(model, LayoutSpec("cpu_offload"), tmp_path / "layout")
+
+    def refuse(*args):
+        raise AssertionError("the model's own forward ran")
+
+    handle = model.register_forward_pre_hook(refuse)
+    try:
+        oe.save_clean(model, tmp_path / "out", format="modelopt")
+    finally:
+        handle.remove()
+    assert_same_checkpoint(tmp_path / "out", expected)
+
+
 def test_a_batched_expert_pack_unlike_modelopts_own_falls_back_to_one_expert_at_a_time(monkeypatch, tmp_path):
     """NVFP4 experts are packed a stack at a time with ModelOpt's functions, after packing one expert both ways:
     a stacked pack that differs (here a flipped bit in the 3-D packing) is caught there, warned about, and the

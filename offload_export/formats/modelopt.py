@@ -893,10 +893,14 @@ class ModelOpt(Format):
                              f"quantizer, or use format='fake-quant'")
         self._refs = offloaded_tensors(source.model)
         # the fake twin's trace costs a fixed time per op, a forward of the model the reading of every disk-held
-        # byte (CPU-held ones onload faster than the twin traces): the twin once the disk holds a few GiB
+        # byte (CPU-held ones onload faster than the twin traces) and, for fused experts, their routing (the twin
+        # stands in for them): the twin once the disk holds a few GiB, or for a mixture of experts
+        from modelopt.torch.export.hf_export_handlers import _has_fused_experts_quantizers
+
         on_disk = sum(i.nbytes for i in source.lay.values() if i.kind in ("disk", "safetensors"))
+        fused = any(_has_fused_experts_quantizers(m) for m in source.model.modules())
         self.packer = ModelOptPacker(source.model, quantizers=source.quantizers, read=self._read, refs=self._refs,
-                                     dtype=source.dtype, fake_groups=on_disk >= _FAKE_GROUPS_DISK_BYTES)
+                                     dtype=source.dtype, fake_groups=fused or on_disk >= _FAKE_GROUPS_DISK_BYTES)
         tied = {i.tied_to for i in source.lay.values() if i.kind == "tied"}
         for name in self.packer.modules:
             key = f"{name}.weight" if name else "weight"

@@ -301,12 +301,14 @@ class ResumeSession:
         if self._memory_thread is not None:
             self._memory_thread.join()
         self._stop.set()
-        if remove is not None:
-            remove_journals(remove)
-        with self._lock:
-            if self._fd >= 0:
-                fd, self._fd = self._fd, -1
-                os.close(fd)
+        try:
+            if remove is not None:
+                remove_journals(remove)
+        finally:  # the journal's descriptor (and lock) is released whatever the removal raised
+            with self._lock:
+                if self._fd >= 0:
+                    fd, self._fd = self._fd, -1
+                    os.close(fd)
 
     def check_kept(self, tmp: Path) -> None:
         """Raise RuntimeError when a kept shard vanished or changed size meanwhile (another process's cleanup)."""

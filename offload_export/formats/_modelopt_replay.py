@@ -14,6 +14,7 @@ Only ModelOpt's public-ish export helpers are called; numerics are never re-deri
 from __future__ import annotations
 
 import copy
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -182,8 +183,9 @@ def shared_input_groups(model: nn.Module, device: torch.device, *, fake: bool = 
     if not fake:
         return _traced_groups(model, roles, device)
     try:
+        linears = {id(m) for name, m in model.named_modules() if roles.get(name) == "linear"}
         with FakeTensorMode(allow_non_fake_inputs=True):
-            return _traced_groups(_fake_twin(model), roles, torch.device("cpu"))
+            return _traced_groups(_fake_twin(model, linears), roles, torch.device("cpu"))
     except Exception:  # a value-dependent forward: trace the model itself
         return _traced_groups(model, roles, device)
 
@@ -203,11 +205,13 @@ def _hooked_roles(model: nn.Module) -> dict[str, str]:
     return roles
 
 
-def _fake_twin(module: nn.Module) -> nn.Module:
+def _fake_twin(module: nn.Module, linears: set[int]) -> nn.Module:
     """A copy of ``module``'s tree for a forward without data: same classes, every parameter and buffer a new
     empty tensor on the CPU (call it inside a ``FakeTensorMode``: no memory), no accelerate or torch hooks;
     other attributes shared with the module (shallow). Fused experts (``_QuantFusedExperts``) return an empty
-    tensor like their input instead of routing."""
+    tensor like their input instead of routing; the quantized linears in ``linears`` (by ``id``) an empty tensor
+    of their output's shape and their input's dtype, what their forward returns with every quantizer off (a fake
+    matmul costs a millisecond; which tensor a linear reads is all the trace needs of it)."""
     from modelopt.torch.export.hf_export_handlers import _has_fused_experts_quantizers
 
     new = object.__new__(type(module))
@@ -218,15 +222,21 @@ def _fake_twin(module: nn.Module) -> nn.Module:
                                   for k, p in module._parameters.items())
     new._buffers = OrderedDict((k, None if b is None else torch.empty(b.shape, dtype=b.dtype))
                                for k, b in module._buffers.items())
-    new._modules = OrderedDict((k, None if c is None else _fake_twin(c)) for k, c in module._modules.items())
+    new._modules = OrderedDict((k, None if c is None else _fake_twin(c, linears)) for k, c in module._modules.items())
     if _has_fused_experts_quantizers(module):
         # its routing loop depends on values; it holds no quantized linear, and its output is a new tensor either way
         new.forward = _fused_experts_stand_in
+    elif id(module) in linears:
+        new.forward = functools.partial(_linear_stand_in, module.weight.shape[0])
     return new
 
 
 def _fused_experts_stand_in(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return torch.empty_like(hidden_states)
+
+
+def _linear_stand_in(out_features: int, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 def _traced_groups(model: nn.Module, roles: dict[str, str], device: torch.device):

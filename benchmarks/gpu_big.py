@@ -573,6 +573,11 @@ def ratio(a, b):
     return round(a / b, 2) if isinstance(a, (int, float)) and b else None
 
 
+def host_mb(row) -> str:
+    """``RssAnon/VmRSS`` peak MB of a timed export, or ``-`` (it raised)."""
+    return f"{row['host_peak_MB']['RssAnon']}/{row['host_peak_MB']['VmRSS']}" if isinstance(row, dict) else "-"
+
+
 def print_tables(result: dict) -> None:
     print(f"device {result['device']}")
     if result["rows"]:
@@ -585,13 +590,12 @@ def print_tables(result: dict) -> None:
                 continue
             o, s, res = r["ours"], r.get("modelopt_streaming"), r["modelopt_resident"]
             s_ok = isinstance(s, dict)
-            mb = lambda x: f"{x['host_peak_MB']['RssAnon']}/{x['host_peak_MB']['VmRSS']}" if isinstance(x, dict) else "-"  # noqa: E731
             eq = lambda c: f"{c['tensors'] - c['mismatched']}/{c['tensors']}" if c else "-"  # noqa: E731
             before = r.get("ours_other_groups", {}).get("s", "-")
             print(f"| {r['shape']} {r['config']} | {o['s']} ({o['ttfb_s']}) | {before} | "
                   f"{(str(s['s']) + ' (' + str(s['ttfb_s']) + ')') if s_ok else s[:60]} | {res['s']} | {r['floor_s']} | "
                   f"{ratio(o['s'], s['s']) if s_ok else '-'} | {ratio(o['s'], r['floor_s'])} | "
-                  f"{mb(o)}, {mb(s)}, {mb(res)} | {eq(r['ours_vs_resident'])}, {eq(r.get('streaming_vs_resident'))} |")
+                  f"{host_mb(o)}, {host_mb(s)}, {host_mb(res)} | {eq(r['ours_vs_resident'])}, {eq(r.get('streaming_vs_resident'))} |")
     if result.get("ct_rows"):
         print("| 4B, compressed-tensors | ours s (ttfb) | llm-compressor resident s | floor s | ours/llm-compressor | "
               "ours/floor | host +anon/+rss MB: ours, llm-compressor | = llm-compressor |")
@@ -601,9 +605,8 @@ def print_tables(result: dict) -> None:
                 print(f"| {r['config']} | ERROR {r['error'][:150]} |")
                 continue
             o, ref, c = r["ours"], r["llm_compressor_resident"], r["ours_vs_reference"]
-            mb = lambda x: f"{x['host_peak_MB']['RssAnon']}/{x['host_peak_MB']['VmRSS']}"  # noqa: E731
             print(f"| {r['config']} | {o['s']} ({o['ttfb_s']}) | {ref['s']} | {r['floor_s']} | {ratio(o['s'], ref['s'])} | "
-                  f"{ratio(o['s'], r['floor_s'])} | {mb(o)}, {mb(ref)} | {c['tensors'] - c['mismatched']}/{c['tensors']}"
+                  f"{ratio(o['s'], r['floor_s'])} | {host_mb(o)}, {host_mb(ref)} | {c['tensors'] - c['mismatched']}/{c['tensors']}"
                   f"{'' if c['quantization_config_equal'] else ' (config differs)'} |")
     if result["curve"]:
         print("| shape | export | s (ttfb) | GB read from disk | s per source GB | floor s | x floor | host +anon/+rss MB | note |")

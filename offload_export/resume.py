@@ -29,7 +29,6 @@ import os
 import shutil
 import threading
 import uuid
-import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -41,7 +40,7 @@ from .fingerprint import differing_parts, memory_digest, memory_keys
 from .job import Job
 from .layout import Layout
 from .plan import ExportPlan, select_shards
-from .writer import safetensors_layout
+from .writer import range_crc32, safetensors_layout
 
 try:
     import fcntl
@@ -52,7 +51,6 @@ __all__ = ["DIGEST_DEFER_RATE", "JOURNAL_PREFIX", "Resumer", "ResumeSession", "c
            "remove_journals", "resume_session"]
 
 JOURNAL_PREFIX = ".offload-export-journal"
-_READ = 8 << 20
 DIGEST_DEFER_RATE = 1e9
 """Bytes held in memory per second of export before the in-memory digest starts. The digest competes with the
 export for the CPU and the GIL (benchmarks/README.md: about 1 s of an 8 GB GPU export); deferred by its
@@ -74,15 +72,12 @@ def combined_fingerprint(fingerprints: Sequence[str]) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """CRC-32 of a file's bytes as 8 hex digits, read in 8 MiB pieces into one buffer (``zlib.crc32`` releases
-    the GIL: several run in parallel)."""
-    crc = 0
-    buf = bytearray(_READ)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            crc = zlib.crc32(view[:n], crc)
-    return f"{crc:08x}"
+    """CRC-32 of a file's bytes as 8 hex digits (:func:`~offload_export.writer.range_crc32`)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        return f"{range_crc32(fd, 0, os.fstat(fd).st_size):08x}"
+    finally:
+        os.close(fd)
 
 
 def _append(fd: int, data: bytes) -> None:

@@ -29,7 +29,7 @@ import torch
 
 from ._store import SAFETENSORS_DTYPES, FileSpan, open_regular
 
-__all__ = ["Descriptors", "FileSpan", "ShardWriter", "TensorSpec", "crc32_combine", "safetensors_layout"]
+__all__ = ["Descriptors", "FileSpan", "ShardWriter", "TensorSpec", "crc32_combine", "range_crc32", "safetensors_layout"]
 
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _DEFAULT_MAX_OPEN = 64
@@ -121,8 +121,13 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     return _multmodp(p, crc1) ^ crc2
 
 
-def _range_crc(fd: int, offset: int, nbytes: int) -> int:
-    """CRC-32 of ``nbytes`` of an open file from ``offset`` (read in pieces of at most 8 MiB)."""
+def range_crc32(fd: int, offset: int, nbytes: int) -> int:
+    """CRC-32 of ``nbytes`` of an open file from ``offset``, read in pieces of at most 8 MiB into one buffer
+    (``zlib.crc32`` releases the GIL: several run in parallel).
+
+    Raises:
+        OSError: the file ends before ``offset + nbytes`` (EIO), or a read fails.
+    """
     buf = memoryview(bytearray(min(8 << 20, max(1, nbytes))))
     crc, done = 0, 0
     while done < nbytes:
@@ -348,7 +353,7 @@ class ShardWriter:
                 at, crc = self._offsets[name], None
                 try:
                     # read beside the kernel's copy of the same pages: one of the two reads the disk
-                    crc = self._checksum(spec.nbytes, _range_crc, src, span.offset, spec.nbytes)
+                    crc = self._checksum(spec.nbytes, range_crc32, src, span.offset, spec.nbytes)
                     _in_steps(fd, at, spec.nbytes,
                               lambda done, n: _copy_range(src, span.offset + done, fd, at + done, n))
                     self._add_crc(at, spec.nbytes, crc)

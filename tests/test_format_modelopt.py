@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,19 @@ def test_awq_resmoothing_is_replayed_without_touching_the_model(ref_root, tmp_pa
 # ------------------------------------------------------------------ bad input: one ValueError, nothing written
 
 
+@contextmanager
+def forward_refused(model):
+    """A block in which running ``model``'s own forward fails the test."""
+    def refuse(*args):
+        raise AssertionError("the model's own forward ran")
+
+    handle = model.register_forward_pre_hook(refuse)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def assert_refused(model, out: Path, *words: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with pytest.raises(ValueError) as info:
@@ -295,14 +309,8 @@ def test_groups_found_on_the_fake_twin_give_modelopts_export_without_running_the
     model, expected = reference(name, ref_root)
     model = apply_layout(model, MIXED, tmp_path / "layout")
 
-    def refuse(*args):
-        raise AssertionError("the model's own forward ran")
-
-    handle = model.register_forward_pre_hook(refuse)
-    try:
+    with forward_refused(model):
         oe.save_clean(model, tmp_path / "out", format="modelopt")
-    finally:
-        handle.remove()
     assert_same_checkpoint(tmp_path / "out", expected)
 
 

@@ -24,6 +24,7 @@ from test_format_modelopt import (
     assert_refused,
     assert_same_checkpoint,
     assert_same_state,
+    forward_refused,
     model_state,
     modelopt_export,
     quant_config,
@@ -245,14 +246,8 @@ def test_shared_input_groups_come_from_a_fake_twin_without_running_the_model(kin
     model = apply_layout(model, LayoutSpec("disk_offload"), tmp_path / "layout")
     expected = replay._traced_groups(model, replay._hooked_roles(model), torch.device("cpu"))
 
-    def refuse(*args):
-        raise AssertionError("the model's own forward ran")
-
-    handle = model.register_forward_pre_hook(refuse)
-    try:
+    with forward_refused(model):
         groups, norms = replay.shared_input_groups(model, torch.device("cpu"))
-    finally:
-        handle.remove()
     assert (groups, norms) == expected
     assert any(len(g) == 3 for g in groups) and norms  # q/k/v after input_layernorm
 
@@ -263,14 +258,8 @@ def test_a_mixture_of_experts_held_in_memory_takes_its_groups_from_the_fake_twin
     model, expected = reference("NVFP4_DEFAULT_CFG", ref_root)
     model = apply_layout(model, LayoutSpec("cpu_offload"), tmp_path / "layout")
 
-    def refuse(*args):
-        raise AssertionError("the model's own forward ran")
-
-    handle = model.register_forward_pre_hook(refuse)
-    try:
+    with forward_refused(model):
         oe.save_clean(model, tmp_path / "out", format="modelopt")
-    finally:
-        handle.remove()
     assert_same_checkpoint(tmp_path / "out", expected)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -207,3 +208,42 @@ def test_an_export_does_not_change_the_thread_count_of_other_threads(tmp_path):
     oe.save_clean(model, tmp_path / "out")
     assert ObservingQuantizer.seen == [threads, threads]
     assert torch.get_num_threads() == threads
+
+
+# -- the thread switch interval: short while streaming, the caller's own after, also with concurrent exports
+
+class SwitchObservingQuantizer(ObservingQuantizer):
+    """Records the interpreter's switch interval while the export folds."""
+
+    intervals: list[float] = []
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        type(self).intervals.append(sys.getswitchinterval())
+        return torch.round(w / self.step) * self.step
+
+
+oe.register_quantizer(SwitchObservingQuantizer)
+
+
+def test_the_switch_interval_is_short_while_streaming_and_the_callers_after_concurrent_exports(tmp_path):
+    def model(name: str) -> nn.Module:
+        m = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+        for linear in m:
+            linear.weight_quantizer = SwitchObservingQuantizer()
+        return accelerate.disk_offload(m, str(tmp_path / f"offload-{name}"), execution_device="cpu")
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.002)  # the caller's own value, not the default
+    try:
+        SwitchObservingQuantizer.intervals.clear()
+        models = [model(str(i)) for i in range(3)]
+        threads = [threading.Thread(target=oe.save_clean, args=(m, tmp_path / f"out{i}")) for i, m in enumerate(models)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(SwitchObservingQuantizer.intervals) == 6 and max(SwitchObservingQuantizer.intervals) <= 5e-4
+        assert all((tmp_path / f"out{i}" / "model.safetensors").exists() for i in range(3))
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        sys.setswitchinterval(before)

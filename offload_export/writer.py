@@ -21,7 +21,7 @@ import os
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
 
@@ -121,21 +121,33 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     return _multmodp(p, crc1) ^ crc2
 
 
-def range_crc32(fd: int, offset: int, nbytes: int) -> int:
-    """CRC-32 of ``nbytes`` of an open file from ``offset``, read in pieces of at most 8 MiB into one buffer
-    (``zlib.crc32`` releases the GIL: several run in parallel).
+def _pieces(fd: int, offset: int, nbytes: int, size: int) -> Iterator[memoryview]:
+    """``nbytes`` of an open file from ``offset``, read into one buffer of at most ``size`` bytes, a piece at a
+    time (each piece is valid until the next is read).
 
     Raises:
         OSError: the file ends before ``offset + nbytes`` (EIO), or a read fails.
     """
-    buf = memoryview(bytearray(min(8 << 20, max(1, nbytes))))
-    crc, done = 0, 0
+    buf = memoryview(bytearray(min(size, max(1, nbytes))))
+    done = 0
     while done < nbytes:
         n = os.preadv(fd, [buf[:min(len(buf), nbytes - done)]], offset + done)
         if n == 0:
             raise OSError(errno.EIO, f"unexpected end of the source file at byte {offset + done}")
-        crc = zlib.crc32(buf[:n], crc)
+        yield buf[:n]
         done += n
+
+
+def range_crc32(fd: int, offset: int, nbytes: int) -> int:
+    """CRC-32 of ``nbytes`` of an open file from ``offset``, read in pieces of at most 8 MiB (``zlib.crc32``
+    releases the GIL: several run in parallel).
+
+    Raises:
+        OSError: the file ends before ``offset + nbytes`` (EIO), or a read fails.
+    """
+    crc = 0
+    for piece in _pieces(fd, offset, nbytes, 8 << 20):
+        crc = zlib.crc32(piece, crc)
     return crc
 
 
@@ -238,14 +250,9 @@ def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbyt
         if n == 0:
             raise OSError(errno.EIO, f"unexpected end of the source file at byte {src_offset + done}")
         done += n
-    if done < nbytes:
-        buf = memoryview(bytearray(min(_WRITE_CALL, nbytes - done)))
-        while done < nbytes:
-            n = os.preadv(src_fd, [buf[:min(len(buf), nbytes - done)]], src_offset + done)
-            if n == 0:
-                raise OSError(errno.EIO, f"unexpected end of the source file at byte {src_offset + done}")
-            _pwrite_all(dst_fd, buf[:n], dst_offset + done)
-            done += n
+    for piece in _pieces(src_fd, src_offset + done, nbytes - done, _WRITE_CALL):
+        _pwrite_all(dst_fd, piece, dst_offset + done)
+        done += len(piece)
 
 
 class ShardWriter:

@@ -116,7 +116,8 @@ class ModelOptPacker:
         refs: the model's offload map (``offloaded_tensors(model)``), to onload quantizer buffers.
         dtype: the export dtype (``export_hf_checkpoint(dtype=)``); the model's own when None.
         fake_groups: find the linears that share an input on a fake twin of the model (no weight read) instead of
-            a forward of the model itself (which onloads every offloaded weight); the same groups either way.
+            a forward of the model itself (which onloads every offloaded weight); the same groups either way. A
+            model with fused experts always takes the twin.
 
     Raises:
         ValueError: no ModelOpt quantizers, a MoE kind this export does not pack (see :meth:`_check_moe`), a
@@ -249,7 +250,9 @@ class ModelOptPacker:
             self._fuse_prequant_to_linear(model)
         if all(q.fmt in _NO_FUSION for q in self.modules.values()):
             return
-        groups, norms = shared_input_groups(model, _input_device(model), fake=self._fake_groups)
+        # fused experts: the model's forward would route through every one, the twin stands in for them
+        fake = self._fake_groups or bool(self.experts)
+        groups, norms = shared_input_groups(model, _input_device(model), fake=fake)
         for i, names in enumerate(groups):
             members = [self.modules[n] for n in names if n in self.modules]
             if len(names) < 2 or len(members) != len(names) or members[0].fmt in _NO_FUSION:
@@ -893,14 +896,10 @@ class ModelOpt(Format):
                              f"quantizer, or use format='fake-quant'")
         self._refs = offloaded_tensors(source.model)
         # the fake twin's trace costs a fixed time per op, a forward of the model the reading of every disk-held
-        # byte (CPU-held ones onload faster than the twin traces) and, for fused experts, their routing (the twin
-        # stands in for them): the twin once the disk holds a few GiB, or for a mixture of experts
-        from modelopt.torch.export.hf_export_handlers import _has_fused_experts_quantizers
-
+        # byte (CPU-held ones onload faster than the twin traces): the twin once the disk holds a few GiB
         on_disk = sum(i.nbytes for i in source.lay.values() if i.kind in ("disk", "safetensors"))
-        fused = any(_has_fused_experts_quantizers(m) for m in source.model.modules())
         self.packer = ModelOptPacker(source.model, quantizers=source.quantizers, read=self._read, refs=self._refs,
-                                     dtype=source.dtype, fake_groups=fused or on_disk >= _FAKE_GROUPS_DISK_BYTES)
+                                     dtype=source.dtype, fake_groups=on_disk >= _FAKE_GROUPS_DISK_BYTES)
         tied = {i.tied_to for i in source.lay.values() if i.kind == "tied"}
         for name in self.packer.modules:
             key = f"{name}.weight" if name else "weight"

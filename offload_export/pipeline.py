@@ -151,16 +151,29 @@ _OPENMP_RUNTIMES = ("libgomp", "libomp", "libiomp5")
 
 @lru_cache(maxsize=1)
 def _openmp() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch runs its intra-op work on (when that is its parallel backend and loaded), else None."""
+    """The OpenMP runtime torch runs its intra-op work on (when that is its parallel backend), else None.
+
+    A process may hold several runtimes (torch's own copy beside a system ``libgomp`` another library loaded):
+    the one returned is the one whose ``omp_set_num_threads`` torch reads back. Setting another one leaves
+    torch on every core.
+    """
     if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
+    torch.get_num_threads()  # torch's per-thread initialisation first, or it would overwrite the probe
     try:
-        with open("/proc/self/maps") as maps:  # Linux: the library already loaded, whichever copy torch ships
+        with open("/proc/self/maps") as maps:  # Linux: the libraries already loaded, whichever copies they are
             paths = {line.split()[-1] for line in maps if any(name in line for name in _OPENMP_RUNTIMES)}
         for path in sorted(paths):
             lib = ctypes.CDLL(path)
-            if hasattr(lib, "omp_set_num_threads") and hasattr(lib, "omp_get_max_threads"):
-                return lib
+            if not (hasattr(lib, "omp_set_num_threads") and hasattr(lib, "omp_get_max_threads")):
+                continue
+            before = lib.omp_get_max_threads()
+            lib.omp_set_num_threads(before + 1)
+            try:
+                if torch.get_num_threads() == before + 1:
+                    return lib
+            finally:
+                lib.omp_set_num_threads(before)
     except OSError:
         pass
     return None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import glob
 import importlib
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -247,3 +249,57 @@ def test_the_switch_interval_is_short_while_streaming_and_the_callers_after_conc
         assert sys.getswitchinterval() == pytest.approx(0.002)
     finally:
         sys.setswitchinterval(before)
+
+
+# -- the fold's thread count: one core left to the reader and consumer, whichever OpenMP runtimes are loaded
+
+_FOLD_THREADS_CHILD = """
+import ctypes, sys
+import accelerate, torch
+from torch import nn
+import offload_export as oe
+if sys.argv[1]:
+    ctypes.CDLL(sys.argv[1])  # a second OpenMP runtime, as a library loaded beside torch brings
+
+class CountingQuantizer(nn.Module):
+    seen = []
+    def __init__(self):
+        super().__init__()
+        self.enabled = True
+        self.register_buffer("step", torch.tensor(0.25))
+    def forward(self, w):
+        type(self).seen.append(torch.get_num_threads())
+        return torch.round(w / self.step) * self.step
+
+oe.register_quantizer(CountingQuantizer)
+model = nn.Sequential(nn.Linear(32, 32))
+model[0].weight_quantizer = CountingQuantizer()
+model = accelerate.disk_offload(model, sys.argv[2] + "/offload", execution_device="cpu")
+oe.save_clean(model, sys.argv[2] + "/out")
+print(CountingQuantizer.seen[0], torch.get_num_threads())
+"""
+
+
+def _other_openmp_runtime() -> str | None:
+    """A system libgomp that is not the file torch loads, or None."""
+    torch_dir = Path(torch.__file__).parent.resolve()
+    for pattern in ("/usr/lib/*/libgomp.so.1", "/lib/*/libgomp.so.1", "/usr/lib64/libgomp.so.1", "/lib64/libgomp.so.1"):
+        for path in sorted(glob.glob(pattern)):
+            if torch_dir not in Path(path).resolve().parents:
+                return path
+    return None
+
+
+@pytest.mark.parametrize("second_runtime", [False, True])
+def test_folds_run_on_one_core_less_also_beside_a_second_openmp_runtime(second_runtime, tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2 or "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("needs 2 cores and torch's OpenMP backend")
+    other = _other_openmp_runtime() if second_runtime else ""
+    if other is None:
+        pytest.skip("no system libgomp to load beside torch's")
+    child = subprocess.run([sys.executable, "-c", _FOLD_THREADS_CHILD, other, str(tmp_path)], capture_output=True,
+                           text=True, timeout=BOUND)
+    assert child.returncode == 0, child.stderr[-2000:]
+    in_fold, after = map(int, child.stdout.split()[-2:])
+    assert (in_fold, after) == (cores - 1, cores)

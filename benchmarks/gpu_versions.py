@@ -1,0 +1,118 @@
+"""The 14B disk-held packed export (``gpu_big.py --part big``'s last row) at several versions of offload_export,
+interleaved in one process on one calibrated model (round 1 in the given order, round 2 reversed).
+
+Each DIR holds an ``offload_export`` package (``git archive REV offload_export | tar -x -C DIR``); the package is
+imported afresh from each before its export. Seconds, TTFB, x floor per version to ``$OUT/versions_h200.json``;
+no export is started after ``--budget`` seconds.
+
+Usage (GPU machine, modelopt installed): python benchmarks/gpu_versions.py DIR [DIR ...]
+"""
+
+import argparse
+import collections
+import contextlib
+import copy
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import modelopt.torch.quantization as mtq
+from gpu_big import CURVE, CURVE_MEMORY, VOCAB, build_checkpoint, calib_loop, disk_bytes, drop_promoted, floor_rates, \
+    floor_s, offloaded, timed
+from transformers import Qwen3Config
+
+
+def load(folder: str):
+    """``offload_export`` as found in ``folder``, with every submodule imported from there."""
+    for name in [n for n in sys.modules if n == "offload_export" or n.startswith("offload_export.")]:
+        del sys.modules[name]
+    sys.path.insert(0, folder)
+    try:
+        module = importlib.import_module("offload_export")
+        module.save_clean  # the package's lazy names resolve while the folder leads sys.path
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
+class Sampler:
+    """Every 5 ms, each thread's innermost frame and innermost offload_export frame, counted per thread name."""
+
+    def __enter__(self):
+        self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        names = {}
+        while not self._stop.wait(0.005):
+            names.update({t.ident: t.name.split("_")[0] for t in threading.enumerate()})
+            for ident, frame in sys._current_frames().items():
+                if ident == threading.get_ident():
+                    continue
+                inner, ours = f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}", None
+                f = frame
+                while f is not None and ours is None:
+                    if "offload_export" in f.f_code.co_filename:
+                        ours = f"{Path(f.f_code.co_filename).name}:{f.f_code.co_name}:{f.f_lineno}"
+                    f = f.f_back
+                self.counts[names.get(ident, str(ident))][f"{ours} | {inner}"] += 1
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def top(self, n: int = 12) -> dict:
+        return {name: c.most_common(n) for name, c in self.counts.items() if sum(c.values()) > 20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("dirs", nargs="+")
+    parser.add_argument("--shape", default="14b")
+    parser.add_argument("--budget", type=float, default=540)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--sample", action="store_true", help="count each thread's stacks (5 ms) in round 1")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    work = Path(tempfile.mkdtemp())
+    build_checkpoint(work / "src", Qwen3Config(vocab_size=VOCAB, num_key_value_heads=8, head_dim=128,
+                                               **CURVE[args.shape]))
+    rates = floor_rates(work / "src", work)
+    model = offloaded(work / "src", CURVE_MEMORY, work)
+    mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), calib_loop())
+    drop_promoted(model)
+    read, summary = disk_bytes(model)
+    out = {"floor_rates": rates, "layout": summary, "setup_s": round(time.perf_counter() - start, 1), "rows": []}
+    print("setup", out["setup_s"], rates, flush=True)
+    for rnd, order in enumerate((args.dirs, args.dirs[::-1])[:args.rounds]):
+        for folder in order:
+            if time.perf_counter() - start > args.budget:
+                break
+            oe = load(folder)
+            row = {"version": Path(folder).name, "round": rnd}
+            sampler = Sampler() if args.sample and rnd == 0 else contextlib.nullcontext()
+            try:
+                with sampler:
+                    row.update(timed(lambda: oe.save_clean(model, work / "o", format="modelopt"), work / "o"))
+                if args.sample and rnd == 0:
+                    row["stacks"] = sampler.top()
+                row["x_floor"] = round(row["s"] / floor_s(rates, read, row["written_GB"]), 2)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            shutil.rmtree(work / "o", ignore_errors=True)
+            out["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            (Path(os.environ.get("OUT", ".")) / "versions_h200.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,7 @@ from pathlib import Path
 from .job import INDEX_NAME, Job
 from .pipeline import UnitReader, run_units
 from .plan import ExportPlan
-from .writer import Descriptors, ShardWriter
+from .writer import Descriptors, ShardWriter, checksum_threads
 
 __all__ = ["SHARD_METADATA", "write_metadata", "write_model_files", "write_weights"]
 
@@ -41,7 +41,8 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
         bar = tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="offload-export")
     # files open at their first tensor and close (fsync-ed) at their last; at most a few at once
     descriptors = Descriptors()
-    checksums = ThreadPoolExecutor(1, thread_name_prefix="offload-export-crc") if on_shard is not None else None
+    checksums = (ThreadPoolExecutor(checksum_threads(), thread_name_prefix="offload-export-crc")
+                 if on_shard is not None else None)
     writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, SHARD_METADATA, descriptors=descriptors,
                                        checksums=checksums) for s in plan.shards}
     shard_of = plan.weight_map

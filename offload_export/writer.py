@@ -29,14 +29,16 @@ import torch
 
 from ._store import SAFETENSORS_DTYPES, FileSpan, open_regular
 
-__all__ = ["Descriptors", "FileSpan", "ShardWriter", "TensorSpec", "crc32_combine", "range_crc32", "safetensors_layout"]
+__all__ = ["Descriptors", "FileSpan", "ShardWriter", "TensorSpec", "checksum_threads", "crc32_combine", "range_crc32",
+           "safetensors_layout"]
 
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _DEFAULT_MAX_OPEN = 64
 _WRITEBACK_STEP = 64 << 20  # bytes written before their disk writeback is started
 _MIN_WRITEBACK = 1 << 20
 _WRITE_CALL = 512 << 10  # bytes per pwrite (see _pwrite_all)
-_CRC_BESIDE = 4 << 20  # pieces from this size on are checksummed in another thread while being written
+_CRC_BESIDE = 4 << 20  # pieces from this size on are checksummed in other threads while being written
+_CRC_PIECE = 16 << 20  # ... in parts of this size, one per task: zlib's CRC-32 runs at 2-3 GB/s per core
 # safetensors lays tensors out by its ``Dtype`` enum, descending, then by name (not by element size: BF16
 # comes before F16, F32 before U32 and I32, F8_E4M3 before I8 and U8)
 _LAYOUT_ORDER = ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E8M0", "F8_E4M3",
@@ -255,6 +257,16 @@ def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbyt
         done += len(piece)
 
 
+def checksum_threads() -> int:
+    """Threads for the CRC-32 computed beside an export's writes: a quarter of the cores, 1 to 4 (one core's
+    zlib runs at 2-3 GB/s, about a disk's write rate; the folds and the I/O threads keep the other cores)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores // 4))
+
+
 class ShardWriter:
     """Write one safetensors file whose header is known up front; tensors may arrive in any order.
 
@@ -271,7 +283,8 @@ class ShardWriter:
         specs: every tensor the file will hold.
         metadata: the ``__metadata__`` strings.
         descriptors: the pool that caps open files; a private one of one descriptor by default.
-        checksums: where the CRC-32 of each piece is computed (a thread beside the writing one); None: no CRC.
+        checksums: where the CRC-32 of each piece is computed (threads beside the writing one,
+            :func:`checksum_threads` of them); None: no CRC.
     """
 
     def __init__(self, path: str, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None, *,
@@ -342,9 +355,9 @@ class ShardWriter:
             fd = self._open_locked()
             if data.numel():
                 view, at = memoryview(data.view(-1).view(torch.uint8).numpy()), self._offsets[name]
-                crc = self._checksum(len(view), zlib.crc32, view)
+                crcs = self._checksum(at, len(view), lambda a, n: zlib.crc32(view[a:a + n]))
                 _in_steps(fd, at, len(view), lambda done, n: _pwrite_all(fd, view[done:done + n], at + done))
-                self._add_crc(at, len(view), crc)
+                self._add_crcs(crcs)
             self._wrote(name)
 
     def copy(self, name: str, span: FileSpan) -> None:
@@ -357,29 +370,32 @@ class ShardWriter:
             fd = self._open_locked()
             if spec.nbytes:
                 src = open_regular(span.path)
-                at, crc = self._offsets[name], None
+                at, crcs = self._offsets[name], []
                 try:
                     # read beside the kernel's copy of the same pages: one of the two reads the disk
-                    crc = self._checksum(spec.nbytes, range_crc32, src, span.offset, spec.nbytes)
+                    crcs = self._checksum(at, spec.nbytes, lambda a, n: range_crc32(src, span.offset + a, n))
                     _in_steps(fd, at, spec.nbytes,
                               lambda done, n: _copy_range(src, span.offset + done, fd, at + done, n))
-                    self._add_crc(at, spec.nbytes, crc)
+                    self._add_crcs(crcs)
                 finally:
-                    if isinstance(crc, Future):
-                        wait([crc])  # it reads ``src``: close it only after
+                    wait([c for *_, c in crcs if isinstance(c, Future)])  # they read ``src``: close it only after
                     os.close(src)
             self._wrote(name)
 
-    def _checksum(self, nbytes: int, fn: Callable[..., int], *args) -> Future | int | None:
-        """``fn(*args)``, the CRC of ``nbytes`` being written: computed beside the write when large, else here
-        (handing a small piece to another thread costs more than its CRC)."""
+    def _checksum(self, at: int, nbytes: int, crc_of: Callable[[int, int], int]
+                  ) -> list[tuple[int, int, Future | int]]:
+        """The CRC-32 of the ``nbytes`` being written at ``at``, as ``(offset, length, crc)`` pieces: ``crc_of(a, n)``
+        is that of its bytes ``a`` to ``a + n``. A large piece is split among the ``checksums`` threads and computed
+        beside the write; a small one here (handing it to another thread costs more than its CRC)."""
         if self._checksums is None:
-            return None
-        return self._checksums.submit(fn, *args) if nbytes >= _CRC_BESIDE else fn(*args)
+            return []
+        if nbytes < _CRC_BESIDE:
+            return [(at, nbytes, crc_of(0, nbytes))]
+        return [(at + a, n, self._checksums.submit(crc_of, a, n))
+                for a in range(0, nbytes, _CRC_PIECE) for n in [min(_CRC_PIECE, nbytes - a)]]
 
-    def _add_crc(self, offset: int, nbytes: int, crc: Future | int | None) -> None:
-        if crc is not None:
-            self._crcs.append((offset, nbytes, crc.result() if isinstance(crc, Future) else crc))
+    def _add_crcs(self, pieces: list[tuple[int, int, Future | int]]) -> None:
+        self._crcs += [(offset, n, crc.result() if isinstance(crc, Future) else crc) for offset, n, crc in pieces]
 
     def _wrote(self, name: str) -> None:
         self._pending.discard(name)

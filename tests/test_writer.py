@@ -6,6 +6,7 @@ there (``python test_writer.py <mode> <dir>``) and prints one JSON line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -15,6 +16,7 @@ import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -102,8 +104,10 @@ def test_file_span_is_copied_byte_for_byte(tmp_path):
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**16), n=st.integers(0, 8), spans=st.integers(0, 2), order=st.randoms())
-def test_the_crc32_computed_beside_the_writes_is_the_files(tmp_path_factory, seed, n, spans, order):
+@given(seed=st.integers(0, 2**16), n=st.integers(0, 8), spans=st.integers(0, 2), order=st.randoms(),
+       split=st.booleans())
+def test_the_crc32_computed_beside_the_writes_is_the_files(tmp_path_factory, seed, n, spans, order, split):
+    """Also with every piece above 64 bytes split into 96-byte parts among three threads (as large pieces are)."""
     tmp = tmp_path_factory.mktemp("crc")
     tensors = _tensors(seed, n)  # zero-row tensors included
     src = {f"span{i}": torch.randn(40 + i, 3) for i in range(spans)}
@@ -114,7 +118,8 @@ def test_the_crc32_computed_beside_the_writes_is_the_files(tmp_path_factory, see
         for k, v in src.items()]
     order.shuffle(items)  # any arrival order: the pieces are combined in file order
     specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in items]
-    with ThreadPoolExecutor(1) as pool:
+    sizes = mock.patch.multiple(writer_mod, _CRC_BESIDE=64, _CRC_PIECE=96) if split else contextlib.nullcontext()
+    with ThreadPoolExecutor(3 if split else 1) as pool, sizes:
         w = ShardWriter(str(tmp / "out.safetensors"), specs, {"format": "pt"}, checksums=pool)
         for k, v in items:
             w.write(k, v)

@@ -2,10 +2,11 @@
 interleaved in one process on one calibrated model (round 1 in the given order, round 2 reversed).
 
 Each DIR holds an ``offload_export`` package (``git archive REV offload_export | tar -x -C DIR``); the package is
-imported afresh from each before its export. Seconds, TTFB, x floor per version to ``$OUT/versions_h200.json``;
-no export is started after ``--budget`` seconds.
+imported afresh from each before its export. Seconds, TTFB, x floor per version to ``$OUT/versions_h200.json``
+(written after every export); no export is started after ``--budget`` seconds. ``--sample``: each thread's
+innermost frame and innermost frame of offload_export, counted every 5 ms during the first round.
 
-Usage (GPU machine, modelopt installed): python benchmarks/gpu_versions.py DIR [DIR ...]
+Usage (GPU machine, modelopt installed): python benchmarks/gpu_versions.py [--rounds 2] [--sample] DIR [DIR ...]
 """
 
 import argparse

@@ -14,9 +14,9 @@ from pathlib import Path
 
 
 from .job import INDEX_NAME, Job
-from .pipeline import UnitReader, run_units
+from .pipeline import UnitReader, run_units, usable_cores
 from .plan import ExportPlan
-from .writer import Descriptors, ShardWriter, checksum_threads
+from .writer import Descriptors, ShardWriter
 
 __all__ = ["SHARD_METADATA", "write_metadata", "write_model_files", "write_weights"]
 
@@ -41,7 +41,9 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
         bar = tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="offload-export")
     # files open at their first tensor and close (fsync-ed) at their last; at most a few at once
     descriptors = Descriptors()
-    checksums = (ThreadPoolExecutor(checksum_threads(), thread_name_prefix="offload-export-crc")
+    # the shards' CRC-32 beside the writes on a quarter of the cores, 1-4 (one core's zlib runs at 2-3 GB/s, about
+    # a disk's write rate; the folds and the I/O threads keep the other cores)
+    checksums = (ThreadPoolExecutor(max(1, min(4, usable_cores() // 4)), thread_name_prefix="offload-export-crc")
                  if on_shard is not None else None)
     writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, SHARD_METADATA, descriptors=descriptors,
                                        checksums=checksums) for s in plan.shards}

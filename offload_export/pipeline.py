@@ -29,7 +29,7 @@ from .layout import TensorInfo
 from .materialize import onloaded
 from .plan import Unit
 
-__all__ = ["UnitReader", "run_units"]
+__all__ = ["UnitReader", "run_units", "usable_cores"]
 
 _MIN_READ_AHEAD = 64 << 20
 
@@ -149,6 +149,14 @@ class UnitReader:
 _OPENMP_RUNTIMES = ("libgomp", "libomp", "libiomp5")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform tells it, else every core)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 @lru_cache(maxsize=1)
 def _openmp() -> ctypes.CDLL | None:
     """The OpenMP runtime torch runs its intra-op work on (when that is its parallel backend), else None.
@@ -190,10 +198,7 @@ def _fold_threads() -> Iterator[None]:
     the count every thread that starts using torch meanwhile keeps (process-wide state), so it is not used.
     """
     omp = _openmp()
-    try:
-        wanted = len(os.sched_getaffinity(0)) - 1
-    except (AttributeError, OSError):
-        wanted = (os.cpu_count() or 1) - 1
+    wanted = usable_cores() - 1
     torch.get_num_threads()  # torch's per-thread initialisation first, or it would overwrite the setting later
     previous = omp.omp_get_max_threads() if omp is not None else 0
     if omp is None or not 1 <= wanted < previous:

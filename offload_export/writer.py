@@ -29,8 +29,7 @@ import torch
 
 from ._store import SAFETENSORS_DTYPES, FileSpan, open_regular
 
-__all__ = ["Descriptors", "FileSpan", "ShardWriter", "TensorSpec", "checksum_threads", "crc32_combine", "range_crc32",
-           "safetensors_layout"]
+__all__ = ["Descriptors", "FileSpan", "ShardWriter", "TensorSpec", "crc32_combine", "range_crc32", "safetensors_layout"]
 
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _DEFAULT_MAX_OPEN = 64
@@ -257,16 +256,6 @@ def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbyt
         done += len(piece)
 
 
-def checksum_threads() -> int:
-    """Threads for the CRC-32 computed beside an export's writes: a quarter of the cores, 1 to 4 (one core's
-    zlib runs at 2-3 GB/s, about a disk's write rate; the folds and the I/O threads keep the other cores)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores // 4))
-
-
 class ShardWriter:
     """Write one safetensors file whose header is known up front; tensors may arrive in any order.
 
@@ -283,8 +272,7 @@ class ShardWriter:
         specs: every tensor the file will hold.
         metadata: the ``__metadata__`` strings.
         descriptors: the pool that caps open files; a private one of one descriptor by default.
-        checksums: where the CRC-32 of each piece is computed (threads beside the writing one,
-            :func:`checksum_threads` of them); None: no CRC.
+        checksums: where the CRC-32 of each piece is computed (threads beside the writing one); None: no CRC.
     """
 
     def __init__(self, path: str, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None, *,

@@ -405,6 +405,24 @@ def drop_promoted(model) -> int:
     return dropped
 
 
+def disk_held_model(work: Path, shape: str = "14b"):
+    """The cost curve's disk-held packed case: ``shape``'s checkpoint built in ``work / "src"``, the floor measured,
+    the model loaded over GPU 2 GiB + CPU 8 GiB + disk, NVFP4-calibrated, ModelOpt's promoted CPU copies dropped.
+
+    Returns:
+        ``(model, floor rates, bytes read from disk, layout summary)``.
+    """
+    import modelopt.torch.quantization as mtq
+
+    build_checkpoint(work / "src", Qwen3Config(vocab_size=VOCAB, num_key_value_heads=8, head_dim=128, **CURVE[shape]))
+    rates = floor_rates(work / "src", work)
+    model = offloaded(work / "src", CURVE_MEMORY, work)
+    mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), calib_loop())
+    drop_promoted(model)
+    read, summary = disk_bytes(model)
+    return model, rates, read, summary
+
+
 def calibration_experiment(src: Path, work: Path, result: dict, shape: str = "4b", issue_layout: bool = False) -> None:
     """Why the offloaded model's calibration differs from the resident twin's, and whether calibrating it inside
     ``oe.materialized(model, device="cuda")`` gives the resident twin's export."""

@@ -7,29 +7,20 @@ cache first, ``POSIX_FADV_DONTNEED``): two rounds. Seconds, TTFB, x floor to ``$
 Usage (GPU machine, modelopt installed): python benchmarks/gpu_disk_ab.py
 """
 
-import copy
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-import modelopt.torch.quantization as mtq
-from gpu_big import CURVE, CURVE_MEMORY, VOCAB, build_checkpoint, calib_loop, disk_bytes, drop_promoted, floor_rates, \
-    floor_s, offloaded, timed
-from transformers import Qwen3Config
+from gpu_big import disk_held_model, floor_s, timed
 
 import offload_export as oe
 from offload_export import pipeline as P
 from offload_export import resume as R
 
 work = Path(tempfile.mkdtemp())
-build_checkpoint(work / "src", Qwen3Config(vocab_size=VOCAB, num_key_value_heads=8, head_dim=128, **CURVE["14b"]))
-rates = floor_rates(work / "src", work)
-model = offloaded(work / "src", CURVE_MEMORY, work)
-mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), calib_loop())
-drop_promoted(model)
-read, summary = disk_bytes(model)
+model, rates, read, summary = disk_held_model(work)
 real_digest = R.memory_digest
 out = {"floor_rates": rates, "layout": summary}
 

@@ -12,7 +12,6 @@ Usage (GPU machine, modelopt installed): python benchmarks/gpu_versions.py [--ro
 import argparse
 import collections
 import contextlib
-import copy
 import importlib
 import json
 import os
@@ -23,10 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-import modelopt.torch.quantization as mtq
-from gpu_big import CURVE, CURVE_MEMORY, VOCAB, build_checkpoint, calib_loop, disk_bytes, drop_promoted, floor_rates, \
-    floor_s, offloaded, timed
-from transformers import Qwen3Config
+from gpu_big import disk_held_model, floor_s, timed
 
 
 def load(folder: str):
@@ -85,13 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp())
-    build_checkpoint(work / "src", Qwen3Config(vocab_size=VOCAB, num_key_value_heads=8, head_dim=128,
-                                               **CURVE[args.shape]))
-    rates = floor_rates(work / "src", work)
-    model = offloaded(work / "src", CURVE_MEMORY, work)
-    mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), calib_loop())
-    drop_promoted(model)
-    read, summary = disk_bytes(model)
+    model, rates, read, summary = disk_held_model(work, args.shape)
     out = {"floor_rates": rates, "layout": summary, "setup_s": round(time.perf_counter() - start, 1), "rows": []}
     print("setup", out["setup_s"], rates, flush=True)
     for rnd, order in enumerate((args.dirs, args.dirs[::-1])[:args.rounds]):

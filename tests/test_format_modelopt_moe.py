@@ -263,23 +263,65 @@ def test_a_mixture_of_experts_held_in_memory_takes_its_groups_from_the_fake_twin
     assert_same_checkpoint(tmp_path / "out", expected)
 
 
-def test_a_batched_expert_pack_unlike_modelopts_own_falls_back_to_one_expert_at_a_time(monkeypatch, tmp_path):
-    """NVFP4 experts are packed a stack at a time with ModelOpt's functions, after packing one expert both ways:
-    a stacked pack that differs (here a flipped bit in the 3-D packing) is caught there, warned about, and the
-    experts are packed one at a time: the checkpoint still equals ModelOpt's."""
+@pytest.mark.parametrize("config", ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG+FP8_KV_CFG"])
+def test_a_batched_expert_pack_unlike_modelopts_own_falls_back_to_one_expert_at_a_time(monkeypatch, tmp_path, config):
+    """NVFP4 and per-tensor FP8 experts are packed a stack at a time with ModelOpt's functions, after packing one
+    expert both ways: a stacked pack that differs (here a flipped bit in what ``to_quantized_weight`` returns, which
+    ModelOpt's own export calls through its own import) is caught there, warned about, and the experts are packed
+    one at a time: the checkpoint still equals ModelOpt's."""
     from modelopt.torch.export import quant_utils
 
-    model, expected = reference("NVFP4_DEFAULT_CFG", tmp_path)
+    model, expected = reference(config, tmp_path)
     real = quant_utils.to_quantized_weight
 
-    def off_by_one_bit_when_stacked(weight, *args, **kwargs):
+    def off_by_one_bit(weight, *args, **kwargs):
         packed = real(weight, *args, **kwargs)
-        return packed ^ 1 if weight.dim() == 3 else packed
+        return (packed.view(torch.uint8) ^ 1).view(packed.dtype)
 
-    monkeypatch.setattr(quant_utils, "to_quantized_weight", off_by_one_bit_when_stacked)
+    monkeypatch.setattr(quant_utils, "to_quantized_weight", off_by_one_bit)
     with pytest.warns(UserWarning, match=r"packing the experts of model\.layers\.0\.mlp\.experts together gives "
                                          r"model\.layers\.0\.mlp\.experts\.0\.gate_proj\.weight unlike"):
         oe.save_clean(model, tmp_path / "out", format="modelopt")
+    assert_same_checkpoint(tmp_path / "out", expected)
+
+
+@pytest.mark.parametrize("config", ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG+FP8_KV_CFG"])
+def test_experts_are_packed_a_stack_at_a_time_but_the_uncalibrated(monkeypatch, ref_root, tmp_path, config):
+    """While exporting, ModelOpt's per-expert export runs for the first calibrated expert of each experts module
+    (packed both ways) and for each uncalibrated one (its amax comes from its weight); the rest are packed a stack
+    at a time, and the checkpoint is ModelOpt's byte for byte."""
+    from offload_export.formats import modelopt as fmt
+
+    model, expected = reference(config, ref_root)
+    expected_calls = []
+    for name, module in model.named_modules():
+        if hasattr(module, "down_proj_weight_quantizers"):
+            lists = [getattr(module, f"{p}_weight_quantizers") for p in ("gate_up_proj", "down_proj")]
+            alone = [e for e in range(module.num_experts)
+                     if any(getattr(q[e], "_amax", None) is None or not q[e]._amax.any() for q in lists)]
+            first = next(e for e in range(module.num_experts) if e not in alone)
+            expected_calls += [(name, e) for e in sorted({first, *alone})]
+    calls, packing = [], []
+    pack_experts, pack_expert = fmt.ModelOptPacker._pack_experts, fmt.ModelOptPacker._pack_expert
+
+    def counted_pack_experts(self, x, *args, **kwargs):
+        packing.append(x.name)
+        try:
+            return pack_experts(self, x, *args, **kwargs)
+        finally:
+            packing.pop()
+
+    def counted_pack_expert(self, x, e, *args, **kwargs):
+        if packing:  # not the plan's templates
+            calls.append((x.name, e))
+        return pack_expert(self, x, e, *args, **kwargs)
+
+    monkeypatch.setattr(fmt.ModelOptPacker, "_pack_experts", counted_pack_experts)
+    monkeypatch.setattr(fmt.ModelOptPacker, "_pack_expert", counted_pack_expert)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*packing the experts")  # no fallback
+        oe.save_clean(model, tmp_path / "out", format="modelopt")
+    assert sorted(calls) == sorted(expected_calls)
     assert_same_checkpoint(tmp_path / "out", expected)
 
 

@@ -18,6 +18,7 @@ quantization-aware revert of transformers' conversion (``revert_weight_conversio
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import warnings
 from contextlib import ExitStack
@@ -82,6 +83,11 @@ class _Experts:
     @property
     def num_experts(self) -> int:
         return self.pristine.num_experts
+
+    @functools.cached_property
+    def signatures(self) -> tuple[tuple, ...]:
+        """Each expert's :func:`_expert_signature` (the pristine copy never changes)."""
+        return tuple(_expert_signature(self, e) for e in range(self.num_experts))
 
 
 def _packed_format(what: str, pristine: nn.Module) -> str | None:
@@ -499,7 +505,7 @@ class ModelOptPacker:
         one = {p: meta[head + p] for p in x.parts}
         out: dict[str, torch.Tensor] = {}
         for e in range(x.num_experts):
-            key = (tuple((p, tuple(t.shape[1:]), t.dtype) for p, t in one.items()), _expert_signature(x, e))
+            key = (tuple((p, tuple(t.shape[1:]), t.dtype) for p, t in one.items()), x.signatures[e])
             if key not in self._templates:
                 self._templates[key] = self._expert_template(x, e, one)
             for name, t in self._templates[key].items():
@@ -551,10 +557,10 @@ class ModelOptPacker:
 
     @staticmethod
     def _batchable(x: _Experts) -> tuple[int, ...] | None:
-        """NVFP4 experts whose weight quantizers are dynamic and alike but for their per-tensor amax, without
-        ``pre_quant_scale``: what ModelOpt's export computes for each calibrated one is its NVFP4 numerics on the
-        expert's slice with the expert's own ``weight_scale_2``, functions that take a stack of experts (its
-        ``to_quantized_weight`` reshapes ``weight_scale_2`` for MoE).
+        """NVFP4 or per-tensor FP8 experts whose weight quantizers are alike but for their per-tensor amax, without
+        ``pre_quant_scale``: what ModelOpt's export computes for each calibrated one is the format's numerics on the
+        expert's slice with the expert's own per-tensor scale (NVFP4: ``weight_scale_2``, functions that take a stack
+        of experts; FP8: ``weight_scale``, applied to each expert's slice by the call ModelOpt makes for it).
 
         Returns:
             None when the experts are not packed a stack at a time; else the experts left uncalibrated (amax
@@ -563,23 +569,24 @@ class ModelOptPacker:
         from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
         from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
-        if x.fmt != "nvfp4":
+        if x.fmt not in _PER_TENSOR:
             return None
         alone = set()
         for p in x.parts:
             if getattr(getattr(x.pristine, f"{p}_input_quantizer"), "_pre_quant_scale", None) is not None:
                 return None
             for e, q in enumerate(getattr(x.pristine, f"{p}_weight_quantizers")):
-                if (not isinstance(q, TensorQuantizer) or isinstance(q, SequentialQuantizer) or not q.is_enabled
-                        or NVFP4QTensor._is_static_quantizer(q)):
+                if not isinstance(q, TensorQuantizer) or isinstance(q, SequentialQuantizer) or not q.is_enabled:
+                    return None
+                if x.fmt == "nvfp4" and NVFP4QTensor._is_static_quantizer(q):
                     return None
                 amax = getattr(q, "_amax", None)
                 if amax is None or not bool(amax.any()):
                     alone.add(e)
-                elif amax.numel() != 1:
-                    return None
+                elif amax.numel() != 1 or (x.fmt == "fp8" and (amax.dim() or q.block_sizes)):
+                    return None  # FP8: ModelOpt's per-tensor scale of a 1-element amax takes another branch
         together = [e for e in range(x.num_experts) if e not in alone]
-        if not together or any(_expert_signature(x, e) != _expert_signature(x, together[0]) for e in together[1:]):
+        if not together or any(x.signatures[e] != x.signatures[together[0]] for e in together[1:]):
             return None
         return tuple(sorted(alone))
 
@@ -614,24 +621,19 @@ class ModelOptPacker:
                          shared: dict[str, torch.Tensor], alone: tuple[int, ...], start: int, stop: int, *,
                          pop: bool = False) -> dict[str, torch.Tensor]:
         """ModelOpt's per-expert outputs of the experts in ``start:stop`` but those in ``alone``, computed a stack of experts at
-        a time with its NVFP4 functions; ``shared``: the ``<proj>.input_scale`` outputs (the same for every expert).
+        a time with its functions; ``shared``: the ``<proj>.input_scale`` outputs (the same for every expert).
         With ``pop``, each 3-D weight is popped from ``values`` once packed."""
-        from modelopt.torch.export.quant_utils import _postprocess_single_tensor, to_quantized_weight
+        from modelopt.torch.export.quant_utils import _postprocess_single_tensor
         from modelopt.torch.quantization.plugins.huggingface import _get_fused_expert_intermediate_dim
-        from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
         head, out = f"{x.name}.", {}
         for part, projections in x.parts.items():
             source = values[head + part]
             quantizers = getattr(x.pristine, f"{part}_weight_quantizers")
-            block = quantizers[0].block_sizes[-1]
-            # each expert's weight_scale_2 as ModelOpt's get_weight_scaling_factor_2(...).squeeze(), computed where its
-            # export computes it (a CUDA division by a Python scalar multiplies by its reciprocal); 1 for those packed alone
-            scale_2_here = torch.stack([
+            scales_here = torch.stack([  # 1 for the experts packed alone
                 torch.ones((), dtype=torch.float32, device=device) if e in alone else
-                NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer(clone_module(quantizers[e], device=device)).squeeze()
-                for e in range(start, stop)])
-            scale_2 = to_host(scale_2_here)
+                _per_tensor_scale(x.fmt, quantizers[e], device) for e in range(start, stop)])
+            scales = to_host(scales_here)
             if len(projections) == 2:  # gated: gate rows, then up rows
                 split = _get_fused_expert_intermediate_dim(x.pristine)
                 rows = {projections[0]: (0, split), projections[1]: (split, source.shape[1])}
@@ -641,21 +643,19 @@ class ModelOptPacker:
             step = max(1, chunk_bytes // max(1, source[0].numel() * source.element_size()))
             for e0 in range(start, stop, step):
                 e1 = min(stop, e0 + step)
-                s2 = scale_2_here[e0 - start:e1 - start].view(-1, 1, 1)
+                here = scales_here[e0 - start:e1 - start]
                 for proj, (r0, r1) in rows.items():
                     weight = source[e0:e1, r0:r1].contiguous()  # ModelOpt packs weight_slice.contiguous()
-                    scale = NVFP4QTensor.get_weights_scaling_factor(weight, block, weights_scaling_factor_2=s2)[0]
-                    packed = to_host(to_quantized_weight(weight.to(self.dtype), scale, "nvfp4", s2, block))
-                    scale = to_host(scale)
+                    packed, made = self._pack_stack(x, quantizers, weight, here, e0, e1, alone)
                     del weight
                     for e in range(e0, e1):
                         if e in alone:
                             continue
-                        made = {"weight": packed[e - e0], "weight_scale": scale[e - e0],
-                                "weight_scale_2": scale_2[e - start]}
+                        tensors = {"weight": packed[e - e0], **{a: t[e - e0] for a, t in made.items()},
+                                   _PER_TENSOR[x.fmt]: scales[e - start]}
                         if f"{proj}.input_scale" in shared:
-                            made["input_scale"] = shared[f"{proj}.input_scale"]
-                        for attr, t in made.items():
+                            tensors["input_scale"] = shared[f"{proj}.input_scale"]
+                        for attr, t in tensors.items():
                             name, t = _postprocess_single_tensor(f"{head}{e}.{proj}.{attr}", t, _KV_MAX_BOUND, None)
                             if name is not None:
                                 out[name] = t.contiguous()
@@ -663,6 +663,27 @@ class ModelOptPacker:
             if pop:
                 values.pop(head + part)
         return out
+
+    def _pack_stack(self, x: _Experts, quantizers, weight: torch.Tensor, scales: torch.Tensor, e0: int, e1: int,
+                    alone: tuple[int, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Experts ``e0:e1``'s packed weights (a stack, on the host) from their slice ``weight`` and per-tensor
+        ``scales`` (on the export device), and the other per-expert tensors made on the way (NVFP4's block
+        ``weight_scale``). FP8 divides each expert's slice by its own 0-d scale, as ModelOpt does: dividing the
+        stack by a column of scales would round once from float32, where ModelOpt rounds to the weight's dtype
+        first."""
+        from modelopt.torch.export import quant_utils
+        from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+        if x.fmt == "fp8":
+            return to_host(torch.stack([
+                torch.zeros(w.shape, dtype=torch.float8_e4m3fn, device=w.device) if e in alone else
+                quant_utils.to_quantized_weight(w.to(self.dtype), s, "fp8")
+                for e, w, s in zip(range(e0, e1), weight, scales)])), {}
+        block = quantizers[0].block_sizes[-1]
+        s2 = scales.view(-1, 1, 1)
+        scale = NVFP4QTensor.get_weights_scaling_factor(weight, block, weights_scaling_factor_2=s2)[0]
+        packed = quant_utils.to_quantized_weight(weight.to(self.dtype), scale, "nvfp4", s2, block)
+        return to_host(packed), {"weight_scale": to_host(scale)}
 
     def _pack_expert(self, x: _Experts, e: int, tensors: dict[str, torch.Tensor], device: torch.device,
                      inputs: dict[str, nn.Module], part: str | None = None) -> dict[str, torch.Tensor]:
@@ -716,6 +737,8 @@ class ModelOptPacker:
 _ROW_CHUNK_BYTES = {"cpu": 2 * 2**20}
 _DEVICE_ROW_CHUNK_BYTES = 256 * 2**20
 _EXPERT = "\0"  # "<experts module>.<index>." in an expert's output names planned once for many experts
+# the formats whose fused experts are packed a stack at a time, and the name of each expert's per-tensor scale
+_PER_TENSOR = {"nvfp4": "weight_scale_2", "fp8": "weight_scale"}
 _ROW_FORMATS = ("int8_wo", "int8_sq", "fp8", "int4_awq", "w4a8_awq", "nvfp4", "w4a16_nvfp4")
 
 
@@ -788,6 +811,16 @@ def _warn_uncalibrated(x: _Experts) -> None:
                       f"(replayed here) uses the weights' amax as fallback; its own warnings below number each expert "
                       f"'Expert 0' (one expert is packed at a time). Consider more calibration data to activate all "
                       f"experts.", stacklevel=2)
+
+
+def _per_tensor_scale(fmt: str, q: nn.Module, device: torch.device) -> torch.Tensor:
+    """An expert's per-tensor scale (:data:`_PER_TENSOR`) as ModelOpt's export computes it, on ``device`` (where it
+    computes it: a CUDA division by a Python scalar multiplies by its reciprocal)."""
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    if fmt == "fp8":  # _export_quantized_weight: torch.tensor(amax / maxbound) of a 0-d float32 amax
+        return q._amax.to(device=device, dtype=torch.float32) / q.maxbound
+    return NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer(clone_module(q, device=device)).squeeze()
 
 
 def _stand_in(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -189,16 +189,18 @@ def _openmp() -> ctypes.CDLL | None:
 
 @contextmanager
 def _fold_threads() -> Iterator[None]:
-    """A block in which folds in this thread use one core less than the process may (one is left to the reader
-    and consumer threads).
+    """A block in which folds in this thread use half the cores the process may (at least one); the other half is
+    left to the reader, writer and checksum threads.
 
     With every core in the intra-op pool its spinning workers and the I/O threads fight over the cores; on a
-    loaded machine the folds then run several times slower. OpenMP's thread count is a setting of the calling
-    thread (``omp_set_num_threads``), restored after the block; ``torch.set_num_threads`` would also change
-    the count every thread that starts using torch meanwhile keeps (process-wide state), so it is not used.
+    loaded machine the folds then run several times slower, and so do the copies into and out of a GPU's pinned
+    buffers, which run on the same pool (benchmarks/README.md has the measurement). OpenMP's thread count is a
+    setting of the calling thread (``omp_set_num_threads``), restored after the block; ``torch.set_num_threads``
+    would also change the count every thread that starts using torch meanwhile keeps (process-wide state), so it is
+    not used.
     """
     omp = _openmp()
-    wanted = usable_cores() - 1
+    wanted = max(1, usable_cores() // 2)
     torch.get_num_threads()  # torch's per-thread initialisation first, or it would overwrite the setting later
     previous = omp.omp_get_max_threads() if omp is not None else 0
     if omp is None or not 1 <= wanted < previous:

@@ -290,7 +290,7 @@ def _other_openmp_runtime() -> str | None:
     return None
 
 
-def test_folds_run_on_one_core_less_also_beside_a_second_openmp_runtime(tmp_path):
+def test_folds_run_on_half_the_cores_also_beside_a_second_openmp_runtime(tmp_path):
     """With a system libgomp loaded beside torch's when there is one (its path sorts before torch's here)."""
     cores = len(os.sched_getaffinity(0))
     if cores < 2 or "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
@@ -299,4 +299,4 @@ def test_folds_run_on_one_core_less_also_beside_a_second_openmp_runtime(tmp_path
                            capture_output=True, text=True, timeout=BOUND)
     assert child.returncode == 0, child.stderr[-2000:]
     in_fold, after = map(int, child.stdout.split()[-2:])
-    assert (in_fold, after) == (cores - 1, cores)
+    assert (in_fold, after) == (max(1, cores // 2), cores)

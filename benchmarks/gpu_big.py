@@ -575,7 +575,7 @@ def big(args, result: dict) -> None:
         rates = floor_rates(work / "src", work)
         result["floors"][shape] = rates
         print(json.dumps({"floor": shape, **rates}), flush=True)
-        if shape == "8b":
+        if shape == "8b" and not args.no_issue_layout:
             calibration_experiment(work / "src", work, result, shape, issue_layout=True)
             args.save(result)
         kinds = ["fake-quant", "packed"] if shape == "8b" else ["packed"]
@@ -648,6 +648,7 @@ def main() -> None:
     ap.add_argument("--curve-fake-quant", default="0.6b,4b,8b")
     ap.add_argument("--curve-packed", default="0.6b,4b,14b")
     ap.add_argument("--big-shapes", default="8b,14b")
+    ap.add_argument("--no-issue-layout", action="store_true", help="with --part big: skip the 8B issue-layout experiment")
     ap.add_argument("--work", default=None, help="scratch folder (default: the system's temporary folder)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--tag", default="h200")

@@ -39,6 +39,7 @@ from .checkpoint import SHARD_METADATA
 from .fingerprint import differing_parts, memory_digest, memory_keys
 from .job import Job
 from .layout import Layout
+from .pipeline import usable_cores
 from .plan import ExportPlan, select_shards
 from .writer import range_crc32, safetensors_layout
 
@@ -369,8 +370,9 @@ def _clear(tmp: Path, keep: set[str], mine: set[str], planned: set[str], owner: 
 
 
 def _digest_threads() -> int:
-    """Threads that hash at once when a resume starts (nothing else runs then): every core, at most 8."""
-    return max(1, min(8, os.cpu_count() or 2))
+    """Threads that hash at once when a resume starts (nothing else runs then): every core the process may use, at
+    most 8."""
+    return min(8, usable_cores())
 
 
 @contextmanager

@@ -57,8 +57,21 @@ class _Quantized:
     name: str
     fmt: str
     pristine: nn.Module       # quantizer state as in the model (CPU), meta weight
-    shadow: nn.Module         # quantizer state after resmoothing (CPU), meta weight
     steps: list[Step] = field(default_factory=list)
+    _edited: nn.Module | None = None
+
+    @property
+    def shadow(self) -> nn.Module:
+        """The quantizer state after resmoothing (CPU), meta weight: the pristine copy itself until a step edits it
+        (most modules of a format ModelOpt does not fuse never are), read only."""
+        return self.pristine if self._edited is None else self._edited
+
+    def apply(self, step: Step) -> None:
+        """Record ``step`` and apply it to the shadow."""
+        if self._edited is None:
+            self._edited = clone_module(self.pristine)
+        self.steps.append(step)
+        step.apply(self._edited)
 
 
 @dataclass
@@ -211,7 +224,7 @@ class ModelOptPacker:
             fmt = _packed_format(name, pristine)
             if fmt is None:
                 continue
-            self.modules[name] = _Quantized(name, fmt, pristine, clone_module(pristine))
+            self.modules[name] = _Quantized(name, fmt, pristine)
 
     def _snapshot_experts(self, name: str, module: nn.Module) -> None:
         pristine = clone_module(module, _meta_tensors(module), torch.device("cpu"))
@@ -286,8 +299,8 @@ class ModelOptPacker:
                     warnings.warn(f"Skipping pattern fuse prequant for {type(parent).__name__}pre_quant_scale dim "
                                   f"{pqs.numel()} != out_channel dim {into.shadow.weight.shape[-2]}")
                     continue
-                self._step(into, Step("fuse_rows", pqs.clone()))
-                self._step(src, Step("drop_pqs"))
+                into.apply(Step("fuse_rows", pqs.clone()))
+                src.apply(Step("drop_pqs"))
 
     def _fuse_group(self, members: list[_Quantized], read) -> None:
         """``preprocess_linear_fusion``: mean ``pre_quant_scale`` (weights resmoothed), max input and weight amax."""
@@ -301,7 +314,8 @@ class ModelOptPacker:
             avg = torch.mean(torch.stack([s.input_quantizer.pre_quant_scale for s in shadows]), dim=0)
             for m in members:
                 if not torch.equal(m.shadow.input_quantizer.pre_quant_scale, avg):
-                    self._step(m, Step("update_pqs", avg))
+                    m.apply(Step("update_pqs", avg))
+            shadows = [m.shadow for m in members]  # an edited module's shadow is now its own copy
         iq = shadows[0].input_quantizer
         if iq.is_enabled and iq.amax is not None:
             self._step_all(members, Step("input_amax", torch.max(torch.stack([s.input_quantizer.amax for s in shadows]))))
@@ -318,13 +332,9 @@ class ModelOptPacker:
         self._step_all(members, Step("drop_pqs"))
 
     @staticmethod
-    def _step(m: _Quantized, step: Step) -> None:
-        m.steps.append(step)
-        step.apply(m.shadow)
-
-    def _step_all(self, members: list[_Quantized], step: Step) -> None:
+    def _step_all(members: list[_Quantized], step: Step) -> None:
         for m in members:
-            self._step(m, step)
+            m.apply(step)
 
     def _weight_amax_after_steps(self, m: _Quantized, read) -> torch.Tensor:
         """The weight amax after this module's weight steps: read the weight once and replay them on a copy."""

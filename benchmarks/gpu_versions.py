@@ -1,5 +1,6 @@
-"""The 14B disk-held packed export (``gpu_big.py --part big``'s last row) at several versions of offload_export,
-interleaved in one process on one calibrated model (round 1 in the given order, round 2 reversed).
+"""The 14B disk-held packed export (``gpu_big.py --part big``'s last row; ``--shape``, ``--format``: another) at
+several versions of offload_export, interleaved in one process on one calibrated model (round 1 in the given order,
+round 2 reversed).
 
 Each DIR holds an ``offload_export`` package (``git archive REV offload_export | tar -x -C DIR``); the package is
 imported afresh from each before its export. Seconds, TTFB, x floor per version to ``$OUT/versions_h200.json``
@@ -75,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("dirs", nargs="+")
     parser.add_argument("--shape", default="14b")
+    parser.add_argument("--format", default="modelopt", help="save_clean's format (fake-quant: the NVFP4 fold)")
     parser.add_argument("--budget", type=float, default=540)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--sample", action="store_true", help="count each thread's stacks (5 ms) in round 1")
@@ -93,7 +95,7 @@ def main() -> None:
             sampler = Sampler() if args.sample and rnd == 0 else contextlib.nullcontext()
             try:
                 with sampler:
-                    row.update(timed(lambda: oe.save_clean(model, work / "o", format="modelopt"), work / "o"))
+                    row.update(timed(lambda: oe.save_clean(model, work / "o", format=args.format), work / "o"))
                 if args.sample and rnd == 0:
                     row["stacks"] = sampler.top()
                 row["x_floor"] = round(row["s"] / floor_s(rates, read, row["written_GB"]), 2)

@@ -5,7 +5,8 @@ round 2 reversed).
 Each DIR holds an ``offload_export`` package (``git archive REV offload_export | tar -x -C DIR``); the package is
 imported afresh from each before its export. Seconds, TTFB, x floor per version to ``$OUT/versions_h200.json``
 (written after every export); no export is started after ``--budget`` seconds. ``--sample``: each thread's
-innermost frame and innermost frame of offload_export, counted every 5 ms during the first round.
+innermost frame and innermost frame of offload_export, counted every 5 ms during the first round, over the whole
+export (``stacks``) and before its first byte (``stacks_before_first_byte``).
 
 Usage (GPU machine, modelopt installed): python benchmarks/gpu_versions.py [--rounds 2] [--sample] DIR [DIR ...]
 """
@@ -40,10 +41,10 @@ def load(folder: str):
 
 
 class Sampler:
-    """Every 5 ms, each thread's innermost frame and innermost offload_export frame, counted per thread name."""
+    """Every 5 ms, each thread's innermost frame and innermost offload_export frame, with the time, per thread name."""
 
     def __enter__(self):
-        self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.samples: list[tuple[float, str, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -52,6 +53,7 @@ class Sampler:
     def _run(self):
         names = {}
         while not self._stop.wait(0.005):
+            now = time.perf_counter()
             names.update({t.ident: t.name.split("_")[0] for t in threading.enumerate()})
             for ident, frame in sys._current_frames().items():
                 if ident == threading.get_ident():
@@ -62,15 +64,20 @@ class Sampler:
                     if "offload_export" in f.f_code.co_filename:
                         ours = f"{Path(f.f_code.co_filename).name}:{f.f_code.co_name}:{f.f_lineno}"
                     f = f.f_back
-                self.counts[names.get(ident, str(ident))][f"{ours} | {inner}"] += 1
+                self.samples.append((now, names.get(ident, str(ident)), f"{ours} | {inner}"))
             frame = f = None  # a frame kept until the next sample would keep its tensors alive (a higher host peak)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
 
-    def top(self, n: int = 12) -> dict:
-        return {name: c.most_common(n) for name, c in self.counts.items() if sum(c.values()) > 20}
+    def top(self, n: int = 12, until: float = float("inf")) -> dict:
+        """The ``n`` commonest stacks of each thread sampled more than 20 times before ``until`` (perf_counter)."""
+        counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        for t, name, key in self.samples:
+            if t < until:
+                counts[name][key] += 1
+        return {name: c.most_common(n) for name, c in counts.items() if sum(c.values()) > 20}
 
 
 def main() -> None:
@@ -94,11 +101,19 @@ def main() -> None:
             oe = load(folder)
             row = {"version": Path(folder).name, "round": rnd}
             sampler = Sampler() if args.sample and rnd == 0 else contextlib.nullcontext()
+            started = []
+
+            def export(oe=oe):
+                started.append(time.perf_counter())  # timed()'s start, to the microsecond
+                oe.save_clean(model, work / "o", format=args.format)
+
             try:
                 with sampler:
-                    row.update(timed(lambda: oe.save_clean(model, work / "o", format=args.format), work / "o"))
+                    row.update(timed(export, work / "o"))
                 if args.sample and rnd == 0:
                     row["stacks"] = sampler.top()
+                    if row["ttfb_s"] is not None:
+                        row["stacks_before_first_byte"] = sampler.top(until=started[0] + row["ttfb_s"])
                 row["x_floor"] = round(row["s"] / floor_s(rates, read, row["written_GB"]), 2)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"

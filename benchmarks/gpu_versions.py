@@ -1,4 +1,5 @@
-"""The 14B disk-held packed export (``gpu_big.py --part big``'s last row; ``--shape``, ``--format``: another) at
+"""The 14B disk-held packed export (``gpu_big.py --part big``'s last row; ``--shape``, ``--format``: another;
+``--table CONFIG``: the tables' layout of ``--shape`` calibrated with that ModelOpt config) at
 several versions of offload_export, interleaved in one process on one calibrated model (round 1 in the given order,
 round 2 reversed).
 
@@ -8,7 +9,8 @@ imported afresh from each before its export. Seconds, TTFB, x floor per version 
 innermost frame and innermost frame of offload_export, counted every 5 ms during the first round, over the whole
 export (``stacks``) and before its first byte (``stacks_before_first_byte``).
 
-Usage (GPU machine, modelopt installed): python benchmarks/gpu_versions.py [--rounds 2] [--sample] DIR [DIR ...]
+Usage (GPU machine, modelopt installed):
+    python benchmarks/gpu_versions.py [--shape 4b --table NVFP4_DEFAULT_CFG] [--rounds 2] [--sample] DIR [DIR ...]
 """
 
 import argparse
@@ -24,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from gpu_big import disk_held_model, floor_s, timed
+from gpu_big import disk_held_model, floor_s, table_model, timed
 
 
 def load(folder: str):
@@ -84,6 +86,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("dirs", nargs="+")
     parser.add_argument("--shape", default="14b")
+    parser.add_argument("--table", default=None, metavar="CONFIG",
+                        help="the table layout (gpu_big.table_model) calibrated with this ModelOpt config instead")
     parser.add_argument("--format", default="modelopt", help="save_clean's format (fake-quant: the NVFP4 fold)")
     parser.add_argument("--budget", type=float, default=540)
     parser.add_argument("--rounds", type=int, default=2)
@@ -91,7 +95,10 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp())
-    model, rates, read, summary = disk_held_model(work, args.shape)
+    if args.table:
+        model, rates, read, summary = table_model(work, args.shape, args.table)
+    else:
+        model, rates, read, summary = disk_held_model(work, args.shape)
     out = {"floor_rates": rates, "layout": summary, "setup_s": round(time.perf_counter() - start, 1), "rows": []}
     print("setup", out["setup_s"], rates, flush=True)
     for rnd, order in enumerate((args.dirs, args.dirs[::-1])[:args.rounds]):

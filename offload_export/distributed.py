@@ -285,19 +285,18 @@ def _export(model: nn.Module, out_dir, options: dict, tokenizer, progress: bool,
     job: Job | None = None
     facts: dict = {}
 
+    def prepare() -> str:
+        nonlocal job, facts
+        job = prepare_job(model, out_dir, allow_missing=True, **options)
+        facts = plan_facts(job)
+        return json.dumps(_survey(job, facts))
+
+    surveys = [json.loads(s) for s in _exchange(ctl, prepare)]
+    owner = _assign(job, surveys, rank)
+    share = _share(job.plan, owner, rank)
+    plan_id = combined_fingerprint([s["resume"] for s in surveys])
     cleanup_notes: list[str] = []
-    with ExitStack() as stack:  # closed by the commit (finish), or on the way out
-        def prepare() -> str:
-            nonlocal job, facts
-            job = stack.enter_context(prepare_job(model, out_dir, allow_missing=True, **options))
-            facts = plan_facts(job)
-            return json.dumps(_survey(job, facts))
-
-        surveys = [json.loads(s) for s in _exchange(ctl, prepare)]
-        owner = _assign(job, surveys, rank)
-        share = _share(job.plan, owner, rank)
-        plan_id = combined_fingerprint([s["resume"] for s in surveys])
-
+    with ExitStack() as stack:
         def stage() -> str:
             adopt = Resumer(plan_id, facts, cleanup_notes) if resume else None
             return str(stack.enter_context(_atomic.staging(job.out_dir, overwrite=options["overwrite"],

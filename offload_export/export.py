@@ -176,22 +176,21 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "f
         return _group_export(model, out_dir, tokenizer=tokenizer, progress=progress, group=group, timeout=timeout,
                              resume=resume, **options)
     start = time.perf_counter()
+    job = prepare_job(model, out_dir, **options)
     notes: list[str] = []
-    with prepare_job(model, out_dir, **options) as job:
-        facts = plan_facts(job)
-        plan_id = fingerprint(facts)
-        adopt = Resumer(plan_id, facts, notes) if resume else None
-        with _atomic.staging(job.out_dir, overwrite=overwrite, notes=notes, adopt=adopt,
-                             keep_on_interrupt=resume) as tmp:
-            with resume_session(job, tmp, job.plan, fingerprint=plan_id, facts=facts, resume=resume,
-                                notes=notes) as session:  # its journal is gone once the block ends
-                files = write_weights(job.reader(), session.plan, tmp, progress, on_shard=session.shard_done)
-                files += write_metadata(job, tmp, tokenizer=tokenizer, notes=notes)
-                if vllm_fq_state:
-                    files.append(write_vllm_fq_state(model, job.quantizers, offloaded_tensors(model), set(job.folds),
-                                                     tmp))
-            if verify:
-                check_staged(job, tmp)
+    facts = plan_facts(job)
+    plan_id = fingerprint(facts)
+    adopt = Resumer(plan_id, facts, notes) if resume else None
+    with _atomic.staging(job.out_dir, overwrite=overwrite, notes=notes, adopt=adopt, keep_on_interrupt=resume) as tmp:
+        with resume_session(job, tmp, job.plan, fingerprint=plan_id, facts=facts, resume=resume,
+                            notes=notes) as session:  # its journal is gone once the block ends
+            files = write_weights(job.reader(), session.plan, tmp, progress, on_shard=session.shard_done)
+            files += write_metadata(job, tmp, tokenizer=tokenizer, notes=notes)
+            if vllm_fq_state:
+                files.append(write_vllm_fq_state(model, job.quantizers, offloaded_tensors(model), set(job.folds),
+                                                 tmp))
+        if verify:
+            check_staged(job, tmp)
     return ExportReport.of(job, files, time.perf_counter() - start, notes, session.counts)
 
 

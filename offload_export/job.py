@@ -64,12 +64,6 @@ class Job:
         """A reader that turns this job's units into their output tensors."""
         return UnitReader(self.source, self.format, device=self.device)
 
-    def __enter__(self) -> Job:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.format.close()
-
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """``torch.bfloat16`` from ``"bfloat16"`` / ``"torch.bfloat16"`` / the dtype itself; None stays None.
@@ -155,7 +149,7 @@ def prepare_job(model: nn.Module, out_dir, *, fold: bool = True, format: str = "
         check_out: check that ``out_dir`` can be written (``verify`` reads it instead).
 
     Returns:
-        The :class:`Job`; use it as a context manager (its format may run something in the background until then).
+        The :class:`Job`.
 
     Raises:
         ValueError: a bad argument, a model that cannot be exported in ``format``, or an ``out_dir`` that is
@@ -184,11 +178,6 @@ def prepare_job(model: nn.Module, out_dir, *, fold: bool = True, format: str = "
     folds = _weight_folds(quantizers, lay) if fold else {}
     source = Source(model, lay, quantizers, folds, save_conversion(model, lay, quantizer_keys), dtype)
     fmt = format_cls(source)
-    try:
-        plan = plan_export(lay, quantizer_keys=quantizer_keys,
-                           ignore=sorted(getattr(model, "_keys_to_ignore_on_save", None) or ()), dtype=dtype,
-                           max_shard_size=shard_bytes, outputs=fmt.outputs)
-    except BaseException:
-        fmt.close()
-        raise
+    plan = plan_export(lay, quantizer_keys=quantizer_keys, ignore=sorted(getattr(model, "_keys_to_ignore_on_save", None) or ()),
+                       dtype=dtype, max_shard_size=shard_bytes, outputs=fmt.outputs)
     return Job(out_dir, source, fmt, plan, device)

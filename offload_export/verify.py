@@ -796,9 +796,9 @@ def verify(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "fake-
         >>> report = offload_export.verify(model, "out/")  # doctest: +SKIP
         >>> assert report.ok, report
     """
-    with prepare_job(model, out_dir, format=format, fold=fold, max_shard_size=_ANY_SHARD_SIZE, dtype=dtype,
-                     device=device, overwrite=True, check_out=False) as job:
-        return check(job, Path(out_dir), thorough=thorough)
+    job = prepare_job(model, out_dir, format=format, fold=fold, max_shard_size=_ANY_SHARD_SIZE, dtype=dtype,
+                      device=device, overwrite=True, check_out=False)
+    return check(job, Path(out_dir), thorough=thorough)
 
 
 def check_staged(job: Job, tmp: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -300,105 +299,19 @@ def test_a_failure_part_way_leaves_nothing_and_the_model_as_it_was(ref_root, tmp
 
 
 @pytest.mark.parametrize("name", ["NVFP4_DEFAULT_CFG", "W4A8_AWQ_BETA_CFG"])
-def test_groups_found_on_the_fake_twin_give_modelopts_export_without_running_the_model(name, ref_root, tmp_path):
-    """With the shared-input groups from the fake twin, the export is ModelOpt's byte for byte, resmoothing and
-    layernorm fusion included, and the model's forward never runs."""
+def test_groups_found_on_the_fake_twin_give_modelopts_export_without_running_the_model(name, ref_root, tmp_path,
+                                                                                      monkeypatch):
+    """With the shared-input groups from the fake twin (taken once enough of the model is on disk), the export is
+    ModelOpt's byte for byte, resmoothing and layernorm fusion included, and the model's forward never runs."""
+    from offload_export.formats import modelopt as modelopt_format
+
+    monkeypatch.setattr(modelopt_format, "_FAKE_GROUPS_DISK_BYTES", 0)
     model, expected = reference(name, ref_root)
     model = apply_layout(model, MIXED, tmp_path / "layout")
 
     with forward_refused(model):
         oe.save_clean(model, tmp_path / "out", format="modelopt")
     assert_same_checkpoint(tmp_path / "out", expected)
-
-
-def test_the_first_units_are_written_while_a_thread_finds_the_groups(ref_root, tmp_path, monkeypatch):
-    """NVFP4 (no ``pre_quant_scale`` to resmooth): the twin's forward runs in a thread of its own while the export
-    packs the units before the first quantized linear (here the embedding), on a twin whose config is its own copy
-    (the forward switches its ``use_cache`` off); the checkpoint is ModelOpt's."""
-    from offload_export.formats import _modelopt_replay as replay
-    from offload_export.formats.modelopt import ModelOptPacker
-
-    model, expected = reference("NVFP4_DEFAULT_CFG", ref_root)
-    model = apply_layout(model, MIXED, tmp_path / "layout")
-    embedding_packed, seen = threading.Event(), {}
-    pack, traced = ModelOptPacker.pack, replay._traced_groups
-
-    def noting_pack(self, module, *args, **kwargs):
-        out = pack(self, module, *args, **kwargs)
-        if module == "model.embed_tokens":
-            embedding_packed.set()
-        return out
-
-    def waiting_trace(twin, roles, device, stop=None):
-        seen["embedding packed first"] = embedding_packed.wait(timeout=20)
-        seen["own configs"] = twin.config is not model.config and all(
-            m.config is twin.config for m in twin.modules() if "config" in m.__dict__)
-        return traced(twin, roles, device, stop)
-
-    monkeypatch.setattr(ModelOptPacker, "pack", noting_pack)
-    monkeypatch.setattr(replay, "_traced_groups", waiting_trace)
-    with forward_refused(model):
-        oe.save_clean(model, tmp_path / "out", format="modelopt")
-    assert seen == {"embedding packed first": True, "own configs": True}
-    assert_same_checkpoint(tmp_path / "out", expected)
-
-
-def test_where_the_twin_fails_the_models_own_forward_finds_the_groups_once(ref_root, tmp_path, monkeypatch):
-    """A twin whose forward raises (a value-dependent branch) gives way to one forward of the model itself, run
-    by the first pack that needs the groups: the checkpoint is still ModelOpt's, the model left as it was."""
-    from offload_export.formats import _modelopt_replay as replay
-
-    model, expected = reference("NVFP4_DEFAULT_CFG", ref_root)
-    model = apply_layout(model, MIXED, tmp_path / "layout")
-    before = model_state(model)
-    traced = replay._traced_groups
-
-    def twin_fails(model, roles, device, stop=None):
-        if stop is not None:  # the twin's forward (the model's own is given no stop)
-            raise RuntimeError("Tensor.item() on a fake tensor")
-        return traced(model, roles, device)
-
-    monkeypatch.setattr(replay, "_traced_groups", twin_fails)
-    forwards = []
-    handle = model.register_forward_pre_hook(lambda *args: forwards.append(1))
-    try:
-        oe.save_clean(model, tmp_path / "out", format="modelopt")
-    finally:
-        handle.remove()
-    assert forwards == [1]
-    assert_same_checkpoint(tmp_path / "out", expected)
-    assert_same_state(model_state(model), before)
-
-
-def test_an_export_that_fails_before_it_needs_the_groups_stops_the_thread_finding_them(ref_root, tmp_path,
-                                                                                      monkeypatch):
-    """The export fails packing the embedding while the twin's forward still runs: it is stopped and waited for,
-    so no thread is left behind; nothing is written and the model is as it was."""
-    from offload_export.formats import _modelopt_replay as replay
-    from offload_export.formats.modelopt import ModelOptPacker
-
-    model, _ = reference("NVFP4_DEFAULT_CFG", ref_root)
-    model = apply_layout(model, MIXED, tmp_path / "layout")
-    before = model_state(model)
-    stopped, traced = [], replay._traced_groups
-
-    def failing_pack(self, module, *args, **kwargs):
-        raise OSError("disk went away")
-
-    def slow_trace(twin, roles, device, stop=None):
-        stopped.append(stop.wait(timeout=20))  # still running when the export fails
-        return traced(twin, roles, device, stop)
-
-    monkeypatch.setattr(ModelOptPacker, "pack", failing_pack)
-    monkeypatch.setattr(replay, "_traced_groups", slow_trace)
-    out = tmp_path / "x" / "out"
-    out.parent.mkdir()
-    with pytest.raises(OSError, match="disk went away"):
-        oe.save_clean(model, out, format="modelopt")
-    assert stopped == [True]
-    assert not [t for t in threading.enumerate() if t.name == "offload-export-groups"]
-    assert list(out.parent.iterdir()) == []
-    assert_same_state(model_state(model), before)
 
 
 def test_verify_checks_hf_quant_config_with_types_and_as_loaders_read_it(tmp_path):

@@ -247,7 +247,7 @@ def test_shared_input_groups_come_from_a_fake_twin_without_running_the_model(kin
     expected = replay._traced_groups(model, replay._hooked_roles(model), torch.device("cpu"))
 
     with forward_refused(model):
-        groups, norms = replay.SharedInputGroups(model, torch.device("cpu")).result()
+        groups, norms = replay.shared_input_groups(model, torch.device("cpu"))
     assert (groups, norms) == expected
     assert any(len(g) == 3 for g in groups) and norms  # q/k/v after input_layernorm
 

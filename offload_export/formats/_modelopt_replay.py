@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import copy
 import functools
-import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from transformers import PretrainedConfig
 
-__all__ = ["SharedInputGroups", "Step", "clone_module"]
+__all__ = ["Step", "clone_module", "shared_input_groups"]
 
 # instance attributes that accelerate's add_hook_to_module puts on a module
 _HOOK_ATTRS = frozenset({"_hf_hook", "_old_forward", "forward"})
@@ -165,61 +162,32 @@ def group_weight_amax(m: nn.Module) -> torch.Tensor | None:
     return None
 
 
-class SharedInputGroups:
-    """Which quantized linears read the same input tensor, and the layernorm that produced it, found in a thread.
+def shared_input_groups(model: nn.Module, device: torch.device, *, fake: bool = True
+                        ) -> tuple[list[list[str]], dict[int, str]]:
+    """Which quantized linears read the same input tensor, and the layernorm that produced it.
 
     ModelOpt's ``collect_shared_input_modules``, without its side effects: forward hooks on quantized
     linears (any quantizer enabled) and layernorms, one forward of ``ones(1, 2)`` with every quantizer
     off, no cache. The forward runs on a twin of the model under ``FakeTensorMode`` (its modules copied
     without hooks, every tensor a fake one: shapes, no data), so that no weight is read: which tensor
     object each module receives does not depend on the values (a forward that branches on values raises
-    there rather than taking another branch). The twin is built in the calling thread (it reads the model's
-    structure); its forward, a fixed time per op, runs in a thread of its own while the export reads and
-    writes its first units. Where the twin's forward fails, :meth:`result` runs the model's own forward
-    instead, its input on ``device``, as ModelOpt's does.
+    there rather than taking another branch). Where the twin's forward fails, or with ``fake=False`` (the
+    fake forward costs a fixed time per op, the model's own forward the time to onload every weight: cheaper
+    when no weight is on disk), it runs on the model itself, its input on ``device``, as ModelOpt's does.
 
-    Args:
-        model: the quantized model.
-        device: where a forward of the model itself puts its input.
+    Returns:
+        The groups in first-call order (module names in call order) and, for each group index, the name
+        of the layernorm whose output the group reads (when there is one).
     """
-
-    def __init__(self, model: nn.Module, device: torch.device):
-        self._model, self._device = model, device
-        self._roles = _hooked_roles(model)
-        self._found: tuple[list[list[str]], dict[int, str]] | None = None
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with mode:
-            twin = _fake_twin(model, _stand_ins(model, self._roles), {})
-        self._thread = threading.Thread(target=self._trace, args=(twin, mode), name="offload-export-groups",
-                                        daemon=True)
-        self._thread.start()
-
-    def _trace(self, twin: nn.Module, mode: FakeTensorMode) -> None:
-        try:
-            with mode:
-                self._found = _traced_groups(twin, self._roles, torch.device("cpu"), self._stop)
-        except Exception:  # a value-dependent forward (or close()): result() traces the model itself
-            pass
-
-    def result(self) -> tuple[list[list[str]], dict[int, str]]:
-        """The groups in first-call order (module names in call order) and, for each group index, the name of
-        the layernorm whose output the group reads (when there is one).
-
-        Waits for the twin's forward; where it failed, runs the model's own forward in the calling thread
-        (nothing else may run the model meanwhile).
-        """
-        with self._lock:
-            self._thread.join()
-            if self._found is None:
-                self._found = _traced_groups(self._model, self._roles, self._device)
-            return self._found
-
-    def close(self) -> None:
-        """Stop the twin's forward (at its next quantized linear) and wait for its thread."""
-        self._stop.set()
-        self._thread.join()
+    roles = _hooked_roles(model)
+    if not fake:
+        return _traced_groups(model, roles, device)
+    try:
+        linears = {id(m) for name, m in model.named_modules() if roles.get(name) == "linear"}
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            return _traced_groups(_fake_twin(model, linears), roles, torch.device("cpu"))
+    except Exception:  # a value-dependent forward: trace the model itself
+        return _traced_groups(model, roles, device)
 
 
 def _hooked_roles(model: nn.Module) -> dict[str, str]:
@@ -237,42 +205,34 @@ def _hooked_roles(model: nn.Module) -> dict[str, str]:
     return roles
 
 
-def _stand_ins(model: nn.Module, roles: dict[str, str]) -> dict[int, Callable[..., torch.Tensor]]:
-    """The forwards the twin's modules take instead of their own, by ``id`` of the model's module: fused experts
-    (``_QuantFusedExperts``) return an empty tensor like their input instead of routing (their loop depends on
-    values; they hold no quantized linear, and their output is a new tensor either way); quantized linears an
-    empty tensor of their output's shape and their input's dtype, what their forward returns with every
-    quantizer off (a fake matmul costs a millisecond; which tensor a linear reads is all the trace needs)."""
+def _fake_twin(module: nn.Module, linears: set[int]) -> nn.Module:
+    """A copy of ``module``'s tree for a forward without data: same classes, every parameter and buffer a new
+    empty tensor on the CPU (call it inside a ``FakeTensorMode``: no memory), no accelerate or torch hooks;
+    other attributes shared with the module (shallow). Fused experts (``_QuantFusedExperts``) return an empty
+    tensor like their input instead of routing; the quantized linears in ``linears`` (by ``id``) an empty tensor
+    of their output's shape and their input's dtype, what their forward returns with every quantizer off (a fake
+    matmul costs a millisecond; which tensor a linear reads is all the trace needs of it). Neither has children
+    in the twin: their quantizers would never run."""
     from modelopt.torch.export.hf_export_handlers import _has_fused_experts_quantizers
 
-    out: dict[int, Callable[..., torch.Tensor]] = {}
-    for name, module in model.named_modules():
-        if _has_fused_experts_quantizers(module):
-            out[id(module)] = _fused_experts_stand_in
-        elif roles.get(name) == "linear":
-            out[id(module)] = functools.partial(_linear_stand_in, module.weight.shape[0])
-    return out
-
-
-def _fake_twin(module: nn.Module, stand_ins: dict[int, Callable[..., torch.Tensor]], configs: dict) -> nn.Module:
-    """A copy of ``module``'s tree for a forward without data: same classes, every parameter and buffer a new
-    empty tensor on the CPU (call it inside a ``FakeTensorMode``: no memory), no accelerate or torch hooks; a
-    transformers config a copy of its own (the forward sets ``use_cache`` on it; ``configs`` is the deep-copy
-    memo, so configs that refer to each other still do); other attributes shared with the module (shallow).
-    A module in ``stand_ins`` takes that forward and has no children (its quantizers would never run)."""
     new = object.__new__(type(module))
-    new.__dict__.update({k: type(v)() if "hooks" in k and isinstance(v, dict) else
-                         copy.deepcopy(v, configs) if isinstance(v, PretrainedConfig) else v
+    new.__dict__.update({k: type(v)() if "hooks" in k and isinstance(v, dict) else v
                          for k, v in module.__dict__.items() if k not in _HOOK_ATTRS and k not in _TENSOR_DICTS})
     new._parameters = OrderedDict((k, None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
                                                                           requires_grad=False))
                                   for k, p in module._parameters.items())
     new._buffers = OrderedDict((k, None if b is None else torch.empty(b.shape, dtype=b.dtype))
                                for k, b in module._buffers.items())
-    stand_in = stand_ins.get(id(module))
-    new._modules = OrderedDict() if stand_in is not None else OrderedDict(
-        (k, None if c is None else _fake_twin(c, stand_ins, configs)) for k, c in module._modules.items())
-    if stand_in is not None:
+    stand_in = None
+    if _has_fused_experts_quantizers(module):
+        # its routing loop depends on values; it holds no quantized linear, and its output is a new tensor either way
+        stand_in = _fused_experts_stand_in
+    elif id(module) in linears:
+        stand_in = functools.partial(_linear_stand_in, module.weight.shape[0])
+    if stand_in is None:
+        new._modules = OrderedDict((k, None if c is None else _fake_twin(c, linears)) for k, c in module._modules.items())
+    else:
+        new._modules = OrderedDict()
         new.forward = stand_in
     return new
 
@@ -285,12 +245,7 @@ def _linear_stand_in(out_features: int, x: torch.Tensor, *args, **kwargs) -> tor
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-class _Stopped(Exception):
-    """The twin's forward was stopped (:meth:`SharedInputGroups.close`)."""
-
-
-def _traced_groups(model: nn.Module, roles: dict[str, str], device: torch.device,
-                   stop: threading.Event | None = None) -> tuple[list[list[str]], dict[int, str]]:
+def _traced_groups(model: nn.Module, roles: dict[str, str], device: torch.device):
     from modelopt.torch.utils.dataset_utils import _disable_use_cache
 
     from ..quantizers import quantizers_disabled
@@ -301,8 +256,6 @@ def _traced_groups(model: nn.Module, roles: dict[str, str], device: torch.device
 
     def on_linear(name):
         def hook(module, args, output):
-            if stop is not None and stop.is_set():
-                raise _Stopped
             if args and isinstance(args[0], torch.Tensor):
                 inputs.setdefault(id(args[0]), (args[0], []))[1].append(name)
         return hook

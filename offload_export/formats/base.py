@@ -106,10 +106,6 @@ class Format(ABC):
         """Write the format's own files (besides weights and config) into ``tmp``; return their names."""
         return []
 
-    def close(self) -> None:
-        """Stop and wait for what the format still runs in the background: the export is done with it (on every
-        path, an exception's included). Default: nothing."""
-
 
 FORMATS: dict[str, type[Format]] = {}
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import threading
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from .._store import read_store
 from .._transfer import to_device, to_host
 from ..materialize import onloaded, same_bits
 from ..toolkits import require_toolkit
-from ._modelopt_replay import SharedInputGroups, Step, clone_module, group_weight_amax
+from ._modelopt_replay import Step, clone_module, group_weight_amax, shared_input_groups
 from .base import Format, Source, StateDict, register_format
 
 __all__ = ["HF_QUANT_CONFIG_NAME", "ModelOpt", "ModelOptPacker"]
@@ -47,6 +46,7 @@ FORMAT = "format='modelopt'"
 _KV_MAX_BOUND = 448  # ModelOpt: "kv cache scale as amax / 448 for both FP8 and NVFP4 KV cache"
 # formats whose shared-input groups ModelOpt leaves alone (_fuse_shared_input_modules)
 _NO_FUSION = ("fp8", "fp8_pb_real", None)
+_FAKE_GROUPS_DISK_BYTES = 4 << 30  # see ModelOpt.__init__
 _PACKED = ("int8_wo", "int8_sq", "fp8", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq", "w4a16_nvfp4")
 
 
@@ -134,15 +134,17 @@ class ModelOptPacker:
             (AWQ groups with a per-tensor weight scale); called one key at a time.
         refs: the model's offload map (``offloaded_tensors(model)``), to onload quantizer buffers.
         dtype: the export dtype (``export_hf_checkpoint(dtype=)``); the model's own when None.
+        fake_groups: find the linears that share an input on a fake twin of the model (no weight read) instead of
+            a forward of the model itself (which onloads every offloaded weight); the same groups either way. A
+            model with fused experts always takes the twin.
 
     Raises:
         ValueError: no ModelOpt quantizers, a MoE kind this export does not pack (see :meth:`_check_moe`), a
-            format or weight shape ModelOpt cannot pack. A group of linears that read one input but are quantized
-            differently (ModelOpt's assertion) is found by the first :meth:`pack` of a quantized module when no
-            module has a ``pre_quant_scale``.
+            format or weight shape ModelOpt cannot pack.
     """
 
-    def __init__(self, model: nn.Module, *, quantizers: list, read, refs: dict, dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, *, quantizers: list, read, refs: dict, dtype: torch.dtype | None = None,
+                 fake_groups: bool = True):
         from modelopt.torch.export.quant_utils import get_quant_config, get_quantization_format
         from modelopt.torch.export.unified_export_hf import _resolve_export_dtype
 
@@ -151,9 +153,7 @@ class ModelOptPacker:
             raise ValueError(f"{FORMAT} needs a model quantized by NVIDIA ModelOpt (mtq.quantize); "
                              f"{type(model).__name__} has no ModelOpt quantizers. Use format='fake-quant'")
         self._model = model
-        self._read = read
-        self._groups: SharedInputGroups | None = None  # found, not yet fused
-        self._fusing = threading.Lock()
+        self._fake_groups = fake_groups
         self.dtype = _resolve_export_dtype(model, dtype)
         if isinstance(self.dtype, str):  # config.torch_dtype is a string after a save_pretrained round trip
             self.dtype = getattr(torch, self.dtype.removeprefix("torch."))
@@ -170,17 +170,8 @@ class ModelOptPacker:
             self.hf_quant_config = get_quant_config(model)
             self._snapshot(model, {q.owner_name for q in quantizers})
         self._check_shapes()
-        try:
-            self._resmooth(model)
-            self._rules = _hub_name_rules(model, self.hf_quant_config)
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        """Stop finding the shared-input groups if that still runs (the export ends before it needed them)."""
-        if self._groups is not None:
-            self._groups.close()
+        self._resmooth(model, read)
+        self._rules = _hub_name_rules(model, self.hf_quant_config)
 
     # ---------------------------------------------------------------- state read up front
 
@@ -273,32 +264,21 @@ class ModelOptPacker:
 
     # ---------------------------------------------------------------- requantize_resmooth_fused_llm_layers
 
-    def _resmooth(self, model: nn.Module) -> None:
-        """``requantize_resmooth_fused_llm_layers``, on the shadows. The groups of linears that read one input are
-        found in a thread meanwhile (:class:`SharedInputGroups`) and fused by the first pack of a quantized module,
-        unless a ``pre_quant_scale`` is there to resmooth: that changes what is planned (it is folded away)."""
+    def _resmooth(self, model: nn.Module, read) -> None:
         if self.model_format is not None and "nvfp4_awq" in self.model_format.lower():
             self._fuse_prequant_to_linear(model)
         if all(q.fmt in _NO_FUSION for q in self.modules.values()):
             return
-        self._groups = SharedInputGroups(model, _input_device(model))
-        if any(getattr(q.pristine.input_quantizer, "pre_quant_scale", None) is not None for q in self.modules.values()):
-            self._fuse_groups()
-
-    def _fuse_groups(self) -> None:
-        """Fuse the shared-input groups into the shadows, once (the first caller waits for the groups)."""
-        with self._fusing:
-            found, self._groups = self._groups, None
-            if found is None:
-                return
-            groups, norms = found.result()
-            for i, names in enumerate(groups):
-                members = [self.modules[n] for n in names if n in self.modules]
-                if len(names) < 2 or len(members) != len(names) or members[0].fmt in _NO_FUSION:
-                    continue
-                self._fuse_group(members, self._read)
-                if i in norms and "awq" in members[0].fmt:
-                    self._fuse_layernorm(norms[i], members)
+        # fused experts: the model's forward would route through every one, the twin stands in for them
+        fake = self._fake_groups or bool(self.experts)
+        groups, norms = shared_input_groups(model, _input_device(model), fake=fake)
+        for i, names in enumerate(groups):
+            members = [self.modules[n] for n in names if n in self.modules]
+            if len(names) < 2 or len(members) != len(names) or members[0].fmt in _NO_FUSION:
+                continue
+            self._fuse_group(members, read)
+            if i in norms and "awq" in members[0].fmt:
+                self._fuse_layernorm(norms[i], members)
 
     def _fuse_prequant_to_linear(self, model: nn.Module) -> None:
         """``fuse_prequant_to_linear``: o_proj/down_proj's ``pre_quant_scale`` into v_proj/up_proj rows."""
@@ -464,8 +444,6 @@ class ModelOptPacker:
         ``owner`` is the model's module (only its class and structure are used); required for packed and
         layernorm-fused units. A fused-experts unit pops each 3-D weight from ``values`` once it is packed.
         """
-        if module in self.modules:
-            self._fuse_groups()
         out = self._pack(module, values, device, owner)
         for name, t in self.kv.get(module, {}).items():
             out[name] = t.to(device) if device is not None else t.clone()
@@ -960,19 +938,18 @@ class ModelOpt(Format):
                              f"would hold the unquantized weight. Quantize it with ModelOpt, remove or disable that "
                              f"quantizer, or use format='fake-quant'")
         self._refs = offloaded_tensors(source.model)
+        # the fake twin's trace costs a fixed time per op, a forward of the model the reading of every disk-held
+        # byte (CPU-held ones onload faster than the twin traces): the twin once the disk holds a few GiB
+        on_disk = sum(i.nbytes for i in source.lay.values() if i.kind in ("disk", "safetensors"))
         self.packer = ModelOptPacker(source.model, quantizers=source.quantizers, read=self._read, refs=self._refs,
-                                     dtype=source.dtype)
+                                     dtype=source.dtype, fake_groups=on_disk >= _FAKE_GROUPS_DISK_BYTES)
         tied = {i.tied_to for i in source.lay.values() if i.kind == "tied"}
         for name in self.packer.modules:
             key = f"{name}.weight" if name else "weight"
             if key in tied or source.lay[key].kind == "tied":
-                self.packer.close()
                 raise ValueError(f"format='modelopt': {key} is quantized and tied to another weight; ModelOpt's export "
                                  f"leaves such a weight unpacked. Disable its weight quantizer, untie it, or use "
                                  f"format='fake-quant'")
-
-    def close(self) -> None:
-        self.packer.close()
 
     def _device(self, key: str) -> torch.device:
         dev = self.source.lay[key].device

@@ -73,7 +73,7 @@ class Sampler:
         self._stop.set()
         self._thread.join()
 
-    def top(self, n: int = 12, until: float = float("inf")) -> dict:
+    def top(self, n: int = 20, until: float = float("inf")) -> dict:
         """The ``n`` commonest stacks of each thread sampled more than 20 times before ``until`` (perf_counter)."""
         counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         for t, name, key in self.samples:

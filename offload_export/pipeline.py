@@ -73,21 +73,31 @@ class UnitReader:
         return read_store(info.ref.store, info.dtype, info.shape)
 
     def held_bytes(self, unit: Unit) -> int:
-        """Memory a unit holds from its read until its outputs are written: the larger of its offloaded
-        sources and its outputs (passed-through file spans excluded)."""
+        """Memory a unit holds from its read until its outputs are written: the larger of what reading its
+        sources allocates (:meth:`read_bytes`) and its outputs (passed-through file spans excluded)."""
         spans = {k for k in unit.sources if self.lay[k].kind != "resident" and self._passed_through(unit, k) is not None}
         outputs = sum(spec.nbytes for spec in unit.outputs if spec.name not in spans)
-        return max(self.offloaded_bytes(unit), outputs)
+        return max(self.read_bytes(unit), outputs)
 
     def read_ahead_bytes(self, units: Iterable[Unit]) -> int:
         """A read-ahead budget for streaming ``units``: the most memory one of them holds (:meth:`held_bytes`;
         passed-through file spans hold none), at least 64 MB. Memory then stays near twice it."""
         return max(max((self.held_bytes(unit) for unit in units), default=0), _MIN_READ_AHEAD)
 
-    def offloaded_bytes(self, unit: Unit) -> int:
-        """Bytes that reading ``unit`` brings into memory (passed-through file spans excluded)."""
+    def read_bytes(self, unit: Unit) -> int:
+        """Bytes that reading ``unit`` allocates: its sources read from files or mappings, or cast; not the
+        resident ones, nor CPU-offloaded ones handed over as they are (:func:`read_store`), nor passed-through
+        file spans. (A fold copies the model's memory it is handed, into about the size of the unit's outputs.)"""
         return sum(self.lay[k].nbytes for k in unit.sources
-                   if self.lay[k].kind != "resident" and self._passed_through(unit, k) is None)
+                   if not self._in_place(self.lay[k]) and self._passed_through(unit, k) is None)
+
+    @staticmethod
+    def _in_place(info: TensorInfo) -> bool:
+        """Whether :meth:`read` hands ``info``'s tensor over as the model's own memory, without a copy."""
+        if info.kind == "resident":
+            return True
+        store = info.ref.store if info.ref is not None else None
+        return info.kind == "cpu" and store is not None and store.dataset[store.key].dtype == info.dtype
 
     def finish(self, unit: Unit, raw: dict[str, torch.Tensor | FileSpan]) -> dict[str, torch.Tensor | FileSpan]:
         """A unit's raw tensors made into its outputs by the format (name -> CPU or device tensor, or a

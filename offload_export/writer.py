@@ -34,9 +34,9 @@ __all__ = ["Descriptors", "FileSpan", "ShardWriter", "TensorSpec", "crc32_combin
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _DEFAULT_MAX_OPEN = 64
 _WRITEBACK_STEP = 64 << 20  # bytes written before their disk writeback is started
-_MIN_WRITEBACK = 1 << 20
 _WRITE_CALL = 512 << 10  # bytes per pwrite (see _pwrite_all)
-_CRC_BESIDE = 4 << 20  # pieces from this size on are checksummed in other threads while being written
+_CRC_BESIDE = 256 << 10  # pieces from this size on are checksummed in other threads while being written
+_CRC_BACKLOG = 64 << 20  # bytes whose checksum may still be pending (their buffers kept alive until then)
 _CRC_PIECE = 16 << 20  # ... in parts of this size, one per task: zlib's CRC-32 runs at 2-3 GB/s per core
 # safetensors lays tensors out by its ``Dtype`` enum, descending, then by name (not by element size: BF16
 # comes before F16, F32 before U32 and I32, F8_E4M3 before I8 and U8)
@@ -201,13 +201,13 @@ class Descriptors:
 def _advise_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Start the disk writeback of a just-written range (so a later fsync has little left); a hint only.
 
-    Only the whole pages inside the range, and only from 1 MiB on: a page shared with the next tensor,
-    written back now, would be dirtied again and written twice; small tails are left to the fsync.
+    Only the whole pages inside the range: a page shared with the next tensor, written back now, would be
+    dirtied again and written twice; such pages are left to the fsync.
     """
     advise = getattr(os, "posix_fadvise", None)  # absent on macOS and Windows
     start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
     end = (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if advise is None or end - start < _MIN_WRITEBACK:
+    if advise is None or end <= start:
         return
     try:
         advise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
@@ -215,13 +215,15 @@ def _advise_writeback(fd: int, offset: int, nbytes: int) -> None:
         pass
 
 
-def _in_steps(fd: int, offset: int, nbytes: int, write: Callable[[int, int], None]) -> None:
-    """``write(done, n)`` over ``nbytes`` in steps of 64 MiB, starting each step's writeback right after it,
-    so that the disk works while the rest of a large tensor is still being written."""
-    for done in range(0, nbytes, _WRITEBACK_STEP):
-        n = min(_WRITEBACK_STEP, nbytes - done)
-        write(done, n)
-        _advise_writeback(fd, offset + done, n)
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(offset, length)`` ranges in file order, those that touch joined."""
+    out: list[tuple[int, int]] = []
+    for at, n in sorted(ranges):
+        if out and out[-1][0] + out[-1][1] == at:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((at, n))
+    return out
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -282,7 +284,10 @@ class ShardWriter:
         self._header, self._offsets = safetensors_layout(specs, metadata)
         self.nbytes = len(self._header) + sum(s.nbytes for s in specs)
         self._checksums = checksums
-        self._crcs = [(0, len(self._header), zlib.crc32(self._header))]  # (offset, length, crc) of each piece
+        # (offset, length, crc) of each piece, the oldest pending ones first; a pending crc is a Future
+        self._crcs: list[tuple[int, int, Future | int]] = [(0, len(self._header), zlib.crc32(self._header))]
+        self._crc_pending = 0  # bytes of the pieces whose crc is a Future
+        self._crc_settled = 1  # the pieces before this index hold their crc
         self.crc32: int | None = None
         self._pending = set(self._specs)
         self._pool = descriptors if descriptors is not None else Descriptors(1)
@@ -290,6 +295,8 @@ class ShardWriter:
         self._created = False
         self._done = False
         self._lock = threading.RLock()
+        self._unadvised: list[tuple[int, int]] = []  # (offset, length) written since writeback was last started
+        self._unadvised_bytes = 0
 
     # -- descriptors
     def _open_locked(self) -> int:
@@ -344,7 +351,7 @@ class ShardWriter:
             if data.numel():
                 view, at = memoryview(data.view(-1).view(torch.uint8).numpy()), self._offsets[name]
                 crcs = self._checksum(at, len(view), lambda a, n: zlib.crc32(view[a:a + n]))
-                _in_steps(fd, at, len(view), lambda done, n: _pwrite_all(fd, view[done:done + n], at + done))
+                self._in_steps(fd, at, len(view), lambda done, n: _pwrite_all(fd, view[done:done + n], at + done))
                 self._add_crcs(crcs)
             self._wrote(name)
 
@@ -362,13 +369,28 @@ class ShardWriter:
                 try:
                     # read beside the kernel's copy of the same pages: one of the two reads the disk
                     crcs = self._checksum(at, spec.nbytes, lambda a, n: range_crc32(src, span.offset + a, n))
-                    _in_steps(fd, at, spec.nbytes,
+                    self._in_steps(fd, at, spec.nbytes,
                               lambda done, n: _copy_range(src, span.offset + done, fd, at + done, n))
                     self._add_crcs(crcs)
                 finally:
                     wait([c for *_, c in crcs if isinstance(c, Future)])  # they read ``src``: close it only after
                     os.close(src)
             self._wrote(name)
+
+    def _in_steps(self, fd: int, offset: int, nbytes: int, write: Callable[[int, int], None]) -> None:
+        """``write(done, n)`` over ``nbytes`` in steps of 64 MiB; hold ``_lock``. The writeback of what was written
+        is started each time 64 MiB more were written, by one tensor or by many small ones (a MoE's per-expert
+        tensors), so that the disk works meanwhile rather than in the fsync at the end; ranges that touch are
+        merged (the pages they share are written once)."""
+        for done in range(0, nbytes, _WRITEBACK_STEP):
+            n = min(_WRITEBACK_STEP, nbytes - done)
+            write(done, n)
+            self._unadvised.append((offset + done, n))
+            self._unadvised_bytes += n
+            if self._unadvised_bytes >= _WRITEBACK_STEP:
+                for at, m in _merged(self._unadvised):
+                    _advise_writeback(fd, at, m)
+                self._unadvised, self._unadvised_bytes = [], 0
 
     def _checksum(self, at: int, nbytes: int, crc_of: Callable[[int, int], int]
                   ) -> list[tuple[int, int, Future | int]]:
@@ -382,8 +404,18 @@ class ShardWriter:
         return [(at + a, n, self._checksums.submit(crc_of, a, n))
                 for a in range(0, nbytes, _CRC_PIECE) for n in [min(_CRC_PIECE, nbytes - a)]]
 
-    def _add_crcs(self, pieces: list[tuple[int, int, Future | int]]) -> None:
-        self._crcs += [(offset, n, crc.result() if isinstance(crc, Future) else crc) for offset, n, crc in pieces]
+    def _add_crcs(self, pieces: list[tuple[int, int, Future | int]], backlog: int | None = None) -> None:
+        """Note the pieces' checksums; wait for the oldest pending ones until at most ``backlog`` bytes (64 MiB by
+        default) are pending: a pending piece keeps its buffer alive, outside the export's memory budget."""
+        backlog = _CRC_BACKLOG if backlog is None else backlog
+        self._crcs += pieces
+        self._crc_pending += sum(n for _, n, crc in pieces if isinstance(crc, Future))
+        while self._crc_pending > backlog:
+            offset, n, crc = self._crcs[self._crc_settled]
+            if isinstance(crc, Future):
+                self._crcs[self._crc_settled] = (offset, n, crc.result())
+                self._crc_pending -= n
+            self._crc_settled += 1
 
     def _wrote(self, name: str) -> None:
         self._pending.discard(name)
@@ -400,6 +432,7 @@ class ShardWriter:
             self._close_fd()
             self._done = True
         if self._checksums is not None:
+            self._add_crcs([], backlog=0)
             crc, end = 0, 0
             for offset, nbytes, piece in sorted(self._crcs):
                 if offset != end:

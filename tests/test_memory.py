@@ -7,6 +7,7 @@ before the call), which counts mmap'ed file pages too (tests/memory_child.py).
 from __future__ import annotations
 
 import pytest
+import torch
 from memory_child import measure
 
 
@@ -40,3 +41,28 @@ def test_tensors_copied_file_to_file_do_not_size_the_read_ahead(tmp_path):
     assert "lm_head.weight" not in result["folded"] and result["largest_source"] >= 180 * 2**20
     # 64 MiB of read-ahead + the unit being folded (source, output, scratch) + interpreter churn
     assert result["peak_extra"] <= 112 * 2**20, result
+
+
+@pytest.mark.parametrize("kind", ["cpu_offload", "disk_offload"])
+def test_only_sources_read_into_new_memory_size_the_read_ahead(kind, tmp_path):
+    """A unit's folded sources count toward the read-ahead budget when reading them allocates: disk-offloaded
+    ones their bytes, CPU-offloaded ones nothing (they come as the model's own tensors; the fold's copy of them is
+    the size of the unit's outputs, which count)."""
+    from layouts import LayoutSpec, apply_layout, make_model
+
+    import offload_export as oe
+    from offload_export.job import prepare_job
+
+    model = make_model("llama_untied", dtype=torch.bfloat16)
+    oe.quantize_weights(model, "int8")
+    model = apply_layout(model, LayoutSpec(kind), tmp_path / "layout")
+    with_folds = 0
+    job = prepare_job(model, tmp_path / "out")
+    reader = job.reader()
+    for unit in job.plan.units:
+        folded = [k for k in unit.sources if k in job.folds]
+        with_folds += bool(folded)
+        read = sum(job.lay[k].nbytes for k in unit.sources if k not in reader.spans(unit))
+        assert reader.read_bytes(unit) == (0 if kind == "cpu_offload" else read), unit
+        assert reader.held_bytes(unit) >= sum(spec.nbytes for spec in unit.outputs if spec.name not in reader.spans(unit))
+    assert with_folds >= 7

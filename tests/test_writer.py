@@ -107,7 +107,8 @@ def test_file_span_is_copied_byte_for_byte(tmp_path):
 @given(seed=st.integers(0, 2**16), n=st.integers(0, 8), spans=st.integers(0, 2), order=st.randoms(),
        split=st.booleans())
 def test_the_crc32_computed_beside_the_writes_is_the_files(tmp_path_factory, seed, n, spans, order, split):
-    """Also with every piece above 64 bytes split into 96-byte parts among three threads (as large pieces are)."""
+    """Also with every piece above 64 bytes split into 96-byte parts among three threads (as large pieces are),
+    up to 200 bytes of them still being checksummed while the next ones are written."""
     tmp = tmp_path_factory.mktemp("crc")
     tensors = _tensors(seed, n)  # zero-row tensors included
     src = {f"span{i}": torch.randn(40 + i, 3) for i in range(spans)}
@@ -118,7 +119,8 @@ def test_the_crc32_computed_beside_the_writes_is_the_files(tmp_path_factory, see
         for k, v in src.items()]
     order.shuffle(items)  # any arrival order: the pieces are combined in file order
     specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in items]
-    sizes = mock.patch.multiple(writer_mod, _CRC_BESIDE=64, _CRC_PIECE=96) if split else contextlib.nullcontext()
+    sizes = (mock.patch.multiple(writer_mod, _CRC_BESIDE=64, _CRC_PIECE=96, _CRC_BACKLOG=200) if split
+             else contextlib.nullcontext())
     with ThreadPoolExecutor(3 if split else 1) as pool, sizes:
         w = ShardWriter(str(tmp / "out.safetensors"), specs, {"format": "pt"}, checksums=pool)
         for k, v in items:
@@ -168,6 +170,27 @@ def test_without_posix_fadvise_the_writer_still_works(tmp_path, monkeypatch):
         w.write(n, v)
     w.close()
     save_file(t, str(tmp_path / "ref.safetensors"))
+    assert (tmp_path / "m.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_the_writeback_of_small_tensors_starts_every_64_mib_of_them(tmp_path, monkeypatch):
+    """Tensors too small to start their own writeback (a MoE's per-expert ones) have it started once together
+    they fill a step (64 MiB; 8 KiB here), rather than all of it waiting for the fsync at the end."""
+    advised = []
+    real = writer_mod.os.posix_fadvise
+    monkeypatch.setattr(writer_mod.os, "posix_fadvise", lambda fd, at, n, how: (advised.append((at, n)),
+                                                                                real(fd, at, n, how)))
+    monkeypatch.setattr(writer_mod, "_WRITEBACK_STEP", 8192)
+    tensors = {f"expert{i:02}": torch.full((1000,), i, dtype=torch.uint8) for i in range(40)}  # in file order
+    w = ShardWriter(str(tmp_path / "m.safetensors"), [TensorSpec(n, v.dtype, tuple(v.shape)) for n, v in tensors.items()])
+    for n, v in tensors.items():
+        w.write(n, v)
+    w.close()
+    assert len(advised) == 40 * 1000 // 9000  # every 9th tensor closes a step: one range of whole pages each
+    assert all(at % 4096 == 0 and n % 4096 == 0 and n >= 4096 for at, n in advised)
+    assert all(a + n <= b for (a, n), (b, _) in zip(advised, advised[1:]))  # each page once, in file order
+    assert advised[-1][0] + advised[-1][1] >= 36 * 1000 - 4096  # the last 4 tensors are left to the fsync
+    save_file(tensors, str(tmp_path / "ref.safetensors"))
     assert (tmp_path / "m.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
 

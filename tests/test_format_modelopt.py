@@ -301,12 +301,11 @@ def test_a_failure_part_way_leaves_nothing_and_the_model_as_it_was(ref_root, tmp
 @pytest.mark.parametrize("name", ["NVFP4_DEFAULT_CFG", "W4A8_AWQ_BETA_CFG"])
 def test_groups_found_on_the_fake_twin_give_modelopts_export_without_running_the_model(name, ref_root, tmp_path,
                                                                                       monkeypatch):
-    """With the shared-input groups from the fake twin (taken once a forward would onload enough of the model), the
-    export is ModelOpt's byte for byte, resmoothing and layernorm fusion included, and the model's forward never
-    runs."""
+    """With the shared-input groups from the fake twin (taken once enough of the model is on disk), the export is
+    ModelOpt's byte for byte, resmoothing and layernorm fusion included, and the model's forward never runs."""
     from offload_export.formats import modelopt as modelopt_format
 
-    monkeypatch.setattr(modelopt_format, "_FAKE_GROUPS_BYTES", 0)
+    monkeypatch.setattr(modelopt_format, "_FAKE_GROUPS_DISK_BYTES", 0)
     model, expected = reference(name, ref_root)
     model = apply_layout(model, MIXED, tmp_path / "layout")
 

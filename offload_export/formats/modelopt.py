@@ -46,7 +46,7 @@ FORMAT = "format='modelopt'"
 _KV_MAX_BOUND = 448  # ModelOpt: "kv cache scale as amax / 448 for both FP8 and NVFP4 KV cache"
 # formats whose shared-input groups ModelOpt leaves alone (_fuse_shared_input_modules)
 _NO_FUSION = ("fp8", "fp8_pb_real", None)
-_FAKE_GROUPS_BYTES = 4 << 30  # see ModelOpt.__init__
+_FAKE_GROUPS_DISK_BYTES = 4 << 30  # see ModelOpt.__init__
 _PACKED = ("int8_wo", "int8_sq", "fp8", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq", "w4a16_nvfp4")
 
 
@@ -938,13 +938,11 @@ class ModelOpt(Format):
                              f"would hold the unquantized weight. Quantize it with ModelOpt, remove or disable that "
                              f"quantizer, or use format='fake-quant'")
         self._refs = offloaded_tensors(source.model)
-        # the fake twin's trace costs a fixed time per op, a forward of the model the onloading of every offloaded
-        # byte: read from disk, or copied to the GPU it executes on (a CPU-held weight executed on the CPU is used
-        # in place): the twin once that is a few GiB
-        onloaded = sum(i.nbytes for i in source.lay.values()
-                       if i.kind in ("disk", "safetensors", "mapping") or (i.kind == "cpu" and _off_cpu(i.device)))
+        # the fake twin's trace costs a fixed time per op, a forward of the model the reading of every disk-held
+        # byte (CPU-held ones onload faster than the twin traces): the twin once the disk holds a few GiB
+        on_disk = sum(i.nbytes for i in source.lay.values() if i.kind in ("disk", "safetensors"))
         self.packer = ModelOptPacker(source.model, quantizers=source.quantizers, read=self._read, refs=self._refs,
-                                     dtype=source.dtype, fake_groups=onloaded >= _FAKE_GROUPS_BYTES)
+                                     dtype=source.dtype, fake_groups=on_disk >= _FAKE_GROUPS_DISK_BYTES)
         tied = {i.tied_to for i in source.lay.values() if i.kind == "tied"}
         for name in self.packer.modules:
             key = f"{name}.weight" if name else "weight"
@@ -1013,11 +1011,6 @@ def _checked(spec, out: StateDict, module: str) -> torch.Tensor:
 
 def _like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
-
-
-def _off_cpu(device) -> bool:
-    """Whether a hook's execution device (a device, a string, a CUDA index or None) is other than the CPU."""
-    return device is not None and torch.device(device).type != "cpu"
 
 
 def _input_device(model: nn.Module) -> torch.device:

@@ -93,7 +93,8 @@ class UnitReader:
 
     @staticmethod
     def _in_place(info: TensorInfo) -> bool:
-        """Whether :meth:`read` hands ``info``'s tensor over as the model's own memory, without a copy."""
+        """Whether :meth:`read` hands ``info``'s tensor over as the model's own memory, without a copy: a resident
+        tensor, or a CPU-offloaded one stored in the module's dtype."""
         if info.kind == "resident":
             return True
         store = info.ref.store if info.ref is not None else None
@@ -126,10 +127,10 @@ class UnitReader:
             yield dev
 
     def _borrowed(self, key: str) -> bool:
-        """Whether :meth:`read` hands ``key`` over as the model's own memory (a resident tensor, an in-memory
-        store's tensor) rather than a buffer read for the export."""
+        """Whether :meth:`read` may hand ``key`` over as the model's own memory (:meth:`_in_place`, or whatever
+        a user's mapping returns) rather than a buffer read or cast for the export."""
         info = self.lay[key]
-        return info.ref is None or info.ref.store.kind not in ("disk", "safetensors")
+        return self._in_place(info) or info.kind == "mapping"
 
     def fold(self, key: str, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` passed through its enabled quantizer on :meth:`fold_device`; a CPU tensor or a device one.

@@ -370,8 +370,8 @@ class ShardWriter:
                     # read beside the kernel's copy of the same pages: one of the two reads the disk
                     crcs = self._checksum(at, spec.nbytes, lambda a, n: range_crc32(src, span.offset + a, n))
                     self._in_steps(fd, at, spec.nbytes,
-                              lambda done, n: _copy_range(src, span.offset + done, fd, at + done, n))
-                    self._add_crcs(crcs)
+                                   lambda done, n: _copy_range(src, span.offset + done, fd, at + done, n))
+                    self._add_crcs(crcs, backlog=0)  # they read the source: a failure is this copy's
                 finally:
                     wait([c for *_, c in crcs if isinstance(c, Future)])  # they read ``src``: close it only after
                     os.close(src)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import threading
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -140,7 +141,9 @@ class ModelOptPacker:
 
     Raises:
         ValueError: no ModelOpt quantizers, a MoE kind this export does not pack (see :meth:`_check_moe`), a
-            format or weight shape ModelOpt cannot pack.
+            format or weight shape ModelOpt cannot pack. Linears that read one input but are quantized differently
+            (ModelOpt's assertion) are found by the first :meth:`pack` of a quantized module, unless some module has
+            a ``pre_quant_scale`` (the groups are found up front then).
     """
 
     def __init__(self, model: nn.Module, *, quantizers: list, read, refs: dict, dtype: torch.dtype | None = None,
@@ -154,6 +157,9 @@ class ModelOptPacker:
                              f"{type(model).__name__} has no ModelOpt quantizers. Use format='fake-quant'")
         self._model = model
         self._fake_groups = fake_groups
+        self._read = read
+        self._groups_pending = False  # the shared-input groups are yet to be found and fused (by the first pack)
+        self._fusing = threading.Lock()
         self.dtype = _resolve_export_dtype(model, dtype)
         if isinstance(self.dtype, str):  # config.torch_dtype is a string after a save_pretrained round trip
             self.dtype = getattr(torch, self.dtype.removeprefix("torch."))
@@ -170,7 +176,7 @@ class ModelOptPacker:
             self.hf_quant_config = get_quant_config(model)
             self._snapshot(model, {q.owner_name for q in quantizers})
         self._check_shapes()
-        self._resmooth(model, read)
+        self._resmooth(model)
         self._rules = _hub_name_rules(model, self.hf_quant_config)
 
     # ---------------------------------------------------------------- state read up front
@@ -264,21 +270,35 @@ class ModelOptPacker:
 
     # ---------------------------------------------------------------- requantize_resmooth_fused_llm_layers
 
-    def _resmooth(self, model: nn.Module, read) -> None:
+    def _resmooth(self, model: nn.Module) -> None:
+        """``requantize_resmooth_fused_llm_layers`` on the shadows. Without a ``pre_quant_scale`` to resmooth, the
+        groups only set amax values, which change no planned shape: they are then found and fused by the first
+        :meth:`pack` of a quantized module, so that the export writes the units before it (the embedding) while
+        the groups are traced, rather than before its first byte."""
         if self.model_format is not None and "nvfp4_awq" in self.model_format.lower():
             self._fuse_prequant_to_linear(model)
         if all(q.fmt in _NO_FUSION for q in self.modules.values()):
             return
-        # fused experts: the model's forward would route through every one, the twin stands in for them
-        fake = self._fake_groups or bool(self.experts)
-        groups, norms = shared_input_groups(model, _input_device(model), fake=fake)
-        for i, names in enumerate(groups):
-            members = [self.modules[n] for n in names if n in self.modules]
-            if len(names) < 2 or len(members) != len(names) or members[0].fmt in _NO_FUSION:
-                continue
-            self._fuse_group(members, read)
-            if i in norms and "awq" in members[0].fmt:
-                self._fuse_layernorm(norms[i], members)
+        self._groups_pending = True
+        if any(getattr(q.pristine.input_quantizer, "pre_quant_scale", None) is not None for q in self.modules.values()):
+            self._fuse_groups()
+
+    def _fuse_groups(self) -> None:
+        """Find the linears that share an input and fuse each group into their shadows, once."""
+        with self._fusing:
+            if not self._groups_pending:
+                return
+            self._groups_pending = False
+            # fused experts: the model's forward would route through every one, the twin stands in for them
+            fake = self._fake_groups or bool(self.experts)
+            groups, norms = shared_input_groups(self._model, _input_device(self._model), fake=fake)
+            for i, names in enumerate(groups):
+                members = [self.modules[n] for n in names if n in self.modules]
+                if len(names) < 2 or len(members) != len(names) or members[0].fmt in _NO_FUSION:
+                    continue
+                self._fuse_group(members, self._read)
+                if i in norms and "awq" in members[0].fmt:
+                    self._fuse_layernorm(norms[i], members)
 
     def _fuse_prequant_to_linear(self, model: nn.Module) -> None:
         """``fuse_prequant_to_linear``: o_proj/down_proj's ``pre_quant_scale`` into v_proj/up_proj rows."""
@@ -443,7 +463,11 @@ class ModelOptPacker:
 
         ``owner`` is the model's module (only its class and structure are used); required for packed and
         layernorm-fused units. A fused-experts unit pops each 3-D weight from ``values`` once it is packed.
+        The first quantized module's pack finds and fuses the shared-input groups first (:meth:`_resmooth`); where
+        that runs the model's own forward, nothing else may run the model meanwhile (the export reads its stores).
         """
+        if module in self.modules:
+            self._fuse_groups()
         out = self._pack(module, values, device, owner)
         for name, t in self.kv.get(module, {}).items():
             out[name] = t.to(device) if device is not None else t.clone()
@@ -923,7 +947,9 @@ class ModelOpt(Format):
         ValueError: no ModelOpt quantizers, an enabled quantizer of another toolkit (or a user's registered one),
             a MoE kind ModelOpt cannot export (fused experts under AWQ) or this
             export does not pack (experts other than ModelOpt's ``_QuantFusedExperts``), or a format/weight
-            shape ModelOpt cannot pack (raised when the export is planned, before anything is written).
+            shape ModelOpt cannot pack (raised when the export is planned, before anything is written); linears
+            that read one input but are quantized differently (raised by the first quantized module's pack: the
+            export then fails, its partial files removed).
     """
 
     name = "modelopt"

@@ -314,14 +314,19 @@ def test_groups_found_on_the_fake_twin_give_modelopts_export_without_running_the
     assert_same_checkpoint(tmp_path / "out", expected)
 
 
-
-def test_units_before_the_first_quantized_one_are_packed_before_the_groups_are_found(ref_root, tmp_path, monkeypatch):
-    """NVFP4 (no ``pre_quant_scale`` to resmooth: the groups set amax values only, no planned shape): the groups
-    are found by the first quantized module's pack, so the embedding before it is packed (and written) meanwhile
-    instead of after the groups; the checkpoint is still ModelOpt's."""
+@pytest.mark.parametrize("name, before_groups", [
+    ("NVFP4_DEFAULT_CFG", ["model.embed_tokens", "model.layers.0.self_attn.q_proj"]),
+    ("W4A8_AWQ_BETA_CFG", []),
+])
+def test_the_groups_are_found_by_the_first_quantized_pack_unless_a_pre_quant_scale_is_resmoothed(
+        name, before_groups, ref_root, tmp_path, monkeypatch):
+    """NVFP4 (no ``pre_quant_scale``: the groups set amax values only, no planned shape): the groups are found by
+    the first quantized module's pack, so the embedding before it is packed (and written) meanwhile. AWQ folds
+    ``pre_quant_scale`` away (a planned output less): its groups come before anything. Either way, once, and the
+    checkpoint is ModelOpt's."""
     from offload_export.formats import modelopt as modelopt_format
 
-    model, expected = reference("NVFP4_DEFAULT_CFG", ref_root)
+    model, expected = reference(name, ref_root)
     model = apply_layout(model, MIXED, tmp_path / "layout")
     calls, pack, find = [], modelopt_format.ModelOptPacker.pack, modelopt_format.shared_input_groups
     monkeypatch.setattr(modelopt_format.ModelOptPacker, "pack",
@@ -330,24 +335,9 @@ def test_units_before_the_first_quantized_one_are_packed_before_the_groups_are_f
                         lambda *a, **k: (calls.append("groups"), find(*a, **k))[1])
     oe.save_clean(model, tmp_path / "out", format="modelopt")
     assert calls.count("groups") == 1
-    assert calls[:calls.index("groups")] == ["model.embed_tokens", "model.layers.0.self_attn.q_proj"]
+    assert calls[:calls.index("groups")] == before_groups
     assert_same_checkpoint(tmp_path / "out", expected)
 
-
-def test_with_a_pre_quant_scale_the_groups_are_found_before_anything_is_written(ref_root, tmp_path, monkeypatch):
-    """AWQ resmoothing folds ``pre_quant_scale`` away (a planned output less): the groups come first."""
-    from offload_export.formats import modelopt as modelopt_format
-
-    model, expected = reference("W4A8_AWQ_BETA_CFG", ref_root)
-    model = apply_layout(model, MIXED, tmp_path / "layout")
-    calls, pack, find = [], modelopt_format.ModelOptPacker.pack, modelopt_format.shared_input_groups
-    monkeypatch.setattr(modelopt_format.ModelOptPacker, "pack",
-                        lambda self, module, *a, **k: (calls.append(module), pack(self, module, *a, **k))[1])
-    monkeypatch.setattr(modelopt_format, "shared_input_groups",
-                        lambda *a, **k: (calls.append("groups"), find(*a, **k))[1])
-    oe.save_clean(model, tmp_path / "out", format="modelopt")
-    assert calls[0] == "groups" and calls.count("groups") == 1
-    assert_same_checkpoint(tmp_path / "out", expected)
 
 def test_verify_checks_hf_quant_config_with_types_and_as_loaders_read_it(tmp_path):
     model = quantize(tiny_qwen3(), "FP8_DEFAULT_CFG")

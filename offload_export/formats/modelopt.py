@@ -296,7 +296,7 @@ class ModelOptPacker:
                 members = [self.modules[n] for n in names if n in self.modules]
                 if len(names) < 2 or len(members) != len(names) or members[0].fmt in _NO_FUSION:
                     continue
-                self._fuse_group(members, self._read)
+                self._fuse_group(members)
                 if i in norms and "awq" in members[0].fmt:
                     self._fuse_layernorm(norms[i], members)
 
@@ -322,7 +322,7 @@ class ModelOptPacker:
                 into.apply(Step("fuse_rows", pqs.clone()))
                 src.apply(Step("drop_pqs"))
 
-    def _fuse_group(self, members: list[_Quantized], read) -> None:
+    def _fuse_group(self, members: list[_Quantized]) -> None:
         """``preprocess_linear_fusion``: mean ``pre_quant_scale`` (weights resmoothed), max input and weight amax."""
         from modelopt.torch.export.quant_utils import all_items_same, get_quantization_format
 
@@ -340,7 +340,7 @@ class ModelOptPacker:
         if iq.is_enabled and iq.amax is not None:
             self._step_all(members, Step("input_amax", torch.max(torch.stack([s.input_quantizer.amax for s in shadows]))))
         if group_weight_amax(shadows[0]) is not None:
-            amaxes = [self._weight_amax_after_steps(m, read) for m in members]
+            amaxes = [self._weight_amax_after_steps(m) for m in members]
             self._step_all(members, Step("weight_amax", torch.max(torch.stack(amaxes))))
 
     def _fuse_layernorm(self, norm: str, members: list[_Quantized]) -> None:
@@ -356,11 +356,11 @@ class ModelOptPacker:
         for m in members:
             m.apply(step)
 
-    def _weight_amax_after_steps(self, m: _Quantized, read) -> torch.Tensor:
+    def _weight_amax_after_steps(self, m: _Quantized) -> torch.Tensor:
         """The weight amax after this module's weight steps: read the weight once and replay them on a copy."""
         if not any(s.needs_weight for s in m.steps):
             return group_weight_amax(m.shadow)
-        own = {"weight": read(f"{m.name}.weight"), **self._bias(m, read)}
+        own = {"weight": self._read(f"{m.name}.weight"), **self._bias(m)}
         # the group max taken over this amax comes next: chunked re-calibration gives the same max
         rows, step = own["weight"].shape[0], _row_step(m, own["weight"], group_max_follows=True)
         if step is None:
@@ -373,9 +373,8 @@ class ModelOptPacker:
             amaxes.append(group_weight_amax(self._replay(m, chunk, own["weight"].device, (r0, r1, rows))).detach())
         return torch.max(torch.stack(amaxes)).to("cpu", copy=True)
 
-    @staticmethod
-    def _bias(m: _Quantized, read) -> dict[str, torch.Tensor]:
-        return {"bias": read(f"{m.name}.bias")} if getattr(m.pristine, "bias", None) is not None else {}
+    def _bias(self, m: _Quantized) -> dict[str, torch.Tensor]:
+        return {"bias": self._read(f"{m.name}.bias")} if getattr(m.pristine, "bias", None) is not None else {}
 
     def _replay(self, m: _Quantized, tensors: dict[str, torch.Tensor], device: torch.device,
                 rows: tuple[int, int, int] | None = None) -> nn.Module:

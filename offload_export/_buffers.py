@@ -121,7 +121,7 @@ def anon_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     live data; a private mapping per buffer keeps RSS equal to what is alive (plus, inside ``reusing``,
     idle buffers bounded as :class:`_Pool` says).
     """
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < _ANON_MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
     buffer, size, counted = _POOL.get(nbytes)

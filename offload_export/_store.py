@@ -41,7 +41,7 @@ MAX_HEADER_BYTES = 100_000_000
 # serde_json's recursion limit, as safetensors parses headers: 127 nested arrays / objects parse, 128 do not
 _MAX_DEPTH = 127
 # bits per element of the dtypes safetensors knows; ours (SAFETENSORS_DTYPES) plus those we cannot load
-_DTYPE_BITS = {**{name: torch.empty((), dtype=dt).element_size() * 8 for name, dt in SAFETENSORS_DTYPES.items()},
+_DTYPE_BITS = {**{name: dt.itemsize * 8 for name, dt in SAFETENSORS_DTYPES.items()},
                "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "C64": 64}
 _U64 = 2**64
 
@@ -283,7 +283,7 @@ def check_store(store: Store, shape: tuple[int, ...], dtype: torch.dtype | None 
     if store.kind == "safetensors":
         _safetensors_entry(store, dtype, shape)
     elif store.kind == "disk":
-        need = math.prod(shape) * torch.empty((), dtype=store.file_dtype).element_size()
+        need = math.prod(shape) * store.file_dtype.itemsize
         st = os.stat(store.path)
         if not stat.S_ISREG(st.st_mode):
             raise _not_regular(store.path, st.st_mode)
@@ -338,7 +338,7 @@ class FileSpan:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def read(self) -> torch.Tensor:
         return _read_file(self.path, self.offset, self.dtype, self.shape)

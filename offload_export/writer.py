@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import mmap
 import os
 import threading
@@ -54,10 +55,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def safetensors_layout(specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None

@@ -5,7 +5,8 @@ the calling thread, 2-4 GB/s. An export moves every offloaded weight in and ever
 that one thread bounds a GPU export below the disk's speed. Here each 16 MiB chunk is copied between the
 tensor and a pinned buffer by torch's intra-op threads (all the cores a fold may use) and moved by DMA,
 two buffers alternating so that the memcpy of one chunk overlaps the DMA of the other. The buffers are
-kept per thread and device (2 x 16 MiB pinned each, held by torch's pinned-memory cache).
+kept per thread and device (2 x 16 MiB pinned each, held by torch's pinned-memory cache). Many small tensors
+(quantizer state) go to the host the other way round: all in one copy (:func:`small_to_host`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import torch
 
 from ._buffers import anon_empty
 
-__all__ = ["indexed", "to_device", "to_host"]
+__all__ = ["indexed", "small_to_host", "to_device", "to_host"]
 
 _CHUNK = 16 << 20  # bytes per pinned buffer
+_SMALL = 1 << 20  # bytes of the largest tensor small_to_host batches ...
+_BATCH = 64 << 20  # ... and of one of its copies
 _local = threading.local()
 
 
@@ -101,3 +104,30 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
 def _drain(dst: torch.Tensor, buffers, events, k: int, a: int, b: int) -> None:
     events[k].synchronize()
     dst[a:b].copy_(buffers[k][:b - a])
+
+
+
+def small_to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` with each small one (up to 1 MiB: quantizer state) that is on a GPU replaced by a CPU copy, moved
+    together: one copy per device and dtype (of at most 64 MiB); the others as they are.
+
+    Each copy from a GPU waits for it: one per tensor, several hundred make a visible part of an export's start.
+    The copies of one batch are views of one storage.
+    """
+    out = list(tensors)
+    batches: dict[tuple[torch.device, torch.dtype], list[list[int]]] = {}
+    filled: dict[tuple[torch.device, torch.dtype], int] = {}  # bytes in each key's last batch
+    for i, t in enumerate(tensors):
+        size, key = t.numel() * t.element_size(), (t.device, t.dtype)
+        if t.device.type in ("cpu", "meta") or size > _SMALL:
+            continue
+        if key not in batches or filled[key] + size > _BATCH:
+            batches.setdefault(key, []).append([])
+            filled[key] = 0
+        batches[key][-1].append(i)
+        filled[key] += size
+    for (_, dtype), index in ((key, batch) for key, each in batches.items() for batch in each):
+        flat = torch.cat([tensors[i].detach().reshape(-1).view(torch.uint8) for i in index]).cpu()
+        for i, piece in zip(index, flat.split([tensors[i].numel() * dtype.itemsize for i in index])):
+            out[i] = piece.view(dtype).view(tensors[i].shape)
+    return out

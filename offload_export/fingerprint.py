@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ._store import read_store
+from ._transfer import small_to_host
 from .checkpoint import SHARD_METADATA
 from .job import Job
 from .layout import Layout
@@ -76,21 +77,22 @@ def quantizer_digests(quantizers: Iterable[Quantizer], lay: Layout) -> list[dict
     the meta device is read from its offload store (``lay``). ``state`` is None where some of it is on the meta
     device without one (a rank of a distributed export that does not hold it: another rank compares it).
     """
-    out = []
+    states = []
     for q in sorted(quantizers, key=lambda q: q.name):
         tensors, config = q.adapter.state(q)
-        readable = True
         for key, t in tensors.items():
             if t.device.type != "meta":
                 continue
             info = lay.get(f"{q.name}.{key}")
             if info is None or info.ref is None:
-                readable = False
+                tensors = None
                 break
             tensors[key] = read_store(info.ref.store, info.dtype, info.shape)
-        out.append({"name": q.name, "role": q.role, "target": q.target, "config": json_safe(config),
-                    "state": tensor_digest(tensors) if readable else None})
-    return out
+        states.append((q, tensors, config))
+    on_host = iter(small_to_host([t for _, tensors, _ in states if tensors is not None for t in tensors.values()]))
+    return [{"name": q.name, "role": q.role, "target": q.target, "config": json_safe(config),
+             "state": None if tensors is None else tensor_digest({k: next(on_host) for k in tensors})}
+            for q, tensors, config in states]
 
 
 def source_identity(lay: Layout) -> dict[str, list[int]]:

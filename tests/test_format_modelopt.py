@@ -314,6 +314,29 @@ def test_groups_found_on_the_fake_twin_give_modelopts_export_without_running_the
     assert_same_checkpoint(tmp_path / "out", expected)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
+def test_quantizer_state_on_a_gpu_is_snapshotted_to_the_host_and_the_export_is_modelopts(name, tmp_path):
+    """Quantizer state kept on a GPU (buffers and the calibrators' running amax) is copied to the host together
+    when the packer snapshots it; the export is still ModelOpt's byte for byte and the model unchanged."""
+    from offload_export.formats.modelopt import ModelOptPacker
+
+    model = quantize(tiny_qwen3().cuda(), name)
+    expected = modelopt_export(model, tmp_path / "expected")
+    before = model_state(model)
+    packer = ModelOptPacker(model, quantizers=oe.find_quantizers(model), read=None, refs={})
+    for q in packer.modules.values():
+        original = model.get_submodule(q.name)
+        for key, t in q.pristine.named_buffers():
+            assert t.device.type == "cpu" and torch.equal(t, original.get_buffer(key).cpu()), (q.name, key)
+        calibrators = [m._calibrator for m in q.pristine.modules() if getattr(m, "_calibrator", None) is not None]
+        assert all(c._calib_amax is None or c._calib_amax.device.type == "cpu" for c in calibrators), q.name
+    oe.save_clean(model, tmp_path / "out", format="modelopt")
+    assert_same_checkpoint(tmp_path / "out", expected)
+    assert_same_state(model_state(model), before)
+
+
 @pytest.mark.parametrize("name, before_groups", [
     ("NVFP4_DEFAULT_CFG", ["model.embed_tokens", "model.layers.0.self_attn.q_proj"]),
     ("W4A8_AWQ_BETA_CFG", []),

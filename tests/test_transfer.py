@@ -74,3 +74,29 @@ def test_work_queued_after_to_device_sees_the_data_and_threads_have_their_own_bu
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_small_to_host_leaves_cpu_and_meta_tensors_as_they_are():
+    tensors = [torch.tensor(1.5), torch.ones(3, 2).t(), torch.empty(4, device="meta")]
+    assert all(a is b for a, b in zip(_transfer.small_to_host(tensors), tensors))
+
+
+@cuda
+@pytest.mark.gpu
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(specs=st.lists(st.tuples(st.sampled_from(DTYPES), st.sampled_from([(), (0,), (3,), (4, 5), (2, 600)]),
+                                st.sampled_from(["cuda", "cpu"]), st.booleans()), max_size=12))
+def test_small_to_host_copies_the_small_gpu_tensors_in_batches_and_leaves_the_rest(monkeypatch, specs):
+    monkeypatch.setattr(_transfer, "_SMALL", 2000)  # (2, 600) of 2+ bytes per element is "large"
+    monkeypatch.setattr(_transfer, "_BATCH", 50)    # batches split often
+    tensors = []
+    for dtype, shape, device, transpose in specs:
+        t = _random(max(1, torch.Size(shape).numel()), dtype)[:torch.Size(shape).numel()].reshape(shape).to(device)
+        tensors.append(t.t() if transpose and t.dim() == 2 else t)
+    out = _transfer.small_to_host(tensors)
+    for t, o in zip(tensors, out):
+        small = t.numel() * t.element_size() <= 2000
+        if t.device.type == "cuda" and small:
+            assert o.device.type == "cpu" and _same(o, t)
+        else:
+            assert o is t

@@ -30,14 +30,17 @@ _TENSOR_DICTS = ("_parameters", "_buffers", "_modules")
 
 
 def clone_module(module: nn.Module, tensors: dict[str, torch.Tensor] | None = None,
-                 device: torch.device | None = None, children: dict[str, nn.Module] | None = None) -> nn.Module:
+                 device: torch.device | None = None, children: dict[str, nn.Module] | None = None,
+                 memo: dict[int, object] | None = None) -> nn.Module:
     """An independent copy of ``module`` (same class), without accelerate hooks or torch hooks.
 
     Direct parameters/buffers come from ``tensors`` (by attribute name) when given there, else are
     cloned (meta stays meta). Children are cloned recursively, except those given in ``children`` (by
     attribute name), which are taken as they are (the caller's own copies). Python attributes are
     deep-copied, so ModelOpt's in-place setters (``amax``, ``pre_quant_scale``, the calibrator's
-    ``reset``) only ever reach the copy.
+    ``reset``) only ever reach the copy. ``memo``: a :func:`copy.deepcopy` memo (``id`` of an original ->
+    its copy) shared by several calls: the copies it holds are taken (tensors already on ``device`` among
+    them), the ones made are added.
     """
     tensors, children = tensors or {}, children or {}
     new = object.__new__(type(module))
@@ -50,23 +53,29 @@ def clone_module(module: nn.Module, tensors: dict[str, torch.Tensor] | None = No
         elif isinstance(value, (nn.Module, torch.Tensor)):
             state[key] = value  # a reference held outside the module tree (e.g. a parent); never edited
         else:
-            state[key] = copy.deepcopy(value)
+            state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)
     new._parameters = OrderedDict()
     for name, p in module._parameters.items():
-        value = tensors[name] if name in tensors else _copy_tensor(p, device)
+        value = tensors[name] if name in tensors else _copy_tensor(p, device, memo)
         new._parameters[name] = None if value is None else nn.Parameter(value, requires_grad=False)
     new._buffers = OrderedDict(
-        (name, tensors[name] if name in tensors else _copy_tensor(b, device)) for name, b in module._buffers.items())
+        (name, tensors[name] if name in tensors else _copy_tensor(b, device, memo))
+        for name, b in module._buffers.items())
     new._modules = OrderedDict(
-        (name, children[name] if name in children else None if child is None else clone_module(child, device=device))
+        (name, children[name] if name in children else
+         None if child is None else clone_module(child, device=device, memo=memo))
         for name, child in module._modules.items())
     return new
 
 
-def _copy_tensor(t: torch.Tensor | None, device: torch.device | None) -> torch.Tensor | None:
+def _copy_tensor(t: torch.Tensor | None, device: torch.device | None,
+                 memo: dict[int, object] | None = None) -> torch.Tensor | None:
     if t is None:
         return None
+    copied = memo.get(id(t)) if memo is not None else None
+    if isinstance(copied, torch.Tensor) and copied.device == (t.device if device is None else torch.device(device)):
+        return copied
     t = t.detach()
     if t.is_meta:
         return torch.empty_like(t, device="meta")

@@ -34,7 +34,7 @@ from .._errors import add_note
 from .._hooks import offloaded_tensors
 from .._buffers import anon_empty, cast
 from .._store import read_store
-from .._transfer import to_device, to_host
+from .._transfer import small_to_host, to_device, to_host
 from ..materialize import onloaded, same_bits
 from ..toolkits import require_toolkit
 from ._modelopt_replay import Step, clone_module, group_weight_amax, shared_input_groups
@@ -117,6 +117,19 @@ def _packed_format(what: str, pristine: nn.Module) -> str | None:
         raise ValueError(f"{FORMAT}: {what} is quantized as {fmt!r}, which this export does not pack "
                          f"(supported: {', '.join(_PACKED)}). Use format='fake-quant'")
     return fmt
+
+
+def _host_copies(modules: list[nn.Module]) -> dict[int, object]:
+    """CPU copies of the small GPU tensors of ``modules``' children (their quantizer state, and what ModelOpt keeps
+    in an attribute's object: its calibrators' running amax), made together (:func:`small_to_host`), as a
+    :func:`clone_module` memo (``id`` of the original -> its copy)."""
+    tensors = []
+    for m in modules:
+        for sub in (sub for child in m.children() for sub in child.modules()):
+            tensors += [t for t in (*sub._parameters.values(), *sub._buffers.values()) if t is not None]
+            tensors += [t for v in vars(sub).values() if hasattr(v, "__dict__") and not isinstance(v, nn.Module)
+                        for t in vars(v).values() if isinstance(t, torch.Tensor)]
+    return {id(t): copy for t, copy in zip(tensors, small_to_host(tensors)) if copy is not t}
 
 
 def _meta_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -217,23 +230,25 @@ class ModelOptPacker:
         from modelopt.torch.export.hf_export_handlers import _has_fused_experts_quantizers
 
         kv_format = self.hf_quant_config["quantization"]["kv_cache_quant_algo"]
-        for name in sorted(owners, key=list(dict(model.named_modules())).index):
+        names = sorted(owners, key=list(dict(model.named_modules())).index)
+        memo = _host_copies([model.get_submodule(name) for name in names])
+        for name in names:
             module = model.get_submodule(name)
             if hasattr(module, "k_bmm_quantizer") or hasattr(module, "v_bmm_quantizer"):
                 self._snapshot_kv(name, module, kv_format)
             if _has_fused_experts_quantizers(module):
-                self._snapshot_experts(name, module)
+                self._snapshot_experts(name, module, memo)
                 continue
             if not hasattr(module, "weight_quantizer") or not isinstance(getattr(module, "weight", None), torch.Tensor):
                 continue
-            pristine = clone_module(module, _meta_tensors(module), torch.device("cpu"))
+            pristine = clone_module(module, _meta_tensors(module), torch.device("cpu"), memo=memo)
             fmt = _packed_format(name, pristine)
             if fmt is None:
                 continue
             self.modules[name] = _Quantized(name, fmt, pristine)
 
-    def _snapshot_experts(self, name: str, module: nn.Module) -> None:
-        pristine = clone_module(module, _meta_tensors(module), torch.device("cpu"))
+    def _snapshot_experts(self, name: str, module: nn.Module, memo: dict[int, object]) -> None:
+        pristine = clone_module(module, _meta_tensors(module), torch.device("cpu"), memo=memo)
         fmt = _packed_format(f"the experts module {name}", pristine)
         first = getattr(module, "_first_proj_attr", "gate_up_proj")
         gated = getattr(module, "_is_gated", True)

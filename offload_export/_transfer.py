@@ -106,7 +106,6 @@ def _drain(dst: torch.Tensor, buffers, events, k: int, a: int, b: int) -> None:
     dst[a:b].copy_(buffers[k][:b - a])
 
 
-
 def small_to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """``tensors`` with each small one (up to 1 MiB: quantizer state) that is on a GPU replaced by a CPU copy, moved
     together: one copy per device and dtype (of at most 64 MiB); the others as they are.

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -111,13 +112,20 @@ for _ in range(31):
 def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     """The CRC-32 of ``A + B`` from ``crc1 = crc32(A)``, ``crc2 = crc32(B)`` and ``len(B)`` (zlib's
     ``crc32_combine``, which Python's ``zlib`` does not expose): pieces written in any order make one checksum."""
-    p, k, n = 1 << 31, 3, len2  # x^(8 * len2)
+    return _multmodp(_x8n(len2), crc1) ^ crc2
+
+
+@lru_cache(maxsize=1024)
+def _x8n(n: int) -> int:
+    """x^(8n) modulo the polynomial (zlib's ``x2nmodp(n, 3)``); cached: a shard's thousands of pieces (a MoE's
+    per-expert tensors) have a few lengths, and this is most of a combine's work."""
+    p, k = 1 << 31, 3
     while n:
         if n & 1:
             p = _multmodp(_X2N[k & 31], p)
         n >>= 1
         k += 1
-    return _multmodp(p, crc1) ^ crc2
+    return p
 
 
 def _pieces(fd: int, offset: int, nbytes: int, size: int) -> Iterator[memoryview]:

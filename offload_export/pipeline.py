@@ -107,8 +107,7 @@ class UnitReader:
         if len(spans) == len(raw):
             return spans
         values = {k: raw.pop(k) for k in list(raw) if k not in spans}  # the format may consume them
-        with _fold_threads():
-            out = self.format.finish(self, unit, values)
+        out = self.format.finish(self, unit, values)
         out.update(spans)
         return out
 
@@ -376,20 +375,21 @@ def _lane(reader: UnitReader, units: list[Unit], budget: _Budget, run: _Run, han
         if isinstance(device, torch.device) and device.type == "cuda":
             torch.cuda.set_device(device)  # kernels that allocate on the current device
         thread.start()
-        while (item := ready.get()) is not _DONE:
-            unit, raw, lease = item
-            del item
-            try:
-                if not run.stop.is_set():
-                    outputs = reader.finish(unit, raw)
-                    del raw  # the sources die right after the fold
-                    handoff.put((unit, outputs, lease))
-                    lease = None
-                    del outputs
-            finally:
-                raw = None
-                if lease is not None:
-                    lease.release()
+        with _fold_threads():  # once per lane: its settings cost a few system and library calls
+            while (item := ready.get()) is not _DONE:
+                unit, raw, lease = item
+                del item
+                try:
+                    if not run.stop.is_set():
+                        outputs = reader.finish(unit, raw)
+                        del raw  # the sources die right after the fold
+                        handoff.put((unit, outputs, lease))
+                        lease = None
+                        del outputs
+                finally:
+                    raw = None
+                    if lease is not None:
+                        lease.release()
     except BaseException as e:
         run.fail(e)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -359,6 +360,50 @@ def test_the_groups_are_found_by_the_first_quantized_pack_unless_a_pre_quant_sca
     oe.save_clean(model, tmp_path / "out", format="modelopt")
     assert calls.count("groups") == 1
     assert calls[:calls.index("groups")] == before_groups
+    assert_same_checkpoint(tmp_path / "out", expected)
+
+
+@pytest.mark.parametrize("name", ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG+FP8_KV_CFG"])
+def test_linears_are_packed_directly_but_the_first_of_each_kind(name, ref_root, tmp_path, monkeypatch):
+    """NVFP4 and per-tensor FP8 linears are packed with ModelOpt's functions directly; ModelOpt's export handler runs
+    only for the first linear of each kind (weight shape, quantizer properties), packed both ways, and the
+    checkpoint is ModelOpt's byte for byte, with no warning of a fallback."""
+    from offload_export.formats import modelopt as modelopt_format
+
+    model, expected = reference(name, ref_root)
+    model = apply_layout(model, MIXED, tmp_path / "layout")
+    linears = {n: m for n, m in model.named_modules() if hasattr(m, "weight_quantizer") and m.weight_quantizer.is_enabled}
+    handled, export_copy = [], modelopt_format._export_copy
+    monkeypatch.setattr(modelopt_format, "_export_copy",
+                        lambda work, module, *a: (handled.append(module), export_copy(work, module, *a))[1])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*directly gives")
+        oe.save_clean(model, tmp_path / "out", format="modelopt")
+    kinds = {}
+    for n, m in linears.items():
+        kinds.setdefault(tuple(oe.layout(m)["weight"].shape), n)
+    assert sorted(handled) == sorted(kinds.values())
+    assert_same_checkpoint(tmp_path / "out", expected)
+
+
+@pytest.mark.parametrize("name", ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG+FP8_KV_CFG"])
+def test_a_direct_pack_unlike_modelopts_export_falls_back_to_its_handler(name, ref_root, tmp_path, monkeypatch):
+    """A linear packed directly is checked against ModelOpt's export handler for the first of its kind: a
+    difference (here a flipped bit in what ``to_quantized_weight`` returns, which ModelOpt's own export calls
+    through its own import) is warned about, and that kind is packed by the handler: the checkpoint is ModelOpt's."""
+    from modelopt.torch.export import quant_utils
+
+    model, expected = reference(name, ref_root)
+    real = quant_utils.to_quantized_weight
+
+    def off_by_one_bit(weight, *args, **kwargs):
+        packed = real(weight, *args, **kwargs)
+        return (packed.view(torch.uint8) ^ 1).view(packed.dtype)
+
+    monkeypatch.setattr(quant_utils, "to_quantized_weight", off_by_one_bit)
+    with pytest.warns(UserWarning, match=r"packing model\.layers\.0\.self_attn\.q_proj directly gives "
+                                         r"model\.layers\.0\.self_attn\.q_proj\.weight unlike"):
+        oe.save_clean(model, tmp_path / "out", format="modelopt")
     assert_same_checkpoint(tmp_path / "out", expected)
 
 

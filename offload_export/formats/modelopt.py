@@ -179,6 +179,7 @@ class ModelOptPacker:
         self.modules: dict[str, _Quantized] = {}
         self.experts: dict[str, _Experts] = {}
         self._templates: dict[tuple, dict[str, torch.Tensor]] = {}  # expert signature -> its outputs (meta)
+        self._direct: dict[tuple, bool] = {}  # linear signature -> packed directly (ModelOpt's export checked)
         self.kv: dict[str, dict[str, torch.Tensor]] = {}      # k_proj/v_proj name -> {out name: scale}
         self.norms: dict[str, torch.Tensor] = {}              # layernorm name -> pre_quant_scale folded in
         with ExitStack() as stack:
@@ -510,11 +511,7 @@ class ModelOptPacker:
         own = {k[len(prefix):]: v for k, v in values.items()}
         q = self.modules.get(module)
         if q is not None:
-            device = device or next(iter(values.values())).device
-            step = _row_step(q, own["weight"])
-            if step is not None:
-                return self._pack_rows(q, own, device, prefix, step)
-            return _export_copy(self._replay(q, own, device), module, prefix, self.dtype)
+            return self._pack_linear(q, own, device or next(iter(values.values())).device, prefix)
         if module in self.norms:
             holder = nn.Module()
             holder.input_quantizer = self._pqs_holder(module)
@@ -523,6 +520,61 @@ class ModelOptPacker:
                 fuse_prequant_layernorm(work, [holder])
             return {prefix + k: v.detach().contiguous() for k, v in work.state_dict().items() if prefix + k in values}
         return dict(values)
+
+    def _pack_linear(self, q: _Quantized, own: dict, device: torch.device, prefix: str) -> dict[str, torch.Tensor]:
+        """One quantized module's outputs: packed directly with ModelOpt's functions where :func:`_direct_signature`
+        allows it, else by ModelOpt's export handler on a copy. The first module of each signature is packed both
+        ways: when the direct tensors differ from ModelOpt's, a warning says so and that signature takes the handler
+        from then on."""
+        signature = _direct_signature(q, own)
+        verdict = self._direct.get(signature) if signature is not None else False
+        if verdict:
+            return self._pack_direct(q, own, device, prefix)
+        step = _row_step(q, own["weight"])
+        if step is not None:
+            reference = self._pack_rows(q, own, device, prefix, step)
+        else:
+            reference = _export_copy(self._replay(q, own, device), q.name, prefix, self.dtype)
+        if verdict is None:
+            trial = self._pack_direct(q, own, device, prefix)
+            differs = sorted(set(reference) ^ set(trial)) or \
+                [n for n in reference if not same_bits(reference[n], trial[n])]
+            if differs:
+                warnings.warn(f"{FORMAT}: packing {q.name} directly gives {differs[0]} unlike ModelOpt's export of it; "
+                              f"the modules like it are packed by ModelOpt's export handler (slower) instead", stacklevel=2)
+            self._direct[signature] = not differs
+        return reference
+
+    def _pack_direct(self, q: _Quantized, own: dict, device: torch.device, prefix: str) -> dict[str, torch.Tensor]:
+        """What ``_export_quantized_weight`` registers for a :func:`_direct_signature` module, computed with the
+        functions it calls on the export device, rows in chunks (both formats pack rows independently), then
+        ModelOpt's per-tensor postprocessing."""
+        from modelopt.torch.export.quant_utils import _postprocess_single_tensor
+
+        weight = own["weight"]
+        scalars = _direct_scalars(q, device)
+        scale = scalars[_PER_TENSOR[q.fmt]]
+        block = q.shadow.weight_quantizer.block_sizes[-1] if q.fmt == "nvfp4" else None
+        rows, cols = weight.shape
+        step = max(1, _ROW_CHUNK_BYTES.get(device.type, _DEVICE_ROW_CHUNK_BYTES) // max(1, cols * weight.element_size()))
+        made: dict[str, torch.Tensor] = {}
+        for r0 in range(0, rows, step):
+            packed, extra = _pack_weight(q.fmt, weight[r0:r0 + step], scale, self.dtype, block)
+            for name, t in {"weight": packed, **extra}.items():
+                if step >= rows:
+                    made[name] = t
+                    continue
+                if name not in made:
+                    shape = (rows, *t.shape[1:])
+                    made[name] = anon_empty(shape, t.dtype) if t.device.type == "cpu" else t.new_empty(shape)
+                made[name][r0:r0 + t.shape[0]].copy_(t)
+        bias = {"bias": own["bias"]} if own.get("bias") is not None else {}
+        out = {}
+        for attr, t in {**made, **bias, **scalars}.items():
+            name, t = _postprocess_single_tensor(prefix + attr, t, _KV_MAX_BOUND, None)
+            if name is not None:
+                out[name] = t.detach().contiguous()
+        return out
 
     def _pack_rows(self, q: _Quantized, own: dict, device, prefix: str, step: int) -> dict[str, torch.Tensor]:
         """Pack a large weight ``step`` rows at a time (every format here packs rows independently), so that
@@ -719,19 +771,12 @@ class ModelOptPacker:
         ``weight_scale``). FP8 divides each expert's slice by its own 0-d scale, as ModelOpt does: dividing the
         stack by a column of scales would round once from float32, where ModelOpt rounds to the weight's dtype
         first."""
-        from modelopt.torch.export import quant_utils
-        from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
-
         if x.fmt == "fp8":
             return to_host(torch.stack([
                 torch.zeros(w.shape, dtype=torch.float8_e4m3fn, device=w.device) if e in alone else
-                quant_utils.to_quantized_weight(w.to(self.dtype), s, "fp8")
-                for e, w, s in zip(range(e0, e1), weight, scales)])), {}
-        block = quantizers[0].block_sizes[-1]
-        s2 = scales.view(-1, 1, 1)
-        scale = NVFP4QTensor.get_weights_scaling_factor(weight, block, weights_scaling_factor_2=s2)[0]
-        packed = quant_utils.to_quantized_weight(weight.to(self.dtype), scale, "nvfp4", s2, block)
-        return to_host(packed), {"weight_scale": to_host(scale)}
+                _pack_weight("fp8", w, s, self.dtype)[0] for e, w, s in zip(range(e0, e1), weight, scales)])), {}
+        packed, made = _pack_weight("nvfp4", weight, scales.view(-1, 1, 1), self.dtype, quantizers[0].block_sizes[-1])
+        return to_host(packed), {k: to_host(t) for k, t in made.items()}
 
     def _pack_expert(self, x: _Experts, e: int, tensors: dict[str, torch.Tensor], device: torch.device,
                      inputs: dict[str, nn.Module], part: str | None = None) -> dict[str, torch.Tensor]:
@@ -829,11 +874,15 @@ def _expert_copy(x: _Experts, e: int, tensors: dict[str, torch.Tensor], device: 
 
 
 def _expert_signature(x: _Experts, e: int) -> tuple:
-    """What ModelOpt's outputs for expert ``e`` depend on besides its weights' shapes: its quantizers' properties
-    (but ``_input_dtype``, the dtype a quantizer last saw while disabled, which its export never reads), their
-    buffers' shapes, and which buffers are all zero (an uncalibrated amax, replaced by the weight's)."""
+    """What ModelOpt's outputs for expert ``e`` depend on besides its weights' shapes (:func:`_quantizer_signature`)."""
     quantizers = [getattr(x.pristine, f"{p}_weight_quantizers")[e] for p in x.parts]
-    quantizers += [getattr(x.pristine, f"{p}_input_quantizer") for p in x.parts]
+    return _quantizer_signature(quantizers + [getattr(x.pristine, f"{p}_input_quantizer") for p in x.parts])
+
+
+def _quantizer_signature(quantizers: list[nn.Module]) -> tuple:
+    """The quantizers' properties (but ``_input_dtype``, the dtype a quantizer last saw while disabled, which
+    ModelOpt's export never reads), their buffers' shapes, and which buffers are all zero (an uncalibrated amax,
+    replaced by the weight's)."""
     signature = []
     for q in quantizers:
         for leaf in _weight_leaves(q):
@@ -862,13 +911,96 @@ def _warn_uncalibrated(x: _Experts) -> None:
 
 
 def _per_tensor_scale(fmt: str, q: nn.Module, device: torch.device) -> torch.Tensor:
-    """An expert's per-tensor scale (:data:`_PER_TENSOR`) as ModelOpt's export computes it, on ``device`` (where it
+    """A weight's per-tensor scale (:data:`_PER_TENSOR`) as ModelOpt's export computes it, on ``device`` (where it
     computes it: a CUDA division by a Python scalar multiplies by its reciprocal)."""
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
     if fmt == "fp8":  # _export_quantized_weight: torch.tensor(amax / maxbound) of a 0-d float32 amax
         return q._amax.to(device=device, dtype=torch.float32) / q.maxbound
-    return NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer(clone_module(q, device=device)).squeeze()
+    return NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer(_read_only_on(q, device)).squeeze()
+
+
+def _read_only_on(quantizer: nn.Module, device: torch.device) -> nn.Module:
+    """A shallow copy of ``quantizer`` with its buffers on ``device``, for ModelOpt's functions that only read it:
+    its other attributes are the original's."""
+    light = copy.copy(quantizer)
+    light._buffers = {k: None if b is None else b.to(device) for k, b in quantizer._buffers.items()}
+    return light
+
+
+def _direct_signature(q: _Quantized, own: dict[str, torch.Tensor]) -> tuple | None:
+    """What a quantized module's outputs depend on besides its weight's values and its per-tensor amax, when
+    :meth:`ModelOptPacker._pack_direct` may compute them: a linear that ModelOpt's export hands to its plain-linear
+    handler, NVFP4 (dynamic blocks) or per-tensor FP8 with a calibrated 0-d or 1-element weight amax, no
+    ``pre_quant_scale``, no step that rewrites the weight, and no quantizer state that survives the export (KV
+    scales kept on a linear's output quantizer). None otherwise."""
+    from modelopt.torch.export.hf_export_handlers import _export_quant_linear
+    from modelopt.torch.export.registry import ExportModuleRegistry
+    from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    s = q.shadow
+    if q.fmt not in _PER_TENSOR or any(step.needs_weight for step in q.steps) or own["weight"].dim() != 2:
+        return None
+    wq, iq = s.weight_quantizer, getattr(s, "input_quantizer", None)
+    if not isinstance(wq, TensorQuantizer) or isinstance(wq, SequentialQuantizer) or not wq.is_enabled:
+        return None
+    amax = getattr(wq, "_amax", None)
+    if amax is None or amax.numel() != 1 or not bool(amax.any()):
+        return None
+    if (q.fmt == "nvfp4" and NVFP4QTensor._is_static_quantizer(wq)) or \
+            (q.fmt == "fp8" and (amax.dim() or wq.block_sizes)):
+        return None
+    if not isinstance(iq, TensorQuantizer) or isinstance(iq, SequentialQuantizer) or \
+            getattr(iq, "_pre_quant_scale", None) is not None or (hasattr(iq, "_amax") and not iq.is_enabled):
+        return None
+    if ExportModuleRegistry.match(s) is not _export_quant_linear or hasattr(s, "weight_packed") or \
+            "QuantFP8Linear" in type(s).__name__:
+        return None
+    if any(_postprocessed(f"{q.name}.{attr}", child) for attr, child in s.named_children()):
+        return None
+    tensors = tuple((k, tuple(t.shape), t.dtype) for k, t in own.items())
+    return type(s), q.fmt, tensors, _quantizer_signature([c for c in s.children() if isinstance(c, TensorQuantizer)])
+
+
+def _postprocessed(name: str, quantizer: nn.Module) -> bool:
+    """Whether any of a quantizer's state survives ModelOpt's postprocessing of the state dict."""
+    from modelopt.torch.export.quant_utils import _postprocess_single_tensor
+
+    return any(_postprocess_single_tensor(f"{name}.{k}", v, _KV_MAX_BOUND, None)[0] is not None
+               for k, v in quantizer.state_dict().items())
+
+
+def _direct_scalars(q: _Quantized, device: torch.device) -> dict[str, torch.Tensor]:
+    """The per-tensor outputs ``_export_quantized_weight`` registers for a :func:`_direct_signature` module (the
+    weight's per-tensor scale, ``input_scale``), computed as it computes them, on ``device``."""
+    from modelopt.torch.export.quant_utils import get_scaling_factor
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    out = {_PER_TENSOR[q.fmt]: _per_tensor_scale(q.fmt, q.shadow.weight_quantizer, device)}
+    iq = q.shadow.input_quantizer
+    if q.fmt == "fp8":
+        if hasattr(iq, "_amax"):
+            iq = _read_only_on(iq, device)
+            iq._buffers["_amax"] = iq._amax.to(torch.float32)  # as the export sets it first
+            out["input_scale"] = get_scaling_factor(iq).squeeze()
+    elif "disabled" not in repr(iq) and iq.amax is not None:
+        out["input_scale"] = NVFP4QTensor.get_activation_scaling_factor(_read_only_on(iq, device)).squeeze()
+    return out
+
+
+def _pack_weight(fmt: str, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                 block: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``weight`` packed as ``_export_quantized_weight`` packs it with its per-tensor ``scale`` (FP8: one 0-d
+    ``weight_scale``; NVFP4: ``weight_scale_2``, broadcast over a stack of experts), and the tensors made on the
+    way (NVFP4's per-block ``weight_scale``)."""
+    from modelopt.torch.export import quant_utils
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    if fmt == "fp8":
+        return quant_utils.to_quantized_weight(weight.to(dtype), scale, "fp8"), {}
+    per_block = NVFP4QTensor.get_weights_scaling_factor(weight, block, weights_scaling_factor_2=scale)[0]
+    return quant_utils.to_quantized_weight(weight.to(dtype), per_block, "nvfp4", scale, block), {"weight_scale": per_block}
 
 
 def _stand_in(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -4,7 +4,7 @@
 folder) and the Qwen3-MoE shape (GPU 2 GiB + CPU 2 GiB), NVFP4 and FP8 (ModelOpt ``NVFP4_DEFAULT_CFG`` /
 ``FP8_DEFAULT_CFG``). Per case: ModelOpt's ``export_hf_checkpoint`` of the resident twin (the reference), then on
 the offloaded model (calibrated the same way): ours ``format="modelopt"``, ours with the shared-input groups found
-the other way (fake twin / forward of the model), ModelOpt's ``export_hf_checkpoint`` of the offloaded model (its
+the other way (twin / forward of the model), ModelOpt's ``export_hf_checkpoint`` of the offloaded model (its
 streaming path; it breaks the model, so it runs last). Each export: seconds, time to
 first byte (ours: first ``pwrite``; ModelOpt's: first non-empty ``*.safetensors`` seen by the sampler),
 host peak above the start (RssAnon and VmRSS, sampled every 5 ms), tensors equal to the reference.
@@ -193,7 +193,7 @@ def offloaded(src: Path, memory: dict, work: Path):
 
 def timed_forwards(fn, out: Path, model) -> dict:
     """:func:`timed`, plus how many times ``model``'s own forward ran (``model_forwards``: 1 when the shared-input
-    groups came from a forward of the model, 0 from the fake twin)."""
+    groups came from a forward of the model, 0 from the twin)."""
     calls = []
     handle = model.register_forward_pre_hook(lambda *args: calls.append(1))
     try:
@@ -204,7 +204,7 @@ def timed_forwards(fn, out: Path, model) -> dict:
 
 
 def other_groups(fake: bool):
-    """Ours with the shared-input groups always from the fake twin (``fake``) or from a forward of the model."""
+    """Ours with the shared-input groups always from the twin (``fake``) or from a forward of the model."""
     from offload_export.formats import modelopt as fmt
 
     saved = fmt.shared_input_groups

@@ -51,7 +51,7 @@ def quant_config(name: str) -> dict:
 
 
 def quantize(model, name: str):
-    calib = fixed_input_ids(batch=2, seq=16, seed=7) % model.config.vocab_size
+    calib = (fixed_input_ids(batch=2, seq=16, seed=7) % model.config.vocab_size).to(model.device)
     with quiet_libraries():
         mtq.quantize(model, quant_config(name), lambda m: m(input_ids=calib, use_cache=False))
     return model
@@ -300,19 +300,85 @@ def test_a_failure_part_way_leaves_nothing_and_the_model_as_it_was(ref_root, tmp
 
 
 @pytest.mark.parametrize("name", ["NVFP4_DEFAULT_CFG", "W4A8_AWQ_BETA_CFG"])
-def test_groups_found_on_the_fake_twin_give_modelopts_export_without_running_the_model(name, ref_root, tmp_path,
-                                                                                      monkeypatch):
-    """With the shared-input groups from the fake twin (taken once enough of the model is on disk), the export is
-    ModelOpt's byte for byte, resmoothing and layernorm fusion included, and the model's forward never runs."""
-    from offload_export.formats import modelopt as modelopt_format
-
-    monkeypatch.setattr(modelopt_format, "_FAKE_GROUPS_DISK_BYTES", 0)
+def test_groups_found_on_the_twin_give_modelopts_export_without_running_the_model(name, ref_root, tmp_path):
+    """With the shared-input groups from the twin that reads no weight, the export is ModelOpt's byte for byte,
+    resmoothing and layernorm fusion included, and the model's forward never runs."""
     model, expected = reference(name, ref_root)
     model = apply_layout(model, MIXED, tmp_path / "layout")
 
     with forward_refused(model):
         oe.save_clean(model, tmp_path / "out", format="modelopt")
     assert_same_checkpoint(tmp_path / "out", expected)
+
+
+def _undefined_cases():
+    def item(w, d):
+        return (w * 2).sum().item()
+
+    def branch(w, d):
+        return bool((w > 0).any())
+
+    def nonzero(w, d):
+        return torch.nonzero(w + 1)
+
+    def equal(w, d):
+        return torch.equal(w, d)
+
+    def through_a_view(w, d):
+        d.view(-1)[:2].copy_(w.view(-1)[:2])  # undefined values written into d through a view of it
+        return d.sum().item()
+
+    def unfilled(w, d):
+        return torch.empty(3).sum().item()
+
+    def indexed_by(w, d):
+        return d[w.long()]
+
+    return [item, branch, nonzero, equal, through_a_view, unfilled, indexed_by]
+
+
+@pytest.mark.parametrize("case", _undefined_cases(), ids=lambda f: f.__name__)
+def test_the_twin_refuses_any_result_that_depends_on_undefined_values(case):
+    """The twin's forward reads no weight: an op whose Python value or result shape depends on one (or on anything
+    made of one, or on unfilled memory) raises, so that no branch is taken on garbage."""
+    from offload_export.formats._modelopt_replay import _UndefinedValues, _ValueDependent
+
+    w, d = torch.empty(2, 3), torch.zeros(2, 3)
+    with _UndefinedValues([w]), pytest.raises(_ValueDependent):
+        case(w, d)
+
+
+def test_the_twin_computes_values_made_of_defined_tensors():
+    """Values made of the input alone (positions, masks) are real in the twin, as in the model's forward."""
+    from offload_export.formats._modelopt_replay import _UndefinedValues
+
+    w, ids = torch.empty(4, 3), torch.ones(1, 2, dtype=torch.long)
+    with _UndefinedValues([w]):
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        assert bool((positions[:, -1] == 1).all()) and torch.equal(ids, torch.ones_like(ids))
+        assert (w[ids] + positions.unsqueeze(-1)).shape == (1, 2, 3)
+
+
+def test_groups_of_a_forward_that_branches_on_a_weight_come_from_the_model_itself(tmp_path, monkeypatch):
+    """A module whose forward branches on its weight's values cannot run on the twin: the groups then come from the
+    model's own forward, and equal those of a model without the branch."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from offload_export.formats import _modelopt_replay as replay
+
+    class BranchingRMSNorm(Qwen3RMSNorm):
+        def forward(self, hidden_states):
+            out = super().forward(hidden_states)
+            return out if bool((self.weight != 0).any()) else out * 0
+
+    model = quantize(tiny_qwen3(), "NVFP4_DEFAULT_CFG")
+    expected = replay.shared_input_groups(model, torch.device("cpu"))
+    norm = model.model.layers[1].input_layernorm
+    norm.__class__ = BranchingRMSNorm
+    traced, trace = [], replay._traced_groups
+    monkeypatch.setattr(replay, "_traced_groups", lambda m, *a: (traced.append(m), trace(m, *a))[1])
+    assert replay.shared_input_groups(model, torch.device("cpu")) == expected
+    assert len(traced) == 2 and traced[0] is not model and traced[1] is model  # the twin failed, then the model
 
 
 @pytest.mark.gpu

@@ -237,7 +237,7 @@ def test_experts_left_unquantized_are_written_per_expert_as_modelopt_writes_them
 
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
-def test_shared_input_groups_come_from_a_fake_twin_without_running_the_model(kind, tmp_path):
+def test_shared_input_groups_come_from_a_twin_without_running_the_model(kind, tmp_path):
     """The groups ModelOpt's export fuses are found on a data-less twin (fused experts stand in): the model's own
     forward (which would read every offloaded weight) never runs, and they equal those of a forward of the model."""
     from offload_export.formats import _modelopt_replay as replay
@@ -252,9 +252,9 @@ def test_shared_input_groups_come_from_a_fake_twin_without_running_the_model(kin
     assert any(len(g) == 3 for g in groups) and norms  # q/k/v after input_layernorm
 
 
-def test_a_mixture_of_experts_held_in_memory_takes_its_groups_from_the_fake_twin(ref_root, tmp_path):
+def test_a_mixture_of_experts_held_in_memory_takes_its_groups_from_the_twin(ref_root, tmp_path):
     """Nothing on disk, yet the export never runs the model's forward for its groups (it would route through
-    every expert): the fake twin stands in for them, and the export is ModelOpt's byte for byte."""
+    every expert): the twin stands in for them, and the export is ModelOpt's byte for byte."""
     model, expected = reference("NVFP4_DEFAULT_CFG", ref_root)
     model = apply_layout(model, LayoutSpec("cpu_offload"), tmp_path / "layout")
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["Step", "clone_module", "shared_input_groups"]
 
@@ -177,12 +179,13 @@ def shared_input_groups(model: nn.Module, device: torch.device, *, fake: bool = 
 
     ModelOpt's ``collect_shared_input_modules``, without its side effects: forward hooks on quantized
     linears (any quantizer enabled) and layernorms, one forward of ``ones(1, 2)`` with every quantizer
-    off, no cache. The forward runs on a twin of the model under ``FakeTensorMode`` (its modules copied
-    without hooks, every tensor a fake one: shapes, no data), so that no weight is read: which tensor
-    object each module receives does not depend on the values (a forward that branches on values raises
-    there rather than taking another branch). Where the twin's forward fails, or with ``fake=False`` (the
-    fake forward costs a fixed time per op, the model's own forward the time to onload every weight: cheaper
-    when no weight is on disk), it runs on the model itself, its input on ``device``, as ModelOpt's does.
+    off, no cache. The forward runs on a twin of the model on the CPU (:func:`_twin`: its modules copied
+    without hooks, tensors of undefined values, linears and fused experts standing in by the shape of their
+    output), so that no weight is read: which tensor object each module receives does not depend on the
+    weights' values, and an op whose result shape or Python value would depend on them raises
+    (:class:`_UndefinedValues`) rather than taking a branch. Values made of the input alone are real, so the
+    twin takes the branches on them the model's forward takes. Where the twin's forward fails, or with
+    ``fake=False``, it runs on the model itself, its input on ``device``, as ModelOpt's does.
 
     Returns:
         The groups in first-call order (module names in call order) and, for each group index, the name
@@ -192,10 +195,10 @@ def shared_input_groups(model: nn.Module, device: torch.device, *, fake: bool = 
     if not fake:
         return _traced_groups(model, roles, device)
     try:
-        linears = {id(m) for name, m in model.named_modules() if roles.get(name) == "linear"}
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            return _traced_groups(_fake_twin(model, linears), roles, torch.device("cpu"))
-    except Exception:  # a value-dependent forward: trace the model itself
+        twin = _twin(model)
+        with _UndefinedValues([*twin.parameters(), *twin.buffers()]):
+            return _traced_groups(twin, roles, torch.device("cpu"))
+    except Exception:  # a forward that depends on the weights' values, or fails on the CPU: trace the model itself
         return _traced_groups(model, roles, device)
 
 
@@ -214,32 +217,32 @@ def _hooked_roles(model: nn.Module) -> dict[str, str]:
     return roles
 
 
-def _fake_twin(module: nn.Module, linears: set[int]) -> nn.Module:
-    """A copy of ``module``'s tree for a forward without data: same classes, every parameter and buffer a new
-    empty tensor on the CPU (call it inside a ``FakeTensorMode``: no memory), no accelerate or torch hooks;
-    other attributes shared with the module (shallow). Fused experts (``_QuantFusedExperts``) return an empty
-    tensor like their input instead of routing; the quantized linears in ``linears`` (by ``id``) an empty tensor
-    of their output's shape and their input's dtype, what their forward returns with every quantizer off (a fake
-    matmul costs a millisecond; which tensor a linear reads is all the trace needs of it). Neither has children
-    in the twin: their quantizers would never run."""
+def _twin(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s tree for a forward that reads no weight: same classes, every parameter and buffer a
+    new CPU tensor of undefined values (allocated, never filled: untouched pages cost no memory), no accelerate or
+    torch hooks; other attributes shared with the module (shallow). Fused experts (``_QuantFusedExperts``) return
+    an empty tensor like their input instead of routing, linears (quantized or not) an empty tensor of their
+    output's shape and their input's dtype, what their forward returns with every quantizer off (which tensor a
+    linear reads is all the trace needs of it); neither has children in the twin nor tensors but meta ones."""
     from modelopt.torch.export.hf_export_handlers import _has_fused_experts_quantizers
+    from modelopt.torch.export.layer_utils import is_quantlinear
 
-    new = object.__new__(type(module))
-    new.__dict__.update({k: type(v)() if "hooks" in k and isinstance(v, dict) else v
-                         for k, v in module.__dict__.items() if k not in _HOOK_ATTRS and k not in _TENSOR_DICTS})
-    new._parameters = OrderedDict((k, None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
-                                                                          requires_grad=False))
-                                  for k, p in module._parameters.items())
-    new._buffers = OrderedDict((k, None if b is None else torch.empty(b.shape, dtype=b.dtype))
-                               for k, b in module._buffers.items())
     stand_in = None
     if _has_fused_experts_quantizers(module):
         # its routing loop depends on values; it holds no quantized linear, and its output is a new tensor either way
         stand_in = _fused_experts_stand_in
-    elif id(module) in linears:
+    elif is_quantlinear(module) or type(module) is nn.Linear:
         stand_in = functools.partial(_linear_stand_in, module.weight.shape[0])
+    device = "meta" if stand_in is not None else "cpu"
+    new = object.__new__(type(module))
+    new.__dict__.update({k: type(v)() if "hooks" in k and isinstance(v, dict) else v
+                         for k, v in module.__dict__.items() if k not in _HOOK_ATTRS and k not in _TENSOR_DICTS})
+    new._parameters = OrderedDict((k, None if p is None else nn.Parameter(
+        torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=False)) for k, p in module._parameters.items())
+    new._buffers = OrderedDict((k, None if b is None else torch.empty(b.shape, dtype=b.dtype, device=device))
+                               for k, b in module._buffers.items())
     if stand_in is None:
-        new._modules = OrderedDict((k, None if c is None else _fake_twin(c, linears)) for k, c in module._modules.items())
+        new._modules = OrderedDict((k, None if c is None else _twin(c)) for k, c in module._modules.items())
     else:
         new._modules = OrderedDict()
         new.forward = stand_in
@@ -252,6 +255,57 @@ def _fused_experts_stand_in(hidden_states: torch.Tensor, *args, **kwargs) -> tor
 
 def _linear_stand_in(out_features: int, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+class _ValueDependent(RuntimeError):
+    """An op of the twin's forward whose result shape or Python value depends on undefined values."""
+
+
+# ops whose results are allocated, never filled
+_UNFILLED = frozenset({torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default,
+                       torch.ops.aten.new_empty.default, torch.ops.aten.empty_strided.default,
+                       torch.ops.aten.new_empty_strided.default})
+
+
+_SHAPE_FROM_INDICES = frozenset({torch.ops.aten.index.Tensor})
+
+
+class _UndefinedValues(TorchDispatchMode):
+    """Tracks which tensors hold undefined values (the given ones, what unfilled allocations return, every result
+    of an op that reads one: views, in-place results and their bases included) and raises
+    :class:`_ValueDependent` for an op tagged data-dependent (``.item()``, ``bool()``, ``torch.equal``) or of
+    data-dependent output shape (``nonzero``, ``unique``) that reads one. Values made of defined ones only are
+    computed for real."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        super().__init__()
+        self._undefined: dict[int, weakref.ref] = {}
+        for t in tensors:
+            self._mark(t)
+
+    def _mark(self, t: torch.Tensor) -> None:
+        self._undefined[id(t)] = weakref.ref(t)
+        if t._base is not None:  # written through a view: its base holds undefined values too
+            self._undefined[id(t._base)] = weakref.ref(t._base)
+
+    def _is_undefined(self, t: object) -> bool:
+        ref = self._undefined.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return ref is not None and ref() is t
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        undefined = any(self._is_undefined(t) for t in pytree.tree_leaves((args, kwargs)))
+        if undefined and (torch.Tag.data_dependent_output in func.tags or torch.Tag.dynamic_output_shape in func.tags):
+            # indexing: the result's shape depends on the indices' values only (the tensor indexed may be undefined)
+            shaping = pytree.tree_leaves((args[1:], kwargs)) if func in _SHAPE_FROM_INDICES else ()
+            if func not in _SHAPE_FROM_INDICES or any(self._is_undefined(t) for t in shaping):
+                raise _ValueDependent(f"{func} reads values the twin does not have")
+        out = func(*args, **kwargs)
+        if undefined or func in _UNFILLED:
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self._mark(t)
+        return out
 
 
 def _traced_groups(model: nn.Module, roles: dict[str, str], device: torch.device):

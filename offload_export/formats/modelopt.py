@@ -47,7 +47,6 @@ FORMAT = "format='modelopt'"
 _KV_MAX_BOUND = 448  # ModelOpt: "kv cache scale as amax / 448 for both FP8 and NVFP4 KV cache"
 # formats whose shared-input groups ModelOpt leaves alone (_fuse_shared_input_modules)
 _NO_FUSION = ("fp8", "fp8_pb_real", None)
-_FAKE_GROUPS_DISK_BYTES = 4 << 30  # see ModelOpt.__init__
 _PACKED = ("int8_wo", "int8_sq", "fp8", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq", "w4a16_nvfp4")
 
 
@@ -148,9 +147,6 @@ class ModelOptPacker:
             (AWQ groups with a per-tensor weight scale); called one key at a time.
         refs: the model's offload map (``offloaded_tensors(model)``), to onload quantizer buffers.
         dtype: the export dtype (``export_hf_checkpoint(dtype=)``); the model's own when None.
-        fake_groups: find the linears that share an input on a fake twin of the model (no weight read) instead of
-            a forward of the model itself (which onloads every offloaded weight); the same groups either way. A
-            model with fused experts always takes the twin.
 
     Raises:
         ValueError: no ModelOpt quantizers, a MoE kind this export does not pack (see :meth:`_check_moe`), a
@@ -159,8 +155,7 @@ class ModelOptPacker:
             a ``pre_quant_scale`` (the groups are found up front then).
     """
 
-    def __init__(self, model: nn.Module, *, quantizers: list, read, refs: dict, dtype: torch.dtype | None = None,
-                 fake_groups: bool = True):
+    def __init__(self, model: nn.Module, *, quantizers: list, read, refs: dict, dtype: torch.dtype | None = None):
         from modelopt.torch.export.quant_utils import get_quant_config, get_quantization_format
         from modelopt.torch.export.unified_export_hf import _resolve_export_dtype
 
@@ -169,7 +164,6 @@ class ModelOptPacker:
             raise ValueError(f"{FORMAT} needs a model quantized by NVIDIA ModelOpt (mtq.quantize); "
                              f"{type(model).__name__} has no ModelOpt quantizers. Use format='fake-quant'")
         self._model = model
-        self._fake_groups = fake_groups
         self._read = read
         self._groups_pending = False  # the shared-input groups are yet to be found and fused (by the first pack)
         self._fusing = threading.Lock()
@@ -305,9 +299,7 @@ class ModelOptPacker:
             if not self._groups_pending:
                 return
             self._groups_pending = False
-            # fused experts: the model's forward would route through every one, the twin stands in for them
-            fake = self._fake_groups or bool(self.experts)
-            groups, norms = shared_input_groups(self._model, _input_device(self._model), fake=fake)
+            groups, norms = shared_input_groups(self._model, _input_device(self._model))
             for i, names in enumerate(groups):
                 members = [self.modules[n] for n in names if n in self.modules]
                 if len(names) < 2 or len(members) != len(names) or members[0].fmt in _NO_FUSION:
@@ -1110,11 +1102,8 @@ class ModelOpt(Format):
                              f"would hold the unquantized weight. Quantize it with ModelOpt, remove or disable that "
                              f"quantizer, or use format='fake-quant'")
         self._refs = offloaded_tensors(source.model)
-        # the fake twin's trace costs a fixed time per op, a forward of the model the reading of every disk-held
-        # byte (CPU-held ones onload faster than the twin traces): the twin once the disk holds a few GiB
-        on_disk = sum(i.nbytes for i in source.lay.values() if i.kind in ("disk", "safetensors"))
         self.packer = ModelOptPacker(source.model, quantizers=source.quantizers, read=self._read, refs=self._refs,
-                                     dtype=source.dtype, fake_groups=on_disk >= _FAKE_GROUPS_DISK_BYTES)
+                                     dtype=source.dtype)
         tied = {i.tied_to for i in source.lay.values() if i.kind == "tied"}
         for name in self.packer.modules:
             key = f"{name}.weight" if name else "weight"

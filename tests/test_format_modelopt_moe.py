@@ -20,6 +20,7 @@ from layouts import LayoutSpec, apply_layout, fixed_input_ids, forward_logits, l
 from memory_child import measure
 from test_format_modelopt import (
     SETTINGS,
+    assert_a_flipped_bit_falls_back,
     assert_layout_exports_the_reference,
     assert_refused,
     assert_same_checkpoint,
@@ -269,20 +270,10 @@ def test_a_batched_expert_pack_unlike_modelopts_own_falls_back_to_one_expert_at_
     expert both ways: a stacked pack that differs (here a flipped bit in what ``to_quantized_weight`` returns, which
     ModelOpt's own export calls through its own import) is caught there, warned about, and the experts are packed
     one at a time: the checkpoint still equals ModelOpt's."""
-    from modelopt.torch.export import quant_utils
-
     model, expected = reference(config, tmp_path)
-    real = quant_utils.to_quantized_weight
-
-    def off_by_one_bit(weight, *args, **kwargs):
-        packed = real(weight, *args, **kwargs)
-        return (packed.view(torch.uint8) ^ 1).view(packed.dtype)
-
-    monkeypatch.setattr(quant_utils, "to_quantized_weight", off_by_one_bit)
-    with pytest.warns(UserWarning, match=r"packing the experts of model\.layers\.0\.mlp\.experts together gives "
-                                         r"model\.layers\.0\.mlp\.experts\.0\.gate_proj\.weight unlike"):
-        oe.save_clean(model, tmp_path / "out", format="modelopt")
-    assert_same_checkpoint(tmp_path / "out", expected)
+    assert_a_flipped_bit_falls_back(model, expected, r"packing the experts of model\.layers\.0\.mlp\.experts together "
+                                    r"gives model\.layers\.0\.mlp\.experts\.0\.gate_proj\.weight unlike", tmp_path / "out",
+                                    monkeypatch)
 
 
 @pytest.mark.parametrize("config", ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG+FP8_KV_CFG"])

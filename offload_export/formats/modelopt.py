@@ -9,7 +9,9 @@ that it resmooths modules that read one input (``requantize_resmooth_fused_llm_l
 :class:`ModelOptPacker` gives the same tensors for a model in any offload layout without touching it:
 the model-level resmoothing is replayed on shadows (copies of each quantized module with its
 quantizer state and a meta weight), and each module is packed on a fresh copy holding its real weight
-with ModelOpt's own ``_dispatch_export_handler`` and ``_postprocess_single_tensor``. Fused MoE experts
+with ModelOpt's own ``_dispatch_export_handler`` and ``_postprocess_single_tensor`` -- or, for NVFP4 and
+per-tensor FP8 linears, directly with the functions that handler calls (the first linear of each kind is
+packed both ways and compared bit for bit; the copy and the handler cost more than the packing). Fused MoE experts
 (``_QuantFusedExperts``: 3-D ``gate_up_proj`` / ``down_proj``) are split per expert by ModelOpt's own
 ``_export_fused_experts``, run on a one-expert copy at a time. Output names then go through ModelOpt's
 quantization-aware revert of transformers' conversion (``revert_weight_conversion_quant_aware``).

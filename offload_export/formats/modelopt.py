@@ -925,7 +925,7 @@ def _read_only_on(quantizer: nn.Module, device: torch.device) -> nn.Module:
 def _direct_signature(q: _Quantized, own: dict[str, torch.Tensor]) -> tuple | None:
     """What a quantized module's outputs depend on besides its weight's values and its per-tensor amax, when
     :meth:`ModelOptPacker._pack_direct` may compute them: a linear that ModelOpt's export hands to its plain-linear
-    handler, NVFP4 (dynamic blocks) or per-tensor FP8 with a calibrated 0-d or 1-element weight amax, no
+    handler, NVFP4 (dynamic blocks) with a calibrated per-tensor weight amax or FP8 with a calibrated 0-d one, no
     ``pre_quant_scale``, no step that rewrites the weight, and no quantizer state that survives the export (KV
     scales kept on a linear's output quantizer). None otherwise."""
     from modelopt.torch.export.hf_export_handlers import _export_quant_linear

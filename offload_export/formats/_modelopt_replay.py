@@ -275,7 +275,8 @@ class _UndefinedValues(TorchDispatchMode):
     of an op that reads one: views, in-place results and their bases included) and raises
     :class:`_ValueDependent` for an op tagged data-dependent (``.item()``, ``bool()``, ``torch.equal``) or of
     data-dependent output shape (``nonzero``, ``unique``) that reads one. Values made of defined ones only are
-    computed for real. Only dispatched ops are seen: code reading a CPU tensor's memory itself (``.numpy()``, ``.tolist()``) is not."""
+    computed for real. Only dispatched ops are seen: code reading a CPU tensor's memory itself (``.numpy()``,
+    ``.tolist()``) is not."""
 
     def __init__(self, tensors: list[torch.Tensor]):
         super().__init__()

@@ -101,8 +101,12 @@ class _Experts:
 
     @functools.cached_property
     def signatures(self) -> tuple[tuple, ...]:
-        """Each expert's :func:`_expert_signature` (the pristine copy never changes)."""
-        return tuple(_expert_signature(self, e) for e in range(self.num_experts))
+        """What ModelOpt's outputs for each expert depend on besides its weights' shapes: the
+        :func:`_quantizer_signature` of its weight quantizers and of the input quantizers all experts share
+        (taken once; the pristine copy never changes)."""
+        shared = _quantizer_signature([getattr(self.pristine, f"{p}_input_quantizer") for p in self.parts])
+        weights = [getattr(self.pristine, f"{p}_weight_quantizers") for p in self.parts]
+        return tuple(_quantizer_signature([w[e] for w in weights]) + shared for e in range(self.num_experts))
 
 
 def _packed_format(what: str, pristine: nn.Module) -> str | None:
@@ -227,7 +231,8 @@ class ModelOptPacker:
         from modelopt.torch.export.hf_export_handlers import _has_fused_experts_quantizers
 
         kv_format = self.hf_quant_config["quantization"]["kv_cache_quant_algo"]
-        names = sorted(owners, key=list(dict(model.named_modules())).index)
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        names = sorted(owners, key=order.__getitem__)
         memo = _host_copies([model.get_submodule(name) for name in names])
         for name in names:
             module = model.get_submodule(name)
@@ -865,12 +870,6 @@ def _expert_copy(x: _Experts, e: int, tensors: dict[str, torch.Tensor], device: 
         if part is not None and p != part:
             getattr(work, attr)[0].disable()
     return work
-
-
-def _expert_signature(x: _Experts, e: int) -> tuple:
-    """What ModelOpt's outputs for expert ``e`` depend on besides its weights' shapes (:func:`_quantizer_signature`)."""
-    quantizers = [getattr(x.pristine, f"{p}_weight_quantizers")[e] for p in x.parts]
-    return _quantizer_signature(quantizers + [getattr(x.pristine, f"{p}_input_quantizer") for p in x.parts])
 
 
 def _quantizer_signature(quantizers: list[nn.Module]) -> tuple:

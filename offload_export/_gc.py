@@ -2,8 +2,8 @@
 
 An export allocates many small, long-lived objects while it plans (tensor specs, headers, copies of
 quantizers), enough to start a full collection, which walks every object of the process with every thread
-stopped: the model's modules, the toolkit's quantizers, their ``__dict__``s. For a 16-layer MoE under ModelOpt
-(~600,000 objects) that pass took longer than the rest of the plan, and the export frees none of those objects.
+stopped: the model's modules, the toolkit's quantizers, their ``__dict__``s. For a MoE under ModelOpt that
+pass took longer than the rest of the plan (benchmarks/README.md), and the export frees none of those objects.
 """
 
 from __future__ import annotations

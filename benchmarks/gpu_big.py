@@ -417,9 +417,10 @@ def drop_promoted(model) -> int:
     return dropped
 
 
-def disk_held_model(work: Path, shape: str = "14b"):
+def disk_held_model(work: Path, shape: str = "14b", drop: bool = True):
     """The cost curve's disk-held packed case: ``shape``'s checkpoint built in ``work / "src"``, the floor measured,
-    the model loaded over GPU 2 GiB + CPU 8 GiB + disk, NVFP4-calibrated, ModelOpt's promoted CPU copies dropped.
+    the model loaded over GPU 2 GiB + CPU 8 GiB + disk, NVFP4-calibrated, ModelOpt's promoted CPU copies dropped
+    (``drop=False``: kept, the curve's layout as calibration leaves it).
 
     Returns:
         ``(model, floor rates, bytes read from disk, layout summary)``.
@@ -430,7 +431,8 @@ def disk_held_model(work: Path, shape: str = "14b"):
     rates = floor_rates(work / "src", work)
     model = offloaded(work / "src", CURVE_MEMORY, work)
     mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), calib_loop())
-    drop_promoted(model)
+    if drop:
+        drop_promoted(model)
     read, summary = disk_bytes(model)
     return model, rates, read, summary
 

@@ -1,4 +1,5 @@
 """The 14B disk-held packed export (``gpu_big.py --part big``'s last row; ``--shape``, ``--format``: another;
+``--as-calibrated``: the curve's layout, the weights ModelOpt's calibration copied into RAM kept;
 ``--table CONFIG``: the tables' layout of ``--shape`` calibrated with that ModelOpt config) at
 several versions of offload_export, interleaved in one process on one calibrated model (round 1 in the given order,
 round 2 reversed).
@@ -89,6 +90,8 @@ def main() -> None:
     parser.add_argument("--table", default=None, metavar="CONFIG",
                         help="the table layout (gpu_big.table_model) calibrated with this ModelOpt config instead")
     parser.add_argument("--format", default="modelopt", help="save_clean's format (fake-quant: the NVFP4 fold)")
+    parser.add_argument("--as-calibrated", action="store_true",
+                        help="keep the weights ModelOpt's calibration copied into RAM (the curve's layout)")
     parser.add_argument("--budget", type=float, default=540)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--sample", action="store_true", help="count each thread's stacks (5 ms) in round 1")
@@ -98,7 +101,7 @@ def main() -> None:
     if args.table:
         model, rates, read, summary = table_model(work, args.shape, args.table)
     else:
-        model, rates, read, summary = disk_held_model(work, args.shape)
+        model, rates, read, summary = disk_held_model(work, args.shape, drop=not args.as_calibrated)
     out = {"floor_rates": rates, "layout": summary, "setup_s": round(time.perf_counter() - start, 1), "rows": []}
     print("setup", out["setup_s"], rates, flush=True)
     for rnd, order in enumerate((args.dirs, args.dirs[::-1])[:args.rounds]):

@@ -4,7 +4,7 @@
 
 A Qwen3-MoE-shaped model (32 fused experts per layer, hidden 256) quantized with ModelOpt's NVFP4 on the CPU,
 resident; ``save_clean(format="modelopt")`` timed in one process, alternating the export as shipped (objects
-older than the call frozen, ``offload_export._gc``) and the same export with ``gc.freeze`` made a no-op.
+older than the call frozen, ``offload_export._process``) and the same export with ``gc.freeze`` made a no-op.
 Per export: seconds, time to the first byte written, and the collector's time by generation (``gc.callbacks``).
 """
 

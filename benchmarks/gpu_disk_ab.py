@@ -16,7 +16,7 @@ from pathlib import Path
 from gpu_big import disk_held_model, floor_s, timed
 
 import offload_export as oe
-from offload_export import pipeline as P
+from offload_export import _process as P
 from offload_export import resume as R
 
 work = Path(tempfile.mkdtemp())
@@ -34,7 +34,7 @@ def drop_cache() -> None:
 
 for rep in range(2):
     for variant in ("now", "switch_5ms", "no_digest", "cold"):
-        P._SwitchInterval.INTERVAL = 0.005 if variant == "switch_5ms" else 5e-4
+        P._SWITCH_INTERVAL = 0.005 if variant == "switch_5ms" else 5e-4
         R.memory_digest = (lambda *a, **k: None) if variant == "no_digest" else real_digest
         if variant == "cold":
             drop_cache()

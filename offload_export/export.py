@@ -17,8 +17,8 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _atomic
-from ._gc import old_objects_frozen
 from ._hooks import offloaded_tensors
+from ._process import old_objects_frozen
 from .checkpoint import write_metadata, write_weights
 from .fingerprint import fingerprint, plan_facts
 from .job import Job, prepare_job

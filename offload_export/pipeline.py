@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import os
 import queue
-import sys
 import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ import torch
 from ._buffers import anon_empty, reusing
 from ._errors import add_note
 from ._hooks import offloaded_tensors
+from ._process import quick_switching
 from ._store import FileSpan, read_store, store_span
 from ._transfer import indexed, to_device, to_host
 from .formats import Format, Source
@@ -223,41 +223,6 @@ def _fold_threads() -> Iterator[None]:
         omp.omp_set_num_threads(previous)
 
 
-class _SwitchInterval:
-    """Shortens the interpreter's thread switch interval while at least one run is streaming (process-wide state,
-    so the runs of several threads share one count; the previous value comes back when the last one ends).
-
-    The reader and writer threads spend their time in system calls and then need the GIL back for a moment, but a
-    fold or pack that runs Python code (ModelOpt's export) keeps it for a whole switch interval: 5 ms by default,
-    during which the disk idles. 0.5 ms: benchmarks/README.md has the measurement.
-    """
-
-    INTERVAL = 5e-4
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._users = 0
-        self._saved = 0.0
-
-    @contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self._lock:
-            if self._users == 0:
-                self._saved = sys.getswitchinterval()
-                sys.setswitchinterval(min(self._saved, self.INTERVAL))
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0 and sys.getswitchinterval() == min(self._saved, self.INTERVAL):
-                    sys.setswitchinterval(self._saved)  # unless someone else changed it meanwhile
-
-
-_quick_switching = _SwitchInterval()
-
-
 def _copy(t: torch.Tensor) -> torch.Tensor:
     return anon_empty(tuple(t.shape), t.dtype).copy_(t) if t.device.type == "cpu" else t.clone()
 
@@ -449,7 +414,7 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
     handoff: queue.Queue = queue.Queue()  # bounded by the budgets, not by a count
     consumer = threading.Thread(target=_consume, args=(consume, run, handoff), name=f"offload-export-{name}",
                                 daemon=True)
-    with reusing(), _quick_switching():  # buffers of units already consumed serve the next ones
+    with reusing(), quick_switching():  # buffers of units already consumed serve the next ones
         consumer.start()
         try:
             if len(lanes) == 1:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._gc import old_objects_frozen
+from ._process import old_objects_frozen
 from ._store import (SAFETENSORS_DTYPES, CorruptHeader, FileSpan, open_regular, pread_exact, read_safetensors_header,
                      read_store)
 from .checkpoint import SHARD_METADATA, write_model_files

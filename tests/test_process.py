@@ -1,4 +1,4 @@
-"""The collector's full passes are kept off the objects older than an export, and the process is left as it was."""
+"""Process-wide settings of an export: the collector's passes kept off older objects, the process left as it was."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from layouts import make_model
 
 import offload_export as oe
-from offload_export._gc import old_objects_frozen
+from offload_export._process import old_objects_frozen
 
 
 @pytest.fixture(autouse=True)

@@ -1,11 +1,14 @@
-"""How the size of each ``pwrite`` call changes the time to write a file from memory (+ fsync).
+"""How the size of each ``pwrite`` call, and the number of threads writing, change the time to write a file from
+memory (+ fsync).
 
-    python benchmarks/bench_write_calls.py [--gb 1.2] [--repeats 3] [--dir DIR] [--out results.json]
+    python benchmarks/bench_write_calls.py [--gb 1.2] [--repeats 3] [--threads 2,4,8] [--dir DIR] [--out results.json]
 
 The writer sends tensors out of process memory with ``pwrite``; this measures the same bytes written from
 one pre-touched buffer in calls of 256 KiB .. 64 MiB, each + fsync, against ``copy_file_range`` of a file
-holding them (the floor), interleaved, fresh files each time. Prints a table of median seconds, system
-CPU seconds and the ratio to the floor; writes the JSON.
+holding them (the floor), interleaved, fresh files each time. With ``--threads``, also the writer's way (512 KiB
+calls, the writeback of each 64 MiB step started with ``POSIX_FADV_DONTNEED``) from 1 and from each given number
+of threads, the steps dealt out round-robin: whether one thread's buffered writes, not the disk, set the rate.
+Prints a table of median seconds, system CPU seconds and the ratio to the floor; writes the JSON.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import platform
 import resource
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +47,31 @@ def write_calls(buf: memoryview, dest: Path, nbytes: int, call: int) -> None:
     dest.unlink()
 
 
+def write_threads(buf: memoryview, dest: Path, nbytes: int, threads: int) -> None:
+    """``nbytes`` in 64 MiB steps dealt round-robin to ``threads`` threads, each step in 512 KiB calls and its
+    writeback started at its end (as the writer does), then one fsync."""
+    step, call = 64 << 20, 512 << 10
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def work(first: int) -> None:
+        for at in range(first * step, nbytes, threads * step):
+            n = min(step, nbytes - at)
+            for d in range(0, n, call):
+                os.pwrite(fd, buf[d:min(d + call, n)], at + d)
+            os.posix_fadvise(fd, at, n, os.POSIX_FADV_DONTNEED)
+
+    try:
+        workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dest.unlink()
+
+
 def copy_range(src: Path, dest: Path, nbytes: int) -> None:
     with open(src, "rb") as f, open(dest, "wb") as g:
         done = 0
@@ -56,6 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=1.2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", default="", help="comma-separated thread counts for the writer's way (with 1)")
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory under the cwd)")
     ap.add_argument("--out", default="write_calls.json")
     args = ap.parse_args()
@@ -75,6 +105,9 @@ def main() -> None:
         for call in CALLS:
             runs.setdefault(f"pwrite {call >> 10} KiB", []).append(
                 timed(lambda call=call: write_calls(view, work / "dest", nbytes, call)))
+        for k in ([1] + [int(t) for t in args.threads.split(",")] if args.threads else []):
+            runs.setdefault(f"writer's way x{k}", []).append(
+                timed(lambda k=k: write_threads(view, work / "dest", nbytes, k)))
     src.unlink()
     work.rmdir()
     floor = statistics.median(s for s, _ in runs["copy_file_range"])

@@ -62,11 +62,12 @@ TABLE_CPU_GPU = (2, 3)  # GiB on GPU 0, then on the CPU, for the compressed-tens
 
 
 class FirstWrite:
-    """Time of the first ``os.pwrite`` / ``os.write`` / ``os.copy_file_range`` (our writer) inside the block."""
+    """Time of the first ``os.pwritev`` / ``os.pwrite`` / ``os.write`` / ``os.copy_file_range`` (our writer) inside the
+    block."""
 
     def __enter__(self):
         self.t = None
-        self._saved = {n: getattr(os, n) for n in ("pwrite", "write", "copy_file_range")}
+        self._saved = {n: getattr(os, n) for n in ("pwritev", "pwrite", "write", "copy_file_range")}
         for n, fn in self._saved.items():
             setattr(os, n, self._wrap(fn))
         return self

@@ -50,13 +50,16 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
     shard_of = plan.weight_map
 
     def write(unit, outputs):
+        by_shard: dict[str, list] = {}
         for spec in unit.outputs:
-            writer = writers[shard_of[spec.name]]
-            writer.write(spec.name, outputs.pop(spec.name))
+            by_shard.setdefault(shard_of[spec.name], []).append((spec.name, outputs.pop(spec.name)))
+        for filename, items in by_shard.items():
+            writer = writers[filename]
+            writer.write_many(items)  # neighbours in the file in one system call
             if on_shard is not None and writer.complete:
                 on_shard(writer.path, writer.crc32)
-            if bar is not None:
-                bar.update(spec.nbytes)
+        if bar is not None:
+            bar.update(sum(spec.nbytes for spec in unit.outputs))
 
     # units are written behind, in order, by the loop's consumer thread while the next ones are folded: the
     # disk and the CPU/GPU work at once, within the loop's byte budget

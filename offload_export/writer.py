@@ -2,9 +2,9 @@
 
 The file is byte-identical to ``safetensors.torch.save_file(tensors, metadata=...)`` of the same tensors (for
 metadata of at most one key: safetensors serializes a longer map in random order, this writer in the order
-given), but no shard is ever held in memory: each tensor is ``pwrite``-n straight from its own buffer, or,
-when its bytes pass through unchanged from a file (:class:`FileSpan`), copied by the kernel
-(``copy_file_range``) without entering the process at all.
+given), but no shard is ever held in memory: tensors that lie next to each other in the file are written by one
+``pwritev`` straight from their own buffers, or, when a tensor's bytes pass through unchanged from a file
+(:class:`FileSpan`), copied by the kernel (``copy_file_range``) without entering the process at all.
 
 Descriptors are bounded: a shard's file is opened at its first write, fsync-ed and closed as soon as its
 last tensor is written, and at most ``max_open`` shards of one :class:`Descriptors` pool are open at
@@ -14,6 +14,7 @@ small ``ulimit -n``.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import math
@@ -36,7 +37,8 @@ __all__ = ["Descriptors", "FileSpan", "ShardWriter", "TensorSpec", "crc32_combin
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _DEFAULT_MAX_OPEN = 64
 _WRITEBACK_STEP = 64 << 20  # bytes written before their disk writeback is started
-_WRITE_CALL = 512 << 10  # bytes per pwrite (see _pwrite_all)
+_COPY_CALL = 512 << 10  # bytes per pread/pwrite where the kernel cannot copy between files
+_IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
 _CRC_BESIDE = 256 << 10  # pieces from this size on are checksummed in other threads while being written
 _CRC_BACKLOG = 64 << 20  # bytes whose checksum may still be pending (their buffers kept alive until then)
 _CRC_PIECE = 16 << 20  # ... in parts of this size, one per task: zlib's CRC-32 runs at 2-3 GB/s per core
@@ -232,17 +234,63 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """``pwrite`` all of ``data`` at ``offset``, in calls of at most 512 KiB.
+def _pwrite_all(fd: int, buffers: Sequence[memoryview], offset: int) -> None:
+    """Write ``buffers`` one after the other from ``offset``: one ``pwritev`` for up to 1024 of them, again for the
+    rest after a short write.
 
-    Larger calls can cost the kernel more, not less: on one Linux 6.18 / ext4 VM, writing 1.2 GB into the
-    page cache took 1.1 s in 256-512 KiB calls (about ``copy_file_range``'s time) and 1.7-3.9 s in 1-8 MiB
-    calls, nearly all of it system time (``benchmarks/bench_write_calls.py``); elsewhere 512 KiB calls were
-    as fast as any size.
+    As few calls as possible, not one per tensor or per 512 KiB: every system call hands the GIL over, and taking it
+    back waits for the other threads' Python (up to the switch interval), so a writer making a call per tensor is
+    paced by the fold's Python, not by the disk (``benchmarks/bench_writer_beside.py``).
+
+    Raises:
+        OSError: a write fails, or writes nothing (EIO).
     """
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:done + _WRITE_CALL], offset + done)
+    pending = [b for b in buffers if len(b)]
+    first = 0
+    while first < len(pending):
+        n = os.pwritev(fd, pending[first:first + _IOV_MAX], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, f"pwritev wrote nothing at byte {offset}")
+        offset += n
+        while first < len(pending) and n >= len(pending[first]):
+            n -= len(pending[first])
+            first += 1
+        if n:
+            pending[first] = pending[first][n:]
+
+
+def _byte_range(buffers: Sequence[memoryview], start: int, nbytes: int) -> list[memoryview]:
+    """Bytes ``start`` to ``start + nbytes`` of ``buffers`` laid one after the other, as views into them."""
+    out, pos = [], 0
+    for b in buffers:
+        lo, hi = max(start - pos, 0), min(start + nbytes - pos, len(b))
+        if lo < hi:
+            out.append(b[lo:hi])
+        pos += len(b)
+        if pos >= start + nbytes:
+            break
+    return out
+
+
+def _crc_of(buffers: Sequence[memoryview]) -> int:
+    crc = 0
+    for b in buffers:
+        crc = zlib.crc32(b, crc)
+    return crc
+
+
+def _host_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's bytes on the host (moved there if needed), C order; the view keeps the tensor alive.
+
+    Through ``ctypes`` rather than ``Tensor.numpy()``, which hands the GIL over: 0.2 ms a tensor beside a busy
+    Python thread, as much as writing the tensor."""
+    data = (tensor if tensor.is_cpu else tensor.to("cpu")).contiguous()
+    nbytes = data.numel() * data.element_size()
+    if not nbytes:
+        return memoryview(b"")
+    array = (ctypes.c_char * nbytes).from_address(data.data_ptr())
+    array.owner = data
+    return memoryview(array).cast("B")
 
 
 def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
@@ -259,9 +307,24 @@ def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbyt
         if n == 0:
             raise OSError(errno.EIO, f"unexpected end of the source file at byte {src_offset + done}")
         done += n
-    for piece in _pieces(src_fd, src_offset + done, nbytes - done, _WRITE_CALL):
-        _pwrite_all(dst_fd, piece, dst_offset + done)
+    for piece in _pieces(src_fd, src_offset + done, nbytes - done, _COPY_CALL):
+        _pwrite_all(dst_fd, [piece], dst_offset + done)
         done += len(piece)
+
+
+def _runs(tensors: Sequence[tuple[int, str, memoryview]]) -> Iterator[tuple[int, list[memoryview]]]:
+    """``(offset, buffers)`` of each run of ``(offset, name, bytes)`` (sorted by offset) that lie end to end."""
+    start, run, end = 0, [], None
+    for at, _, data in tensors:
+        if run and at != end:
+            yield start, run
+            run = []
+        if not run:
+            start = at
+        run.append(data)
+        end = at + len(data)
+    if run:
+        yield start, run
 
 
 class ShardWriter:
@@ -314,7 +377,7 @@ class ShardWriter:
             self._fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
             if not self._created:
                 self._created = True
-                _pwrite_all(self._fd, memoryview(self._header), 0)
+                _pwrite_all(self._fd, [memoryview(self._header)], 0)
         return self._fd
 
     def _close_fd(self) -> None:
@@ -339,27 +402,43 @@ class ShardWriter:
         return spec
 
     def write(self, name: str, tensor: torch.Tensor | FileSpan) -> None:
-        """Write ``tensor`` (any device; moved to the CPU), or copy a :class:`FileSpan`'s bytes, as ``name``.
+        """:meth:`write_many` of one tensor."""
+        self.write_many([(name, tensor)])
 
-        The shard is fsync-ed and closed once every planned tensor has been written.
+    def write_many(self, items: Sequence[tuple[str, torch.Tensor | FileSpan]]) -> None:
+        """Write each ``(name, tensor)`` (any device; moved to the CPU), or copy a :class:`FileSpan`'s bytes.
+
+        Tensors that lie next to each other in the file (a unit's tensors of one dtype do) go out in one system
+        call (:func:`_pwrite_all`). The shard is fsync-ed and closed once every planned tensor has been written.
 
         Raises:
-            ValueError: ``name`` is not in this shard, was already written, or its dtype/shape differ.
+            ValueError: a name is not in this shard, was already written or is given twice, or its dtype/shape
+                differ; nothing of ``items`` is written then.
         """
-        if isinstance(tensor, FileSpan):
-            self.copy(name, tensor)
+        if len({name for name, _ in items}) != len(items):
+            raise ValueError(f"{os.path.basename(self.path)}: a tensor given twice in one write")
+        for name, tensor in items:
+            self._claim(name, tensor.dtype, tuple(tensor.shape))
+        spans = [(name, t) for name, t in items if isinstance(t, FileSpan)]
+        for name, span in spans:
+            self.copy(name, span)
+        tensors = sorted(((self._offsets[name], name, _host_bytes(t)) for name, t in items
+                          if not isinstance(t, FileSpan)), key=lambda e: e[0])
+        if not tensors:
             return
-        self._claim(name, tensor.dtype, tuple(tensor.shape))
-        data = tensor.detach().to("cpu").contiguous()
         self._pool._use(self)  # before taking our lock: it may close other writers' files
         with self._lock:
             fd = self._open_locked()
-            if data.numel():
-                view, at = memoryview(data.view(-1).view(torch.uint8).numpy()), self._offsets[name]
-                crcs = self._checksum(at, len(view), lambda a, n: zlib.crc32(view[a:a + n]))
-                self._in_steps(fd, at, len(view), lambda done, n: _pwrite_all(fd, view[done:done + n], at + done))
+            for at, buffers in _runs([t for t in tensors if len(t[2])]):  # an empty tensor has no bytes to place
+                nbytes = sum(len(b) for b in buffers)
+                crcs = self._checksum(at, nbytes, lambda a, n, buffers=buffers: _crc_of(_byte_range(buffers, a, n)))
+                for done in range(0, nbytes, _WRITEBACK_STEP):
+                    n = min(_WRITEBACK_STEP, nbytes - done)
+                    _pwrite_all(fd, _byte_range(buffers, done, n), at + done)
+                    self._written(fd, at + done, n)
                 self._add_crcs(crcs)
-            self._wrote(name)
+            for _, name, _ in tensors:
+                self._wrote(name)
 
     def copy(self, name: str, span: FileSpan) -> None:
         """Write ``name`` from the bytes of ``span`` (a range of another file), copied inside the kernel."""
@@ -375,28 +454,27 @@ class ShardWriter:
                 try:
                     # read beside the kernel's copy of the same pages: one of the two reads the disk
                     crcs = self._checksum(at, spec.nbytes, lambda a, n: range_crc32(src, span.offset + a, n))
-                    self._in_steps(fd, at, spec.nbytes,
-                                   lambda done, n: _copy_range(src, span.offset + done, fd, at + done, n))
+                    for done in range(0, spec.nbytes, _WRITEBACK_STEP):
+                        n = min(_WRITEBACK_STEP, spec.nbytes - done)
+                        _copy_range(src, span.offset + done, fd, at + done, n)
+                        self._written(fd, at + done, n)
                     self._add_crcs(crcs, backlog=0)  # they read the source: a failure is this copy's
                 finally:
                     wait([c for *_, c in crcs if isinstance(c, Future)])  # they read ``src``: close it only after
                     os.close(src)
             self._wrote(name)
 
-    def _in_steps(self, fd: int, offset: int, nbytes: int, write: Callable[[int, int], None]) -> None:
-        """``write(done, n)`` over ``nbytes`` in steps of 64 MiB; hold ``_lock``. The writeback of what was written
-        is started each time 64 MiB more were written, by one tensor or by many small ones (a MoE's per-expert
-        tensors), so that the disk works meanwhile rather than in the fsync at the end; ranges that touch are
-        merged (the pages they share are written once)."""
-        for done in range(0, nbytes, _WRITEBACK_STEP):
-            n = min(_WRITEBACK_STEP, nbytes - done)
-            write(done, n)
-            self._unadvised.append((offset + done, n))
-            self._unadvised_bytes += n
-            if self._unadvised_bytes >= _WRITEBACK_STEP:
-                for at, m in _merged(self._unadvised):
-                    _advise_writeback(fd, at, m)
-                self._unadvised, self._unadvised_bytes = [], 0
+    def _written(self, fd: int, offset: int, nbytes: int) -> None:
+        """Note ``nbytes`` written at ``offset``; hold ``_lock``. The writeback of what was written is started each
+        time 64 MiB more were written, by one tensor or by many small ones (a MoE's per-expert tensors), so that the
+        disk works meanwhile rather than in the fsync at the end; ranges that touch are merged (the pages they share
+        are written once)."""
+        self._unadvised.append((offset, nbytes))
+        self._unadvised_bytes += nbytes
+        if self._unadvised_bytes >= _WRITEBACK_STEP:
+            for at, m in _merged(self._unadvised):
+                _advise_writeback(fd, at, m)
+            self._unadvised, self._unadvised_bytes = [], 0
 
     def _checksum(self, at: int, nbytes: int, crc_of: Callable[[int, int], int]
                   ) -> list[tuple[int, int, Future | int]]:

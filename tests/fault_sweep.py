@@ -49,6 +49,7 @@ FAULTS: dict[str, tuple[object, str, tuple[int, ...]]] = {
     "open": (os, "open", (errno.EMFILE, errno.EIO)),
     "builtins.open": (builtins, "open", (errno.EMFILE, errno.ENOSPC)),
     "pwrite": (os, "pwrite", (errno.ENOSPC, errno.EIO)),
+    "pwritev": (os, "pwritev", (errno.ENOSPC, errno.EIO)),
     "write": (os, "write", (errno.ENOSPC,)),
     "copy_file_range": (os, "copy_file_range", (errno.ENOSPC, errno.EIO)),
     "sendfile": (os, "sendfile", (errno.ENOSPC,)),
@@ -155,13 +156,21 @@ class Injector:
 
 
 # the byte count of the writes that a full disk cuts short
-_SHORT = {"pwrite": lambda a: len(memoryview(a[1])), "copy_file_range": lambda a: a[2]}
+_SHORT = {"pwrite": lambda a: len(memoryview(a[1])), "pwritev": lambda a: sum(len(memoryview(b)) for b in a[1]),
+          "copy_file_range": lambda a: a[2]}
 
 
 def _halved(name: str, args: tuple) -> tuple:
     if name == "pwrite":
         fd, data, offset = args
         return fd, memoryview(data)[:len(memoryview(data)) // 2], offset
+    if name == "pwritev":  # the first half of the bytes
+        fd, buffers, offset = args
+        left, half = [], _SHORT[name](args) // 2
+        for b in map(memoryview, buffers):
+            left.append(b[:half])
+            half -= len(left[-1])
+        return fd, [b for b in left if len(b)], offset
     return (*args[:2], args[2] // 2, *args[3:])
 
 

@@ -20,7 +20,7 @@ import offload_export as oe
 
 BOUND = 60  # seconds a failing call may take before it counts as a hang
 verify_module = importlib.import_module("offload_export.verify")  # the package exports the function
-BIG_CALL = 512 << 10  # the writer's largest pwrite: only the embedding's data is written in calls this big
+BIG_CALL = 512 << 10  # only the embedding's data is written in calls this big
 
 
 def _big_model(work: Path) -> nn.Module:
@@ -60,14 +60,14 @@ def big(tmp_path_factory):
 
 def test_a_disk_full_write_of_the_unit_holding_the_budget_raises_instead_of_hanging(big, tmp_path, monkeypatch):
     model, _ = big
-    pwrite = os.pwrite
+    pwritev = os.pwritev
 
-    def full(fd, data, offset):
-        if len(data) >= BIG_CALL:
+    def full(fd, buffers, offset):
+        if sum(len(b) for b in buffers) >= BIG_CALL:
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        return pwrite(fd, data, offset)
+        return pwritev(fd, buffers, offset)
 
-    monkeypatch.setattr(os, "pwrite", full)
+    monkeypatch.setattr(os, "pwritev", full)
     threads, fds = threading.active_count(), _fds()
     error = _bounded(lambda: oe.save_clean(model, tmp_path / "out", dtype=torch.float16, max_shard_size="1MB"))
     assert isinstance(error, OSError) and error.errno == errno.ENOSPC, error
@@ -124,14 +124,14 @@ def test_a_failed_quantizer_state_write_leaves_no_descriptor_open(tmp_path, monk
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
     oe.quantize_weights(model, "int8")
-    pwrite = os.pwrite
+    pwritev = os.pwritev
 
-    def full(fd, data, offset):
+    def full(fd, buffers, offset):
         if os.readlink(f"/proc/self/fd/{fd}").endswith("quantizer_state.safetensors") and offset > 0:
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        return pwrite(fd, data, offset)
+        return pwritev(fd, buffers, offset)
 
-    monkeypatch.setattr(os, "pwrite", full)
+    monkeypatch.setattr(os, "pwritev", full)
     fds = _fds()
     with pytest.raises(OSError, match="injected"):
         oe.save_clean(model, tmp_path / "out")

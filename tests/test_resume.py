@@ -280,11 +280,11 @@ def _arm(kind: str, k: int, counts: dict) -> None:
     pwrite, copy, finish, append = (writer._pwrite_all, writer._copy_range, writer.ShardWriter._finish,
                                     resume_mod._append)
 
-    def pwrite_(fd, data, offset):
+    def pwrite_(fd, buffers, offset):
         if hit("write"):
-            pwrite(fd, data[:len(data) // 2], offset)
+            pwrite(fd, writer._byte_range(buffers, 0, sum(len(b) for b in buffers) // 2), offset)
             die()
-        pwrite(fd, data, offset)
+        pwrite(fd, buffers, offset)
 
     def copy_(src, src_offset, dst, dst_offset, nbytes):
         if hit("write"):

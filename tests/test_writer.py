@@ -123,10 +123,54 @@ def test_the_crc32_computed_beside_the_writes_is_the_files(tmp_path_factory, see
              else contextlib.nullcontext())
     with ThreadPoolExecutor(3 if split else 1) as pool, sizes:
         w = ShardWriter(str(tmp / "out.safetensors"), specs, {"format": "pt"}, checksums=pool)
-        for k, v in items:
-            w.write(k, v)
+        cuts = sorted(order.sample(range(1, len(items)), order.randint(0, max(0, len(items) - 1))))
+        for a, b in zip([0, *cuts], [*cuts, len(items)]):  # batches of any size, as units arrive
+            w.write_many(items[a:b])
         w.close()
     assert w.crc32 == zlib.crc32((tmp / "out.safetensors").read_bytes())
+    save_file({k: v.read() if isinstance(v, FileSpan) else v for k, v in items}, str(tmp / "ref.safetensors"),
+              metadata={"format": "pt"})
+    assert (tmp / "out.safetensors").read_bytes() == (tmp / "ref.safetensors").read_bytes()
+
+
+def test_a_batch_with_a_bad_tensor_writes_nothing_of_it(tmp_path):
+    t = _tensors(1, 4)
+    w = ShardWriter(str(tmp_path / "a.safetensors"), [TensorSpec(n, v.dtype, tuple(v.shape)) for n, v in t.items()])
+    names = list(t)
+    with pytest.raises(ValueError, match="planned"):
+        w.write_many([(names[0], t[names[0]]), (names[1], t[names[1]].to(torch.float64))])
+    with pytest.raises(ValueError, match="twice"):
+        w.write_many([(names[0], t[names[0]]), (names[0], t[names[0]])])
+    assert not (tmp_path / "a.safetensors").exists()
+    w.write_many(list(t.items()))
+    save_file(t, str(tmp_path / "ref.safetensors"))
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(0, 300), max_size=12), most=st.integers(1, 500), iov=st.integers(1, 4))
+def test_neighbours_go_out_in_few_calls_and_short_writes_are_resumed(tmp_path_factory, sizes, most, iov):
+    """At most ``iov`` buffers a call, each call writing at most ``most`` bytes (a filling disk writes short)."""
+    path = tmp_path_factory.mktemp("v") / "f"
+    buffers = [memoryview(os.urandom(n)) for n in sizes]
+    real, calls = os.pwritev, []
+
+    def short(fd, bufs, offset):
+        assert 0 < len(bufs) <= iov and all(len(b) for b in bufs)
+        calls.append(len(bufs))
+        return real(fd, writer_mod._byte_range(bufs, 0, most), offset)
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        with mock.patch.object(writer_mod.os, "pwritev", short), mock.patch.object(writer_mod, "_IOV_MAX", iov):
+            writer_mod._pwrite_all(fd, buffers, 3)
+    finally:
+        os.close(fd)
+    data = b"".join(bytes(b) for b in buffers)
+    assert path.read_bytes() == b"\0" * 3 * bool(data) + data
+    nonempty = sum(1 for n in sizes if n)
+    assert len(calls) >= -(-nonempty // iov)
+    assert len(calls) <= -(-nonempty // iov) + -(-len(data) // most)
 
 
 @settings(max_examples=200, deadline=None)

@@ -37,7 +37,7 @@ __all__ = ["Descriptors", "FileSpan", "ShardWriter", "TensorSpec", "crc32_combin
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _DEFAULT_MAX_OPEN = 64
 _WRITEBACK_STEP = 64 << 20  # bytes written before their disk writeback is started
-_COPY_CALL = 512 << 10  # bytes per pread/pwrite where the kernel cannot copy between files
+_WRITE_CALL = 512 << 10  # bytes per pwritev (see _pwrite_all)
 _IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
 _CRC_BESIDE = 256 << 10  # pieces from this size on are checksummed in other threads while being written
 _CRC_BACKLOG = 64 << 20  # bytes whose checksum may still be pending (their buffers kept alive until then)
@@ -235,28 +235,43 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def _pwrite_all(fd: int, buffers: Sequence[memoryview], offset: int) -> None:
-    """Write ``buffers`` one after the other from ``offset``: one ``pwritev`` for up to 1024 of them, again for the
-    rest after a short write.
+    """Write ``buffers`` one after the other from ``offset``, in ``pwritev`` calls of up to 512 KiB: many small
+    buffers (a MoE's per-expert tensors) in one call, a large one in several; again for the rest after a short write.
 
-    As few calls as possible, not one per tensor or per 512 KiB: every system call hands the GIL over, and taking it
-    back waits for the other threads' Python (up to the switch interval), so a writer making a call per tensor is
-    paced by the fold's Python, not by the disk (``benchmarks/bench_writer_beside.py``).
+    Every system call hands the GIL over, and taking it back waits for the other threads' Python (up to the switch
+    interval), so a call per tensor paces the writer by the fold's Python rather than by the disk
+    (``benchmarks/bench_writer_beside.py``). Calls larger than 512 KiB would save more of those waits but cost the
+    kernel more: on one Linux 6.18 / ext4 VM, 1-8 MiB calls took 1.5-3.5 x the system time of 512 KiB ones
+    (``benchmarks/bench_write_calls.py``), and an int8 export writing each 6 MiB weight in one call took 2.1-2.6 s
+    against 1.4-2.0 s.
 
     Raises:
         OSError: a write fails, or writes nothing (EIO).
     """
-    pending = [b for b in buffers if len(b)]
-    first = 0
-    while first < len(pending):
-        n = os.pwritev(fd, pending[first:first + _IOV_MAX], offset)
-        if n <= 0:
-            raise OSError(errno.EIO, f"pwritev wrote nothing at byte {offset}")
-        offset += n
-        while first < len(pending) and n >= len(pending[first]):
-            n -= len(pending[first])
-            first += 1
-        if n:
-            pending[first] = pending[first][n:]
+    for call in _calls(buffers):
+        while call:
+            n = os.pwritev(fd, call, offset)
+            if n <= 0:
+                raise OSError(errno.EIO, f"pwritev wrote nothing at byte {offset}")
+            offset += n
+            call = _byte_range(call, n, sum(len(b) for b in call) - n)
+
+
+def _calls(buffers: Sequence[memoryview]) -> Iterator[list[memoryview]]:
+    """``buffers`` cut into the lists of views that :func:`_pwrite_all` writes a call each (at most 512 KiB and
+    1024 views), empty ones left out."""
+    call, size = [], 0
+    for b in buffers:
+        while len(b):
+            piece = b[:_WRITE_CALL - size]
+            call.append(piece)
+            size += len(piece)
+            b = b[len(piece):]
+            if size == _WRITE_CALL or len(call) == _IOV_MAX:
+                yield call
+                call, size = [], 0
+    if call:
+        yield call
 
 
 def _byte_range(buffers: Sequence[memoryview], start: int, nbytes: int) -> list[memoryview]:
@@ -307,7 +322,7 @@ def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbyt
         if n == 0:
             raise OSError(errno.EIO, f"unexpected end of the source file at byte {src_offset + done}")
         done += n
-    for piece in _pieces(src_fd, src_offset + done, nbytes - done, _COPY_CALL):
+    for piece in _pieces(src_fd, src_offset + done, nbytes - done, _WRITE_CALL):
         _pwrite_all(dst_fd, [piece], dst_offset + done)
         done += len(piece)
 

@@ -147,30 +147,32 @@ def test_a_batch_with_a_bad_tensor_writes_nothing_of_it(tmp_path):
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
 
-@settings(max_examples=30, deadline=None)
-@given(sizes=st.lists(st.integers(0, 300), max_size=12), most=st.integers(1, 500), iov=st.integers(1, 4))
-def test_neighbours_go_out_in_few_calls_and_short_writes_are_resumed(tmp_path_factory, sizes, most, iov):
-    """At most ``iov`` buffers a call, each call writing at most ``most`` bytes (a filling disk writes short)."""
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 300), max_size=12), most=st.integers(1, 500), iov=st.integers(1, 4),
+       cap=st.integers(1, 700))
+def test_neighbours_go_out_in_few_calls_and_short_writes_are_resumed(tmp_path_factory, sizes, most, iov, cap):
+    """At most ``iov`` buffers and ``cap`` bytes a call, each call writing at most ``most`` bytes (a filling disk
+    writes short)."""
     path = tmp_path_factory.mktemp("v") / "f"
     buffers = [memoryview(os.urandom(n)) for n in sizes]
     real, calls = os.pwritev, []
 
     def short(fd, bufs, offset):
-        assert 0 < len(bufs) <= iov and all(len(b) for b in bufs)
+        assert 0 < len(bufs) <= iov and all(len(b) for b in bufs) and sum(len(b) for b in bufs) <= cap
         calls.append(len(bufs))
         return real(fd, writer_mod._byte_range(bufs, 0, most), offset)
 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
     try:
-        with mock.patch.object(writer_mod.os, "pwritev", short), mock.patch.object(writer_mod, "_IOV_MAX", iov):
+        with mock.patch.object(writer_mod.os, "pwritev", short), \
+                mock.patch.multiple(writer_mod, _IOV_MAX=iov, _WRITE_CALL=cap):
             writer_mod._pwrite_all(fd, buffers, 3)
     finally:
         os.close(fd)
     data = b"".join(bytes(b) for b in buffers)
     assert path.read_bytes() == b"\0" * 3 * bool(data) + data
     nonempty = sum(1 for n in sizes if n)
-    assert len(calls) >= -(-nonempty // iov)
-    assert len(calls) <= -(-nonempty // iov) + -(-len(data) // most)
+    assert -(-len(data) // cap) <= len(calls) <= -(-len(data) // cap) + -(-nonempty // iov) + -(-len(data) // most)
 
 
 @settings(max_examples=200, deadline=None)

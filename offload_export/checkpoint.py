@@ -55,7 +55,7 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
             by_shard.setdefault(shard_of[spec.name], []).append((spec.name, outputs.pop(spec.name)))
         for filename, items in by_shard.items():
             writer = writers[filename]
-            writer.write_many(items)  # neighbours in the file in one system call
+            writer.write_many(items)  # neighbours in the file written together
             if on_shard is not None and writer.complete:
                 on_shard(writer.path, writer.crc32)
         if bar is not None:

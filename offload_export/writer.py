@@ -423,8 +423,9 @@ class ShardWriter:
     def write_many(self, items: Sequence[tuple[str, torch.Tensor | FileSpan]]) -> None:
         """Write each ``(name, tensor)`` (any device; moved to the CPU), or copy a :class:`FileSpan`'s bytes.
 
-        Tensors that lie next to each other in the file (a unit's tensors of one dtype do) go out in one system
-        call (:func:`_pwrite_all`). The shard is fsync-ed and closed once every planned tensor has been written.
+        Tensors that lie next to each other in the file (a unit's tensors of one dtype do) are written together,
+        small ones sharing a system call (:func:`_pwrite_all`). The shard is fsync-ed and closed once every planned
+        tensor has been written.
 
         Raises:
             ValueError: a name is not in this shard, was already written or is given twice, or its dtype/shape
@@ -447,10 +448,9 @@ class ShardWriter:
             for at, buffers in _runs([t for t in tensors if len(t[2])]):  # an empty tensor has no bytes to place
                 nbytes = sum(len(b) for b in buffers)
                 crcs = self._checksum(at, nbytes, lambda a, n, buffers=buffers: _crc_of(_byte_range(buffers, a, n)))
-                for done in range(0, nbytes, _WRITEBACK_STEP):
-                    n = min(_WRITEBACK_STEP, nbytes - done)
-                    _pwrite_all(fd, _byte_range(buffers, done, n), at + done)
-                    self._written(fd, at + done, n)
+                self._in_steps(fd, at, nbytes,
+                               lambda done, n, at=at, buffers=buffers: _pwrite_all(fd, _byte_range(buffers, done, n),
+                                                                                   at + done))
                 self._add_crcs(crcs)
             for _, name, _ in tensors:
                 self._wrote(name)
@@ -469,27 +469,28 @@ class ShardWriter:
                 try:
                     # read beside the kernel's copy of the same pages: one of the two reads the disk
                     crcs = self._checksum(at, spec.nbytes, lambda a, n: range_crc32(src, span.offset + a, n))
-                    for done in range(0, spec.nbytes, _WRITEBACK_STEP):
-                        n = min(_WRITEBACK_STEP, spec.nbytes - done)
-                        _copy_range(src, span.offset + done, fd, at + done, n)
-                        self._written(fd, at + done, n)
+                    self._in_steps(fd, at, spec.nbytes,
+                                   lambda done, n: _copy_range(src, span.offset + done, fd, at + done, n))
                     self._add_crcs(crcs, backlog=0)  # they read the source: a failure is this copy's
                 finally:
                     wait([c for *_, c in crcs if isinstance(c, Future)])  # they read ``src``: close it only after
                     os.close(src)
             self._wrote(name)
 
-    def _written(self, fd: int, offset: int, nbytes: int) -> None:
-        """Note ``nbytes`` written at ``offset``; hold ``_lock``. The writeback of what was written is started each
-        time 64 MiB more were written, by one tensor or by many small ones (a MoE's per-expert tensors), so that the
-        disk works meanwhile rather than in the fsync at the end; ranges that touch are merged (the pages they share
-        are written once)."""
-        self._unadvised.append((offset, nbytes))
-        self._unadvised_bytes += nbytes
-        if self._unadvised_bytes >= _WRITEBACK_STEP:
-            for at, m in _merged(self._unadvised):
-                _advise_writeback(fd, at, m)
-            self._unadvised, self._unadvised_bytes = [], 0
+    def _in_steps(self, fd: int, offset: int, nbytes: int, write: Callable[[int, int], None]) -> None:
+        """``write(done, n)`` over ``nbytes`` in steps of 64 MiB; hold ``_lock``. The writeback of what was written
+        is started each time 64 MiB more were written, by one tensor or by many small ones (a MoE's per-expert
+        tensors), so that the disk works meanwhile rather than in the fsync at the end; ranges that touch are
+        merged (the pages they share are written once)."""
+        for done in range(0, nbytes, _WRITEBACK_STEP):
+            n = min(_WRITEBACK_STEP, nbytes - done)
+            write(done, n)
+            self._unadvised.append((offset + done, n))
+            self._unadvised_bytes += n
+            if self._unadvised_bytes >= _WRITEBACK_STEP:
+                for at, m in _merged(self._unadvised):
+                    _advise_writeback(fd, at, m)
+                self._unadvised, self._unadvised_bytes = [], 0
 
     def _checksum(self, at: int, nbytes: int, crc_of: Callable[[int, int], int]
                   ) -> list[tuple[int, int, Future | int]]:

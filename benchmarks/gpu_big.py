@@ -6,7 +6,7 @@ folder) and the Qwen3-MoE shape (GPU 2 GiB + CPU 2 GiB), NVFP4 and FP8 (ModelOpt
 the offloaded model (calibrated the same way): ours ``format="modelopt"``, ours with the shared-input groups found
 the other way (twin / forward of the model), ModelOpt's ``export_hf_checkpoint`` of the offloaded model (its
 streaming path; it breaks the model, so it runs last). Each export: seconds, time to
-first byte (ours: first ``pwrite``; ModelOpt's: first non-empty ``*.safetensors`` seen by the sampler),
+first byte (ours: first ``pwritev``; ModelOpt's: first non-empty ``*.safetensors`` seen by the sampler),
 host peak above the start (RssAnon and VmRSS, sampled every 5 ms), tensors equal to the reference.
 
 ``--part curve``: the cost curve over GPU 2 GiB + CPU 8 GiB + disk (an explicit device map, :func:`budget_map`):

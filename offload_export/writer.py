@@ -300,6 +300,8 @@ def _host_bytes(tensor: torch.Tensor) -> memoryview:
     Through ``ctypes`` rather than ``Tensor.numpy()``, which hands the GIL over: 0.2 ms a tensor beside a busy
     Python thread, as much as writing the tensor."""
     data = (tensor if tensor.is_cpu else tensor.to("cpu")).contiguous()
+    if data.is_neg() or data.is_conj():  # a lazily negated view: its memory holds the other values
+        data = data.resolve_neg().resolve_conj()
     nbytes = data.numel() * data.element_size()
     if not nbytes:
         return memoryview(b"")

@@ -305,6 +305,8 @@ def _host_bytes(tensor: torch.Tensor) -> memoryview:
     nbytes = data.numel() * data.element_size()
     if not nbytes:
         return memoryview(b"")
+    if not data.data_ptr():  # no memory of its own (autograd's zero tensor): its values made real
+        data = data.clone()
     array = (ctypes.c_char * nbytes).from_address(data.data_ptr())
     array.owner = data
     return memoryview(array).cast("B")

@@ -85,21 +85,57 @@ class FirstWrite:
 
 
 class FirstFile(PeakRSS):
-    """PeakRSS that also notes when a non-empty ``*.safetensors`` first appears under ``folder``."""
+    """PeakRSS that also notes when a non-empty ``*.safetensors`` first appears under ``folder``, and reads the
+    sectors written and the milliseconds with a request in flight (``io_ticks``) of the block device holding
+    ``folder``'s parent from ``/proc/diskstats`` at each sample (one thread for both: each sampling thread takes the
+    GIL from the export every 5 ms)."""
 
     def __init__(self, folder: Path):
         self.folder, self.t = folder, None
+        dev = os.stat(folder.parent).st_dev
+        self._device = Path(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")).name
+        self.disk: list[tuple[float, int, int]] = [self._disk()]
+
+    def _disk(self) -> tuple[float, int, int]:
+        with open("/proc/diskstats") as f:
+            for line in f:
+                parts = line.split()
+                if parts[2] == self._device:
+                    return time.perf_counter(), int(parts[9]), int(parts[12])
+        raise LookupError(self._device)
 
     def _run(self):
         while not self._stop.wait(0.005):
             for k, v in self._read().items():
                 self.peak[k] = max(self.peak[k], v)
+            self.disk.append(self._disk())
             if self.t is None and self.folder.exists():
                 if any(p.stat().st_size > 0 for p in self.folder.rglob("*.safetensors")):
                     self.t = time.perf_counter()
 
+    def disk_summary(self, t0: float, first_byte: float | None) -> dict:
+        """The disk's busy fraction from ``t0`` to the first byte and from it to the end; its timeline (per 100 ms:
+        ``[MB written, busy fraction]``); GB it wrote in the block."""
+        def window(a: float, b: float) -> list[tuple[float, int, int]]:
+            return [s for s in self.disk if a <= s[0] <= b]
+
+        def busy(inside: list[tuple[float, int, int]]) -> float | None:
+            if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+                return None
+            return round((inside[-1][2] - inside[0][2]) / 1e3 / (inside[-1][0] - inside[0][0]), 2)
+
+        end = self.disk[-1][0]
+        split = t0 + (first_byte or 0.0)
+        steps = [w for k in range(int((end - t0) / 0.1) + 1) for w in [window(t0 + k * 0.1, t0 + (k + 1) * 0.1)]
+                 if len(w) >= 2]
+        return {"disk_busy_before_first_byte": busy(window(t0, split)), "disk_busy_after_first_byte": busy(window(split, end)),
+                "disk": [[round((w[-1][1] - w[0][1]) * 512 / 1e6), busy(w)] for w in steps],
+                "disk_GB": round((self.disk[-1][1] - self.disk[0][1]) * 512 / 1e9, 3)}
+
 
 def timed(fn, out: Path) -> dict:
+    """Run the export ``fn`` writing into ``out``: seconds, time to first byte, host and GPU peaks, GB written, and
+    the disk's busy time (:meth:`FirstFile.disk_summary`)."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     os.sync()
@@ -109,10 +145,11 @@ def timed(fn, out: Path) -> dict:
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
     t_first = first.t or rss.t
+    ttfb = round(t_first - t0, 2) if t_first else None
     written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.exists() else 0
-    return {"s": round(seconds, 2), "ttfb_s": round(t_first - t0, 2) if t_first else None,
-            "host_peak_MB": rss.delta_mb, "gpu_peak_MB": round(torch.cuda.max_memory_allocated() / 2**20),
-            "written_GB": round(written / 1e9, 3)}
+    return {"s": round(seconds, 2), "ttfb_s": ttfb, "host_peak_MB": rss.delta_mb,
+            "gpu_peak_MB": round(torch.cuda.max_memory_allocated() / 2**20), "written_GB": round(written / 1e9, 3),
+            **rss.disk_summary(t0, ttfb)}
 
 
 def floor_rates(src: Path, work: Path) -> dict:
@@ -634,8 +671,9 @@ def print_tables(result: dict) -> None:
     print(f"device {result['device']}")
     if result["rows"]:
         print("| model, config | ours s (ttfb) | ours, other grouping s | MO streaming s (ttfb) | MO resident s | floor s | "
-              "ours/stream | ours/floor | host +anon/+rss MB: ours, stream, resident | = resident (ours, stream) |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "ours/stream | ours/floor | host +anon/+rss MB: ours, stream, resident | = resident (ours, stream) | "
+              "disk busy after the first byte: ours, stream |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in result["rows"]:
             if "error" in r:
                 print(f"| {r['shape']} {r['config']} | ERROR {r['error'][:150]} |")
@@ -647,7 +685,8 @@ def print_tables(result: dict) -> None:
             print(f"| {r['shape']} {r['config']} | {o['s']} ({o['ttfb_s']}) | {before} | "
                   f"{(str(s['s']) + ' (' + str(s['ttfb_s']) + ')') if s_ok else s[:60]} | {res['s']} | {r['floor_s']} | "
                   f"{ratio(o['s'], s['s']) if s_ok else '-'} | {ratio(o['s'], r['floor_s'])} | "
-                  f"{host_mb(o)}, {host_mb(s)}, {host_mb(res)} | {eq(r['ours_vs_resident'])}, {eq(r.get('streaming_vs_resident'))} |")
+                  f"{host_mb(o)}, {host_mb(s)}, {host_mb(res)} | {eq(r['ours_vs_resident'])}, {eq(r.get('streaming_vs_resident'))} | "
+                  f"{o.get('disk_busy_after_first_byte')}, {s.get('disk_busy_after_first_byte') if s_ok else '-'} |")
     if result.get("ct_rows"):
         print("| 4B, compressed-tensors | ours s (ttfb) | llm-compressor resident s | floor s | ours/llm-compressor | "
               "ours/floor | host +anon/+rss MB: ours, llm-compressor | = llm-compressor |")

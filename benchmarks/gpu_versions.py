@@ -8,9 +8,9 @@ Each DIR holds an ``offload_export`` package (``git archive REV offload_export |
 imported afresh from each before its export. Seconds, TTFB, x floor per version to ``$OUT/versions_h200.json``
 (written after every export); no export is started after ``--budget`` seconds. ``--sample``: each thread's
 innermost frame and innermost frame of offload_export, counted every 5 ms during the first round, over the whole
-export (``stacks``) and before its first byte (``stacks_before_first_byte``). ``--disk``: the scratch folder's block
-device in ``/proc/diskstats`` read every 5 ms during each export: per 100 ms, MB written to the disk and the
-fraction of the time it had a request in flight (``disk``), and that busy fraction before and after the first byte.
+export (``stacks``) and before its first byte (``stacks_before_first_byte``). Each row also holds the disk's busy
+fraction before and after the first byte (:func:`gpu_big.timed`); ``--disk`` adds its timeline (``disk``: per 100 ms,
+MB written to the disk and the fraction of the time it had a request in flight).
 
 Usage (GPU machine, modelopt installed):
     python benchmarks/gpu_versions.py [--shape 4b --table NVFP4_DEFAULT_CFG] [--rounds 2] [--sample] DIR [DIR ...]
@@ -85,57 +85,6 @@ class Sampler:
         return {name: c.most_common(n) for name, c in counts.items() if sum(c.values()) > 20}
 
 
-class DiskSampler:
-    """Every 5 ms, the sectors written and the milliseconds with a request in flight (``io_ticks``) of the block
-    device holding ``path``, from ``/proc/diskstats``."""
-
-    def __init__(self, path: Path):
-        dev = os.stat(path).st_dev
-        self._name = Path(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")).name
-
-    def _read(self) -> tuple[float, int, int]:
-        with open("/proc/diskstats") as f:
-            for line in f:
-                parts = line.split()
-                if parts[2] == self._name:
-                    return time.perf_counter(), int(parts[9]), int(parts[12])
-        raise LookupError(self._name)
-
-    def __enter__(self):
-        self.samples = [self._read()]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.005):
-            self.samples.append(self._read())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.samples.append(self._read())
-
-    def summary(self, t0: float, first_byte: float | None) -> dict:
-        """Per 100 ms from ``t0``: ``[MB written, busy fraction]``; the busy fraction before and after ``first_byte``."""
-        def busy(a: float, b: float) -> float | None:
-            inside = [s for s in self.samples if a <= s[0] <= b]
-            if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
-                return None
-            return round((inside[-1][2] - inside[0][2]) / 1e3 / (inside[-1][0] - inside[0][0]), 2)
-
-        end = self.samples[-1][0]
-        steps = []
-        for k in range(int((end - t0) / 0.1) + 1):
-            inside = [s for s in self.samples if t0 + k * 0.1 <= s[0] <= t0 + (k + 1) * 0.1]
-            if len(inside) >= 2:
-                steps.append([round((inside[-1][1] - inside[0][1]) * 512 / 1e6), busy(*(t0 + k * 0.1, t0 + (k + 1) * 0.1))])
-        split = t0 + first_byte if first_byte is not None else t0
-        return {"disk": steps, "busy_before_first_byte": busy(t0, split), "busy_after_first_byte": busy(split, end),
-                "disk_GB": round((self.samples[-1][1] - self.samples[0][1]) * 512 / 1e9, 3)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("dirs", nargs="+")
@@ -148,7 +97,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=540)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--sample", action="store_true", help="count each thread's stacks (5 ms) in round 1")
-    parser.add_argument("--disk", action="store_true", help="the disk's writes and busy time (5 ms) in each export")
+    parser.add_argument("--disk", action="store_true", help="keep the disk's timeline (per 100 ms) in each row")
     args = parser.parse_args()
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp())
@@ -171,12 +120,11 @@ def main() -> None:
                 started.append(time.perf_counter())  # timed()'s start, to the microsecond
                 oe.save_clean(model, work / "o", format=args.format)
 
-            disk = DiskSampler(work) if args.disk else contextlib.nullcontext()
             try:
-                with sampler, disk:
+                with sampler:
                     row.update(timed(export, work / "o"))
-                if args.disk:
-                    row.update(disk.summary(started[0], row["ttfb_s"]))
+                if not args.disk:
+                    del row["disk"]
                 if args.sample and rnd == 0:
                     row["stacks"] = sampler.top()
                     if row["ttfb_s"] is not None:

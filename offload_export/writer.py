@@ -2,9 +2,10 @@
 
 The file is byte-identical to ``safetensors.torch.save_file(tensors, metadata=...)`` of the same tensors (for
 metadata of at most one key: safetensors serializes a longer map in random order, this writer in the order
-given), but no shard is ever held in memory: tensors that lie next to each other in the file are written by one
-``pwritev`` straight from their own buffers, or, when a tensor's bytes pass through unchanged from a file
-(:class:`FileSpan`), copied by the kernel (``copy_file_range``) without entering the process at all.
+given), but no shard is ever held in memory: tensors that lie next to each other in the file are written together
+by ``pwritev`` straight from their own buffers (small ones sharing a call), or, when a tensor's bytes pass through
+unchanged from a file (:class:`FileSpan`), copied by the kernel (``copy_file_range``) without entering the process
+at all.
 
 Descriptors are bounded: a shard's file is opened at its first write, fsync-ed and closed as soon as its
 last tensor is written, and at most ``max_open`` shards of one :class:`Descriptors` pool are open at
@@ -14,8 +15,10 @@ small ``ulimit -n``.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
+import itertools
 import json
 import math
 import mmap
@@ -274,16 +277,22 @@ def _calls(buffers: Sequence[memoryview]) -> Iterator[list[memoryview]]:
         yield call
 
 
-def _byte_range(buffers: Sequence[memoryview], start: int, nbytes: int) -> list[memoryview]:
-    """Bytes ``start`` to ``start + nbytes`` of ``buffers`` laid one after the other, as views into them."""
-    out, pos = [], 0
-    for b in buffers:
-        lo, hi = max(start - pos, 0), min(start + nbytes - pos, len(b))
+def _byte_range(buffers: Sequence[memoryview], start: int, nbytes: int, ends: Sequence[int] | None = None
+                ) -> list[memoryview]:
+    """Bytes ``start`` to ``start + nbytes`` of ``buffers`` laid one after the other, as views into them.
+
+    ``ends``: where each buffer ends (``itertools.accumulate`` of their lengths), for a caller that cuts one run of
+    buffers many times: the first buffer is then found by bisection, not by walking from the run's start."""
+    if ends is None:
+        ends = list(itertools.accumulate(len(b) for b in buffers))
+    out, stop = [], start + nbytes
+    i = bisect.bisect_right(ends, start)  # the first buffer ending after ``start``
+    while i < len(buffers) and ends[i] - len(buffers[i]) < stop:
+        pos = ends[i] - len(buffers[i])
+        lo, hi = max(start - pos, 0), min(stop - pos, len(buffers[i]))
         if lo < hi:
-            out.append(b[lo:hi])
-        pos += len(b)
-        if pos >= start + nbytes:
-            break
+            out.append(buffers[i][lo:hi])
+        i += 1
     return out
 
 
@@ -450,11 +459,14 @@ class ShardWriter:
         with self._lock:
             fd = self._open_locked()
             for at, buffers in _runs([t for t in tensors if len(t[2])]):  # an empty tensor has no bytes to place
-                nbytes = sum(len(b) for b in buffers)
-                crcs = self._checksum(at, nbytes, lambda a, n, buffers=buffers: _crc_of(_byte_range(buffers, a, n)))
-                self._in_steps(fd, at, nbytes,
-                               lambda done, n, at=at, buffers=buffers: _pwrite_all(fd, _byte_range(buffers, done, n),
-                                                                                   at + done))
+                ends = list(itertools.accumulate(len(b) for b in buffers))
+                nbytes = ends[-1]
+
+                def part(a: int, n: int, buffers=buffers, ends=ends) -> list[memoryview]:
+                    return _byte_range(buffers, a, n, ends)
+
+                crcs = self._checksum(at, nbytes, lambda a, n, part=part: _crc_of(part(a, n)))
+                self._in_steps(fd, at, nbytes, lambda done, n, at=at, part=part: _pwrite_all(fd, part(done, n), at + done))
                 self._add_crcs(crcs)
             for _, name, _ in tensors:
                 self._wrote(name)

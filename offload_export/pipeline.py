@@ -32,6 +32,7 @@ from .plan import Unit
 __all__ = ["UnitReader", "run_units", "usable_cores"]
 
 _MIN_READ_AHEAD = 64 << 20
+_DEVICE_SPARE = 1 << 30  # GPU memory the read-ahead leaves free beyond its device budget (the pack works in it)
 
 
 class UnitReader:
@@ -125,11 +126,23 @@ class UnitReader:
         with onloaded(q.owner, dev, self._refs, skip=frozenset({(id(q.owner), q.target)})):
             yield dev
 
-    def _borrowed(self, key: str) -> bool:
-        """Whether :meth:`read` may hand ``key`` over as the model's own memory (:meth:`_in_place`, or whatever
-        a user's mapping returns) rather than a buffer read or cast for the export."""
+    def onload_targets(self, unit: Unit, raw: dict[str, torch.Tensor | FileSpan]) -> dict[str, torch.device]:
+        """The tensors of ``raw`` (:meth:`read`) still on the host that the format computes with on a GPU
+        (:meth:`Format.devices`), and that GPU; a user's mapping's tensors excepted (see :meth:`_borrowed`)."""
+        return {k: indexed(d) for k, d in self.format.devices(self, unit).items()
+                if d.type == "cuda" and self.lay[k].kind != "mapping"
+                and isinstance(t := raw.get(k), torch.Tensor) and t.device.type == "cpu"}
+
+    def device_bytes(self, unit: Unit) -> int:
+        """Bytes of ``unit``'s sources that the format computes with on a GPU (:meth:`Format.devices`)."""
+        return sum(self.lay[k].nbytes for k, d in self.format.devices(self, unit).items() if d.type == "cuda")
+
+    def _borrowed(self, key: str, t: torch.Tensor) -> bool:
+        """Whether ``t``, read for ``key``, may be the model's own memory: :meth:`_in_place` and still where that
+        memory is (the read-ahead's copy to a GPU is the export's own), or whatever a user's mapping returns."""
         info = self.lay[key]
-        return self._in_place(info) or info.kind == "mapping"
+        home = info.tensor.device if info.kind == "resident" else torch.device("cpu")
+        return info.kind == "mapping" or (self._in_place(info) and t.device == home)
 
     def fold(self, key: str, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` passed through its enabled quantizer on :meth:`fold_device`; a CPU tensor or a device one.
@@ -145,7 +158,7 @@ class UnitReader:
         try:
             with self.onloaded_quantizers(key):
                 moved = to_device(weight, dev)
-                if moved is weight and self._borrowed(key):
+                if moved is weight and self._borrowed(key, weight):
                     moved = _copy(weight)  # a quantizer that works in place must not change the model
                 folded = q.adapter.fold(q, moved)
         except Exception as e:
@@ -199,8 +212,8 @@ def _openmp() -> ctypes.CDLL | None:
 
 @contextmanager
 def _fold_threads() -> Iterator[None]:
-    """A block in which folds in this thread use half the cores the process may (at least one); the other half is
-    left to the reader, writer and checksum threads.
+    """A block in which folds (or the read-ahead's copies) in this thread use half the cores the process may (at
+    least one); the other half is left to the other threads.
 
     With every core in the intra-op pool its spinning workers and the I/O threads fight over the cores; on a
     loaded machine the folds then run several times slower, and so do the copies into and out of a GPU's pinned
@@ -269,13 +282,69 @@ class _Lease:
             budget._give_back(self._n)
 
 
+class _Onloaded:
+    """The sources of one unit that the read-ahead moved to a GPU, and their lease on the lane's device budget."""
+
+    __slots__ = ("keys", "_lease")
+
+    def __init__(self, keys: tuple[str, ...], lease: _Lease):
+        self.keys, self._lease = keys, lease
+
+    def adopt(self, raw: dict[str, torch.Tensor]) -> None:
+        """Hand the moved tensors to this thread's streams: their memory is reused only after work queued there."""
+        for k in self.keys:
+            raw[k].record_stream(torch.cuda.current_stream(raw[k].device))
+
+    def release(self) -> None:
+        self._lease.release()
+
+
+def _has_room(device: torch.device, n: int, spare: int) -> bool:
+    """Whether ``device`` can take ``n`` more bytes and still have ``spare`` free (the caching allocator's free
+    blocks count as free)."""
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free >= n + spare
+
+
+def _onload(reader: UnitReader, unit: Unit, raw: dict, budget: _Budget) -> _Onloaded | None:
+    """Move ``unit``'s host sources that the format computes with on a GPU there now (the read-ahead thread, while
+    the lane finishes the unit before), under the lane's device ``budget`` and only while that GPU keeps the budget
+    and 1 GiB free beyond it: the move is an overlap, never a new way to run out of GPU memory.
+
+    Returns:
+        What was moved, with its lease; None when nothing was (``finish`` then moves the sources itself).
+    """
+    targets = reader.onload_targets(unit, raw)
+    if not targets:
+        return None
+    lease = budget.lease(sum(raw[k].nbytes for k in targets))
+    if lease is None:
+        return None
+    try:
+        wanted: dict[torch.device, int] = {}
+        for k, device in targets.items():
+            wanted[device] = wanted.get(device, 0) + raw[k].nbytes
+        if not all(_has_room(device, n, budget.limit + _DEVICE_SPARE) for device, n in wanted.items()):
+            lease.release()
+            return None
+        for k, device in targets.items():
+            raw[k] = to_device(raw[k], device)
+    except torch.cuda.OutOfMemoryError:  # another process took the room meanwhile: what moved stays moved
+        lease.release()
+        return None
+    except BaseException:
+        lease.release()
+        raise
+    return _Onloaded(tuple(targets), lease)
+
+
 class _Run:
     """What the stages of one :func:`run_units` share: a stop flag, the first error, the lanes' budgets."""
 
     def __init__(self):
         self.stop = threading.Event()
         self.error: BaseException | None = None
-        self.budgets: list[_Budget] = []
+        self.budgets: list[_Budget] = []  # host and device budgets of every lane
         self._lock = threading.Lock()
 
     def fail(self, error: BaseException) -> None:
@@ -306,35 +375,48 @@ def _release_all(items: queue.Queue) -> None:
         except queue.Empty:
             return
         if item is not _DONE:
-            item[-1].release()
+            for lease in item[2:]:
+                if lease is not None:
+                    lease.release()
 
 
-def _read_ahead(reader: UnitReader, units: list[Unit], budget: _Budget, run: _Run, ready: queue.Queue) -> None:
-    """The read-ahead thread of one lane: lease each unit's bytes, then read its sources."""
+def _read_ahead(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _Budget], run: _Run,
+                ready: queue.Queue) -> None:
+    """The read-ahead thread of one lane: lease each unit's bytes, read its sources, move those the format computes
+    with on a GPU there (:func:`_onload`, under the lane's device budget)."""
+    host, device = budgets
     try:
-        for unit in units:
-            lease = budget.lease(reader.held_bytes(unit))
-            if lease is None:
-                return
-            try:
-                ready.put((unit, reader.read(unit), lease))
-            except BaseException:
-                lease.release()
-                raise
+        with _fold_threads():  # the copies into pinned buffers: the half of the cores the lane's folds leave
+            for unit in units:
+                lease = host.lease(reader.held_bytes(unit))
+                if lease is None:
+                    return
+                onloaded = None
+                try:
+                    raw = reader.read(unit)
+                    onloaded = _onload(reader, unit, raw, device)
+                    ready.put((unit, raw, onloaded, lease))
+                except BaseException:
+                    lease.release()
+                    if onloaded is not None:
+                        onloaded.release()
+                    raise
+                del raw
     except BaseException as e:
         run.fail(e)
     finally:
         ready.put(_DONE)
 
 
-def _lane(reader: UnitReader, units: list[Unit], budget: _Budget, run: _Run, handoff: queue.Queue,
-          device: Hashable = None) -> None:
+def _lane(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _Budget], run: _Run,
+          handoff: queue.Queue, device: Hashable = None) -> None:
     """Fold or pack one lane's units in this thread while a thread reads ahead; hand each to the consumer.
 
-    A unit's lease goes to the consumer with its outputs; on every other path it is released here.
+    A unit's lease goes to the consumer with its outputs; on every other path it is released here. Its device lease
+    (sources the read-ahead moved to a GPU) is released once its outputs are made.
     """
     ready: queue.Queue = queue.Queue()
-    thread = threading.Thread(target=_read_ahead, args=(reader, units, budget, run, ready),
+    thread = threading.Thread(target=_read_ahead, args=(reader, units, budgets, run, ready),
                               name="offload-export-reader", daemon=True)
     try:
         if isinstance(device, torch.device) and device.type == "cuda":
@@ -342,10 +424,12 @@ def _lane(reader: UnitReader, units: list[Unit], budget: _Budget, run: _Run, han
         thread.start()
         with _fold_threads():  # once per lane: its settings cost a few system and library calls
             while (item := ready.get()) is not _DONE:
-                unit, raw, lease = item
+                unit, raw, onloaded, lease = item
                 del item
                 try:
                     if not run.stop.is_set():
+                        if onloaded is not None:
+                            onloaded.adopt(raw)
                         outputs = reader.finish(unit, raw)
                         del raw  # the sources die right after the fold
                         handoff.put((unit, outputs, lease))
@@ -353,6 +437,8 @@ def _lane(reader: UnitReader, units: list[Unit], budget: _Budget, run: _Run, han
                         del outputs
                 finally:
                     raw = None
+                    if onloaded is not None:
+                        onloaded.release()
                     if lease is not None:
                         lease.release()
     except BaseException as e:
@@ -392,7 +478,9 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
     Memory: each unit holds a lease of :meth:`UnitReader.held_bytes` on its lane's budget of
     ``read_ahead_bytes`` from before its read until ``consume`` returns or raises, or the run stops;
     a lease is released in ``finally`` on every path, so memory stays under about ``read_ahead_bytes`` +
-    the largest unit per lane and a failure never leaves a stage waiting for bytes.
+    the largest unit per lane and a failure never leaves a stage waiting for bytes. Sources the format computes
+    with on a GPU are moved there by the read-ahead (:func:`_onload`) under a second budget per lane, twice its
+    largest unit's such sources, from their read until the unit's outputs are made.
 
     Args:
         reader: the unit reader.
@@ -410,7 +498,10 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
     for unit in units:
         lanes.setdefault((lane or _fold_lane)(reader, unit), []).append(unit)
     run = _Run()
-    run.budgets = [_Budget(read_ahead_bytes, run.stop) for _ in lanes]
+    budgets = [(_Budget(read_ahead_bytes, run.stop),  # a lane's device budget: the unit being made and the next one
+                _Budget(2 * max(reader.device_bytes(unit) for unit in lane_units), run.stop))
+               for lane_units in lanes.values()]
+    run.budgets = [b for pair in budgets for b in pair]
     handoff: queue.Queue = queue.Queue()  # bounded by the budgets, not by a count
     consumer = threading.Thread(target=_consume, args=(consume, run, handoff), name=f"offload-export-{name}",
                                 daemon=True)
@@ -418,9 +509,9 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
         consumer.start()
         try:
             if len(lanes) == 1:
-                _lane(reader, *lanes.values(), run.budgets[0], run, handoff)
+                _lane(reader, *lanes.values(), budgets[0], run, handoff)
             else:
-                _lane_threads(reader, lanes, run, handoff)
+                _lane_threads(reader, lanes, budgets, run, handoff)
         finally:
             handoff.put(_DONE)
             consumer.join()
@@ -429,10 +520,11 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
         raise run.error
 
 
-def _lane_threads(reader: UnitReader, lanes: dict[Hashable, list[Unit]], run: _Run, handoff: queue.Queue) -> None:
-    threads = [threading.Thread(target=_lane, args=(reader, lane_units, budget, run, handoff, key),
+def _lane_threads(reader: UnitReader, lanes: dict[Hashable, list[Unit]], budgets: list[tuple[_Budget, _Budget]],
+                  run: _Run, handoff: queue.Queue) -> None:
+    threads = [threading.Thread(target=_lane, args=(reader, lane_units, pair, run, handoff, key),
                                 name=f"offload-export-lane-{key}", daemon=True)
-               for (key, lane_units), budget in zip(lanes.items(), run.budgets)]
+               for (key, lane_units), pair in zip(lanes.items(), budgets)]
     for t in threads:
         t.start()
     try:

@@ -211,6 +211,29 @@ def test_awq_resmoothing_is_replayed_without_touching_the_model(ref_root, tmp_pa
     assert_same_state(model_state(model), before)
 
 
+@pytest.mark.parametrize("name", ["NVFP4_DEFAULT_CFG", "W4A8_AWQ_BETA_CFG"])
+def test_units_modelopt_does_not_pack_are_copied_from_their_files(name, ref_root, tmp_path):
+    """The embedding and the layernorms are written as they are (file to file, never through a GPU); a layernorm
+    that takes the AWQ groups' pre_quant_scale, a packed linear and a tensor the export casts are made."""
+    from offload_export._store import FileSpan
+    from offload_export.job import prepare_job
+
+    model, expected = reference(name, ref_root)
+    model = apply_layout(model, LayoutSpec("disk_offload"), tmp_path / "layout")
+    oe.save_clean(model, tmp_path / "out", format="modelopt")
+    assert_same_checkpoint(tmp_path / "out", expected)
+
+    def copied(key: str, **kwargs) -> bool:
+        job = prepare_job(model, tmp_path / "unused", format="modelopt", overwrite=True, check_out=False, **kwargs)
+        unit = next(u for u in job.plan.units if key in u.sources)
+        return isinstance(job.reader().read(unit)[key], FileSpan)
+
+    assert copied("model.embed_tokens.weight") and copied("model.norm.weight")
+    assert copied("model.layers.0.input_layernorm.weight") is ("AWQ" not in name)
+    assert not copied("model.layers.0.self_attn.q_proj.weight")
+    assert not copied("model.embed_tokens.weight", dtype=torch.float16)
+
+
 # ------------------------------------------------------------------ bad input: one ValueError, nothing written
 
 

@@ -90,6 +90,19 @@ class Format(ABC):
         source is freed before the next output is made (memory stays near two tensors, not three).
         """
 
+    def devices(self, reader: Reader, unit: Unit) -> dict[str, torch.device]:
+        """Where ``finish`` computes with the unit's sources: ``key -> device`` for those it moves to a device.
+
+        The read-ahead thread moves such a CPU tensor to its GPU first, while the previous unit is finished, when
+        that GPU has room. Default: none.
+        """
+        return {}
+
+    def casts(self, key: str) -> bool:
+        """Whether the export's ``dtype`` changes source ``key``'s dtype (a floating-point tensor of another dtype)."""
+        dtype, info = self.source.dtype, self.source.lay[key]
+        return dtype is not None and info.dtype.is_floating_point and info.dtype != dtype
+
     def unchanged(self, unit: Unit, key: str) -> bool:
         """True when ``finish`` returns the unit's source ``key`` as it is (same name, dtype and bytes).
 

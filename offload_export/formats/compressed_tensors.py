@@ -376,6 +376,13 @@ class CompressedTensors(Format):
         prefix = f"{p.owner}." if p.owner else ""
         return {prefix + n: t for n, t in packed_specs(p.format, p.scheme, local, p.owner).items()}
 
+    def unchanged(self, unit, key: str) -> bool:
+        return not (unit.converted or self.casts(key) or self._packing(unit.sources) is not None)
+
+    def devices(self, reader: Reader, unit) -> dict:
+        p = self._packing(unit.sources)
+        return {p.key: reader.fold_device(p.key)} if p is not None else {}
+
     def finish(self, reader: Reader, unit, values: StateDict) -> StateDict:
         p = self._packing(values)
         if p is None:

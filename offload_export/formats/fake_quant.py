@@ -104,11 +104,11 @@ class FakeQuant(Format):
             del tensor
         return self.source.convert(out) if unit.converted else out
 
+    def devices(self, reader, unit) -> dict:
+        return {k: reader.fold_device(k) for k in unit.sources if k in self.source.folds}
+
     def unchanged(self, unit, key: str) -> bool:
-        if unit.converted or key in self.source.folds:
-            return False
-        dtype = self.source.dtype
-        return dtype is None or not self.source.lay[key].dtype.is_floating_point or self.source.lay[key].dtype == dtype
+        return not (unit.converted or key in self.source.folds or self.casts(key))
 
     def write_files(self, tmp: Path) -> list[str]:
         if not self.source.quantizers:

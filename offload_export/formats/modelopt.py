@@ -729,9 +729,7 @@ class ModelOptPacker:
         for part, projections in x.parts.items():
             source = values[head + part]
             quantizers = getattr(x.pristine, f"{part}_weight_quantizers")
-            scales_here = torch.stack([  # 1 for the experts packed alone
-                torch.ones((), dtype=torch.float32, device=device) if e in alone else
-                _per_tensor_scale(x.fmt, quantizers[e], device) for e in range(start, stop)])
+            scales_here = _per_tensor_scales(x.fmt, quantizers[start:stop], device, [e - start for e in alone])
             scales = to_host(scales_here)
             if len(projections) == 2:  # gated: gate rows, then up rows
                 split = _get_fused_expert_intermediate_dim(x.pristine)
@@ -911,6 +909,19 @@ def _per_tensor_scale(fmt: str, q: nn.Module, device: torch.device) -> torch.Ten
     if fmt == "fp8":  # _export_quantized_weight: torch.tensor(amax / maxbound) of a 0-d float32 amax
         return q._amax.to(device=device, dtype=torch.float32) / q.maxbound
     return NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer(_read_only_on(q, device)).squeeze()
+
+
+def _per_tensor_scales(fmt: str, quantizers: list[nn.Module], device: torch.device, ones: list[int]) -> torch.Tensor:
+    """:func:`_per_tensor_scale` of each of ``quantizers`` (alike but for their amax), 1 at the indices ``ones``: one
+    call of ModelOpt's function on their amax stacked (elementwise, so each is what it computes for that quantizer)."""
+    scales = torch.ones(len(quantizers), dtype=torch.float32, device=device)
+    together = [i for i in range(len(quantizers)) if i not in ones]
+    if together:
+        stacked = copy.copy(quantizers[together[0]])
+        stacked._buffers = {**stacked._buffers, "_amax": torch.stack([quantizers[i]._amax.detach().reshape(()).cpu()
+                                                                       for i in together])}
+        scales[together] = _per_tensor_scale(fmt, stacked, device).reshape(len(together))
+    return scales
 
 
 def _read_only_on(quantizer: nn.Module, device: torch.device) -> nn.Module:
@@ -1131,16 +1142,38 @@ class ModelOpt(Format):
             meta = {k: torch.empty(self.source.lay[k].shape, dtype=self.source.lay[k].dtype, device="meta") for k in meta}
         return self.packer.outputs(module, tuple(meta), meta)
 
+    def _packs(self, module: str) -> bool:
+        """Whether ModelOpt's functions make ``module``'s outputs (a quantized module, fused experts, a layernorm
+        that takes a ``pre_quant_scale``); the other units are their sources, cast. (``norms`` is complete once the
+        packer is built: a layernorm takes a ``pre_quant_scale`` only where some module has one, and then the
+        shared-input groups are fused up front.)"""
+        return module in self.packer.modules or module in self.packer.experts or module in self.packer.norms
+
+    def _pack_device(self, reader, unit) -> torch.device:
+        """Where a unit that :meth:`_packs` is packed: ``device=``, else its weight quantizer's fold device, else
+        where its first source computes."""
+        weight = f"{unit.module}.weight" if unit.module else "weight"
+        if reader.device is not None:
+            return reader.device
+        if weight in self.source.folds:
+            return reader.fold_device(weight)
+        return self._device(unit.sources[0])
+
+    def devices(self, reader, unit) -> dict:
+        if not self._packs(unit.module):
+            return {}
+        device = self._pack_device(reader, unit)
+        return {k: device for k in unit.sources}
+
+    def unchanged(self, unit, key: str) -> bool:
+        return not (unit.converted or self._packs(unit.module) or self.casts(key))
+
     def finish(self, reader, unit, values: StateDict) -> StateDict:
         module, dtype = unit.module, self.source.dtype
-        weight = f"{module}.weight" if module else "weight"
-        if reader.device is not None:
-            device = reader.device
-        elif weight in self.source.folds:
-            device = reader.fold_device(weight)
-        else:
-            device = self._device(next(iter(values)))
-        values = {k: to_device(values.pop(k), device) for k in list(values)}  # the only reference
+        device = None  # a unit ModelOpt does not pack is cast where its sources are: no round trip through a GPU
+        if self._packs(module):
+            device = self._pack_device(reader, unit)
+            values = {k: to_device(values.pop(k), device) for k in list(values)}  # the only reference
         if dtype is not None and module not in self.packer.modules and module not in self.packer.experts:
             values = {k: cast(v, dtype) for k, v in values.items()}
         try:

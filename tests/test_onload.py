@@ -1,0 +1,90 @@
+"""The read-ahead moves the sources a format computes with on a GPU there before the unit's turn, and only where the
+GPU has room: the checkpoint is the same byte for byte whether it moved them, did not, or ran out of room."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from layouts import LayoutSpec, apply_layout, make_model
+
+import offload_export as oe
+from offload_export import pipeline
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def _moved_by_the_reader(monkeypatch) -> list[int]:
+    """Bytes of each tensor the read-ahead thread moves to a GPU, recorded as it moves them."""
+    moved: list[int] = []
+    real = pipeline.to_device
+
+    def spy(t, device):
+        if threading.current_thread().name == "offload-export-reader":
+            moved.append(t.nbytes)
+        return real(t, device)
+
+    monkeypatch.setattr(pipeline, "to_device", spy)
+    return moved
+
+
+def _model(kind: str, tmp: Path):
+    model = make_model("llama_untied", dtype=torch.bfloat16)
+    oe.quantize_weights(model, "int8")
+    return apply_layout(model, LayoutSpec(kind), tmp / "layout")
+
+
+@pytest.mark.parametrize("kind", ["cpu_offload", "disk_offload"])
+@pytest.mark.parametrize("stream", [False, True], ids=["default-stream", "own-stream"])
+def test_moving_ahead_gives_the_same_checkpoint_as_not_moving(kind, stream, tmp_path, monkeypatch):
+    """On the export's own stream too: the moved tensors' memory is handed to it (``record_stream``)."""
+    model = _model(kind, tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_DEVICE_SPARE", 1 << 60)  # no GPU has that much room: nothing is moved ahead
+        moved = _moved_by_the_reader(m)
+        oe.save_clean(model, tmp_path / "kept", device="cuda")
+        assert moved == []
+    moved = _moved_by_the_reader(monkeypatch)
+    with torch.cuda.stream(torch.cuda.Stream()) if stream else torch.cuda.stream(torch.cuda.current_stream()):
+        oe.save_clean(model, tmp_path / "moved", device="cuda")
+    assert len(moved) >= 7  # every folded weight
+    assert _files(tmp_path / "moved") == _files(tmp_path / "kept")
+
+
+def test_out_of_memory_while_moving_ahead_leaves_the_move_to_the_fold(tmp_path, monkeypatch):
+    model = _model("disk_offload", tmp_path)
+    oe.save_clean(model, tmp_path / "expected", device="cuda")
+    real, failed = pipeline.to_device, []
+
+    def out_of_memory(t, device):
+        if threading.current_thread().name == "offload-export-reader":
+            failed.append(t.nbytes)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(t, device)
+
+    monkeypatch.setattr(pipeline, "to_device", out_of_memory)
+    oe.save_clean(model, tmp_path / "out", device="cuda")
+    assert failed and _files(tmp_path / "out") == _files(tmp_path / "expected")
+
+
+def test_the_units_moved_ahead_stay_within_the_device_budget(tmp_path, monkeypatch):
+    """Twice the largest unit's sources the format computes with on the GPU: the unit being made and the next one."""
+    model = _model("cpu_offload", tmp_path)
+    real, seen = pipeline._onload, []
+
+    def spy(reader, unit, raw, budget):
+        got = real(reader, unit, raw, budget)
+        seen.append((got is not None, budget.used, budget.limit, reader.device_bytes(unit)))
+        return got
+
+    monkeypatch.setattr(pipeline, "_onload", spy)
+    oe.save_clean(model, tmp_path / "out", device="cuda")
+    largest = max(n for *_, n in seen)
+    assert sum(moved for moved, *_ in seen) >= 7
+    assert all(limit == 2 * largest and used <= limit for _, used, limit, _ in seen)

@@ -32,6 +32,7 @@ from .plan import Unit
 __all__ = ["UnitReader", "run_units", "usable_cores"]
 
 _MIN_READ_AHEAD = 64 << 20
+_MIN_DEVICE_AHEAD = 512 << 20  # a lane's device budget at least: small units are made faster than one is moved
 _DEVICE_SPARE = 1 << 30  # GPU memory the read-ahead leaves free beyond its device budget (the pack works in it)
 
 
@@ -479,8 +480,8 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
     ``read_ahead_bytes`` from before its read until ``consume`` returns or raises, or the run stops;
     a lease is released in ``finally`` on every path, so memory stays under about ``read_ahead_bytes`` +
     the largest unit per lane and a failure never leaves a stage waiting for bytes. Sources the format computes
-    with on a GPU are moved there by the read-ahead (:func:`_onload`) under a second budget per lane, twice its
-    largest unit's such sources, from their read until the unit's outputs are made.
+    with on a GPU are moved there by the read-ahead (:func:`_onload`) under a second budget per lane
+    (:func:`_device_ahead`), from their read until the unit's outputs are made.
 
     Args:
         reader: the unit reader.
@@ -498,8 +499,7 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
     for unit in units:
         lanes.setdefault((lane or _fold_lane)(reader, unit), []).append(unit)
     run = _Run()
-    budgets = [(_Budget(read_ahead_bytes, run.stop),  # a lane's device budget: the unit being made and the next one
-                _Budget(2 * max(reader.device_bytes(unit) for unit in lane_units), run.stop))
+    budgets = [(_Budget(read_ahead_bytes, run.stop), _Budget(_device_ahead(reader, lane_units), run.stop))
                for lane_units in lanes.values()]
     run.budgets = [b for pair in budgets for b in pair]
     handoff: queue.Queue = queue.Queue()  # bounded by the budgets, not by a count
@@ -518,6 +518,13 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
             _release_all(handoff)
     if run.error is not None:
         raise run.error
+
+
+def _device_ahead(reader: UnitReader, units: list[Unit]) -> int:
+    """A lane's device budget: twice its largest unit's sources on a GPU (the unit being made and the next one), at
+    least 512 MiB (several small units ahead); 0 when none of its units computes on a GPU."""
+    largest = max(reader.device_bytes(unit) for unit in units)
+    return max(2 * largest, _MIN_DEVICE_AHEAD) if largest else 0
 
 
 def _lane_threads(reader: UnitReader, lanes: dict[Hashable, list[Unit]], budgets: list[tuple[_Budget, _Budget]],

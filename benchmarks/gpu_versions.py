@@ -1,15 +1,15 @@
 """The 14B disk-held packed export (``gpu_big.py --part big``'s last row; ``--shape``, ``--format``: another;
 ``--as-calibrated``: the curve's layout, the weights ModelOpt's calibration copied into RAM kept;
 ``--table CONFIG``: the tables' layout of ``--shape`` calibrated with that ModelOpt config) at
-several versions of offload_export, interleaved in one process on one calibrated model (round 1 in the given order,
-round 2 reversed).
+several versions of offload_export, interleaved in one process on one calibrated model (odd rounds in the given order,
+even rounds reversed).
 
 Each DIR holds an ``offload_export`` package (``git archive REV offload_export | tar -x -C DIR``); the package is
 imported afresh from each before its export. Seconds, TTFB, x floor per version to ``$OUT/versions_h200.json``
 (written after every export); no export is started after ``--budget`` seconds. ``--sample``: each thread's
 innermost frame and innermost frame of offload_export, counted every 5 ms during the first round, over the whole
-export (``stacks``) and before its first byte (``stacks_before_first_byte``). Each row also holds the disk's busy
-fraction before and after the first byte (:func:`gpu_big.timed`); ``--disk`` adds its timeline (``disk``: per 100 ms,
+export (``stacks``) and before its first byte (``stacks_before_first_byte``; the main thread's samples in time order:
+``main_before_first_byte``). Each row also holds the disk's busy fraction before and after the first byte (:func:`gpu_big.timed`); ``--disk`` adds its timeline (``disk``: per 100 ms,
 MB written to the disk and the fraction of the time it had a request in flight).
 
 Usage (GPU machine, modelopt installed):
@@ -76,13 +76,28 @@ class Sampler:
         self._stop.set()
         self._thread.join()
 
-    def top(self, n: int = 20, until: float = float("inf")) -> dict:
-        """The ``n`` commonest stacks of each thread sampled more than 20 times before ``until`` (perf_counter)."""
+    def top(self, n: int = 20, since: float = 0.0, until: float = float("inf")) -> dict:
+        """The ``n`` commonest stacks of each thread sampled more than 20 times between ``since`` and ``until``
+        (perf_counter)."""
         counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         for t, name, key in self.samples:
-            if t < until:
+            if since <= t < until:
                 counts[name][key] += 1
         return {name: c.most_common(n) for name, c in counts.items() if sum(c.values()) > 20}
+
+    def timeline(self, thread: str, since: float, until: float) -> list:
+        """``thread``'s samples between ``since`` and ``until`` as runs of one stack: ``[start ms, end ms, stack]``
+        (the gaps between samples show where the sampler waited for the GIL)."""
+        runs: list = []
+        for t, name, key in self.samples:
+            if name != thread or not since <= t < until:
+                continue
+            ms = round((t - since) * 1000, 1)
+            if runs and runs[-1][2] == key:
+                runs[-1][1] = ms
+            else:
+                runs.append([ms, ms, key])
+        return runs
 
 
 def main() -> None:
@@ -107,7 +122,7 @@ def main() -> None:
         model, rates, read, summary = disk_held_model(work, args.shape, drop=not args.as_calibrated)
     out = {"floor_rates": rates, "layout": summary, "setup_s": round(time.perf_counter() - start, 1), "rows": []}
     print("setup", out["setup_s"], rates, flush=True)
-    for rnd, order in enumerate((args.dirs, args.dirs[::-1])[:args.rounds]):
+    for rnd, order in enumerate(args.dirs[::-1] if r % 2 else args.dirs for r in range(args.rounds)):
         for folder in order:
             if time.perf_counter() - start > args.budget:
                 break
@@ -126,9 +141,11 @@ def main() -> None:
                 if not args.disk:
                     del row["disk"]
                 if args.sample and rnd == 0:
-                    row["stacks"] = sampler.top()
+                    row["stacks"] = sampler.top(since=started[0])
                     if row["ttfb_s"] is not None:
-                        row["stacks_before_first_byte"] = sampler.top(until=started[0] + row["ttfb_s"])
+                        first_byte = started[0] + row["ttfb_s"]
+                        row["stacks_before_first_byte"] = sampler.top(since=started[0], until=first_byte)
+                        row["main_before_first_byte"] = sampler.timeline("MainThread", started[0], first_byte)
                 row["x_floor"] = round(row["s"] / floor_s(rates, read, row["written_GB"]), 2)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"

@@ -9,8 +9,9 @@ imported afresh from each before its export. Seconds, TTFB, x floor per version 
 (written after every export); no export is started after ``--budget`` seconds. ``--sample``: each thread's
 innermost frame and innermost frame of offload_export, counted every 5 ms during the first round, over the whole
 export (``stacks``) and before its first byte (``stacks_before_first_byte``; the main thread's samples in time order:
-``main_before_first_byte``). Each row also holds the disk's busy fraction before and after the first byte (:func:`gpu_big.timed`); ``--disk`` adds its timeline (``disk``: per 100 ms,
-MB written to the disk and the fraction of the time it had a request in flight).
+``main_before_first_byte``). Each row also holds the disk's busy fraction before and after the first byte
+(:func:`gpu_big.timed`); ``--disk`` adds its timeline (``disk``: per 100 ms, MB written to the disk and the fraction
+of the time it had a request in flight).
 
 Usage (GPU machine, modelopt installed):
     python benchmarks/gpu_versions.py [--shape 4b --table NVFP4_DEFAULT_CFG] [--rounds 2] [--sample] DIR [DIR ...]

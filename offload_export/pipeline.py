@@ -135,8 +135,10 @@ class UnitReader:
                 and isinstance(t := raw.get(k), torch.Tensor) and t.device.type == "cpu"}
 
     def device_bytes(self, unit: Unit) -> int:
-        """Bytes of ``unit``'s sources that the format computes with on a GPU (:meth:`Format.devices`)."""
-        return sum(self.lay[k].nbytes for k, d in self.format.devices(self, unit).items() if d.type == "cuda")
+        """GPU memory ``unit`` holds when the read-ahead moves its sources there: the larger of its sources that the
+        format computes with on a GPU (:meth:`Format.devices`) and its outputs; 0 when it has no such source."""
+        sources = sum(self.lay[k].nbytes for k, d in self.format.devices(self, unit).items() if d.type == "cuda")
+        return max(sources, sum(spec.nbytes for spec in unit.outputs)) if sources else 0
 
     def _borrowed(self, key: str, t: torch.Tensor) -> bool:
         """Whether ``t``, read for ``key``, may be the model's own memory: :meth:`_in_place` and still where that
@@ -146,7 +148,8 @@ class UnitReader:
         return info.kind == "mapping" or (self._in_place(info) and t.device == home)
 
     def fold(self, key: str, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` passed through its enabled quantizer on :meth:`fold_device`; a CPU tensor or a device one.
+        """``weight`` passed through its enabled quantizer on :meth:`fold_device`: on the host, but left on the fold
+        device when the read-ahead moved ``weight`` there (its unit holds a device lease; the consumer copies it).
 
         The quantizer gets a tensor of its own: the model's memory (a resident weight, an in-memory store's
         tensor) is copied first unless moving it to the fold device already made a copy.
@@ -159,7 +162,9 @@ class UnitReader:
         try:
             with self.onloaded_quantizers(key):
                 moved = to_device(weight, dev)
-                if moved is weight and self._borrowed(key, weight):
+                borrowed = moved is weight and self._borrowed(key, weight)
+                ahead = moved is weight and not borrowed and dev.type == "cuda"  # the read-ahead's copy
+                if borrowed:
                     moved = _copy(weight)  # a quantizer that works in place must not change the model
                 folded = q.adapter.fold(q, moved)
         except Exception as e:
@@ -167,7 +172,7 @@ class UnitReader:
             hint = " (its kernel may need CUDA: pass device='cuda')" if needs_cuda else ""
             add_note(e, f"offload_export: folding {q.name} into {key} on {dev} failed{hint}")
             raise
-        return folded if folded.device.type == "cpu" else to_host(folded)
+        return folded if folded.device.type == "cpu" or ahead else to_host(folded)
 
 
 _OPENMP_RUNTIMES = ("libgomp", "libomp", "libiomp5")
@@ -284,20 +289,41 @@ class _Lease:
 
 
 class _Onloaded:
-    """The sources of one unit that the read-ahead moved to a GPU, and their lease on the lane's device budget."""
+    """One unit whose sources the read-ahead moved to a GPU, holding its lease on the lane's device budget until its
+    outputs (left on the GPU) are copied to the host by the consumer."""
 
-    __slots__ = ("keys", "_lease")
+    __slots__ = ("keys", "_lease", "_made")
 
     def __init__(self, keys: tuple[str, ...], lease: _Lease):
         self.keys, self._lease = keys, lease
+        self._made: list[torch.cuda.Event] = []
 
     def adopt(self, raw: dict[str, torch.Tensor]) -> None:
         """Hand the moved tensors to this thread's streams: their memory is reused only after work queued there."""
         for k in self.keys:
             raw[k].record_stream(torch.cuda.current_stream(raw[k].device))
 
+    def made(self, outputs: dict) -> None:
+        """Mark the end of the work that makes ``outputs`` on each of their GPUs' current streams (this thread's)."""
+        for device in {t.device for t in outputs.values() if isinstance(t, torch.Tensor) and t.is_cuda}:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            self._made.append(event)
+
+    def to_host(self, outputs: dict) -> None:
+        """Replace ``outputs``' GPU tensors by host copies, once the work that made them is done."""
+        for event in self._made:
+            event.synchronize()
+        for k, t in outputs.items():
+            if _on_device(t):
+                outputs[k] = to_host(t)
+
     def release(self) -> None:
         self._lease.release()
+
+
+def _on_device(t: torch.Tensor | FileSpan) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type != "cpu"
 
 
 def _has_room(device: torch.device, n: int, spare: int) -> bool:
@@ -309,8 +335,9 @@ def _has_room(device: torch.device, n: int, spare: int) -> bool:
 
 def _onload(reader: UnitReader, unit: Unit, raw: dict, budget: _Budget) -> _Onloaded | None:
     """Move ``unit``'s host sources that the format computes with on a GPU there now (the read-ahead thread, while
-    the lane finishes the unit before), under the lane's device ``budget`` and only while that GPU keeps the budget
-    and 1 GiB free beyond it: the move is an overlap, never a new way to run out of GPU memory.
+    the lane finishes the unit before), under the lane's device ``budget`` (the unit's lease covers its outputs
+    too, which stay on the GPU until the consumer copies them) and only while that GPU keeps the budget and 1 GiB
+    free beyond it: the move is an overlap, never a new way to run out of GPU memory.
 
     Returns:
         What was moved, with its lease; None when nothing was (``finish`` then moves the sources itself).
@@ -318,7 +345,7 @@ def _onload(reader: UnitReader, unit: Unit, raw: dict, budget: _Budget) -> _Onlo
     targets = reader.onload_targets(unit, raw)
     if not targets:
         return None
-    lease = budget.lease(sum(raw[k].nbytes for k in targets))
+    lease = budget.lease(reader.device_bytes(unit))
     if lease is None:
         return None
     try:
@@ -413,8 +440,9 @@ def _lane(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _Budget
           handoff: queue.Queue, device: Hashable = None) -> None:
     """Fold or pack one lane's units in this thread while a thread reads ahead; hand each to the consumer.
 
-    A unit's lease goes to the consumer with its outputs; on every other path it is released here. Its device lease
-    (sources the read-ahead moved to a GPU) is released once its outputs are made.
+    A unit's leases go to the consumer with its outputs; on every other path they are released here. The outputs of
+    a unit the read-ahead moved to a GPU go to the consumer as they are (it copies them to the host); the others'
+    are copied here, so that a GPU without room for the read-ahead holds one unit's outputs at a time.
     """
     ready: queue.Queue = queue.Queue()
     thread = threading.Thread(target=_read_ahead, args=(reader, units, budgets, run, ready),
@@ -433,8 +461,12 @@ def _lane(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _Budget
                             onloaded.adopt(raw)
                         outputs = reader.finish(unit, raw)
                         del raw  # the sources die right after the fold
-                        handoff.put((unit, outputs, lease))
-                        lease = None
+                        if onloaded is None:
+                            outputs = {k: to_host(t) if _on_device(t) else t for k, t in outputs.items()}
+                        else:
+                            onloaded.made(outputs)
+                        handoff.put((unit, outputs, onloaded, lease))
+                        onloaded = lease = None
                         del outputs
                 finally:
                     raw = None
@@ -451,18 +483,23 @@ def _lane(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _Budget
 
 
 def _consume(consume: Callable[[Unit, dict], None], run: _Run, handoff: queue.Queue) -> None:
-    """The consumer thread: ``consume`` each unit in arrival order, releasing its lease whatever happens."""
+    """The consumer thread: copy each unit's outputs left on a GPU to the host and ``consume`` them, in arrival
+    order, releasing its leases whatever happens."""
     while (item := handoff.get()) is not _DONE:
-        unit, outputs, lease = item
+        unit, outputs, onloaded, lease = item
         del item
         try:
             if not run.stop.is_set():
+                if onloaded is not None:
+                    onloaded.to_host(outputs)
                 consume(unit, outputs)
         except BaseException as e:
             run.fail(e)
         finally:
             outputs.clear()  # what an exception's traceback still holds is no longer counted, nor kept
             del outputs
+            if onloaded is not None:
+                onloaded.release()
             lease.release()
 
 

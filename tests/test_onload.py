@@ -20,18 +20,25 @@ def _files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
 
 
-def _moved_by_the_reader(monkeypatch) -> list[int]:
-    """Bytes of each tensor the read-ahead thread moves to a GPU, recorded as it moves them."""
+def _moved_by_the_reader(monkeypatch) -> tuple[list[int], list[str]]:
+    """Bytes of each tensor the read-ahead thread moves to a GPU, and the threads that copy outputs to the host."""
     moved: list[int] = []
-    real = pipeline.to_device
+    copied_in: list[str] = []
+    to_device, to_host = pipeline.to_device, pipeline.to_host
 
-    def spy(t, device):
+    def spy_in(t, device):
         if threading.current_thread().name == "offload-export-reader":
             moved.append(t.nbytes)
-        return real(t, device)
+        return to_device(t, device)
 
-    monkeypatch.setattr(pipeline, "to_device", spy)
-    return moved
+    def spy_out(t):
+        if t.is_cuda:
+            copied_in.append(threading.current_thread().name)
+        return to_host(t)
+
+    monkeypatch.setattr(pipeline, "to_device", spy_in)
+    monkeypatch.setattr(pipeline, "to_host", spy_out)
+    return moved, copied_in
 
 
 def _model(kind: str, tmp: Path):
@@ -43,17 +50,18 @@ def _model(kind: str, tmp: Path):
 @pytest.mark.parametrize("kind", ["cpu_offload", "disk_offload"])
 @pytest.mark.parametrize("stream", [False, True], ids=["default-stream", "own-stream"])
 def test_moving_ahead_gives_the_same_checkpoint_as_not_moving(kind, stream, tmp_path, monkeypatch):
-    """On the export's own stream too: the moved tensors' memory is handed to it (``record_stream``)."""
+    """Outputs of a unit moved ahead are copied to the host by the writer thread, the others' by the fold's; on the
+    export's own stream too (the moved tensors' memory is handed to it, the writer waits for its work)."""
     model = _model(kind, tmp_path)
     with monkeypatch.context() as m:
         m.setattr(pipeline, "_DEVICE_SPARE", 1 << 60)  # no GPU has that much room: nothing is moved ahead
-        moved = _moved_by_the_reader(m)
+        moved, copied_in = _moved_by_the_reader(m)
         oe.save_clean(model, tmp_path / "kept", device="cuda")
-        assert moved == []
-    moved = _moved_by_the_reader(monkeypatch)
+        assert moved == [] and "offload-export-writer" not in copied_in
+    moved, copied_in = _moved_by_the_reader(monkeypatch)
     with torch.cuda.stream(torch.cuda.Stream()) if stream else torch.cuda.stream(torch.cuda.current_stream()):
         oe.save_clean(model, tmp_path / "moved", device="cuda")
-    assert len(moved) >= 7  # every folded weight
+    assert len(moved) >= 7 and copied_in.count("offload-export-writer") >= 7  # every folded weight
     assert _files(tmp_path / "moved") == _files(tmp_path / "kept")
 
 
@@ -92,3 +100,20 @@ def test_the_units_moved_ahead_stay_within_the_device_budget(floor, tmp_path, mo
     largest = max(n for *_, n in seen)
     assert sum(moved for moved, *_ in seen) >= 7
     assert all(limit == max(2 * largest, pipeline._MIN_DEVICE_AHEAD) and used <= limit for _, used, limit, _ in seen)
+
+
+@pytest.mark.parametrize("name", ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
+def test_a_packed_export_moved_ahead_is_the_one_packed_in_turn(name, tmp_path, monkeypatch):
+    """format='modelopt' on a GPU from a CPU-offloaded model: the same files whether the read-ahead moved the units
+    it packs (their outputs copied to the host by the writer) or not."""
+    pytest.importorskip("modelopt.torch.quantization")
+    from test_format_modelopt import quantize, tiny_qwen3
+
+    model = apply_layout(quantize(tiny_qwen3(), name), LayoutSpec("cpu_offload"), tmp_path / "layout")
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_DEVICE_SPARE", 1 << 60)
+        oe.save_clean(model, tmp_path / "kept", format="modelopt", device="cuda")
+    moved, copied_in = _moved_by_the_reader(monkeypatch)
+    oe.save_clean(model, tmp_path / "moved", format="modelopt", device="cuda")
+    assert len(moved) >= 14 and "offload-export-writer" in copied_in  # every packed linear's weight
+    assert _files(tmp_path / "moved") == _files(tmp_path / "kept")

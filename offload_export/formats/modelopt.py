@@ -1181,7 +1181,7 @@ class ModelOpt(Format):
         except Exception as e:
             add_note(e, f"offload_export: packing {module} for format='modelopt' on {device} failed")
             raise
-        return {spec.name: to_host(_checked(spec, out, module)) for spec in unit.outputs}
+        return {spec.name: _checked(spec, out, module) for spec in unit.outputs}
 
     def config_updates(self) -> dict:
         return {"quantization_config": self.packer.config_quantization(), **self.packer.sanitized_config()}

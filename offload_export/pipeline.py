@@ -328,8 +328,12 @@ def _on_device(t: torch.Tensor | FileSpan) -> bool:
 
 def _has_room(device: torch.device, n: int, spare: int) -> bool:
     """Whether ``device`` can take ``n`` more bytes and still have ``spare`` free (the caching allocator's free
-    blocks count as free)."""
-    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    blocks count as free; its statistics, a dictionary built per call, are read only when the driver's free
+    memory alone is short)."""
+    free = torch.cuda.mem_get_info(device)[0]
+    if free < n + spare:
+        stats = torch.cuda.memory_stats(device)
+        free += stats.get("reserved_bytes.all.current", 0) - stats.get("allocated_bytes.all.current", 0)
     return free >= n + spare
 
 
@@ -348,22 +352,24 @@ def _onload(reader: UnitReader, unit: Unit, raw: dict, budget: _Budget) -> _Onlo
     lease = budget.lease(reader.device_bytes(unit))
     if lease is None:
         return None
+    moved: list[str] = []
     try:
         wanted: dict[torch.device, int] = {}
         for k, device in targets.items():
             wanted[device] = wanted.get(device, 0) + raw[k].nbytes
-        if not all(_has_room(device, n, budget.limit + _DEVICE_SPARE) for device, n in wanted.items()):
-            lease.release()
-            return None
-        for k, device in targets.items():
-            raw[k] = to_device(raw[k], device)
-    except torch.cuda.OutOfMemoryError:  # another process took the room meanwhile: what moved stays moved
-        lease.release()
-        return None
+        if all(_has_room(device, n, budget.limit + _DEVICE_SPARE) for device, n in wanted.items()):
+            for k, device in targets.items():
+                raw[k] = to_device(raw[k], device)
+                moved.append(k)
+    except torch.cuda.OutOfMemoryError:  # another process took the room meanwhile: the rest stays on the host
+        pass
     except BaseException:
         lease.release()
         raise
-    return _Onloaded(tuple(targets), lease)
+    if not moved:
+        lease.release()
+        return None
+    return _Onloaded(tuple(moved), lease)
 
 
 class _Run:

@@ -18,7 +18,7 @@ from torch import nn
 
 __all__ = ["CacheHook", "Store", "StoreRef", "add_store_entry", "align_hooks", "cache_store", "execution_device",
            "is_offload_cache", "no_onloading", "offloaded_tensors", "offloads", "resolve_store", "resume_offload",
-           "state_lock", "store_paths", "suspend_offload", "suspensions"]
+           "state_lock", "store_paths", "suspend_offload", "suspensions", "unhooked"]
 
 # Guards every change :func:`offload_export.materialized` makes to hooks, modules and stores (one lock for all
 # of them, so that blocks entered from several threads compose). Re-entrant: a block may enter another.
@@ -57,6 +57,13 @@ class StoreRef:
     hook_module: str
     execution_device: torch.device
     store: Store
+
+
+def unhooked(module: nn.Module) -> Callable:
+    """``module``'s own forward, without accelerate's hook around it: that hook moves the inputs to its execution
+    device, which is not the fold device when the export folds elsewhere (``device=``); the export has already made
+    the module's state real where it folds."""
+    return getattr(module, "_old_forward", module)
 
 
 def align_hooks(module: nn.Module) -> Iterator[object]:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ._errors import add_note
+from ._hooks import unhooked
 
 __all__ = [
     "ModuleQuantizerAdapter",
@@ -278,7 +279,7 @@ class ModuleQuantizerAdapter(QuantizerAdapter):
 
     def fold(self, q, weight):
         with torch.no_grad():
-            return q.handle(weight).to(weight.dtype)
+            return unhooked(q.handle)(weight).to(weight.dtype)
 
     def state(self, q):
         tensors, config = super().state(q)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._hooks import unhooked
 from ..quantizers import Quantizer, QuantizerAdapter, json_safe, module_quantizers, register_adapter
 
 __all__ = ["ModelOptAdapter"]
@@ -70,9 +71,9 @@ class ModelOptAdapter(QuantizerAdapter):
                 out = weight.clone()
                 for i, leaf in enumerate(q.handle):
                     if leaf.is_enabled and leaf.fake_quant:
-                        out[i] = leaf(weight[i].float()).to(weight.dtype)
+                        out[i] = unhooked(leaf)(weight[i].float()).to(weight.dtype)
                 return out
-            out = q.handle(weight.float()).to(weight.dtype)
+            out = unhooked(q.handle)(weight.float()).to(weight.dtype)
             scale = self.pre_quant_scale(q)
             if scale is not None:
                 out = (out * scale.squeeze().to(device=out.device)[None, :]).to(out.dtype)

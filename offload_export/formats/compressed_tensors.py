@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .._buffers import anon_empty, cast
+from .._hooks import unhooked
 from ..adapters.builtin import FakeQuantizer
 from ..quantizers import Quantizer
 from ..toolkits import require_toolkit
@@ -395,7 +396,7 @@ class CompressedTensors(Format):
             if p.builtin:
                 fq = p.quantizer.handle
                 local.update(_builtin_qparams(fq, device))
-                rows = lambda a, b: fq(weight[a:b].to(device, torch.float32), rows=slice(a, b))  # noqa: E731
+                rows = lambda a, b: unhooked(fq)(weight[a:b].to(device, torch.float32), rows=slice(a, b))  # noqa: E731
             else:
                 local.update({n: getattr(p.quantizer.owner, n).detach() for n in p.qparams})
                 rows = lambda a, b: weight[a:b].to(device)  # noqa: E731

@@ -252,12 +252,14 @@ def _pwrite_all(fd: int, buffers: Sequence[memoryview], offset: int) -> None:
         OSError: a write fails, or writes nothing (EIO).
     """
     for call in _calls(buffers):
-        while call:
+        left = sum(len(b) for b in call)
+        while left:
             n = os.pwritev(fd, call, offset)
             if n <= 0:
                 raise OSError(errno.EIO, f"pwritev wrote nothing at byte {offset}")
-            offset += n
-            call = _byte_range(call, n, sum(len(b) for b in call) - n)
+            offset, left = offset + n, left - n
+            if left:  # a short write: the rest of the call again
+                call = _byte_range(call, n, left)
 
 
 def _calls(buffers: Sequence[memoryview]) -> Iterator[list[memoryview]]:

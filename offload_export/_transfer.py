@@ -12,12 +12,13 @@ kept per thread and device (2 x 16 MiB pinned each, held by torch's pinned-memor
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import torch
 
 from ._buffers import anon_empty
 
-__all__ = ["indexed", "small_to_host", "to_device", "to_host"]
+__all__ = ["host_pieces", "indexed", "small_to_host", "to_device", "to_host"]
 
 _CHUNK = 16 << 20  # bytes per pinned buffer
 _SMALL = 1 << 20  # bytes of the largest tensor small_to_host batches ...
@@ -99,6 +100,28 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
             pending = (k, a, b)
     _drain(dst, buffers, events, *pending)
     return out
+
+
+def host_pieces(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The bytes of ``t`` (a contiguous GPU tensor), 16 MiB at a time, each in one of the pinned buffers (uint8): a
+    piece is valid until the generator is resumed, while the copy of the next one runs. A writer streams a large GPU
+    tensor to a file this way without a host copy of the whole tensor."""
+    buffers, events, stream = _staging(t.device)
+    src, pieces = _bytes(t), list(_chunks(t.numel() * t.element_size()))
+
+    def start(i: int) -> None:
+        k, (a, b) = i % 2, pieces[i][1]
+        with torch.cuda.stream(stream):
+            buffers[k][:b - a].copy_(src[a:b], non_blocking=True)
+            events[k].record(stream)
+
+    if pieces:
+        start(0)
+    for i, (a, b) in pieces:
+        if i + 1 < len(pieces):
+            start(i + 1)  # into the other buffer, which the caller gave back by resuming
+        events[i % 2].synchronize()
+        yield buffers[i % 2][:b - a]
 
 
 def _drain(dst: torch.Tensor, buffers, events, k: int, a: int, b: int) -> None:

@@ -28,6 +28,7 @@ from .formats import Format, Source
 from .layout import TensorInfo
 from .materialize import onloaded
 from .plan import Unit
+from .writer import STREAMED
 
 __all__ = ["UnitReader", "run_units", "usable_cores"]
 
@@ -76,10 +77,18 @@ class UnitReader:
 
     def held_bytes(self, unit: Unit) -> int:
         """Memory a unit holds from its read until its outputs are written: the larger of what reading its
-        sources allocates (:meth:`read_bytes`) and its outputs (passed-through file spans excluded)."""
+        sources allocates (:meth:`read_bytes`) and its outputs (passed-through file spans and :meth:`streamed`
+        tensors excluded)."""
         spans = {k for k in unit.sources if self.lay[k].kind != "resident" and self._passed_through(unit, k) is not None}
-        outputs = sum(spec.nbytes for spec in unit.outputs if spec.name not in spans)
+        outputs = sum(spec.nbytes for spec in unit.outputs if spec.name not in spans | self.streamed(unit))
         return max(self.read_bytes(unit), outputs)
+
+    def streamed(self, unit: Unit) -> set[str]:
+        """The unit's outputs that are the model's own GPU memory, handed to the writer as they are (it streams them
+        to the file through pinned buffers, never a host copy of the whole tensor): resident GPU tensors the format
+        leaves unchanged, of at least :data:`~offload_export.writer.STREAMED` bytes (the embedding)."""
+        return {k for k in unit.sources if (info := self.lay[k]).kind == "resident" and info.device.type == "cuda"
+                and info.nbytes >= STREAMED and self.format.unchanged(unit, k)}
 
     def read_ahead_bytes(self, units: Iterable[Unit]) -> int:
         """A read-ahead budget for streaming ``units``: the most memory one of them holds (:meth:`held_bytes`;
@@ -292,19 +301,22 @@ class _Onloaded:
     """One unit whose sources the read-ahead moved to a GPU, holding its lease on the lane's device budget until its
     outputs (left on the GPU) are copied to the host by the consumer."""
 
-    __slots__ = ("keys", "_lease", "_made")
+    __slots__ = ("keys", "_lease", "_made", "_kept")
 
     def __init__(self, keys: tuple[str, ...], lease: _Lease):
         self.keys, self._lease = keys, lease
         self._made: list[torch.cuda.Event] = []
+        self._kept: set[str] = set()
 
     def adopt(self, raw: dict[str, torch.Tensor]) -> None:
         """Hand the moved tensors to this thread's streams: their memory is reused only after work queued there."""
         for k in self.keys:
             raw[k].record_stream(torch.cuda.current_stream(raw[k].device))
 
-    def made(self, outputs: dict) -> None:
-        """Mark the end of the work that makes ``outputs`` on each of their GPUs' current streams (this thread's)."""
+    def made(self, outputs: dict, kept: set[str]) -> None:
+        """Mark the end of the work that makes ``outputs`` on each of their GPUs' current streams (this thread's);
+        those named in ``kept`` (:meth:`UnitReader.streamed`) stay on their GPU for the writer."""
+        self._kept = kept
         for device in {t.device for t in outputs.values() if isinstance(t, torch.Tensor) and t.is_cuda}:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
@@ -315,7 +327,7 @@ class _Onloaded:
         for event in self._made:
             event.synchronize()
         for k, t in outputs.items():
-            if _on_device(t):
+            if _on_device(t) and k not in self._kept:
                 outputs[k] = to_host(t)
 
     def release(self) -> None:
@@ -467,10 +479,12 @@ def _lane(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _Budget
                             onloaded.adopt(raw)
                         outputs = reader.finish(unit, raw)
                         del raw  # the sources die right after the fold
+                        kept = reader.streamed(unit)
                         if onloaded is None:
-                            outputs = {k: to_host(t) if _on_device(t) else t for k, t in outputs.items()}
+                            outputs = {k: to_host(t) if _on_device(t) and k not in kept else t
+                                       for k, t in outputs.items()}
                         else:
-                            onloaded.made(outputs)
+                            onloaded.made(outputs, kept)
                         handoff.put((unit, outputs, onloaded, lease))
                         onloaded = lease = None
                         del outputs

@@ -34,6 +34,7 @@ from functools import lru_cache
 import torch
 
 from ._store import SAFETENSORS_DTYPES, FileSpan, open_regular
+from ._transfer import host_pieces
 
 __all__ = ["Descriptors", "FileSpan", "ShardWriter", "TensorSpec", "crc32_combine", "range_crc32", "safetensors_layout"]
 
@@ -44,6 +45,7 @@ _WRITE_CALL = 512 << 10  # bytes per pwritev (see _pwrite_all)
 _IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
 _CRC_BESIDE = 256 << 10  # pieces from this size on are checksummed in other threads while being written
 _CRC_BACKLOG = 64 << 20  # bytes whose checksum may still be pending (their buffers kept alive until then)
+STREAMED = 64 << 20  # a GPU tensor from this size on is written through pinned buffers, never copied whole to the host
 _CRC_PIECE = 16 << 20  # ... in parts of this size, one per task: zlib's CRC-32 runs at 2-3 GB/s per core
 # safetensors lays tensors out by its ``Dtype`` enum, descending, then by name (not by element size: BF16
 # comes before F16, F32 before U32 and I32, F8_E4M3 before I8 and U8)
@@ -323,6 +325,11 @@ def _host_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(array).cast("B")
 
 
+def _streamed(t: torch.Tensor | FileSpan) -> bool:
+    """Whether the writer streams ``t`` from its GPU (:meth:`ShardWriter._stream`)."""
+    return isinstance(t, torch.Tensor) and t.is_cuda and t.numel() * t.element_size() >= STREAMED
+
+
 def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
     """Copy ``nbytes`` between files inside the kernel; ``pread``/``pwrite`` through 512 KiB where unsupported."""
     done = 0
@@ -453,13 +460,17 @@ class ShardWriter:
         spans = [(name, t) for name, t in items if isinstance(t, FileSpan)]
         for name, span in spans:
             self.copy(name, span)
+        streamed = [(name, t) for name, t in items if _streamed(t)]
         tensors = sorted(((self._offsets[name], name, _host_bytes(t)) for name, t in items
-                          if not isinstance(t, FileSpan)), key=lambda e: e[0])
-        if not tensors:
+                          if not isinstance(t, FileSpan) and not _streamed(t)), key=lambda e: e[0])
+        if not tensors and not streamed:
             return
         self._pool._use(self)  # before taking our lock: it may close other writers' files
         with self._lock:
             fd = self._open_locked()
+            for name, t in streamed:
+                self._stream(fd, self._offsets[name], t)
+                self._wrote(name)
             for at, buffers in _runs([t for t in tensors if len(t[2])]):  # an empty tensor has no bytes to place
                 ends = list(itertools.accumulate(len(b) for b in buffers))
                 nbytes = ends[-1]
@@ -472,6 +483,22 @@ class ShardWriter:
                 self._add_crcs(crcs)
             for _, name, _ in tensors:
                 self._wrote(name)
+
+    def _stream(self, fd: int, at: int, tensor: torch.Tensor) -> None:
+        """Write a large GPU tensor at ``at`` through pinned buffers (:func:`host_pieces`), each 16 MiB piece
+        checksummed beside its write and released (the generator resumed) only when both are done; hold ``_lock``."""
+        pieces = host_pieces(tensor.detach().contiguous())
+
+        def write(done: int, n: int) -> None:
+            end = done + n
+            while done < end:
+                data = _host_bytes(next(pieces))
+                crcs = self._checksum(at + done, len(data), lambda a, m, data=data: zlib.crc32(data[a:a + m]))
+                _pwrite_all(fd, [data], at + done)
+                self._add_crcs(crcs, backlog=0)
+                done += len(data)
+
+        self._in_steps(fd, at, tensor.numel() * tensor.element_size(), write)
 
     def copy(self, name: str, span: FileSpan) -> None:
         """Write ``name`` from the bytes of ``span`` (a range of another file), copied inside the kernel."""

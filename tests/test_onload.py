@@ -4,6 +4,7 @@ GPU has room: the checkpoint is the same byte for byte whether it moved them, di
 from __future__ import annotations
 
 import threading
+import zlib
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,58 @@ def test_a_packed_export_moved_ahead_is_the_one_packed_in_turn(name, tmp_path, m
     oe.save_clean(model, tmp_path / "moved", format="modelopt", device="cuda")
     assert len(moved) >= 14 and "offload-export-writer" in copied_in  # every packed linear's weight
     assert _files(tmp_path / "moved") == _files(tmp_path / "kept")
+
+
+@pytest.mark.parametrize("megabytes", [16, 40])
+def test_a_large_gpu_tensor_is_streamed_to_its_file_and_checksummed(megabytes, tmp_path, monkeypatch):
+    """Pieces of 16 MiB through pinned buffers, a partial last one, beside CPU tensors of the same batch: the file
+    is safetensors' own and its CRC-32 the file's, with the checksums beside the writes in other threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.torch import save_file
+
+    from offload_export import writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "STREAMED", 1 << 20)
+    torch.manual_seed(0)
+    big = torch.randn(megabytes << 18, device="cuda").view(-1, 1024)[:-3]  # not a whole number of pieces
+    items = [("a", torch.randn(7, 5)), ("big", big), ("c", torch.randn(300, 3, device="cuda"))]
+    specs = [writer_mod.TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in items]
+    pieces, real = [], writer_mod.host_pieces
+
+    def spy(t):
+        for piece in real(t):
+            pieces.append(piece.numel())
+            yield piece
+
+    monkeypatch.setattr(writer_mod, "host_pieces", spy)
+    with ThreadPoolExecutor(2) as pool:
+        w = writer_mod.ShardWriter(str(tmp_path / "out.safetensors"), specs, {"format": "pt"}, checksums=pool)
+        w.write_many(items)
+    save_file({k: v.cpu() for k, v in items}, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    data = (tmp_path / "out.safetensors").read_bytes()
+    assert data == (tmp_path / "ref.safetensors").read_bytes() and w.crc32 == zlib.crc32(data)
+    assert sum(pieces) == big.numel() * 4 and max(pieces) == 16 << 20
+
+
+def test_a_resident_gpu_embedding_is_written_from_the_gpu_and_held_by_no_lease(tmp_path, monkeypatch):
+    """The model's own GPU tensor, unchanged by the format, goes to the writer as it is: never copied whole to the
+    host, not counted in the read-ahead's host budget, and the checkpoint is the one written through the host."""
+    from offload_export import writer as writer_mod
+    from offload_export.job import prepare_job
+
+    model = make_model("llama_untied", dtype=torch.bfloat16).cuda()
+    oe.quantize_weights(model, "int8")
+    oe.save_clean(model, tmp_path / "expected")
+    for module in (pipeline, writer_mod):
+        monkeypatch.setattr(module, "STREAMED", 1024)  # the tiny model's embedding and lm_head
+    job = prepare_job(model, tmp_path / "unused", check_out=False)
+    reader = job.reader()
+    unit = next(u for u in job.plan.units if "model.embed_tokens.weight" in u.sources)
+    assert reader.streamed(unit) == {"model.embed_tokens.weight"} and reader.held_bytes(unit) == 0
+    streamed = []
+    real = writer_mod.host_pieces
+    monkeypatch.setattr(writer_mod, "host_pieces", lambda t: streamed.append(t.data_ptr()) or real(t))
+    oe.save_clean(model, tmp_path / "out")
+    assert model.model.embed_tokens.weight.data_ptr() in streamed
+    assert _files(tmp_path / "out") == _files(tmp_path / "expected")

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Step", "clone_module", "shared_input_groups"]
+__all__ = ["Step", "clone_module", "meta_like", "shared_input_groups"]
 
 # instance attributes that accelerate's add_hook_to_module puts on a module
 _HOOK_ATTRS = frozenset({"_hf_hook", "_old_forward", "forward"})
@@ -71,6 +71,13 @@ def clone_module(module: nn.Module, tensors: dict[str, torch.Tensor] | None = No
     return new
 
 
+def meta_like(t: torch.Tensor) -> torch.Tensor:
+    """A meta tensor of ``t``'s shape, strides and dtype. ``torch.empty_like(t, device="meta")`` makes the same through
+    torch's Python reference code when ``t`` is meta (an offloaded weight): tens of microseconds a call, for every
+    quantized module at the export's start."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
 def _copy_tensor(t: torch.Tensor | None, device: torch.device | None,
                  memo: dict[int, object] | None = None) -> torch.Tensor | None:
     if t is None:
@@ -80,7 +87,7 @@ def _copy_tensor(t: torch.Tensor | None, device: torch.device | None,
         return copied
     t = t.detach()
     if t.is_meta:
-        return torch.empty_like(t, device="meta")
+        return meta_like(t)
     return t.to(device, copy=True) if device is not None else t.clone()
 
 

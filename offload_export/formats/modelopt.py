@@ -39,7 +39,7 @@ from .._store import read_store
 from .._transfer import small_to_host, to_device, to_host
 from ..materialize import onloaded, same_bits
 from ..toolkits import require_toolkit
-from ._modelopt_replay import Step, clone_module, group_weight_amax, shared_input_groups
+from ._modelopt_replay import Step, clone_module, group_weight_amax, meta_like, shared_input_groups
 from .base import Format, Source, StateDict, register_format
 
 __all__ = ["HF_QUANT_CONFIG_NAME", "ModelOpt", "ModelOptPacker"]
@@ -140,7 +140,7 @@ def _host_copies(modules: list[nn.Module]) -> dict[int, object]:
 def _meta_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     own = {**{k: v for k, v in module._parameters.items() if v is not None},
            **{k: v for k, v in module._buffers.items() if v is not None}}
-    return {k: torch.empty_like(v, device="meta") for k, v in own.items()}
+    return {k: meta_like(v) for k, v in own.items()}
 
 
 class ModelOptPacker:
@@ -424,7 +424,7 @@ class ModelOptPacker:
                     out[key] = meta[key]
             out.update(self._quantizer_outputs(q))
         for name, t in self.kv.get(module, {}).items():
-            out[name] = torch.empty_like(t, device="meta")
+            out[name] = meta_like(t)
         return self._hub_names(out)
 
     def _packed_specs(self, q: _Quantized, weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -451,12 +451,12 @@ class ModelOptPacker:
             block = s.weight_quantizer.block_sizes[-1]
             out[p + "weight_scale"] = meta((rows, cols // block), torch.float8_e4m3fn)
         else:
-            out[p + "weight_scale"] = _like(get_weight_scaling_factor(s))
+            out[p + "weight_scale"] = meta_like(get_weight_scaling_factor(s))
         iq = s.input_quantizer
         if iq is not None and "disabled" not in repr(iq) and iq.amax is not None:
-            out[p + "input_scale"] = _like(get_activation_scaling_factor(s).squeeze())
+            out[p + "input_scale"] = meta_like(get_activation_scaling_factor(s).squeeze())
         if fmt in ("nvfp4", "nvfp4_awq", "w4a16_nvfp4", "w4a8_awq"):
-            out[p + "weight_scale_2"] = _like(get_weight_scaling_factor_2(s).squeeze())
+            out[p + "weight_scale_2"] = meta_like(get_weight_scaling_factor_2(s).squeeze())
         return out
 
     def _quantizer_outputs(self, q: _Quantized) -> dict[str, torch.Tensor]:
@@ -468,7 +468,7 @@ class ModelOptPacker:
             for key, value in child.state_dict().items():
                 name, value = _postprocess_single_tensor(f"{q.name}.{attr}.{key}", value, _KV_MAX_BOUND, None)
                 if name is not None:
-                    out[name] = _like(value)
+                    out[name] = meta_like(value)
         return out
 
     def pack(self, module: str, values: dict[str, torch.Tensor], device: torch.device | None = None,
@@ -625,7 +625,7 @@ class ModelOptPacker:
                           f"{ {p: tuple(t.shape) for p, t in one.items()} }) while planning format='modelopt'; its "
                           f"export_hf_checkpoint of the resident model fails the same way")
             raise
-        return {name.replace(f"{x.name}.{e}.", _EXPERT, 1): _like(t) for name, t in packed.items()}
+        return {name.replace(f"{x.name}.{e}.", _EXPERT, 1): meta_like(t) for name, t in packed.items()}
 
     def _pack_experts(self, x: _Experts, values: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
         """Run time: a stack of experts at a time where :meth:`_batchable` (checked against ModelOpt's own export of
@@ -1202,10 +1202,6 @@ def _checked(spec, out: StateDict, module: str) -> torch.Tensor:
                            f"{tuple(spec.shape)} (outputs: {sorted(out)}); please report this with the model's "
                            f"quantization config")
     return t
-
-
-def _like(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
 
 
 def _input_device(model: nn.Module) -> torch.device:

@@ -12,7 +12,7 @@ kept per thread and device (2 x 16 MiB pinned each, held by torch's pinned-memor
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -102,22 +102,25 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def host_pieces(t: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The bytes of ``t`` (a contiguous GPU tensor), 16 MiB at a time, each in one of the pinned buffers (uint8): a
-    piece is valid until the generator is resumed, while the copy of the next one runs. A writer streams a large GPU
-    tensor to a file this way without a host copy of the whole tensor."""
-    buffers, events, stream = _staging(t.device)
-    src, pieces = _bytes(t), list(_chunks(t.numel() * t.element_size()))
+def host_pieces(tensors: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The bytes of ``tensors`` (contiguous, on one GPU) in order, each tensor cut into 16 MiB pieces from its start,
+    each piece in one of the pinned buffers (uint8). A piece is valid until the generator is resumed; the copy of
+    the next one (of the same tensor or the next) runs meanwhile. A writer streams GPU tensors to a file this way,
+    without a host copy of any of them."""
+    if not tensors:
+        return
+    buffers, events, stream = _staging(tensors[0].device)
+    pieces = [(_bytes(t), a, b) for t in tensors for _, (a, b) in _chunks(t.numel() * t.element_size())]
 
     def start(i: int) -> None:
-        k, (a, b) = i % 2, pieces[i][1]
+        src, a, b = pieces[i]
         with torch.cuda.stream(stream):
-            buffers[k][:b - a].copy_(src[a:b], non_blocking=True)
-            events[k].record(stream)
+            buffers[i % 2][:b - a].copy_(src[a:b], non_blocking=True)
+            events[i % 2].record(stream)
 
     if pieces:
         start(0)
-    for i, (a, b) in pieces:
+    for i, (_, a, b) in enumerate(pieces):
         if i + 1 < len(pieces):
             start(i + 1)  # into the other buffer, which the caller gave back by resuming
         events[i % 2].synchronize()

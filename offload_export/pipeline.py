@@ -23,12 +23,12 @@ from ._errors import add_note
 from ._hooks import offloaded_tensors
 from ._process import quick_switching
 from ._store import FileSpan, read_store, store_span
-from ._transfer import indexed, to_device, to_host
+from ._transfer import indexed, small_to_host, to_device, to_host
 from .formats import Format, Source
 from .layout import TensorInfo
 from .materialize import onloaded
 from .plan import Unit
-from .writer import STREAMED
+from .writer import STREAMED, streams
 
 __all__ = ["UnitReader", "run_units", "usable_cores"]
 
@@ -79,14 +79,15 @@ class UnitReader:
         """Memory a unit holds from its read until its outputs are written: the larger of what reading its
         sources allocates (:meth:`read_bytes`) and its outputs (passed-through file spans and :meth:`streamed`
         tensors excluded)."""
-        spans = {k for k in unit.sources if self.lay[k].kind != "resident" and self._passed_through(unit, k) is not None}
-        outputs = sum(spec.nbytes for spec in unit.outputs if spec.name not in spans | self.streamed(unit))
+        left = {k for k in unit.sources if self.lay[k].kind != "resident" and self._passed_through(unit, k) is not None}
+        left |= self.streamed(unit)
+        outputs = sum(spec.nbytes for spec in unit.outputs if spec.name not in left)
         return max(self.read_bytes(unit), outputs)
 
     def streamed(self, unit: Unit) -> set[str]:
         """The unit's outputs that are the model's own GPU memory, handed to the writer as they are (it streams them
         to the file through pinned buffers, never a host copy of the whole tensor): resident GPU tensors the format
-        leaves unchanged, of at least :data:`~offload_export.writer.STREAMED` bytes (the embedding)."""
+        leaves unchanged, of at least :data:`~offload_export.writer.STREAMED` bytes (a resident embedding)."""
         return {k for k in unit.sources if (info := self.lay[k]).kind == "resident" and info.device.type == "cuda"
                 and info.nbytes >= STREAMED and self.format.unchanged(unit, k)}
 
@@ -299,36 +300,34 @@ class _Lease:
 
 class _Onloaded:
     """One unit whose sources the read-ahead moved to a GPU, holding its lease on the lane's device budget until its
-    outputs (left on the GPU) are copied to the host by the consumer."""
+    outputs (left on the GPU) are written: the writer streams the large ones from the GPU, the consumer copies the
+    small ones to the host."""
 
-    __slots__ = ("keys", "_lease", "_made", "_kept")
+    __slots__ = ("keys", "_lease", "_made")
 
     def __init__(self, keys: tuple[str, ...], lease: _Lease):
         self.keys, self._lease = keys, lease
         self._made: list[torch.cuda.Event] = []
-        self._kept: set[str] = set()
 
     def adopt(self, raw: dict[str, torch.Tensor]) -> None:
         """Hand the moved tensors to this thread's streams: their memory is reused only after work queued there."""
         for k in self.keys:
             raw[k].record_stream(torch.cuda.current_stream(raw[k].device))
 
-    def made(self, outputs: dict, kept: set[str]) -> None:
-        """Mark the end of the work that makes ``outputs`` on each of their GPUs' current streams (this thread's);
-        those named in ``kept`` (:meth:`UnitReader.streamed`) stay on their GPU for the writer."""
-        self._kept = kept
+    def made(self, outputs: dict) -> None:
+        """Mark the end of the work that makes ``outputs`` on each of their GPUs' current streams (this thread's)."""
         for device in {t.device for t in outputs.values() if isinstance(t, torch.Tensor) and t.is_cuda}:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
             self._made.append(event)
 
     def to_host(self, outputs: dict) -> None:
-        """Replace ``outputs``' GPU tensors by host copies, once the work that made them is done."""
+        """Once the work that made ``outputs`` is done, replace those the writer does not stream from their GPU
+        (:func:`~offload_export.writer.streams`) by host copies, made together (:func:`small_to_host`)."""
         for event in self._made:
             event.synchronize()
-        for k, t in outputs.items():
-            if _on_device(t) and k not in self._kept:
-                outputs[k] = to_host(t)
+        small = [k for k, t in outputs.items() if _on_device(t) and not streams(t)]
+        outputs.update(zip(small, small_to_host([outputs[k] for k in small])))
 
     def release(self) -> None:
         self._lease.release()
@@ -479,12 +478,12 @@ def _lane(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _Budget
                             onloaded.adopt(raw)
                         outputs = reader.finish(unit, raw)
                         del raw  # the sources die right after the fold
-                        kept = reader.streamed(unit)
                         if onloaded is None:
+                            kept = reader.streamed(unit)
                             outputs = {k: to_host(t) if _on_device(t) and k not in kept else t
                                        for k, t in outputs.items()}
                         else:
-                            onloaded.made(outputs, kept)
+                            onloaded.made(outputs)
                         handoff.put((unit, outputs, onloaded, lease))
                         onloaded = lease = None
                         del outputs

@@ -36,7 +36,8 @@ import torch
 from ._store import SAFETENSORS_DTYPES, FileSpan, open_regular
 from ._transfer import host_pieces
 
-__all__ = ["Descriptors", "FileSpan", "ShardWriter", "TensorSpec", "crc32_combine", "range_crc32", "safetensors_layout"]
+__all__ = ["Descriptors", "FileSpan", "ShardWriter", "TensorSpec", "crc32_combine", "range_crc32", "safetensors_layout",
+           "streams"]
 
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _DEFAULT_MAX_OPEN = 64
@@ -45,7 +46,7 @@ _WRITE_CALL = 512 << 10  # bytes per pwritev (see _pwrite_all)
 _IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
 _CRC_BESIDE = 256 << 10  # pieces from this size on are checksummed in other threads while being written
 _CRC_BACKLOG = 64 << 20  # bytes whose checksum may still be pending (their buffers kept alive until then)
-STREAMED = 64 << 20  # a GPU tensor from this size on is written through pinned buffers, never copied whole to the host
+STREAMED = 1 << 20  # a GPU tensor from this size on is written through pinned buffers, never copied whole to the host
 _CRC_PIECE = 16 << 20  # ... in parts of this size, one per task: zlib's CRC-32 runs at 2-3 GB/s per core
 # safetensors lays tensors out by its ``Dtype`` enum, descending, then by name (not by element size: BF16
 # comes before F16, F32 before U32 and I32, F8_E4M3 before I8 and U8)
@@ -325,8 +326,9 @@ def _host_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(array).cast("B")
 
 
-def _streamed(t: torch.Tensor | FileSpan) -> bool:
-    """Whether the writer streams ``t`` from its GPU (:meth:`ShardWriter._stream`)."""
+def streams(t: torch.Tensor | FileSpan) -> bool:
+    """Whether :meth:`ShardWriter.write_many` streams ``t`` from its GPU (a GPU tensor of at least
+    :data:`STREAMED` bytes), rather than copying it to the host first."""
     return isinstance(t, torch.Tensor) and t.is_cuda and t.numel() * t.element_size() >= STREAMED
 
 
@@ -403,6 +405,7 @@ class ShardWriter:
         self._lock = threading.RLock()
         self._unadvised: list[tuple[int, int]] = []  # (offset, length) written since writeback was last started
         self._unadvised_bytes = 0
+        self._advising: Future | None = None  # the last writeback started in a checksum thread
 
     # -- descriptors
     def _open_locked(self) -> int:
@@ -421,6 +424,7 @@ class ShardWriter:
         """Close the descriptor (evicted, aborted); the data already written stays in the page cache."""
         with self._lock:
             if self._fd >= 0:
+                self._settle_advice()  # it holds the number of the descriptor, which another file may get next
                 fd, self._fd = self._fd, -1
                 os.close(fd)
 
@@ -460,17 +464,16 @@ class ShardWriter:
         spans = [(name, t) for name, t in items if isinstance(t, FileSpan)]
         for name, span in spans:
             self.copy(name, span)
-        streamed = [(name, t) for name, t in items if _streamed(t)]
+        streamed = sorted(((self._offsets[name], name, t) for name, t in items if streams(t)), key=lambda e: e[0])
         tensors = sorted(((self._offsets[name], name, _host_bytes(t)) for name, t in items
-                          if not isinstance(t, FileSpan) and not _streamed(t)), key=lambda e: e[0])
+                          if not isinstance(t, FileSpan) and not streams(t)), key=lambda e: e[0])
         if not tensors and not streamed:
             return
         self._pool._use(self)  # before taking our lock: it may close other writers' files
         with self._lock:
             fd = self._open_locked()
-            for name, t in streamed:
-                self._stream(fd, self._offsets[name], t)
-                self._wrote(name)
+            for device in dict.fromkeys(t.device for *_, t in streamed):
+                self._stream(fd, [(at, name, t) for at, name, t in streamed if t.device == device])
             for at, buffers in _runs([t for t in tensors if len(t[2])]):  # an empty tensor has no bytes to place
                 ends = list(itertools.accumulate(len(b) for b in buffers))
                 nbytes = ends[-1]
@@ -484,12 +487,14 @@ class ShardWriter:
             for _, name, _ in tensors:
                 self._wrote(name)
 
-    def _stream(self, fd: int, at: int, tensor: torch.Tensor) -> None:
-        """Write a large GPU tensor at ``at`` through pinned buffers (:func:`host_pieces`), each 16 MiB piece
-        checksummed beside its write and released (the generator resumed) only when both are done; hold ``_lock``."""
-        pieces = host_pieces(tensor.detach().contiguous())
+    def _stream(self, fd: int, items: list[tuple[int, str, torch.Tensor]]) -> None:
+        """Write GPU tensors (``(offset, name, tensor)``, on one device) through pinned buffers (:func:`host_pieces`):
+        each 16 MiB piece is checksummed beside its write and released (the generator resumed) only when both are
+        done, while the next piece is copied; hold ``_lock``."""
+        tensors = [t.detach().contiguous() for *_, t in items]
+        pieces = host_pieces(tensors)
 
-        def write(done: int, n: int) -> None:
+        def write(at: int, done: int, n: int) -> None:
             end = done + n
             while done < end:
                 data = _host_bytes(next(pieces))
@@ -498,7 +503,9 @@ class ShardWriter:
                 self._add_crcs(crcs, backlog=0)
                 done += len(data)
 
-        self._in_steps(fd, at, tensor.numel() * tensor.element_size(), write)
+        for (at, name, _), t in zip(items, tensors):
+            self._in_steps(fd, at, t.numel() * t.element_size(), lambda done, n, at=at: write(at, done, n))
+            self._wrote(name)
 
     def copy(self, name: str, span: FileSpan) -> None:
         """Write ``name`` from the bytes of ``span`` (a range of another file), copied inside the kernel."""
@@ -533,9 +540,24 @@ class ShardWriter:
             self._unadvised.append((offset + done, n))
             self._unadvised_bytes += n
             if self._unadvised_bytes >= _WRITEBACK_STEP:
-                for at, m in _merged(self._unadvised):
-                    _advise_writeback(fd, at, m)
+                self._advise(fd, _merged(self._unadvised))
                 self._unadvised, self._unadvised_bytes = [], 0
+
+    def _advise(self, fd: int, ranges: list[tuple[int, int]]) -> None:
+        """Start the writeback of ``ranges`` (:func:`_advise_writeback`): in a checksum thread when there are any,
+        so that the kernel's work of starting it runs beside the next writes, else here; hold ``_lock``."""
+        if self._checksums is None:
+            for at, n in ranges:
+                _advise_writeback(fd, at, n)
+            return
+        self._settle_advice()
+        self._advising = self._checksums.submit(lambda: [_advise_writeback(fd, at, n) for at, n in ranges])
+
+    def _settle_advice(self) -> None:
+        """Wait for the writeback started in a checksum thread to be under way (a hint: its failure is ignored)."""
+        if self._advising is not None:
+            wait([self._advising])
+            self._advising = None
 
     def _checksum(self, at: int, nbytes: int, crc_of: Callable[[int, int], int]
                   ) -> list[tuple[int, int, Future | int]]:

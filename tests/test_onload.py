@@ -22,23 +22,28 @@ def _files(out: Path) -> dict[str, bytes]:
 
 
 def _moved_by_the_reader(monkeypatch) -> tuple[list[int], list[str]]:
-    """Bytes of each tensor the read-ahead thread moves to a GPU, and the threads that copy outputs to the host."""
+    """Bytes of each tensor the read-ahead thread moves to a GPU, and the thread that brings each GPU output off it
+    (copied to the host, alone or with other small ones, or streamed to its file by the writer)."""
+    from offload_export import writer as writer_mod
+
     moved: list[int] = []
     copied_in: list[str] = []
-    to_device, to_host = pipeline.to_device, pipeline.to_host
+    to_device, to_host, small_to_host, host_pieces = (pipeline.to_device, pipeline.to_host, pipeline.small_to_host,
+                                                      writer_mod.host_pieces)
 
     def spy_in(t, device):
         if threading.current_thread().name == "offload-export-reader":
             moved.append(t.nbytes)
         return to_device(t, device)
 
-    def spy_out(t):
-        if t.is_cuda:
-            copied_in.append(threading.current_thread().name)
-        return to_host(t)
+    def seen(tensors):
+        copied_in.extend(threading.current_thread().name for t in tensors if t.is_cuda)
+        return tensors
 
     monkeypatch.setattr(pipeline, "to_device", spy_in)
-    monkeypatch.setattr(pipeline, "to_host", spy_out)
+    monkeypatch.setattr(pipeline, "to_host", lambda t: to_host(seen([t])[0]))
+    monkeypatch.setattr(pipeline, "small_to_host", lambda ts: small_to_host(seen(ts)))
+    monkeypatch.setattr(writer_mod, "host_pieces", lambda ts: host_pieces(seen(ts)))
     return moved, copied_in
 
 
@@ -51,7 +56,7 @@ def _model(kind: str, tmp: Path):
 @pytest.mark.parametrize("kind", ["cpu_offload", "disk_offload"])
 @pytest.mark.parametrize("stream", [False, True], ids=["default-stream", "own-stream"])
 def test_moving_ahead_gives_the_same_checkpoint_as_not_moving(kind, stream, tmp_path, monkeypatch):
-    """Outputs of a unit moved ahead are copied to the host by the writer thread, the others' by the fold's; on the
+    """Outputs of a unit moved ahead are brought to the host by the writer thread, the others' by the fold's; on the
     export's own stream too (the moved tensors' memory is handed to it, the writer waits for its work)."""
     model = _model(kind, tmp_path)
     with monkeypatch.context() as m:
@@ -124,23 +129,24 @@ def test_a_packed_export_moved_ahead_is_the_one_packed_in_turn(name, tmp_path, m
 
 @pytest.mark.parametrize("megabytes", [16, 40])
 def test_a_large_gpu_tensor_is_streamed_to_its_file_and_checksummed(megabytes, tmp_path, monkeypatch):
-    """Pieces of 16 MiB through pinned buffers, a partial last one, beside CPU tensors of the same batch: the file
-    is safetensors' own and its CRC-32 the file's, with the checksums beside the writes in other threads."""
+    """Pieces of 16 MiB through pinned buffers, a partial last one, then the next GPU tensors (one of them not
+    contiguous), beside CPU and small GPU tensors of the same batch: the file is safetensors' own and its CRC-32 the
+    file's, with the checksums beside the writes in other threads."""
     from concurrent.futures import ThreadPoolExecutor
 
     from safetensors.torch import save_file
 
     from offload_export import writer as writer_mod
 
-    monkeypatch.setattr(writer_mod, "STREAMED", 1 << 20)
     torch.manual_seed(0)
     big = torch.randn(megabytes << 18, device="cuda").view(-1, 1024)[:-3]  # not a whole number of pieces
-    items = [("a", torch.randn(7, 5)), ("big", big), ("c", torch.randn(300, 3, device="cuda"))]
+    items = [("a", torch.randn(7, 5)), ("big", big), ("c", torch.randn(300, 3, device="cuda")),
+             ("d", torch.randn(3 << 18, device="cuda")), ("e", torch.randn(3, 1 << 18, device="cuda").T)]
     specs = [writer_mod.TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in items]
     pieces, real = [], writer_mod.host_pieces
 
-    def spy(t):
-        for piece in real(t):
+    def spy(tensors):
+        for piece in real(tensors):
             pieces.append(piece.numel())
             yield piece
 
@@ -148,11 +154,11 @@ def test_a_large_gpu_tensor_is_streamed_to_its_file_and_checksummed(megabytes, t
     with ThreadPoolExecutor(2) as pool:
         w = writer_mod.ShardWriter(str(tmp_path / "out.safetensors"), specs, {"format": "pt"}, checksums=pool)
         w.write_many(items)
-    save_file({k: v.cpu() for k, v in items}, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    save_file({k: v.cpu().contiguous() for k, v in items}, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
     data = (tmp_path / "out.safetensors").read_bytes()
     assert data == (tmp_path / "ref.safetensors").read_bytes() and w.crc32 == zlib.crc32(data)
     full, rest = divmod(big.numel() * 4, 16 << 20)
-    assert pieces == [16 << 20] * full + [rest] * (rest > 0)
+    assert pieces == [16 << 20] * full + [rest] * (rest > 0) + [3 << 20] * 2  # "c" was copied to the host
 
 
 def test_a_resident_gpu_embedding_is_written_from_the_gpu_and_held_by_no_lease(tmp_path, monkeypatch):
@@ -172,7 +178,7 @@ def test_a_resident_gpu_embedding_is_written_from_the_gpu_and_held_by_no_lease(t
     assert reader.streamed(unit) == {"model.embed_tokens.weight"} and reader.held_bytes(unit) == 0
     streamed = []
     real = writer_mod.host_pieces
-    monkeypatch.setattr(writer_mod, "host_pieces", lambda t: streamed.append(t.data_ptr()) or real(t))
+    monkeypatch.setattr(writer_mod, "host_pieces", lambda ts: streamed.extend(t.data_ptr() for t in ts) or real(ts))
     oe.save_clean(model, tmp_path / "out")
     assert model.model.embed_tokens.weight.data_ptr() in streamed
     assert _files(tmp_path / "out") == _files(tmp_path / "expected")

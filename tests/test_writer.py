@@ -13,6 +13,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -248,6 +249,35 @@ def test_the_writeback_of_small_tensors_starts_every_64_mib_of_them(tmp_path, mo
     assert advised[-1][0] + advised[-1][1] >= 36 * 1000 - 4096  # the last 4 tensors are left to the fsync
     save_file(tensors, str(tmp_path / "ref.safetensors"))
     assert (tmp_path / "m.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_with_checksum_threads_the_writeback_starts_in_one_before_its_descriptor_closes(tmp_path, monkeypatch):
+    """The kernel's work of starting the writeback runs beside the next writes, in a checksum thread; the descriptor
+    is closed only after it (its number could name another file by then)."""
+    import time
+
+    advised = []
+    real = writer_mod.os.posix_fadvise
+
+    def slow(fd, at, n, how):
+        time.sleep(0.01)
+        advised.append((threading.current_thread().name, os.fstat(fd).st_ino))
+        return real(fd, at, n, how)
+
+    monkeypatch.setattr(writer_mod.os, "posix_fadvise", slow)
+    monkeypatch.setattr(writer_mod, "_WRITEBACK_STEP", 8192)
+    tensors = {f"expert{i:02}": torch.full((1000,), i, dtype=torch.uint8) for i in range(40)}
+    path = tmp_path / "m.safetensors"
+    with ThreadPoolExecutor(1, thread_name_prefix="crc") as pool:
+        w = ShardWriter(str(path), [TensorSpec(n, v.dtype, tuple(v.shape)) for n, v in tensors.items()],
+                        checksums=pool)
+        for n, v in tensors.items():
+            w.write(n, v)
+        w.close()
+    assert len(advised) == 40 * 1000 // 9000
+    assert all(name.startswith("crc") and ino == path.stat().st_ino for name, ino in advised)
+    save_file(tensors, str(tmp_path / "ref.safetensors"))
+    assert path.read_bytes() == (tmp_path / "ref.safetensors").read_bytes() and w.crc32 == zlib.crc32(path.read_bytes())
 
 
 def test_abort_and_missing_tensors_close_the_descriptor(tmp_path):

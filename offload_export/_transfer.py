@@ -132,12 +132,13 @@ def _drain(dst: torch.Tensor, buffers, events, k: int, a: int, b: int) -> None:
     dst[a:b].copy_(buffers[k][:b - a])
 
 
-def small_to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def small_to_host(tensors: list[torch.Tensor], *, non_blocking: bool = False) -> list[torch.Tensor]:
     """``tensors`` with each small one (up to 1 MiB: quantizer state) that is on a GPU replaced by a CPU copy, moved
     together: one copy per device and dtype (of at most 64 MiB); the others as they are.
 
     Each copy from a GPU waits for it: one per tensor, several hundred make a visible part of an export's start.
-    The copies of one batch are views of one storage.
+    The copies of one batch are views of one storage. With ``non_blocking``, the copies (into pinned memory) are
+    only queued on each device's current stream: read them once that stream's work so far is done.
     """
     out = list(tensors)
     batches: dict[tuple[torch.device, torch.dtype], list[list[int]]] = {}
@@ -152,7 +153,8 @@ def small_to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         batches[key][-1].append(i)
         filled[key] += size
     for (_, dtype), index in ((key, batch) for key, each in batches.items() for batch in each):
-        flat = torch.cat([tensors[i].detach().reshape(-1).view(torch.uint8) for i in index]).cpu()
+        flat = torch.cat([tensors[i].detach().reshape(-1).view(torch.uint8) for i in index])
+        flat = flat.to("cpu", non_blocking=non_blocking)
         for i, piece in zip(index, flat.split([tensors[i].numel() * dtype.itemsize for i in index])):
             out[i] = piece.view(dtype).view(tensors[i].shape)
     return out

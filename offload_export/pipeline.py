@@ -300,8 +300,8 @@ class _Lease:
 
 class _Onloaded:
     """One unit whose sources the read-ahead moved to a GPU, holding its lease on the lane's device budget until its
-    outputs (left on the GPU) are written: the writer streams the large ones from the GPU, the consumer copies the
-    small ones to the host."""
+    outputs (left on the GPU) are written: the writer streams the large ones from the GPU; the small ones are copied
+    to the host together, queued behind the work that makes them."""
 
     __slots__ = ("keys", "_lease", "_made")
 
@@ -315,19 +315,21 @@ class _Onloaded:
             raw[k].record_stream(torch.cuda.current_stream(raw[k].device))
 
     def made(self, outputs: dict) -> None:
-        """Mark the end of the work that makes ``outputs`` on each of their GPUs' current streams (this thread's)."""
-        for device in {t.device for t in outputs.values() if isinstance(t, torch.Tensor) and t.is_cuda}:
+        """Queue the copies to the host of ``outputs``' GPU tensors the writer does not stream
+        (:func:`~offload_export.writer.streams`; :func:`small_to_host`), then mark the end of that work on each of
+        their GPUs' current streams (this thread's)."""
+        small = [k for k, t in outputs.items() if _on_device(t) and not streams(t)]
+        devices = {t.device for t in outputs.values() if isinstance(t, torch.Tensor) and t.is_cuda}
+        outputs.update(zip(small, small_to_host([outputs[k] for k in small], non_blocking=True)))
+        for device in devices:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
             self._made.append(event)
 
-    def to_host(self, outputs: dict) -> None:
-        """Once the work that made ``outputs`` is done, replace those the writer does not stream from their GPU
-        (:func:`~offload_export.writer.streams`) by host copies, made together (:func:`small_to_host`)."""
+    def wait(self) -> None:
+        """Wait for the work that makes the outputs and their copies to the host (:meth:`made`)."""
         for event in self._made:
             event.synchronize()
-        small = [k for k, t in outputs.items() if _on_device(t) and not streams(t)]
-        outputs.update(zip(small, small_to_host([outputs[k] for k in small])))
 
     def release(self) -> None:
         self._lease.release()
@@ -502,15 +504,15 @@ def _lane(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _Budget
 
 
 def _consume(consume: Callable[[Unit, dict], None], run: _Run, handoff: queue.Queue) -> None:
-    """The consumer thread: copy each unit's outputs left on a GPU to the host and ``consume`` them, in arrival
-    order, releasing its leases whatever happens."""
+    """The consumer thread: wait for the work that makes each unit's outputs left on a GPU and ``consume`` them, in
+    arrival order, releasing its leases whatever happens."""
     while (item := handoff.get()) is not _DONE:
         unit, outputs, onloaded, lease = item
         del item
         try:
             if not run.stop.is_set():
                 if onloaded is not None:
-                    onloaded.to_host(outputs)
+                    onloaded.wait()
                 consume(unit, outputs)
         except BaseException as e:
             run.fail(e)

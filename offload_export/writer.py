@@ -47,7 +47,7 @@ _IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
 _CRC_BESIDE = 256 << 10  # pieces from this size on are checksummed in other threads while being written
 _CRC_BACKLOG = 64 << 20  # bytes whose checksum may still be pending (their buffers kept alive until then)
 STREAMED = 1 << 20  # a GPU tensor from this size on is written through pinned buffers, never copied whole to the host
-_CRC_PIECE = 16 << 20  # ... in parts of this size, one per task: zlib's CRC-32 runs at 2-3 GB/s per core
+_CRC_PIECE = 4 << 20  # ... in parts of this size, one per task: zlib's CRC-32 runs at 2-3 GB/s per core
 # safetensors lays tensors out by its ``Dtype`` enum, descending, then by name (not by element size: BF16
 # comes before F16, F32 before U32 and I32, F8_E4M3 before I8 and U8)
 _LAYOUT_ORDER = ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E8M0", "F8_E4M3",

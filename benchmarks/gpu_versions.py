@@ -10,8 +10,9 @@ imported afresh from each before its export. Seconds, TTFB, x floor per version 
 innermost frame and innermost frame of offload_export, counted every 5 ms during the first round, over the whole
 export (``stacks``) and before its first byte (``stacks_before_first_byte``; the main thread's samples in time order:
 ``main_before_first_byte``). Each row also holds the disk's busy fraction before and after the first byte
-(:func:`gpu_big.timed`); ``--disk`` adds its timeline (``disk``: per 100 ms, MB written to the disk and the fraction
-of the time it had a request in flight).
+(:func:`gpu_big.timed`) and the collector's passes (``gc``); with ``--sample``, ``stalls``: where the sampler
+could not run for 100 ms or more, with each thread's stack before and after. ``--disk`` adds the disk's timeline
+(``disk``: per 100 ms, MB written to the disk and the fraction of the time it had a request in flight).
 
 Usage (GPU machine, modelopt installed):
     python benchmarks/gpu_versions.py [--shape 4b --table NVFP4_DEFAULT_CFG] [--rounds 2] [--sample] DIR [DIR ...]
@@ -20,6 +21,7 @@ Usage (GPU machine, modelopt installed):
 import argparse
 import collections
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -86,6 +88,20 @@ class Sampler:
                 counts[name][key] += 1
         return {name: c.most_common(n) for name, c in counts.items() if sum(c.values()) > 20}
 
+    def stalls(self, since: float, until: float, min_ms: float = 100.0) -> list:
+        """Where the sampler itself could not run for ``min_ms`` or more (another thread held the GIL, or the
+        process stood still): ``[start ms, end ms, {thread: [stack before, stack after]}]``."""
+        ticks: dict[float, dict[str, str]] = {}
+        for t, name, key in self.samples:
+            if since <= t < until:
+                ticks.setdefault(t, {})[name] = key
+        times, out = sorted(ticks), []
+        for a, b in zip(times, times[1:]):
+            if (b - a) * 1000 >= min_ms:
+                threads = {n: [ticks[a].get(n), ticks[b].get(n)] for n in {*ticks[a], *ticks[b]}}
+                out.append([round((a - since) * 1000, 1), round((b - since) * 1000, 1), threads])
+        return out
+
     def timeline(self, thread: str, since: float, until: float) -> list:
         """``thread``'s samples between ``since`` and ``until`` as runs of one stack: ``[start ms, end ms, stack]``
         (the gaps between samples show where the sampler waited for the GIL)."""
@@ -99,6 +115,31 @@ class Sampler:
             else:
                 runs.append([ms, ms, key])
         return runs
+
+
+class GcPauses:
+    """The cyclic collector's passes while open (``gc.callbacks``): their total and those of 20 ms or more."""
+
+    def __enter__(self):
+        self.passes: list[tuple[float, int, float]] = []  # (start, generation, seconds)
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+        return self
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.passes.append((self._start, info["generation"], time.perf_counter() - self._start))
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
+
+    def summary(self, since: float) -> dict:
+        """The passes from ``since`` (the export's start; not the benchmark's own ``gc.collect()`` before it)."""
+        passes = [(t, g, s) for t, g, s in self.passes if t >= since]
+        return {"total_ms": round(sum(s for *_, s in passes) * 1000, 1),
+                "over_20ms": [[round((t - since) * 1000, 1), g, round(s * 1000, 1)] for t, g, s in passes if s >= 0.02]}
 
 
 def main() -> None:
@@ -137,8 +178,9 @@ def main() -> None:
                 oe.save_clean(model, work / "o", format=args.format)
 
             try:
-                with sampler:
+                with sampler, GcPauses() as pauses:
                     row.update(timed(export, work / "o"))
+                row["gc"] = pauses.summary(started[0])
                 if not args.disk:
                     del row["disk"]
                 if args.sample and rnd == 0:
@@ -147,6 +189,7 @@ def main() -> None:
                         first_byte = started[0] + row["ttfb_s"]
                         row["stacks_before_first_byte"] = sampler.top(since=started[0], until=first_byte)
                         row["main_before_first_byte"] = sampler.timeline("MainThread", started[0], first_byte)
+                    row["stalls"] = sampler.stalls(started[0], float("inf"))
                 row["x_floor"] = round(row["s"] / floor_s(rates, read, row["written_GB"]), 2)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"

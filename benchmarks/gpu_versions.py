@@ -118,10 +118,13 @@ class Sampler:
 
 
 class GcPauses:
-    """The cyclic collector's passes while open (``gc.callbacks``): their total and those of 20 ms or more."""
+    """The cyclic collector's passes while open (``gc.callbacks``): their total and those of 20 ms or more (start ms,
+    generation, ms, objects collected), and its state when opened (objects frozen, counts, generation 2's size)."""
 
     def __enter__(self):
-        self.passes: list[tuple[float, int, float]] = []  # (start, generation, seconds)
+        self.passes: list[tuple[float, int, float, int]] = []  # (start, generation, seconds, objects collected)
+        self.at_start = {"frozen": gc.get_freeze_count(), "counts": gc.get_count(),
+                         "generation_2": len(gc.get_objects(generation=2))}
         self._start = 0.0
         gc.callbacks.append(self._callback)
         return self
@@ -130,16 +133,18 @@ class GcPauses:
         if phase == "start":
             self._start = time.perf_counter()
         else:
-            self.passes.append((self._start, info["generation"], time.perf_counter() - self._start))
+            self.passes.append((self._start, info["generation"], time.perf_counter() - self._start,
+                                info["collected"]))
 
     def __exit__(self, *exc):
         gc.callbacks.remove(self._callback)
 
     def summary(self, since: float) -> dict:
         """The passes from ``since`` (the export's start; not the benchmark's own ``gc.collect()`` before it)."""
-        passes = [(t, g, s) for t, g, s in self.passes if t >= since]
-        return {"total_ms": round(sum(s for *_, s in passes) * 1000, 1),
-                "over_20ms": [[round((t - since) * 1000, 1), g, round(s * 1000, 1)] for t, g, s in passes if s >= 0.02]}
+        passes = [p for p in self.passes if p[0] >= since]
+        return {"total_ms": round(sum(s for _, _, s, _ in passes) * 1000, 1), "at_start": self.at_start,
+                "over_20ms": [[round((t - since) * 1000, 1), g, round(s * 1000, 1), n] for t, g, s, n in passes
+                              if s >= 0.02]}
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import _atomic
 from ._hooks import offloaded_tensors
-from ._process import old_objects_frozen
+from ._process import no_full_collections
 from .checkpoint import write_metadata, write_weights
 from .fingerprint import fingerprint, plan_facts
 from .job import Job, prepare_job
@@ -102,7 +102,7 @@ def _count_reasons(dropped: dict[str, str]) -> str:
     return ", ".join(f"{n} {r}" for r, n in counts.items()) or "none"
 
 
-@old_objects_frozen  # a full collection would walk the model's objects mid-plan
+@no_full_collections  # a full pass would walk the model's objects mid-plan
 @waits_for_blocks  # another thread's materialized() block would change tensors mid-read
 def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "fake-quant", fold: bool = True,
                max_shard_size: int | str = "5GB", dtype: torch.dtype | str | None = None,

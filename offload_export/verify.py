@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._process import old_objects_frozen
+from ._process import no_full_collections
 from ._store import (SAFETENSORS_DTYPES, CorruptHeader, FileSpan, open_regular, pread_exact, read_safetensors_header,
                      read_store)
 from .checkpoint import SHARD_METADATA, write_model_files
@@ -758,7 +758,7 @@ def check(job: Job, out_dir: Path, *, thorough: bool = False) -> VerifyReport:
     return report
 
 
-@old_objects_frozen  # a full collection would walk the model's objects mid-plan
+@no_full_collections  # a full pass would walk the model's objects mid-plan
 @waits_for_blocks  # another thread's materialized() block would change tensors mid-read
 def verify(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "fake-quant", fold: bool = True,
            dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,

@@ -1,4 +1,5 @@
-"""Process-wide settings of an export: the collector's passes kept off older objects, the process left as it was."""
+"""Process-wide settings of an export: no full pass of the collector, older objects frozen, the process left as it
+was."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from layouts import make_model
 
 import offload_export as oe
-from offload_export._process import old_objects_frozen
+from offload_export._process import no_full_collections
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +32,7 @@ def test_objects_older_than_the_call_are_frozen_new_cycles_still_collected():
     old = _Cycle()
     inside = {}
 
-    @old_objects_frozen
+    @no_full_collections
     def export():
         new = _Cycle()
         gone = weakref.ref(new)
@@ -47,7 +48,7 @@ def test_objects_older_than_the_call_are_frozen_new_cycles_still_collected():
 
 
 def test_the_objects_are_unfrozen_however_the_call_ends():
-    @old_objects_frozen
+    @no_full_collections
     def fails():
         assert gc.get_freeze_count() > 0
         raise KeyboardInterrupt
@@ -62,17 +63,67 @@ def test_objects_the_process_froze_itself_stay_frozen_and_are_not_unfrozen():
     try:
         before = gc.get_freeze_count()
         counts = []
-        old_objects_frozen(lambda: counts.append(gc.get_freeze_count()))()
-        assert counts == [before] and gc.get_freeze_count() == before
+        no_full_collections(lambda: counts.append(gc.get_freeze_count()))()
+        # nothing more frozen, nothing unfrozen (a frozen object may still be freed meanwhile)
+        assert 0 < counts[0] <= before and 0 < gc.get_freeze_count() <= before
     finally:
         gc.unfreeze()
+
+
+def _full_passes(fn) -> int:
+    """The full passes the collector starts by itself while ``fn`` allocates (at low thresholds)."""
+    passes = []
+    callback = lambda phase, info: passes.append(info["generation"]) if phase == "start" else None  # noqa: E731
+    saved = gc.get_threshold()
+    gc.collect()
+    gc.callbacks.append(callback)
+    gc.set_threshold(100, 2, 2)
+    try:
+        fn()
+    finally:
+        gc.set_threshold(*saved)
+        gc.callbacks.remove(callback)
+    return passes.count(2)
+
+
+@pytest.mark.parametrize("frozen_before", [False, True], ids=["nothing-frozen", "process-froze-some"])
+def test_no_full_pass_runs_inside_even_when_the_process_froze_objects_itself(frozen_before):
+    """The allocations that start full passes outside start none inside, also in a process that froze a few objects
+    at start-up (the freeze is then left alone, so it cannot keep the passes short)."""
+    n = len(gc.get_objects()) // 2  # more than a quarter of the long-lived objects
+
+    def allocate():
+        kept = [[] for _ in range(n)]
+        return len(kept)
+
+    if frozen_before:
+        gc.freeze()
+    try:
+        assert _full_passes(allocate) > 0
+        thresholds = []
+        assert _full_passes(no_full_collections(lambda: thresholds.append(gc.get_threshold()) or allocate())) == 0
+        assert thresholds == [(100, 2, 1 << 30)]
+    finally:
+        gc.unfreeze()
+
+
+def test_the_thresholds_are_restored_however_the_call_ends():
+    saved = gc.get_threshold()
+
+    @no_full_collections
+    def fails():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fails()
+    assert gc.get_threshold() == saved
 
 
 def test_overlapping_calls_in_threads_unfreeze_once_the_last_ends():
     first_in, second_done = threading.Event(), threading.Event()
     seen = {}
 
-    @old_objects_frozen
+    @no_full_collections
     def first():
         first_in.set()
         second_done.wait(10)
@@ -81,7 +132,7 @@ def test_overlapping_calls_in_threads_unfreeze_once_the_last_ends():
     thread = threading.Thread(target=first)
     thread.start()
     first_in.wait(10)
-    old_objects_frozen(lambda: None)()
+    no_full_collections(lambda: None)()
     second_done.set()
     thread.join(10)
     assert seen["after the second ended"] > 0 and gc.get_freeze_count() == 0

@@ -99,8 +99,8 @@ _paused = _Shared(_pause_full_passes)
 
 def no_full_collections(fn: Callable[..., _T]) -> Callable[..., _T]:
     """Decorate ``fn`` to run without full passes of the cyclic garbage collector (the third of
-    ``gc.set_threshold``'s thresholds raised; Python 3.14's incremental collector ignores it) and with the objects
-    that exist when it starts moved to the collector's permanent generation (``gc.freeze``) and back when it ends
+    ``gc.set_threshold``'s thresholds, the young passes between two full ones, raised) and with the objects that
+    exist when it starts moved to the collector's permanent generation (``gc.freeze``) and back when it ends
     (``gc.unfreeze``), however it ends.
 
     Objects created while ``fn`` runs are collected as usual by the young passes, cycles included; those that

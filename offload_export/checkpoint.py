@@ -46,7 +46,7 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
     checksums = (ThreadPoolExecutor(max(1, min(4, usable_cores() // 4)), thread_name_prefix="offload-export-crc")
                  if on_shard is not None else None)
     writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, SHARD_METADATA, descriptors=descriptors,
-                                       checksums=checksums) for s in plan.shards}
+                                       checksums=checksums, layout=s.layout(SHARD_METADATA)) for s in plan.shards}
     shard_of = plan.weight_map
 
     def write(unit, outputs):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import os
 import threading
 import zlib
@@ -26,18 +25,13 @@ from ._transfer import small_to_host
 from .checkpoint import SHARD_METADATA
 from .job import Job
 from .layout import Layout
-from .quantizers import Quantizer, json_safe
-from .writer import safetensors_layout
+from .quantizers import Quantizer, json_digest
 
-__all__ = ["canonical_digest", "differing_parts", "fingerprint", "memory_digest", "memory_keys", "plan_facts",
+
+__all__ = ["differing_parts", "fingerprint", "memory_digest", "memory_keys", "plan_facts",
            "quantizer_digests", "source_identity", "tensor_digest"]
 
 _CHUNK = 16 << 20  # bytes of a GPU tensor copied to the CPU at once for hashing
-
-
-def canonical_digest(value) -> str:
-    """sha256 of ``value`` as canonical JSON (sorted keys, no whitespace)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _hash_tensor(h, t: torch.Tensor) -> None:
@@ -71,7 +65,8 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def quantizer_digests(quantizers: Iterable[Quantizer], lay: Layout) -> list[dict]:
-    """Each quantizer's name, role, target, JSON configuration and the sha256 of its state tensors, in name order.
+    """Each quantizer's name, role, target and the sha256 of its JSON configuration and of its state tensors, in name
+    order.
 
     The configuration and tensors are those of the adapter's ``state()`` (what a format writes of it); state on
     the meta device is read from its offload store (``lay``). ``state`` is None where some of it is on the meta
@@ -90,7 +85,7 @@ def quantizer_digests(quantizers: Iterable[Quantizer], lay: Layout) -> list[dict
             tensors[key] = read_store(info.ref.store, info.dtype, info.shape)
         states.append((q, tensors, config))
     on_host = iter(small_to_host([t for _, tensors, _ in states if tensors is not None for t in tensors.values()]))
-    return [{"name": q.name, "role": q.role, "target": q.target, "config": json_safe(config),
+    return [{"name": q.name, "role": q.role, "target": q.target, "config": json_digest(config),
              "state": None if tensors is None else tensor_digest({k: next(on_host) for k in tensors})}
             for q, tensors, config in states]
 
@@ -126,7 +121,7 @@ def plan_facts(job: Job) -> dict:
     tensor's name/dtype/shape and the sha256 of the shard's header bytes), ``folds`` (folded weights),
     ``quantizers`` (:func:`quantizer_digests`), ``sources`` (:func:`source_identity`).
     """
-    shards = [[s.filename, hashlib.sha256(safetensors_layout(s.tensors, SHARD_METADATA)[0]).hexdigest(),
+    shards = [[s.filename, hashlib.sha256(s.layout(SHARD_METADATA)[0]).hexdigest(),
                [[t.name, str(t.dtype), list(t.shape)] for t in s.tensors]] for s in job.plan.shards]
     return {"version": _version(), "format": job.format.name, "device": str(job.device),
             "shards": shards, "folds": sorted(job.folds), "quantizers": quantizer_digests(job.quantizers, job.lay),
@@ -135,7 +130,7 @@ def plan_facts(job: Job) -> dict:
 
 def fingerprint(facts: Mapping) -> str:
     """The sha256 of :func:`plan_facts`' canonical JSON."""
-    return canonical_digest(dict(facts))
+    return json_digest(dict(facts))
 
 
 _PART_NAMES = {"version": "the offload_export version", "format": "the output format",
@@ -203,4 +198,4 @@ def memory_digest(lay: Layout, skip: Iterable[str] = (), *, stop: threading.Even
         digests = list(pool.map(one, keys))
     if stop is not None and stop.is_set():
         return None
-    return canonical_digest(list(zip(keys, digests)))
+    return json_digest(list(zip(keys, digests)))

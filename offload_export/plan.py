@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .layout import Layout
-from .writer import TensorSpec
+from .writer import TensorSpec, safetensors_layout
 
 __all__ = ["ExportPlan", "Shard", "Unit", "parse_size", "plan_export", "select_shards", "shard_specs"]
 
@@ -58,10 +58,19 @@ class Unit:
 class Shard:
     filename: str
     tensors: tuple[TensorSpec, ...]
+    _layouts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    def layout(self, metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int]]:
+        """:func:`~offload_export.writer.safetensors_layout` of the shard's tensors, computed once per ``metadata``: the
+        plan's fingerprint, the resume and the writer all need the header (a MoE's shard has thousands of tensors)."""
+        key = tuple(sorted((metadata or {}).items()))
+        if key not in self._layouts:
+            self._layouts[key] = safetensors_layout(self.tensors, metadata)
+        return self._layouts[key]
 
 
 @dataclass(frozen=True)

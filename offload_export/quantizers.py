@@ -9,6 +9,7 @@ quantizers that follow the ``enabled`` convention (a user's own) are one :func:`
 
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ __all__ = [
     "Quantizer",
     "QuantizerAdapter",
     "find_quantizers",
+    "json_digest",
     "json_safe",
     "module_quantizers",
     "quantizers_disabled",
@@ -246,8 +248,19 @@ def module_quantizers(model: nn.Module, adapter: QuantizerAdapter, is_quantizer)
             yield Quantizer(name, owner, owner_name, role, target, child, adapter, _state_keys(model, name))
 
 
+def _as_json(o: Any) -> Any:
+    return o.model_dump() if hasattr(o, "model_dump") else repr(o)
+
+
 def json_safe(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda o: o.model_dump() if hasattr(o, "model_dump") else repr(o)))
+    """``value`` as JSON reads it back; objects JSON cannot hold become their ``model_dump()`` (pydantic) or ``repr``."""
+    return json.loads(json.dumps(value, default=_as_json))
+
+
+def json_digest(value: Any) -> str:
+    """sha256 of ``value``'s canonical JSON (sorted keys, no whitespace), other objects as :func:`json_safe` has them."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":"), default=_as_json).encode()
+                          ).hexdigest()
 
 
 class ModuleQuantizerAdapter(QuantizerAdapter):

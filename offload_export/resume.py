@@ -41,7 +41,7 @@ from .job import Job
 from .layout import Layout
 from .pipeline import usable_cores
 from .plan import ExportPlan, select_shards
-from .writer import range_crc32, safetensors_layout
+from .writer import range_crc32
 
 try:
     import fcntl
@@ -330,7 +330,7 @@ def remove_journals(folder: Path) -> None:
 
 
 def _shard_sizes(plan: ExportPlan) -> dict[str, int]:
-    return {s.filename: len(safetensors_layout(s.tensors, SHARD_METADATA)[0]) + s.nbytes for s in plan.shards}
+    return {s.filename: len(s.layout(SHARD_METADATA)[0]) + s.nbytes for s in plan.shards}
 
 
 def _verified(tmp: Path, plan: ExportPlan, journals: list[_Journal], threads: int) -> dict[str, int]:

@@ -383,13 +383,15 @@ class ShardWriter:
         metadata: the ``__metadata__`` strings.
         descriptors: the pool that caps open files; a private one of one descriptor by default.
         checksums: where the CRC-32 of each piece is computed (threads beside the writing one); None: no CRC.
+        layout: ``safetensors_layout(specs, metadata)`` when the caller has it already.
     """
 
     def __init__(self, path: str, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None, *,
-                 descriptors: Descriptors | None = None, checksums: Executor | None = None):
+                 descriptors: Descriptors | None = None, checksums: Executor | None = None,
+                 layout: tuple[bytes, dict[str, int]] | None = None):
         self.path = path
         self._specs = {s.name: s for s in specs}
-        self._header, self._offsets = safetensors_layout(specs, metadata)
+        self._header, self._offsets = layout if layout is not None else safetensors_layout(specs, metadata)
         self.nbytes = len(self._header) + sum(s.nbytes for s in specs)
         self._checksums = checksums
         # (offset, length, crc) of each piece, the oldest pending ones first; a pending crc is a Future

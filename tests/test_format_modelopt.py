@@ -514,3 +514,22 @@ def test_verify_checks_hf_quant_config_with_types_and_as_loaders_read_it(tmp_pat
     mismatches = oe.verify(model, out, format="modelopt").mismatches
     assert "hf_quant_config.json: quantization.exclude_modules is not a list of module names" in mismatches
     assert any(m.startswith("hf_quant_config.json: 'quantization' is ") for m in mismatches), mismatches
+
+
+@pytest.mark.parametrize("edit", ["input quantizer off", "input amax per channel"])
+def test_linears_alike_but_for_their_quantizers_are_planned_apart(edit, tmp_path):
+    """The plan shares the packed weight and scales it computed for one linear with every other of the same format,
+    weight shape and quantizer kind; two down_proj of one shape whose input quantizers differ (one disabled: no
+    input_scale; one with a per-channel amax: an input_scale of that shape) get their own, ModelOpt's."""
+    model = quantize(tiny_qwen3(), "NVFP4_DEFAULT_CFG")
+    iq = model.model.layers[0].mlp.down_proj.input_quantizer
+    if edit == "input quantizer off":
+        iq.disable()
+    else:
+        iq._buffers["_amax"] = iq.amax.expand(model.config.intermediate_size).clone()  # ModelOpt refuses a reshape
+    expected = read_dir(modelopt_export(model, tmp_path / "ref"))
+    oe.save_clean(model, tmp_path / "out", format="modelopt")
+    assert_same_checkpoint(tmp_path / "out", tmp_path / "ref")
+    scales = [expected.get(f"model.layers.{i}.mlp.down_proj.input_scale") for i in (0, 1)]
+    assert scales[1].shape == ()
+    assert scales[0] is None if edit == "input quantizer off" else scales[0].shape == (model.config.intermediate_size,)

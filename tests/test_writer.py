@@ -373,3 +373,21 @@ def test_a_failure_half_way_through_1500_shards_leaves_no_descriptor_open(tmp_pa
 
 if __name__ == "__main__":
     print(json.dumps(_child(sys.argv[1], sys.argv[2])))
+
+
+def test_a_shards_header_is_computed_once_per_metadata_and_is_the_writers(tmp_path):
+    """``Shard.layout`` is ``safetensors_layout`` of its tensors, computed once for each metadata (the fingerprint,
+    the resume and the writer ask for it), and a writer given it writes ``save_file``'s bytes."""
+    from offload_export.plan import Shard
+    from offload_export.writer import safetensors_layout
+
+    tensors = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.ones(4, dtype=torch.bfloat16)}
+    shard = Shard("x.safetensors", tuple(TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()))
+    meta = {"format": "pt"}
+    assert shard.layout(meta) == safetensors_layout(shard.tensors, meta)
+    assert shard.layout(dict(meta)) is shard.layout(meta)
+    assert shard.layout() == safetensors_layout(shard.tensors) != shard.layout(meta)
+    writer = ShardWriter(str(tmp_path / shard.filename), shard.tensors, meta, layout=shard.layout(meta))
+    writer.write_many(list(tensors.items()))
+    save_file(tensors, tmp_path / "ref.safetensors", metadata=meta)
+    assert (tmp_path / shard.filename).read_bytes() == (tmp_path / "ref.safetensors").read_bytes()

@@ -1,13 +1,17 @@
 """How the size of each ``pwrite`` call, and the number of threads writing, change the time to write a file from
 memory (+ fsync).
 
-    python benchmarks/bench_write_calls.py [--gb 1.2] [--repeats 3] [--threads 2,4,8] [--dir DIR] [--out results.json]
+    python benchmarks/bench_write_calls.py [--gb 1.2] [--repeats 3] [--threads 2,4,8] [--direct 1,2] [--dir DIR]
+        [--out results.json]
 
 The writer sends tensors out of process memory with ``pwrite``; this measures the same bytes written from
 one pre-touched buffer in calls of 256 KiB .. 64 MiB, each + fsync, against ``copy_file_range`` of a file
 holding them (the floor), interleaved, fresh files each time. With ``--threads``, also the writer's way (512 KiB
 calls, the writeback of each 64 MiB step started with ``POSIX_FADV_DONTNEED``) from 1 and from each given number
-of threads, the steps dealt out round-robin: whether one thread's buffered writes, not the disk, set the rate.
+of threads, the steps dealt out round-robin: whether one thread's buffered writes, not the disk, set the rate; and
+the writer's way with the writeback started by ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` instead (Linux). With
+``--direct``, also ``O_DIRECT`` writes of 16 MiB from page-aligned memory (no copy into the page cache) from each
+given number of threads, each + fsync: what writing around the page cache would give the writer.
 Prints a table of median seconds, system CPU seconds and the ratio to the floor; writes the JSON.
 """
 
@@ -72,6 +76,55 @@ def write_threads(buf: memoryview, dest: Path, nbytes: int, threads: int) -> Non
     dest.unlink()
 
 
+def _sync_file_range():
+    """libc's ``sync_file_range`` through ctypes (Python's ``os`` has none), or None off Linux."""
+    import ctypes
+
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+def write_started_by_range(buf: memoryview, dest: Path, nbytes: int, start) -> None:
+    """The writer's way from one thread, each 64 MiB step's writeback started by ``start(fd, at, n, WRITE)``."""
+    step, call = 64 << 20, 512 << 10
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for at in range(0, nbytes, step):
+            n = min(step, nbytes - at)
+            for d in range(0, n, call):
+                os.pwrite(fd, buf[d:min(d + call, n)], at + d)
+            start(fd, at, n, 2)  # SYNC_FILE_RANGE_WRITE
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dest.unlink()
+
+
+def write_direct(buf: memoryview, dest: Path, nbytes: int, threads: int) -> None:
+    """``nbytes`` (rounded up to 4 KiB) in 16 MiB ``O_DIRECT`` writes from page-aligned memory, dealt round-robin to
+    ``threads`` threads, then one fsync."""
+    chunk = 16 << 20
+    nbytes = -(-nbytes // 4096) * 4096
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+
+    def work(first: int) -> None:
+        for at in range(first * chunk, nbytes, threads * chunk):
+            os.pwrite(fd, buf[:min(chunk, nbytes - at)], at)
+
+    try:
+        workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dest.unlink()
+
+
 def copy_range(src: Path, dest: Path, nbytes: int) -> None:
     with open(src, "rb") as f, open(dest, "wb") as g:
         done = 0
@@ -86,6 +139,7 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=1.2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", default="", help="comma-separated thread counts for the writer's way (with 1)")
+    ap.add_argument("--direct", default="", help="comma-separated thread counts for O_DIRECT 16 MiB writes")
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory under the cwd)")
     ap.add_argument("--out", default="write_calls.json")
     args = ap.parse_args()
@@ -100,6 +154,7 @@ def main() -> None:
             f.write(view[:min(len(buf), nbytes - done)])
     open(src, "rb").read()  # in the page cache, as a warm offload store is
     runs: dict[str, list[tuple[float, float]]] = {}
+    start = _sync_file_range()
     for _ in range(args.repeats):
         runs.setdefault("copy_file_range", []).append(timed(lambda: copy_range(src, work / "dest", nbytes)))
         for call in CALLS:
@@ -108,6 +163,12 @@ def main() -> None:
         for k in ([1] + [int(t) for t in args.threads.split(",")] if args.threads else []):
             runs.setdefault(f"writer's way x{k}", []).append(
                 timed(lambda k=k: write_threads(view, work / "dest", nbytes, k)))
+        if args.threads and start is not None:
+            runs.setdefault("writer's way, sync_file_range", []).append(
+                timed(lambda: write_started_by_range(view, work / "dest", nbytes, start)))
+        for k in ([int(t) for t in args.direct.split(",")] if args.direct else []):
+            runs.setdefault(f"O_DIRECT 16 MiB x{k}", []).append(
+                timed(lambda k=k: write_direct(view, work / "dest", nbytes, k)))
     src.unlink()
     work.rmdir()
     floor = statistics.median(s for s, _ in runs["copy_file_range"])
@@ -116,9 +177,9 @@ def main() -> None:
              "sys_s_median": round(statistics.median(c for _, c in r), 3),
              "x_floor": round(statistics.median(s for s, _ in r) / floor, 2)} for m, r in runs.items()]
     print(f"{nbytes / 1e9:.2f} GB, {args.repeats} repeats, {platform.platform()}")
-    print(f"{'method':18} {'s median':>9} {'min':>6} {'max':>6} {'sys s':>6} {'x floor':>7}")
+    print(f"{'method':31} {'s median':>9} {'min':>6} {'max':>6} {'sys s':>6} {'x floor':>7}")
     for r in rows:
-        print(f"{r['method']:18} {r['s_median']:>9} {r['s_min']:>6} {r['s_max']:>6} {r['sys_s_median']:>6} {r['x_floor']:>7}")
+        print(f"{r['method']:31} {r['s_median']:>9} {r['s_min']:>6} {r['s_max']:>6} {r['sys_s_median']:>6} {r['x_floor']:>7}")
     Path(args.out).write_text(json.dumps({"platform": platform.platform(), "bytes": nbytes, "repeats": args.repeats,
                                           "rows": rows}, indent=2) + "\n")
 

@@ -27,9 +27,8 @@ from .job import Job
 from .layout import Layout
 from .quantizers import Quantizer, json_digest
 
-
-__all__ = ["differing_parts", "fingerprint", "memory_digest", "memory_keys", "plan_facts",
-           "quantizer_digests", "source_identity", "tensor_digest"]
+__all__ = ["differing_parts", "fingerprint", "memory_digest", "memory_keys", "plan_facts", "quantizer_digests",
+           "source_identity", "tensor_digest"]
 
 _CHUNK = 16 << 20  # bytes of a GPU tensor copied to the CPU at once for hashing
 

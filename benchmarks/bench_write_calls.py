@@ -51,6 +51,20 @@ def write_calls(buf: memoryview, dest: Path, nbytes: int, call: int) -> None:
     dest.unlink()
 
 
+def _in_threads(fd: int, dest: Path, work, threads: int) -> None:
+    """``work(k)`` for k < ``threads``, each in its own thread, then one fsync; the file closed, then removed."""
+    try:
+        workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dest.unlink()
+
+
 def write_threads(buf: memoryview, dest: Path, nbytes: int, threads: int) -> None:
     """``nbytes`` in 64 MiB steps dealt round-robin to ``threads`` threads, each step in 512 KiB calls and its
     writeback started at its end (as the writer does), then one fsync."""
@@ -64,16 +78,7 @@ def write_threads(buf: memoryview, dest: Path, nbytes: int, threads: int) -> Non
                 os.pwrite(fd, buf[d:min(d + call, n)], at + d)
             os.posix_fadvise(fd, at, n, os.POSIX_FADV_DONTNEED)
 
-    try:
-        workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dest.unlink()
+    _in_threads(fd, dest, work, threads)
 
 
 def _sync_file_range():
@@ -113,16 +118,7 @@ def write_direct(buf: memoryview, dest: Path, nbytes: int, threads: int) -> None
         for at in range(first * chunk, nbytes, threads * chunk):
             os.pwrite(fd, buf[:min(chunk, nbytes - at)], at)
 
-    try:
-        workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dest.unlink()
+    _in_threads(fd, dest, work, threads)
 
 
 def copy_range(src: Path, dest: Path, nbytes: int) -> None:

@@ -25,7 +25,7 @@ from ._transfer import small_to_host
 from .checkpoint import SHARD_METADATA
 from .job import Job
 from .layout import Layout
-from .quantizers import Quantizer, json_digest
+from .quantizers import Quantizer, json_digest, json_safe
 
 __all__ = ["differing_parts", "fingerprint", "memory_digest", "memory_keys", "plan_facts", "quantizer_digests",
            "source_identity", "tensor_digest"]
@@ -64,8 +64,8 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def quantizer_digests(quantizers: Iterable[Quantizer], lay: Layout) -> list[dict]:
-    """Each quantizer's name, role, target and the sha256 of its JSON configuration and of its state tensors, in name
-    order.
+    """Each quantizer's name, role, target, JSON configuration (a distributed export's ranks compare and name it) and the
+    sha256 of its state tensors, in name order.
 
     The configuration and tensors are those of the adapter's ``state()`` (what a format writes of it); state on
     the meta device is read from its offload store (``lay``). ``state`` is None where some of it is on the meta
@@ -84,7 +84,7 @@ def quantizer_digests(quantizers: Iterable[Quantizer], lay: Layout) -> list[dict
             tensors[key] = read_store(info.ref.store, info.dtype, info.shape)
         states.append((q, tensors, config))
     on_host = iter(small_to_host([t for _, tensors, _ in states if tensors is not None for t in tensors.values()]))
-    return [{"name": q.name, "role": q.role, "target": q.target, "config": json_digest(config),
+    return [{"name": q.name, "role": q.role, "target": q.target, "config": json_safe(config),
              "state": None if tensors is None else tensor_digest({k: next(on_host) for k in tensors})}
             for q, tensors, config in states]
 

@@ -56,4 +56,6 @@ def test_ranks_that_quantized_differently_are_refused_on_every_rank(scenario, me
         assert not any(r["ok"] for r in results), results
         assert all("the ranks quantized differently" in r["error"] and message in r["error"] for r in results), \
             [r.get("error") for r in results]
+        if scenario == "scheme":  # the two configurations themselves, not digests of them
+            assert all('"fp8"' in r["error"] and '"int8"' in r["error"] for r in results), [r["error"] for r in results]
         assert not (work / "out").exists()

@@ -165,6 +165,9 @@ def _rank_main(rank: int, world: int, port: int, work: str, scenario: str) -> No
 
     work = Path(work)
     result: dict = {}
+    # Ctrl-C raises KeyboardInterrupt here even when the test runs in a background job, whose processes inherit
+    # SIGINT ignored (the forkserver's python then leaves it so)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=JOIN_TIMEOUT))

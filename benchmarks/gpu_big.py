@@ -296,6 +296,40 @@ def table_case(src: Path, work: Path, shape: str, cfg_name: str, rates: dict) ->
     return row
 
 
+def ct_calibrated(src: Path, preset: str):
+    """``src`` loaded resident on GPU 0 and calibrated with the compressed-tensors ``preset``
+    (``gpu_compressed_tensors.calibrate``: min/max qparams)."""
+    from gpu_compressed_tensors import calibrate
+
+    model = AutoModelForCausalLM.from_pretrained(src, device_map={"": 0}, dtype=torch.bfloat16).eval()
+    model.config.architectures = [type(model).__name__]
+    calibrate(model, preset)
+    return model
+
+
+def ct_dispatched(model, src: Path, work: Path):
+    """``model`` dispatched over GPU 2 GiB + CPU 3 GiB + disk (:func:`budget_map`, an offload folder in ``work``)."""
+    from accelerate import dispatch_model
+
+    return dispatch_model(model, budget_map(src, *TABLE_CPU_GPU), main_device=0, offload_dir=str(work / "offload"))
+
+
+def ct_model(work: Path, preset: str = "NVFP4"):
+    """:func:`ct_case`'s dispatched model, without the reference: the 4B checkpoint built in ``work / "src"``, the
+    floor measured, the model calibrated resident with ``preset`` and dispatched.
+
+    Returns:
+        ``(model, floor rates, bytes read from disk, layout summary)``.
+    """
+    from gpu_packed_check import config
+
+    build_checkpoint(work / "src", config("4b", None))
+    rates = floor_rates(work / "src", work)
+    model = ct_dispatched(ct_calibrated(work / "src", preset), work / "src", work)
+    read, summary = disk_bytes(model)
+    return model, rates, read, summary
+
+
 def ct_case(src: Path, work: Path, preset: str, rates: dict) -> dict:
     """``format="compressed-tensors"`` of the 4B shape beside llm-compressor's save of the resident twin.
 
@@ -303,15 +337,11 @@ def ct_case(src: Path, work: Path, preset: str, rates: dict) -> dict:
     reference is llm-compressor's save path (``ModelCompressor.compress_model`` + ``save_pretrained`` +
     ``update_config``) on a deep copy; the model is then dispatched over GPU 2 GiB + CPU 3 GiB + disk
     (:func:`budget_map`, accelerate ``dispatch_model`` with an offload folder) and exported by us."""
-    from accelerate import dispatch_model
     from compressed_tensors.compressors import ModelCompressor
-    from gpu_compressed_tensors import calibrate
     from gpu_compressed_tensors import compare as ct_compare
 
     row: dict = {"shape": "4b", "config": f"compressed-tensors {preset}"}
-    model = AutoModelForCausalLM.from_pretrained(src, device_map={"": 0}, dtype=torch.bfloat16).eval()
-    model.config.architectures = [type(model).__name__]
-    calibrate(model, preset)
+    model = ct_calibrated(src, preset)
     twin = copy.deepcopy(model)
 
     def llm_compressor_save():
@@ -325,7 +355,7 @@ def ct_case(src: Path, work: Path, preset: str, rates: dict) -> dict:
     twin = None  # noqa: F841
     gc.collect()
     torch.cuda.empty_cache()
-    model = dispatch_model(model, budget_map(src, *TABLE_CPU_GPU), main_device=0, offload_dir=str(work / "offload"))
+    model = ct_dispatched(model, src, work)
     read, row["layout"] = disk_bytes(model)
     row["read_disk_GB"] = round(read / 1e9, 2)
     row["ours"] = timed(lambda: oe.save_clean(model, work / "ours", format="compressed-tensors"), work / "ours")

@@ -1,6 +1,7 @@
 """The 14B disk-held packed export (``gpu_big.py --part big``'s last row; ``--shape``, ``--format``: another;
 ``--as-calibrated``: the curve's layout, the weights ModelOpt's calibration copied into RAM kept;
-``--table CONFIG``: the tables' layout of ``--shape`` calibrated with that ModelOpt config) at
+``--table CONFIG``: the tables' layout of ``--shape`` calibrated with that ModelOpt config; ``--ct PRESET``: the
+compressed-tensors table's 4B model, exported with ``format="compressed-tensors"``) at
 several versions of offload_export, interleaved in one process on one calibrated model (odd rounds in the given order,
 even rounds reversed).
 
@@ -32,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from gpu_big import disk_held_model, floor_s, table_model, timed
+from gpu_big import ct_model, disk_held_model, floor_s, table_model, timed
 
 
 def load(folder: str):
@@ -153,6 +154,8 @@ def main() -> None:
     parser.add_argument("--shape", default="14b")
     parser.add_argument("--table", default=None, metavar="CONFIG",
                         help="the table layout (gpu_big.table_model) calibrated with this ModelOpt config instead")
+    parser.add_argument("--ct", default=None, metavar="PRESET",
+                        help="the compressed-tensors table's model (gpu_big.ct_model) with this preset instead")
     parser.add_argument("--format", default="modelopt", help="save_clean's format (fake-quant: the NVFP4 fold)")
     parser.add_argument("--as-calibrated", action="store_true",
                         help="keep the weights ModelOpt's calibration copied into RAM (the curve's layout)")
@@ -163,7 +166,10 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp())
-    if args.table:
+    if args.ct:
+        model, rates, read, summary = ct_model(work, args.ct)
+        args.format = "compressed-tensors"
+    elif args.table:
         model, rates, read, summary = table_model(work, args.shape, args.table)
     else:
         model, rates, read, summary = disk_held_model(work, args.shape, drop=not args.as_calibrated)

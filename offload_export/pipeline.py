@@ -77,12 +77,24 @@ class UnitReader:
 
     def held_bytes(self, unit: Unit) -> int:
         """Memory a unit holds from its read until its outputs are written: the larger of what reading its
-        sources allocates (:meth:`read_bytes`) and its outputs (passed-through file spans and :meth:`streamed`
-        tensors excluded)."""
+        sources allocates (:meth:`read_bytes`) and its outputs (:meth:`output_bytes`)."""
+        return max(self.read_bytes(unit), self.output_bytes(unit))
+
+    def output_bytes(self, unit: Unit) -> int:
+        """Host memory a unit's outputs may take: passed-through file spans and :meth:`streamed` tensors excluded."""
         left = {k for k in unit.sources if self.lay[k].kind != "resident" and self._passed_through(unit, k) is not None}
         left |= self.streamed(unit)
-        outputs = sum(spec.nbytes for spec in unit.outputs if spec.name not in left)
-        return max(self.read_bytes(unit), outputs)
+        return sum(spec.nbytes for spec in unit.outputs if spec.name not in left)
+
+    def onloaded_bytes(self, unit: Unit, moved: Iterable[str]) -> int:
+        """Host memory ``unit`` still holds once its sources ``moved`` are on a GPU (:meth:`held_bytes` at most):
+        its other sources read, and the outputs the writer does not stream from the GPU (the small ones, copied
+        to the host together, and those named as a source left on the host)."""
+        kept = set(unit.sources).difference(moved)
+        read = sum(self.lay[k].nbytes for k in kept
+                   if not self._in_place(self.lay[k]) and self._passed_through(unit, k) is None)
+        outputs = sum(spec.nbytes for spec in unit.outputs if spec.nbytes < STREAMED or spec.name in kept)
+        return min(self.held_bytes(unit), read + outputs)
 
     def streamed(self, unit: Unit) -> set[str]:
         """The unit's outputs that are the model's own GPU memory, handed to the writer as they are (it streams them
@@ -92,9 +104,21 @@ class UnitReader:
                 and info.nbytes >= STREAMED and self.format.unchanged(unit, k)}
 
     def read_ahead_bytes(self, units: Iterable[Unit]) -> int:
-        """A read-ahead budget for streaming ``units``: the most memory one of them holds (:meth:`held_bytes`;
-        passed-through file spans hold none), at least 64 MB. Memory then stays near twice it."""
-        return max(max((self.held_bytes(unit) for unit in units), default=0), _MIN_READ_AHEAD)
+        """A read-ahead budget for streaming ``units`` (at least 64 MiB): room for the unit holding the most
+        (:meth:`held_bytes`) to be read and made while the largest outputs (:meth:`output_bytes`) of the one before
+        are written, but only as far as the memory bound allows, 2 x the largest tensor: a made unit's outputs
+        beside its sources (a fold's) come on top of the budget.
+
+        A unit's lease shrinks to what it still holds once its sources are on a GPU and again once its outputs
+        are made, so that the next units are read meanwhile."""
+        units = list(units)
+        if not units:
+            return _MIN_READ_AHEAD
+        held = max(self.held_bytes(unit) for unit in units)
+        outputs = max(self.output_bytes(unit) for unit in units)
+        largest = max(max(self.lay[k].nbytes for unit in units for k in unit.sources),
+                      max((spec.nbytes for unit in units for spec in unit.outputs), default=0))
+        return max(held, min(held + outputs, 2 * largest - outputs), _MIN_READ_AHEAD)
 
     def read_bytes(self, unit: Unit) -> int:
         """Bytes that reading ``unit`` allocates: its sources read from files or mappings, or cast; not the
@@ -292,6 +316,12 @@ class _Lease:
     def __init__(self, budget: _Budget, n: int):
         self._budget, self._n = budget, n
 
+    def shrink(self, n: int) -> None:
+        """Give back what this lease holds beyond ``n`` bytes (the unit holds less now)."""
+        if self._budget is not None and n < self._n:
+            self._budget._give_back(self._n - n)
+            self._n = n
+
     def release(self) -> None:
         budget, self._budget = self._budget, None
         if budget is not None:
@@ -333,6 +363,14 @@ class _Onloaded:
 
     def release(self) -> None:
         self._lease.release()
+
+
+def _host_bytes(outputs: dict) -> int:
+    """Bytes of the host memory ``outputs`` keep alive: each CPU tensor's whole storage, once (a view keeps all of
+    it)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in outputs.values()
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
+    return sum(storages.values())
 
 
 def _on_device(t: torch.Tensor | FileSpan) -> bool:
@@ -442,6 +480,8 @@ def _read_ahead(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _
                 try:
                     raw = reader.read(unit)
                     onloaded = _onload(reader, unit, raw, device)
+                    if onloaded is not None:
+                        lease.shrink(reader.onloaded_bytes(unit, onloaded.keys))
                     ready.put((unit, raw, onloaded, lease))
                 except BaseException:
                     lease.release()
@@ -486,6 +526,7 @@ def _lane(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _Budget
                                        for k, t in outputs.items()}
                         else:
                             onloaded.made(outputs)
+                        lease.shrink(_host_bytes(outputs))
                         handoff.put((unit, outputs, onloaded, lease))
                         onloaded = lease = None
                         del outputs
@@ -535,9 +576,10 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
     :class:`FileSpan`), in order within a lane. ``consume`` may pop from the dict; it is cleared after.
 
     Memory: each unit holds a lease of :meth:`UnitReader.held_bytes` on its lane's budget of
-    ``read_ahead_bytes`` from before its read until ``consume`` returns or raises, or the run stops;
-    a lease is released in ``finally`` on every path, so memory stays under about ``read_ahead_bytes`` +
-    the largest unit per lane and a failure never leaves a stage waiting for bytes. Sources the format computes
+    ``read_ahead_bytes`` from before its read until ``consume`` returns or raises, or the run stops (shrunk to what
+    the unit still holds on the host once its sources are on a GPU, and once its outputs are made); a lease is
+    released in ``finally`` on every path, so memory stays under about ``read_ahead_bytes`` + the outputs of the
+    unit being made per lane and a failure never leaves a stage waiting for bytes. Sources the format computes
     with on a GPU are moved there by the read-ahead (:func:`_onload`) under a second budget per lane
     (:func:`_device_ahead`), from their read until the unit's outputs are made.
 

@@ -300,3 +300,84 @@ def test_folds_run_on_half_the_cores_also_beside_a_second_openmp_runtime(tmp_pat
     assert child.returncode == 0, child.stderr[-2000:]
     in_fold, after = map(int, child.stdout.split()[-2:])
     assert (in_fold, after) == (max(1, cores // 2), cores)
+
+
+# -- a unit's lease shrinks to what it still holds: the next unit is read while the one before is written
+
+def test_the_next_unit_is_read_while_the_smaller_outputs_of_the_one_before_are_written(tmp_path, monkeypatch):
+    """Equal disk-offloaded float32 Linears exported in float16: each unit's outputs are half its sources, so once
+    made its lease shrinks to them and the next unit is read while they are written (the budget holds one unit
+    and the outputs of another, not two units)."""
+    from offload_export import pipeline
+    from offload_export.job import prepare_job
+
+    monkeypatch.setattr(pipeline, "_MIN_READ_AHEAD", 0)  # the budget the units size, however small they are
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(256, 256, bias=False) for _ in range(6)))
+    model = accelerate.disk_offload(model, str(tmp_path / "offload"), execution_device="cpu")
+    job = prepare_job(model, tmp_path / "out", dtype=torch.float16)
+    reader, units = job.reader(), job.plan.units
+    held = reader.held_bytes(units[0])
+    assert reader.read_ahead_bytes(units) == held + reader.output_bytes(units[0]) == held * 3 // 2
+    started = {u.module: threading.Event() for u in units}
+    read = reader.read
+
+    def reading(unit):
+        started[unit.module].set()
+        return read(unit)
+
+    reader.read = reading
+    overlapped = []
+
+    def consume(unit, outputs):
+        i = units.index(unit)
+        if i + 1 < len(units):
+            overlapped.append(started[units[i + 1].module].wait(10 if all(overlapped) else 0))
+
+    pipeline.run_units(reader, units, consume, read_ahead_bytes=reader.read_ahead_bytes(units))
+    assert overlapped == [True] * (len(units) - 1)
+
+
+def test_the_budget_leaves_no_room_beside_a_fold_whose_outputs_are_its_sources_size(tmp_path):
+    """A fold that keeps the dtype makes outputs the size of its sources: the unit holding the most (the largest
+    tensor) then has the budget to itself, as the memory bound (2 x the largest tensor) requires."""
+    from layouts import LayoutSpec, apply_layout, make_model
+
+    from offload_export.job import prepare_job
+
+    model = make_model("llama_untied")
+    oe.quantize_weights(model, "int8", skip=[])
+    model = apply_layout(model, LayoutSpec("disk_offload"), tmp_path / "layout")
+    job = prepare_job(model, tmp_path / "out")
+    reader, units = job.reader(), job.plan.units
+    largest = max(job.lay[k].nbytes for u in units for k in u.sources)
+    assert max(reader.held_bytes(u) for u in units) == largest
+    assert reader.read_ahead_bytes(units) == max(largest, 64 << 20)
+
+
+def test_a_unit_moved_to_a_gpu_holds_only_its_small_outputs_and_the_sources_left_on_the_host(tmp_path, monkeypatch):
+    """The host lease of a unit whose folded weight the read-ahead moved to a GPU: that weight and its (streamed)
+    output no longer count; the sources left on the host and the small outputs do. Arithmetic only (no GPU)."""
+    from layouts import LayoutSpec, apply_layout, make_model
+
+    from offload_export import pipeline
+    from offload_export.job import prepare_job
+
+    monkeypatch.setattr(pipeline, "STREAMED", 4096)  # the tiny model's weights count as large
+    model = make_model("llama_untied")
+    oe.quantize_weights(model, "int8")
+    model = apply_layout(model, LayoutSpec("disk_offload"), tmp_path / "layout")
+    job = prepare_job(model, tmp_path / "out")
+    reader = job.reader()
+    checked = 0
+    for unit in job.plan.units:
+        moved = [k for k in unit.sources if k in job.folds]
+        if not moved:
+            continue
+        kept = [k for k in unit.sources if k not in moved]
+        small = sum(s.nbytes for s in unit.outputs if s.nbytes < 4096 or s.name in kept)
+        expected = sum(job.lay[k].nbytes for k in kept) + small
+        assert reader.onloaded_bytes(unit, moved) == min(expected, reader.held_bytes(unit)) < reader.held_bytes(unit)
+        assert reader.onloaded_bytes(unit, []) == reader.held_bytes(unit)
+        checked += 1
+    assert checked >= 7

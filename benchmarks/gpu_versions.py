@@ -1,17 +1,16 @@
 """The 14B disk-held packed export (``gpu_big.py --part big``'s last row; ``--shape``, ``--format``: another;
-``--as-calibrated``: the curve's layout, the weights ModelOpt's calibration copied into RAM kept;
-``--table CONFIG``: the tables' layout of ``--shape`` calibrated with that ModelOpt config; ``--ct PRESET``: the
-compressed-tensors table's 4B model, exported with ``format="compressed-tensors"``) at
-several versions of offload_export, interleaved in one process on one calibrated model (odd rounds in the given order,
-even rounds reversed).
+``--as-calibrated``: the curve's layout, the weights ModelOpt's calibration copied into RAM kept; ``--table CONFIG``: the
+tables' layout of ``--shape`` calibrated with that ModelOpt config; ``--ct PRESET``: the compressed-tensors table's 4B
+model, exported with ``format="compressed-tensors"``) at several versions of offload_export, interleaved in one
+process on one calibrated model (odd rounds in the given order, even rounds reversed).
 
 Each DIR holds an ``offload_export`` package (``git archive REV offload_export | tar -x -C DIR``); the package is
 imported afresh from each before its export. Seconds, TTFB, x floor per version to ``$OUT/versions_h200.json``
-(written after every export); no export is started after ``--budget`` seconds. ``--sample``: each thread's
-innermost frame and innermost frame of offload_export, counted every 5 ms during the first round, over the whole
-export (``stacks``) and before its first byte (``stacks_before_first_byte``; the main thread's samples in time order:
-``main_before_first_byte``). Each row also holds the disk's busy fraction before and after the first byte
-(:func:`gpu_big.timed`) and the collector's passes (``gc``); with ``--sample``, ``stalls``: where the sampler
+(written after every export); no export is started after ``--budget`` seconds. ``--sample``: each thread's innermost
+frame and innermost frame of offload_export, counted every 5 ms during the first round (``--sample-round``: another),
+over the whole export (``stacks``) and before its first byte (``stacks_before_first_byte``; the main thread's samples
+in time order: ``main_before_first_byte``). Each row also holds the disk's busy fraction before and after the first
+byte (:func:`gpu_big.timed`) and the collector's passes (``gc``); with ``--sample``, ``stalls``: where the sampler
 could not run for 100 ms or more, with each thread's stack before and after. ``--disk`` adds the disk's timeline
 (``disk``: per 100 ms, MB written to the disk and the fraction of the time it had a request in flight).
 
@@ -161,7 +160,8 @@ def main() -> None:
                         help="keep the weights ModelOpt's calibration copied into RAM (the curve's layout)")
     parser.add_argument("--budget", type=float, default=540)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--sample", action="store_true", help="count each thread's stacks (5 ms) in round 1")
+    parser.add_argument("--sample", action="store_true", help="count each thread's stacks (5 ms) in one round")
+    parser.add_argument("--sample-round", type=int, default=0, help="the round --sample counts (0: the first)")
     parser.add_argument("--disk", action="store_true", help="keep the disk's timeline (per 100 ms) in each row")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -181,7 +181,7 @@ def main() -> None:
                 break
             oe = load(folder)
             row = {"version": Path(folder).name, "round": rnd}
-            sampler = Sampler() if args.sample and rnd == 0 else contextlib.nullcontext()
+            sampler = Sampler() if args.sample and rnd == args.sample_round else contextlib.nullcontext()
             started = []
 
             def export(oe=oe):
@@ -194,7 +194,7 @@ def main() -> None:
                 row["gc"] = pauses.summary(started[0])
                 if not args.disk:
                     del row["disk"]
-                if args.sample and rnd == 0:
+                if args.sample and rnd == args.sample_round:
                     row["stacks"] = sampler.top(since=started[0])
                     if row["ttfb_s"] is not None:
                         first_byte = started[0] + row["ttfb_s"]

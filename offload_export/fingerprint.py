@@ -24,24 +24,15 @@ from ._store import read_store
 from ._transfer import small_to_host
 from .checkpoint import SHARD_METADATA
 from .job import Job
-from .layout import Layout
+from .layout import Layout, TensorInfo
+from .pipeline import usable_cores
 from .quantizers import Quantizer, json_digest, json_safe
 
 __all__ = ["differing_parts", "fingerprint", "memory_digest", "memory_keys", "plan_facts", "quantizer_digests",
-           "source_identity", "tensor_digest"]
+           "source_identity"]
 
 _CHUNK = 16 << 20  # bytes of a GPU tensor copied to the CPU at once for hashing
-
-
-def _hash_tensor(h, t: torch.Tensor) -> None:
-    h.update(f"{t.dtype}:{list(t.shape)}:".encode())
-    if t.device.type == "meta":
-        h.update(b"meta")
-        return
-    raw = t.detach().contiguous().view(-1).view(torch.uint8)
-    step = max(1, raw.numel()) if raw.device.type == "cpu" else _CHUNK
-    for start in range(0, raw.numel(), step):
-        h.update(memoryview(raw[start:start + step].cpu().numpy()))
+_PARALLEL = 1 << 20  # state tensors from this size on are read and digested in threads, smaller ones at once
 
 
 def _tensor_crc(t: torch.Tensor) -> str:
@@ -54,18 +45,10 @@ def _tensor_crc(t: torch.Tensor) -> str:
     return f"{t.dtype}:{list(t.shape)}:{crc:08x}"
 
 
-def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes of ``tensors`` (in name order; meta tensors by shape only)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode() + b"\0")
-        _hash_tensor(h, tensors[name])
-    return h.hexdigest()
-
-
 def quantizer_digests(quantizers: Iterable[Quantizer], lay: Layout) -> list[dict]:
-    """Each quantizer's name, role, target, JSON configuration (a distributed export's ranks compare and name it) and the
-    sha256 of its state tensors, in name order.
+    """Each quantizer's name, role, target, JSON configuration (a distributed export's ranks compare and name it) and a
+    digest of its state tensors (each one's name, dtype, shape and CRC-32, as :func:`memory_digest`: per-group scales
+    may be a sixteenth of the model's bytes, and they are digested before the first byte is written), in name order.
 
     The configuration and tensors are those of the adapter's ``state()`` (what a format writes of it); state on
     the meta device is read from its offload store (``lay``). ``state`` is None where some of it is on the meta
@@ -74,19 +57,33 @@ def quantizer_digests(quantizers: Iterable[Quantizer], lay: Layout) -> list[dict
     states = []
     for q in sorted(quantizers, key=lambda q: q.name):
         tensors, config = q.adapter.state(q)
-        for key, t in tensors.items():
-            if t.device.type != "meta":
-                continue
-            info = lay.get(f"{q.name}.{key}")
-            if info is None or info.ref is None:
-                tensors = None
-                break
-            tensors[key] = read_store(info.ref.store, info.dtype, info.shape)
-        states.append((q, tensors, config))
-    on_host = iter(small_to_host([t for _, tensors, _ in states if tensors is not None for t in tensors.values()]))
+        stored = {k: lay.get(f"{q.name}.{k}") for k, t in tensors.items() if t.device.type == "meta"}
+        if any(info is None or info.ref is None for info in stored.values()):
+            tensors = None
+        states.append((q, tensors, stored, config))
+    held = [t for _, tensors, stored, _ in states if tensors is not None for k, t in tensors.items() if k not in stored]
+    held = iter(small_to_host(held))
+    items = [(k, stored[k] if k in stored else next(held))
+             for _, tensors, stored, _ in states if tensors is not None for k in tensors]
+    crcs: list = [None] * len(items)
+    large = [i for i, (_, t) in enumerate(items) if t.nbytes >= _PARALLEL]  # the others are on the host by now
+    with ThreadPoolExecutor(min(8, usable_cores()), thread_name_prefix="offload-export-digest") as pool:
+        for i in large:  # reading, copying from a GPU and CRC-32 release the GIL
+            crcs[i] = pool.submit(_crc_item, items[i])
+        for i, item in enumerate(items):
+            crcs[i] = _crc_item(item) if crcs[i] is None else crcs[i].result()
+    done = iter(crcs)
     return [{"name": q.name, "role": q.role, "target": q.target, "config": json_safe(config),
-             "state": None if tensors is None else tensor_digest({k: next(on_host) for k in tensors})}
-            for q, tensors, config in states]
+             "state": None if tensors is None else json_digest(sorted(next(done) for _ in tensors))}
+            for q, tensors, _, config in states]
+
+
+def _crc_item(item: tuple[str, torch.Tensor | TensorInfo]) -> tuple[str, str]:
+    """``(key, dtype:shape:crc32)`` of a tensor, or of one read from its store (a :class:`TensorInfo`)."""
+    key, t = item
+    if isinstance(t, TensorInfo):
+        t = read_store(t.ref.store, t.dtype, t.shape)
+    return key, _tensor_crc(t)
 
 
 def source_identity(lay: Layout) -> dict[str, list[int]]:

@@ -263,6 +263,24 @@ def test_fingerprint_covers_shards_quantizers_and_sources(work):
     assert resume_mod.combined_fingerprint(["a", "b"]) == resume_mod.combined_fingerprint(["b", "a"]) != "a"
 
 
+@pytest.mark.parametrize("parallel", [1 << 20, 64], ids=["at-once", "in-threads"])
+def test_quantizer_digests_read_offloaded_state_and_see_one_changed_scale(work, monkeypatch, parallel):
+    """The state digests of a disk-offloaded model (its scales read from the offload folder) are its resident twin's,
+    whether each tensor is digested at once or in the threads; one changed scale changes its quantizer's alone."""
+    from offload_export import fingerprint as fingerprint_mod
+
+    monkeypatch.setattr(fingerprint_mod, "_PARALLEL", parallel)  # 64 bytes: every per-channel scale in threads
+    resident, offloaded = _tiny_model(offload_dir=None), _tiny_model(offload_dir=work / "offload")
+    digests = [plan_facts(prepare_job(m, work / "x"))["quantizers"] for m in (resident, offloaded)]
+    assert digests[0] == digests[1] and all(q["state"] for q in digests[0])
+    q = next(m for m in resident.modules() if isinstance(m, FakeQuantizer))
+    with torch.no_grad():
+        next(b for b in q.buffers() if b.numel() > 1).view(-1)[-1] += 1
+    changed = plan_facts(prepare_job(resident, work / "x"))["quantizers"]
+    assert [a["name"] for a, b in zip(digests[0], changed) if a != b] == [
+        next(name for name, m in resident.named_modules() if m is q)]
+
+
 # ----------------------------------------------------------------------------------------- SIGKILL at many points
 
 

@@ -581,7 +581,7 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
     released in ``finally`` on every path, so memory stays under about ``read_ahead_bytes`` + the outputs of the
     unit being made per lane and a failure never leaves a stage waiting for bytes. Sources the format computes
     with on a GPU are moved there by the read-ahead (:func:`_onload`) under a second budget per lane
-    (:func:`_device_ahead`), from their read until the unit's outputs are made.
+    (:func:`_device_ahead`), from their read until the unit's outputs are written.
 
     Args:
         reader: the unit reader.
@@ -621,8 +621,8 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
 
 
 def _device_ahead(reader: UnitReader, units: list[Unit]) -> int:
-    """A lane's device budget: twice its largest unit's sources on a GPU (the unit being made and the next one), at
-    least 512 MiB (several small units ahead); 0 when none of its units computes on a GPU."""
+    """A lane's device budget: twice its largest unit's sources on a GPU (the unit being made or written and the next
+    one), at least 512 MiB (several small units ahead); 0 when none of its units computes on a GPU."""
     largest = max(reader.device_bytes(unit) for unit in units)
     return max(2 * largest, _MIN_DEVICE_AHEAD) if largest else 0
 

@@ -367,9 +367,12 @@ class _Onloaded:
 
 def _host_bytes(outputs: dict) -> int:
     """Bytes of the host memory ``outputs`` keep alive: each CPU tensor's whole storage, once (a view keeps all of
-    it)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in outputs.values()
-                if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
+    it); a tensor without memory of its own (autograd's zero tensor) holds none."""
+    storages = {}
+    for t in outputs.values():
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.data_ptr():
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
 
 

@@ -381,3 +381,32 @@ def test_a_unit_moved_to_a_gpu_holds_only_its_small_outputs_and_the_sources_left
         assert reader.onloaded_bytes(unit, []) == reader.held_bytes(unit)
         checked += 1
     assert checked >= 7
+
+
+class ZeroQuantizer(nn.Module):
+    """Folds a weight into autograd's zero tensor: a tensor without memory of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.enabled = True
+        self.register_buffer("step", torch.tensor(1.0))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return torch._efficientzerotensor(w.shape, dtype=w.dtype)
+
+
+oe.register_quantizer(ZeroQuantizer)
+
+
+@pytest.mark.parametrize("where", ["resident", "disk_offload"])
+def test_a_fold_into_a_tensor_without_memory_is_written_as_its_zeros(where, tmp_path):
+    """The read-ahead's lease is shrunk to the outputs' host memory: one that has none counts as none."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    model[0].weight_quantizer = ZeroQuantizer()
+    if where == "disk_offload":
+        model = accelerate.disk_offload(model, str(tmp_path / "offload"), execution_device="cpu")
+    oe.save_clean(model, tmp_path / "out")
+    from safetensors.torch import load_file
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(written["0.weight"], torch.zeros(32, 32)) and written["1.weight"].abs().sum() > 0

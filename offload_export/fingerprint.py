@@ -65,14 +65,10 @@ def quantizer_digests(quantizers: Iterable[Quantizer], lay: Layout) -> list[dict
     held = iter(small_to_host(held))
     items = [(k, stored[k] if k in stored else next(held))
              for _, tensors, stored, _ in states if tensors is not None for k in tensors]
-    crcs: list = [None] * len(items)
-    large = [i for i, (_, t) in enumerate(items) if t.nbytes >= _PARALLEL]  # the others are on the host by now
     with ThreadPoolExecutor(min(8, usable_cores()), thread_name_prefix="offload-export-digest") as pool:
-        for i in large:  # reading, copying from a GPU and CRC-32 release the GIL
-            crcs[i] = pool.submit(_crc_item, items[i])
-        for i, item in enumerate(items):
-            crcs[i] = _crc_item(item) if crcs[i] is None else crcs[i].result()
-    done = iter(crcs)
+        # reading, copying from a GPU and CRC-32 release the GIL; the small ones are on the host by now
+        large = {i: pool.submit(_crc_item, item) for i, item in enumerate(items) if item[1].nbytes >= _PARALLEL}
+        done = iter([large[i].result() if i in large else _crc_item(item) for i, item in enumerate(items)])
     return [{"name": q.name, "role": q.role, "target": q.target, "config": json_safe(config),
              "state": None if tensors is None else json_digest(sorted(next(done) for _ in tensors))}
             for q, tensors, _, config in states]

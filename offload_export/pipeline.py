@@ -111,13 +111,11 @@ class UnitReader:
 
         A unit's lease shrinks to what it still holds once its sources are on a GPU and again once its outputs
         are made, so that the next units are read meanwhile."""
-        units = list(units)
-        if not units:
-            return _MIN_READ_AHEAD
-        held = max(self.held_bytes(unit) for unit in units)
-        outputs = max(self.output_bytes(unit) for unit in units)
-        largest = max(max(self.lay[k].nbytes for unit in units for k in unit.sources),
-                      max((spec.nbytes for unit in units for spec in unit.outputs), default=0))
+        held = outputs = largest = 0
+        for unit in units:
+            made = self.output_bytes(unit)
+            held, outputs = max(held, self.read_bytes(unit), made), max(outputs, made)
+            largest = max([largest, *(self.lay[k].nbytes for k in unit.sources), *(s.nbytes for s in unit.outputs)])
         return max(held, min(held + outputs, 2 * largest - outputs), _MIN_READ_AHEAD)
 
     def read_bytes(self, unit: Unit) -> int:
@@ -365,7 +363,7 @@ class _Onloaded:
         self._lease.release()
 
 
-def _host_bytes(outputs: dict) -> int:
+def _host_storage_bytes(outputs: dict) -> int:
     """Bytes of the host memory ``outputs`` keep alive: each CPU tensor's whole storage, once (a view keeps all of
     it); a tensor without memory of its own (autograd's zero tensor) holds none."""
     storages = {}
@@ -529,7 +527,7 @@ def _lane(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _Budget
                                        for k, t in outputs.items()}
                         else:
                             onloaded.made(outputs)
-                        lease.shrink(_host_bytes(outputs))
+                        lease.shrink(_host_storage_bytes(outputs))
                         handoff.put((unit, outputs, onloaded, lease))
                         onloaded = lease = None
                         del outputs

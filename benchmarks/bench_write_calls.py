@@ -1,7 +1,7 @@
 """How the size of each ``pwrite`` call, and the number of threads writing, change the time to write a file from
 memory (+ fsync).
 
-    python benchmarks/bench_write_calls.py [--gb 1.2] [--repeats 3] [--threads 2,4,8] [--direct 1,2] [--dir DIR]
+    python benchmarks/bench_write_calls.py [--gb 1.2] [--repeats 3] [--calls 512,65536] [--threads 2,4,8] [--direct 1,2] [--dir DIR]
         [--out results.json]
 
 The writer sends tensors out of process memory with ``pwrite``; this measures the same bytes written from
@@ -11,7 +11,8 @@ calls, the writeback of each 64 MiB step started with ``POSIX_FADV_DONTNEED``) f
 of threads, the steps dealt out round-robin: whether one thread's buffered writes, not the disk, set the rate; and
 the writer's way with the writeback started by ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` instead (Linux). With
 ``--direct``, also ``O_DIRECT`` writes of 16 MiB from page-aligned memory (no copy into the page cache) from each
-given number of threads, each + fsync: what writing around the page cache would give the writer.
+given number of threads, each + fsync, into a file that grows and into one allocated first: what writing around
+the page cache would give the writer.
 Prints a table of median seconds, system CPU seconds and the ratio to the floor; writes the JSON.
 """
 
@@ -107,12 +108,16 @@ def write_started_by_range(buf: memoryview, dest: Path, nbytes: int, start) -> N
     dest.unlink()
 
 
-def write_direct(buf: memoryview, dest: Path, nbytes: int, threads: int) -> None:
+def write_direct(buf: memoryview, dest: Path, nbytes: int, threads: int, preallocate: bool = False) -> None:
     """``nbytes`` (rounded up to 4 KiB) in 16 MiB ``O_DIRECT`` writes from page-aligned memory, dealt round-robin to
-    ``threads`` threads, then one fsync."""
+    ``threads`` threads, then one fsync. ``preallocate``: the file's blocks allocated first (``posix_fallocate``), so
+    that no write extends the file (ext4 runs a direct write that extends the file under the inode's exclusive lock,
+    one at a time)."""
     chunk = 16 << 20
     nbytes = -(-nbytes // 4096) * 4096
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    if preallocate:
+        os.posix_fallocate(fd, 0, nbytes)
 
     def work(first: int) -> None:
         for at in range(first * chunk, nbytes, threads * chunk):
@@ -134,6 +139,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=1.2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--calls", default=",".join(str(c >> 10) for c in CALLS),
+                    help="comma-separated pwrite call sizes in KiB (default: all of 256 .. 65536)")
     ap.add_argument("--threads", default="", help="comma-separated thread counts for the writer's way (with 1)")
     ap.add_argument("--direct", default="", help="comma-separated thread counts for O_DIRECT 16 MiB writes")
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory under the cwd)")
@@ -153,7 +160,7 @@ def main() -> None:
     start = _sync_file_range()
     for _ in range(args.repeats):
         runs.setdefault("copy_file_range", []).append(timed(lambda: copy_range(src, work / "dest", nbytes)))
-        for call in CALLS:
+        for call in [int(c) << 10 for c in args.calls.split(",") if c]:
             runs.setdefault(f"pwrite {call >> 10} KiB", []).append(
                 timed(lambda call=call: write_calls(view, work / "dest", nbytes, call)))
         for k in ([1] + [int(t) for t in args.threads.split(",")] if args.threads else []):
@@ -165,6 +172,8 @@ def main() -> None:
         for k in ([int(t) for t in args.direct.split(",")] if args.direct else []):
             runs.setdefault(f"O_DIRECT 16 MiB x{k}", []).append(
                 timed(lambda k=k: write_direct(view, work / "dest", nbytes, k)))
+            runs.setdefault(f"O_DIRECT 16 MiB x{k}, fallocated", []).append(
+                timed(lambda k=k: write_direct(view, work / "dest", nbytes, k, preallocate=True)))
     src.unlink()
     work.rmdir()
     floor = statistics.median(s for s, _ in runs["copy_file_range"])

@@ -34,6 +34,7 @@ __all__ = ["UnitReader", "run_units", "usable_cores"]
 
 _MIN_READ_AHEAD = 64 << 20
 _MIN_DEVICE_AHEAD = 512 << 20  # a lane's device budget at least: small units are made faster than one is moved
+_DEVICE_UNITS = 3  # largest units a lane's device budget holds: the one being written, the one being made, the next
 _DEVICE_SPARE = 1 << 30  # GPU memory the read-ahead leaves free beyond its device budget (the pack works in it)
 
 
@@ -622,10 +623,11 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
 
 
 def _device_ahead(reader: UnitReader, units: list[Unit]) -> int:
-    """A lane's device budget: twice its largest unit's sources on a GPU (the unit being made or written and the next
-    one), at least 512 MiB (several small units ahead); 0 when none of its units computes on a GPU."""
+    """A lane's device budget: three times its largest unit's sources on a GPU, at least 512 MiB (several small units
+    ahead); 0 when none of its units computes on a GPU. A unit holds its device lease until its outputs are written,
+    so with room for two the next unit would be moved only once the one before it is written."""
     largest = max(reader.device_bytes(unit) for unit in units)
-    return max(2 * largest, _MIN_DEVICE_AHEAD) if largest else 0
+    return max(_DEVICE_UNITS * largest, _MIN_DEVICE_AHEAD) if largest else 0
 
 
 def _lane_threads(reader: UnitReader, lanes: dict[Hashable, list[Unit]], budgets: list[tuple[_Budget, _Budget]],

@@ -343,6 +343,14 @@ class FileSpan:
     def read(self) -> torch.Tensor:
         return _read_file(self.path, self.offset, self.dtype, self.shape)
 
+    def read_into(self, out: torch.Tensor, start: int = 0) -> None:
+        """Fill the contiguous CPU tensor ``out`` with the span's bytes from byte ``start`` of the span on.
+
+        Raises:
+            OSError: the file ends first, or cannot be read.
+        """
+        _pread_into(self.path, self.offset + start, out)
+
 
 def store_span(store: Store, dtype: torch.dtype, shape: tuple[int, ...]) -> FileSpan | None:
     """The file bytes of a store entry when they already are the tensor ``read_store`` returns, else None.

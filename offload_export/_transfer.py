@@ -12,13 +12,13 @@ kept per thread and device (2 x 16 MiB pinned each, held by torch's pinned-memor
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from ._buffers import anon_empty
 
-__all__ = ["host_pieces", "indexed", "small_to_host", "to_device", "to_host"]
+__all__ = ["filled_on_device", "host_pieces", "indexed", "small_to_host", "to_device", "to_host"]
 
 _CHUNK = 16 << 20  # bytes per pinned buffer
 _SMALL = 1 << 20  # bytes of the largest tensor small_to_host batches ...
@@ -64,14 +64,28 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda" or t.device.type != "cpu" or not _staged(t):
         return t.to(device, non_blocking=True)
+    src = _bytes(t)
+    return filled_on_device(lambda buffer, start: buffer.copy_(src[start:start + buffer.numel()]), tuple(t.shape),
+                            t.dtype, device)
+
+
+def filled_on_device(fill: Callable[[torch.Tensor, int], object], shape: tuple[int, ...], dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+    """A new tensor of ``shape`` and ``dtype`` on GPU ``device`` whose bytes ``fill(buffer, start)`` puts into the
+    pinned buffers, 16 MiB at a time: ``buffer`` (uint8) is to hold the bytes from ``start`` on. The DMA of one
+    buffer overlaps the filling of the other. Ready for work queued afterwards on the device's current stream.
+
+    Raises:
+        What ``fill`` raises (the tensor is dropped; the buffers are waited for before their next use).
+    """
     device = indexed(device)
-    (buffers, events, stream), out = _staging(device), torch.empty(t.shape, dtype=t.dtype, device=device)
-    src, dst = _bytes(t), _bytes(out)
+    (buffers, events, stream), out = _staging(device), torch.empty(shape, dtype=dtype, device=device)
+    dst = _bytes(out)
     with torch.cuda.stream(stream):
-        for i, (a, b) in _chunks(src.numel()):
+        for i, (a, b) in _chunks(dst.numel()):
             k = i % 2
             events[k].synchronize()  # the DMA that last read this buffer is done
-            buffers[k][:b - a].copy_(src[a:b])
+            fill(buffers[k][:b - a], a)
             dst[a:b].copy_(buffers[k][:b - a], non_blocking=True)
             events[k].record(stream)
     for event in events:  # the buffers are free again when this returns

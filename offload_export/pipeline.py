@@ -12,7 +12,7 @@ import ctypes
 import os
 import queue
 import threading
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -23,7 +23,7 @@ from ._errors import add_note
 from ._hooks import offloaded_tensors
 from ._process import quick_switching
 from ._store import FileSpan, read_store, store_span
-from ._transfer import indexed, small_to_host, to_device, to_host
+from ._transfer import filled_on_device, indexed, small_to_host, to_device, to_host
 from .formats import Format, Source
 from .layout import TensorInfo
 from .materialize import onloaded
@@ -52,13 +52,28 @@ class UnitReader:
         self.lay, self.folds = source.lay, source.folds
         self._refs = offloaded_tensors(source.model)  # the whole model's: hooks above an owner count too
 
-    def read(self, unit: Unit) -> dict[str, torch.Tensor | FileSpan]:
+    def read(self, unit: Unit, unread: Mapping[str, FileSpan] | None = None) -> dict[str, torch.Tensor | FileSpan]:
         """The unit's raw source tensors: resident tensors as they are, offloaded ones read from their store.
 
         A tensor the format passes through unchanged (:meth:`Format.unchanged`) whose store is a file
-        holding exactly its bytes is not read: it comes as a :class:`FileSpan` for the writer to copy.
+        holding exactly its bytes is not read: it comes as a :class:`FileSpan` for the writer to copy. So do the
+        sources in ``unread`` (:meth:`device_spans`), for the read-ahead to read straight into a GPU.
         """
-        return {k: self._passed_through(unit, k) or self._read_one(self.lay[k]) for k in unit.sources}
+        unread = unread or {}
+        return {k: unread.get(k) or self._passed_through(unit, k) or self._read_one(self.lay[k]) for k in unit.sources}
+
+    def device_spans(self, unit: Unit) -> dict[str, FileSpan]:
+        """The unit's sources that the format computes with on a GPU and whose bytes a file holds as they are (a
+        ``.dat`` or safetensors entry of their dtype): the read-ahead reads them from the file into pinned buffers
+        and on to the GPU, without a copy in host memory first."""
+        out = {}
+        for k, device in self.format.devices(self, unit).items():
+            info = self.lay[k]
+            if (device.type == "cuda" and info.kind not in ("resident", "mapping") and info.ref is not None
+                    and not self.format.unchanged(unit, k)
+                    and (span := store_span(info.ref.store, info.dtype, info.shape)) is not None):
+                out[k] = span
+        return out
 
     def spans(self, unit: Unit) -> dict[str, FileSpan]:
         """The unit's sources that :meth:`read` hands over as a :class:`FileSpan` (not read), by source key."""
@@ -161,11 +176,13 @@ class UnitReader:
             yield dev
 
     def onload_targets(self, unit: Unit, raw: dict[str, torch.Tensor | FileSpan]) -> dict[str, torch.device]:
-        """The tensors of ``raw`` (:meth:`read`) still on the host that the format computes with on a GPU
-        (:meth:`Format.devices`), and that GPU; a user's mapping's tensors excepted (see :meth:`_borrowed`)."""
+        """The tensors of ``raw`` (:meth:`read`) still on the host or in a file (:meth:`device_spans`) that the format
+        computes with on a GPU (:meth:`Format.devices`), and that GPU; a user's mapping's tensors excepted (see
+        :meth:`_borrowed`)."""
         return {k: indexed(d) for k, d in self.format.devices(self, unit).items()
                 if d.type == "cuda" and self.lay[k].kind != "mapping"
-                and isinstance(t := raw.get(k), torch.Tensor) and t.device.type == "cpu"}
+                and (isinstance(t := raw.get(k), torch.Tensor) and t.device.type == "cpu"
+                     or isinstance(t, FileSpan) and not self.format.unchanged(unit, k))}
 
     def device_bytes(self, unit: Unit) -> int:
         """GPU memory ``unit`` holds when the read-ahead moves its sources there: the larger of its sources that the
@@ -391,8 +408,9 @@ def _has_room(device: torch.device, n: int, spare: int) -> bool:
 
 
 def _onload(reader: UnitReader, unit: Unit, raw: dict, budget: _Budget) -> _Onloaded | None:
-    """Move ``unit``'s host sources that the format computes with on a GPU there now (the read-ahead thread, while
-    the lane finishes the unit before), under the lane's device ``budget`` (the unit's lease covers its outputs
+    """Move ``unit``'s sources that the format computes with on a GPU there now (the read-ahead thread, while the lane
+    finishes the unit before; host tensors through pinned buffers, :meth:`UnitReader.device_spans` read from their
+    files straight into them), under the lane's device ``budget`` (the unit's lease covers its outputs
     too, which stay on the GPU until the consumer copies them) and only while that GPU keeps the budget and 1 GiB
     free beyond it: the move is an overlap, never a new way to run out of GPU memory.
 
@@ -412,7 +430,9 @@ def _onload(reader: UnitReader, unit: Unit, raw: dict, budget: _Budget) -> _Onlo
             wanted[device] = wanted.get(device, 0) + raw[k].nbytes
         if all(_has_room(device, n, budget.limit + _DEVICE_SPARE) for device, n in wanted.items()):
             for k, device in targets.items():
-                raw[k] = to_device(raw[k], device)
+                t = raw[k]
+                raw[k] = (filled_on_device(t.read_into, t.shape, t.dtype, device) if isinstance(t, FileSpan)
+                          else to_device(t, device))
                 moved.append(k)
     except torch.cuda.OutOfMemoryError:  # another process took the room meanwhile: the rest stays on the host
         pass
@@ -480,8 +500,12 @@ def _read_ahead(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _
                     return
                 onloaded = None
                 try:
-                    raw = reader.read(unit)
+                    unread = reader.device_spans(unit)
+                    raw = reader.read(unit, unread)
                     onloaded = _onload(reader, unit, raw, device)
+                    for k in unread:  # not moved (no room on the GPU): read on the host after all
+                        if isinstance(raw[k], FileSpan):
+                            raw[k] = raw[k].read()
                     if onloaded is not None:
                         lease.shrink(reader.onloaded_bytes(unit, onloaded.keys))
                     ready.put((unit, raw, onloaded, lease))

@@ -322,9 +322,9 @@ def test_the_next_unit_is_read_while_the_smaller_outputs_of_the_one_before_are_w
     started = {u.module: threading.Event() for u in units}
     read = reader.read
 
-    def reading(unit):
+    def reading(unit, *rest):
         started[unit.module].set()
-        return read(unit)
+        return read(unit, *rest)
 
     reader.read = reading
     overlapped = []

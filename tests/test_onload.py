@@ -3,6 +3,9 @@ GPU has room: the checkpoint is the same byte for byte whether it moved them, di
 
 from __future__ import annotations
 
+import errno
+import math
+import os
 import threading
 import zlib
 from pathlib import Path
@@ -22,20 +25,27 @@ def _files(out: Path) -> dict[str, bytes]:
 
 
 def _moved_by_the_reader(monkeypatch) -> tuple[list[int], list[str]]:
-    """Bytes of each tensor the read-ahead thread moves to a GPU, and how each GPU output leaves it: ``"copied"``
+    """Bytes of each tensor the read-ahead thread moves to a GPU (from host memory, or from its file straight into the
+    pinned buffers: those also in ``moved.from_files``), and how each GPU output leaves it: ``"copied"``
     (by the fold's thread, at once), ``"queued"`` (with other small ones, behind the work that made them) or
     ``"streamed"`` (to its file by the writer thread)."""
     from offload_export import writer as writer_mod
 
-    moved: list[int] = []
+    moved = _Moved()
     ways: list[str] = []
-    to_device, to_host, small_to_host, host_pieces = (pipeline.to_device, pipeline.to_host, pipeline.small_to_host,
-                                                      writer_mod.host_pieces)
+    to_device, filled_on_device, to_host, small_to_host, host_pieces = (
+        pipeline.to_device, pipeline.filled_on_device, pipeline.to_host, pipeline.small_to_host, writer_mod.host_pieces)
 
     def spy_in(t, device):
         if threading.current_thread().name == "offload-export-reader":
             moved.append(t.nbytes)
         return to_device(t, device)
+
+    def spy_filled(fill, shape, dtype, device):
+        if threading.current_thread().name == "offload-export-reader":
+            moved.append(math.prod(shape) * dtype.itemsize)
+            moved.from_files.append(moved[-1])
+        return filled_on_device(fill, shape, dtype, device)
 
     def seen(tensors, way):
         ways.extend(way for t in tensors if t.is_cuda)
@@ -49,10 +59,19 @@ def _moved_by_the_reader(monkeypatch) -> tuple[list[int], list[str]]:
         return host_pieces(seen(tensors, "streamed"))
 
     monkeypatch.setattr(pipeline, "to_device", spy_in)
+    monkeypatch.setattr(pipeline, "filled_on_device", spy_filled)
     monkeypatch.setattr(pipeline, "to_host", lambda t: to_host(seen([t], "copied")[0]))
     monkeypatch.setattr(pipeline, "small_to_host", queued)
     monkeypatch.setattr(writer_mod, "host_pieces", streamed)
     return moved, ways
+
+
+class _Moved(list):
+    from_files: list[int]
+
+    def __init__(self):
+        super().__init__()
+        self.from_files = []
 
 
 def _model(kind: str, tmp: Path):
@@ -77,25 +96,49 @@ def test_moving_ahead_gives_the_same_checkpoint_as_not_moving(kind, stream, tmp_
     with torch.cuda.stream(torch.cuda.Stream()) if stream else torch.cuda.stream(torch.cuda.current_stream()):
         oe.save_clean(model, tmp_path / "moved", device="cuda")
     assert len(moved) >= 7 and len(ways) - ways.count("copied") >= 7  # every folded weight
+    # weights in the offload folder's files go from the file to the GPU without a copy in host memory
+    assert moved.from_files == (moved if kind == "disk_offload" else [])
     assert _files(tmp_path / "moved") == _files(tmp_path / "kept")
 
 
 def test_out_of_memory_while_moving_ahead_leaves_the_move_to_the_fold(tmp_path, monkeypatch):
-    """Every other move ahead runs out of memory (another process took the room): those units are moved in turn."""
+    """Every other move ahead runs out of memory (another process took the room): those units are moved in turn (their
+    weights, not read yet, read from their files then)."""
     model = _model("disk_offload", tmp_path)
     oe.save_clean(model, tmp_path / "expected", device="cuda")
-    real, calls = pipeline.to_device, []
+    real, calls = pipeline.filled_on_device, []
 
-    def out_of_memory(t, device):
+    def out_of_memory(fill, shape, dtype, device):
         if threading.current_thread().name == "offload-export-reader":
-            calls.append(t.nbytes)
+            calls.append(shape)
             if len(calls) % 2:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(t, device)
+        return real(fill, shape, dtype, device)
 
-    monkeypatch.setattr(pipeline, "to_device", out_of_memory)
+    monkeypatch.setattr(pipeline, "filled_on_device", out_of_memory)
     oe.save_clean(model, tmp_path / "out", device="cuda")
     assert len(calls) >= 4 and _files(tmp_path / "out") == _files(tmp_path / "expected")
+
+
+def test_a_read_that_fails_while_read_into_the_gpu_fails_the_export_as_itself(tmp_path, monkeypatch):
+    """A read of an offload file into the pinned buffers fails (an I/O error): the export raises that error, commits
+    nothing, and the next export of the model is whole."""
+    model = _model("disk_offload", tmp_path)
+    oe.save_clean(model, tmp_path / "expected", device="cuda")
+    real = os.preadv
+
+    def failing(fd, buffers, offset, *rest):
+        if threading.current_thread().name == "offload-export-reader":
+            raise OSError(errno.EIO, "injected read error")
+        return real(fd, buffers, offset, *rest)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "preadv", failing)
+        with pytest.raises(OSError) as err:
+            oe.save_clean(model, tmp_path / "out", device="cuda")
+    assert err.value.errno == errno.EIO and not (tmp_path / "out").exists()
+    oe.save_clean(model, tmp_path / "out", device="cuda")
+    assert _files(tmp_path / "out") == _files(tmp_path / "expected")
 
 
 @pytest.mark.parametrize("floor", [None, 0], ids=["default", "no-floor"])

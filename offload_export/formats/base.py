@@ -93,8 +93,8 @@ class Format(ABC):
     def devices(self, reader: Reader, unit: Unit) -> dict[str, torch.device]:
         """Where ``finish`` computes with the unit's sources: ``key -> device`` for those it moves to a device.
 
-        The read-ahead thread moves such a CPU tensor to its GPU first, while the previous unit is finished, when
-        that GPU has room. Default: none.
+        The read-ahead thread moves such a CPU tensor to its GPU first (one held in a file as it is, it reads there
+        from the file), while the previous unit is finished, when that GPU has room. Default: none.
         """
         return {}
 

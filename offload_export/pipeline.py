@@ -69,8 +69,7 @@ class UnitReader:
         out = {}
         for k, device in self.format.devices(self, unit).items():
             info = self.lay[k]
-            if (device.type == "cuda" and info.kind not in ("resident", "mapping") and info.ref is not None
-                    and not self.format.unchanged(unit, k)
+            if (device.type == "cuda" and info.ref is not None and not self.format.unchanged(unit, k)
                     and (span := store_span(info.ref.store, info.dtype, info.shape)) is not None):
                 out[k] = span
         return out

@@ -180,6 +180,9 @@ class ModelOptPacker:
         self.experts: dict[str, _Experts] = {}
         self._templates: dict[tuple, dict[str, torch.Tensor]] = {}  # expert signature -> its outputs (meta)
         self._direct: dict[tuple, bool] = {}  # linear signature -> packed directly (ModelOpt's export checked)
+        self._direct_keys: dict[str, tuple | None] = {}  # module -> its :func:`_direct_quantizers` (once fused)
+        self._scalars: dict[tuple[str, torch.device], dict[str, torch.Tensor]] = {}  # made, not yet packed
+        self._scalars_lock = threading.Lock()
         self._specs: dict[tuple, dict[str, torch.Tensor]] = {}  # _specs_key -> packed weight and scales (meta)
         self.kv: dict[str, dict[str, torch.Tensor]] = {}      # k_proj/v_proj name -> {out name: scale}
         self.norms: dict[str, torch.Tensor] = {}              # layernorm name -> pre_quant_scale folded in
@@ -244,14 +247,14 @@ class ModelOptPacker:
                 continue
             if not hasattr(module, "weight_quantizer") or not isinstance(getattr(module, "weight", None), torch.Tensor):
                 continue
-            pristine = clone_module(module, _meta_tensors(module), torch.device("cpu"), memo=memo)
+            pristine = clone_module(module, _meta_tensors(module), torch.device("cpu"), memo=memo, read_only=True)
             fmt = _packed_format(name, pristine)
             if fmt is None:
                 continue
             self.modules[name] = _Quantized(name, fmt, pristine)
 
     def _snapshot_experts(self, name: str, module: nn.Module, memo: dict[int, object]) -> None:
-        pristine = clone_module(module, _meta_tensors(module), torch.device("cpu"), memo=memo)
+        pristine = clone_module(module, _meta_tensors(module), torch.device("cpu"), memo=memo, read_only=True)
         fmt = _packed_format(f"the experts module {name}", pristine)
         first = getattr(module, "_first_proj_attr", "gate_up_proj")
         gated = getattr(module, "_is_gated", True)
@@ -532,11 +535,11 @@ class ModelOptPacker:
         return dict(values)
 
     def _pack_linear(self, q: _Quantized, own: dict, device: torch.device, prefix: str) -> dict[str, torch.Tensor]:
-        """One quantized module's outputs: packed directly with ModelOpt's functions where :func:`_direct_signature`
+        """One quantized module's outputs: packed directly with ModelOpt's functions where :meth:`_direct_signature`
         allows it, else by ModelOpt's export handler on a copy. The first module of each signature is packed both
         ways: when the direct tensors differ from ModelOpt's, a warning says so and that signature takes the handler
         from then on."""
-        signature = _direct_signature(q, own)
+        signature = self._direct_signature(q, own)
         verdict = self._direct.get(signature) if signature is not None else False
         if verdict:
             return self._pack_direct(q, own, device, prefix)
@@ -555,14 +558,42 @@ class ModelOptPacker:
             self._direct[signature] = not differs
         return reference
 
+    def _direct_signature(self, q: _Quantized, own: dict[str, torch.Tensor]) -> tuple | None:
+        """What a quantized module's outputs depend on besides its weight's values and its per-tensor amax, when
+        :meth:`_pack_direct` may compute them (:func:`_direct_quantizers`, a 2-D weight); None otherwise. Called once
+        the groups are fused (the quantizers are final then)."""
+        key = self._direct_key(q)
+        if key is None or own["weight"].dim() != 2:
+            return None
+        return key, tuple((k, tuple(t.shape), t.dtype) for k, t in own.items())
+
+    def _direct_key(self, q: _Quantized) -> tuple | None:
+        """:func:`_direct_quantizers` of ``q``, worked out once."""
+        if q.name not in self._direct_keys:
+            self._direct_keys[q.name] = _direct_quantizers(q)
+        return self._direct_keys[q.name]
+
+    def _direct_scalars(self, q: _Quantized, device: torch.device) -> dict[str, torch.Tensor]:
+        """:func:`_direct_scalars` of ``q`` on ``device``. Its first call makes them for every module alike (the same
+        :func:`_direct_quantizers`) at once: each call of ModelOpt's scale functions reads its result back to check it,
+        a wait for the GPU's queue per module otherwise."""
+        with self._scalars_lock:
+            if (q.name, device) not in self._scalars:
+                key = self._direct_key(q)
+                alike = [m for m in self.modules.values()
+                         if (m.name, device) not in self._scalars and self._direct_key(m) == key]
+                for m, scalars in zip(alike, _direct_scalars(alike, device)):
+                    self._scalars[(m.name, device)] = scalars
+            return self._scalars.pop((q.name, device))
+
     def _pack_direct(self, q: _Quantized, own: dict, device: torch.device, prefix: str) -> dict[str, torch.Tensor]:
-        """What ``_export_quantized_weight`` registers for a :func:`_direct_signature` module, computed with the
+        """What ``_export_quantized_weight`` registers for a :meth:`_direct_signature` module, computed with the
         functions it calls on the export device, rows in chunks (both formats pack rows independently), then
         ModelOpt's per-tensor postprocessing."""
         from modelopt.torch.export.quant_utils import _postprocess_single_tensor
 
         weight = own["weight"]
-        scalars = _direct_scalars(q, device)
+        scalars = self._direct_scalars(q, device)
         scale = scalars[_PER_TENSOR[q.fmt]]
         block = q.shadow.weight_quantizer.block_sizes[-1] if q.fmt == "nvfp4" else None
         rows, cols = weight.shape
@@ -945,11 +976,18 @@ def _per_tensor_scales(fmt: str, quantizers: list[nn.Module], device: torch.devi
     scales = torch.ones(len(quantizers), dtype=torch.float32, device=device)
     together = [i for i in range(len(quantizers)) if i not in ones]
     if together:
-        stacked = copy.copy(quantizers[together[0]])
-        stacked._buffers = {**stacked._buffers, "_amax": torch.stack([quantizers[i]._amax.detach().reshape(()).cpu()
-                                                                       for i in together])}
+        stacked = _stacked([quantizers[i] for i in together])
         scales[together] = _per_tensor_scale(fmt, stacked, device).reshape(len(together))
     return scales
+
+
+def _stacked(quantizers: list[nn.Module]) -> nn.Module:
+    """A shallow copy of the first of ``quantizers`` (alike but for their one-element amax) holding their amaxes
+    stacked, for ModelOpt's functions that are elementwise in the amax."""
+    stacked = copy.copy(quantizers[0])
+    stacked._buffers = {**stacked._buffers,
+                        "_amax": torch.stack([q._amax.detach().reshape(()).cpu() for q in quantizers])}
+    return stacked
 
 
 def _read_only_on(quantizer: nn.Module, device: torch.device) -> nn.Module:
@@ -960,19 +998,19 @@ def _read_only_on(quantizer: nn.Module, device: torch.device) -> nn.Module:
     return light
 
 
-def _direct_signature(q: _Quantized, own: dict[str, torch.Tensor]) -> tuple | None:
-    """What a quantized module's outputs depend on besides its weight's values and its per-tensor amax, when
+def _direct_quantizers(q: _Quantized) -> tuple | None:
+    """What a quantized module's outputs depend on besides its weight and its per-tensor amaxes, when
     :meth:`ModelOptPacker._pack_direct` may compute them: a linear that ModelOpt's export hands to its plain-linear
-    handler, NVFP4 (dynamic blocks) with a calibrated per-tensor weight amax or FP8 with a calibrated 0-d one, no
-    ``pre_quant_scale``, no step that rewrites the weight, and no quantizer state that survives the export (KV
-    scales kept on a linear's output quantizer). None otherwise."""
+    handler, NVFP4 (dynamic blocks) with a calibrated per-tensor weight amax or FP8 with a calibrated 0-d one, an
+    input amax of one element if any, no ``pre_quant_scale``, no step that rewrites the weight, and no quantizer
+    state that survives the export (KV scales kept on a linear's output quantizer). None otherwise."""
     from modelopt.torch.export.hf_export_handlers import _export_quant_linear
     from modelopt.torch.export.registry import ExportModuleRegistry
     from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
     s = q.shadow
-    if q.fmt not in _PER_TENSOR or any(step.needs_weight for step in q.steps) or own["weight"].dim() != 2:
+    if q.fmt not in _PER_TENSOR or any(step.needs_weight for step in q.steps):
         return None
     wq, iq = s.weight_quantizer, getattr(s, "input_quantizer", None)
     if not isinstance(wq, TensorQuantizer) or isinstance(wq, SequentialQuantizer) or not wq.is_enabled:
@@ -984,15 +1022,15 @@ def _direct_signature(q: _Quantized, own: dict[str, torch.Tensor]) -> tuple | No
             (q.fmt == "fp8" and (amax.dim() or wq.block_sizes)):
         return None
     if not isinstance(iq, TensorQuantizer) or isinstance(iq, SequentialQuantizer) or \
-            getattr(iq, "_pre_quant_scale", None) is not None or (hasattr(iq, "_amax") and not iq.is_enabled):
+            getattr(iq, "_pre_quant_scale", None) is not None or (hasattr(iq, "_amax") and not iq.is_enabled) or \
+            (hasattr(iq, "_amax") and iq._amax.numel() != 1) or hasattr(iq, "_amax_shape_for_export"):
         return None
     if ExportModuleRegistry.match(s) is not _export_quant_linear or hasattr(s, "weight_packed") or \
             "QuantFP8Linear" in type(s).__name__:
         return None
     if any(_postprocessed(f"{q.name}.{attr}", child) for attr, child in s.named_children()):
         return None
-    tensors = tuple((k, tuple(t.shape), t.dtype) for k, t in own.items())
-    return type(s), q.fmt, tensors, _quantizer_signature([c for c in s.children() if isinstance(c, TensorQuantizer)])
+    return type(s), q.fmt, _quantizer_signature([c for c in s.children() if isinstance(c, TensorQuantizer)])
 
 
 def _postprocessed(name: str, quantizer: nn.Module) -> bool:
@@ -1003,21 +1041,29 @@ def _postprocessed(name: str, quantizer: nn.Module) -> bool:
                for k, v in quantizer.state_dict().items())
 
 
-def _direct_scalars(q: _Quantized, device: torch.device) -> dict[str, torch.Tensor]:
-    """The per-tensor outputs ``_export_quantized_weight`` registers for a :func:`_direct_signature` module (the
-    weight's per-tensor scale, ``input_scale``), computed as it computes them, on ``device``."""
+def _direct_scalars(members: list[_Quantized], device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """The per-tensor outputs ``_export_quantized_weight`` registers for each of ``members`` (modules of one
+    :func:`_direct_quantizers`: alike but for their amaxes), the weight's per-tensor scale and ``input_scale``,
+    computed as it computes them, on ``device``: by one call of ModelOpt's functions on the amaxes stacked
+    (elementwise, so each is what it computes for that module alone)."""
     from modelopt.torch.export.quant_utils import get_scaling_factor
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
-    out = {_PER_TENSOR[q.fmt]: _per_tensor_scale(q.fmt, q.shadow.weight_quantizer, device)}
-    iq = q.shadow.input_quantizer
-    if q.fmt == "fp8":
+    fmt, n = members[0].fmt, len(members)
+    out = [{_PER_TENSOR[fmt]: scale} for scale in _per_tensor_scales(fmt, [m.shadow.weight_quantizer for m in members],
+                                                                     device, [])]
+    inputs = [m.shadow.input_quantizer for m in members]
+    iq, scales = inputs[0], None
+    if fmt == "fp8":
         if hasattr(iq, "_amax"):
-            iq = _read_only_on(iq, device)
+            iq = _read_only_on(_stacked(inputs), device)
             iq._buffers["_amax"] = iq._amax.to(torch.float32)  # as the export sets it first
-            out["input_scale"] = get_scaling_factor(iq).squeeze()
+            scales = get_scaling_factor(iq).reshape(n)
     elif "disabled" not in repr(iq) and iq.amax is not None:
-        out["input_scale"] = NVFP4QTensor.get_activation_scaling_factor(_read_only_on(iq, device)).squeeze()
+        scales = NVFP4QTensor.get_activation_scaling_factor(_read_only_on(_stacked(inputs), device)).reshape(n)
+    if scales is not None:
+        for scalars, scale in zip(out, scales):
+            scalars["input_scale"] = scale
     return out
 
 

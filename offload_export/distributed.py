@@ -307,7 +307,7 @@ def _export(model: nn.Module, out_dir, options: dict, tokenizer, progress: bool,
 
         def write() -> str:
             notes: list[str] = []
-            with resume_session(job, tmp, share, fingerprint=plan_id, facts=facts, resume=resume, notes=notes,
+            with resume_session(job, tmp, share, plan_id=plan_id, facts=facts, resume=resume, notes=notes,
                                 rank=rank, owner=rank == 0, commit=False) as session:
                 write_weights(job.reader(), session.plan, tmp, progress, on_shard=session.shard_done)
             return json.dumps({"counts": session.counts, "notes": [f"rank {rank}: {n}" for n in notes]})

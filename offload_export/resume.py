@@ -6,7 +6,9 @@ plan's fingerprint (:mod:`offload_export.fingerprint`), then one record per weig
 fsync-ed and checksummed (``{"file", "size", "crc32"}``: the CRC-32 of the bytes the writer wrote into it,
 computed beside the writes), each record fsync-ed. A CRC is what the journal needs: it guards a staging
 directory this package owns against torn, truncated or accidentally damaged shards, not against an
-adversary (the plan itself is identified by sha256 digests). The digest of the tensors the model holds in
+adversary (the plan itself is identified by sha256 digests). An export that does not resume and has large
+quantizer state works the header out in the journal's thread, beside its first writes
+(:func:`facts_beside_writes`). The digest of the tensors the model holds in
 memory follows once a background thread has computed it; records count only once it is there. That thread
 starts only after the export has run for as long as the digest takes (:data:`DIGEST_DEFER_RATE`), or at
 once when the export fails: an export too short to be worth resuming never pays for it.
@@ -30,13 +32,14 @@ import shutil
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._process import quick_switching
 from .checkpoint import SHARD_METADATA
-from .fingerprint import differing_parts, memory_digest, memory_keys
+from .fingerprint import differing_parts, fingerprint, memory_digest, memory_keys, plan_facts
 from .job import Job
 from .layout import Layout
 from .pipeline import usable_cores
@@ -48,15 +51,25 @@ try:
 except ImportError:  # Windows: no locks, a live owner is then judged by its PID alone
     fcntl = None
 
-__all__ = ["DIGEST_DEFER_RATE", "JOURNAL_PREFIX", "Resumer", "ResumeSession", "combined_fingerprint", "file_digest", "is_journal",
-           "remove_journals", "resume_session"]
+__all__ = ["DIGEST_DEFER_RATE", "FACTS_BESIDE_WRITES", "JOURNAL_PREFIX", "Resumer", "ResumeSession",
+           "combined_fingerprint", "facts_beside_writes", "file_digest", "is_journal", "remove_journals",
+           "resume_session"]
 
 JOURNAL_PREFIX = ".offload-export-journal"
 DIGEST_DEFER_RATE = 1e9
+FACTS_BESIDE_WRITES = 64 << 20  # bytes of quantizer state from which its digest runs beside the first writes
 """Bytes held in memory per second of export before the in-memory digest starts. The digest competes with the
 export for the CPU and the GIL (benchmarks/README.md: about 1 s of an 8 GB GPU export); deferred by its
 size at 1 GB/s, an export that ends sooner never pays, and one killed before it starts loses no more than
 that many seconds of work."""
+
+
+def facts_beside_writes(job: Job) -> bool:
+    """Whether an export that does not resume leaves its plan facts (:func:`plan_facts`) to the journal's thread,
+    beside its first writes: when its quantizer state is large (per-group scales). Digesting that is mostly reading
+    and checksumming, which hand the GIL over; a small state's digest is mostly Python, which beside the first
+    writes delays them as much as it would before them (benchmarks/README.md, run 24)."""
+    return sum(job.lay[k].nbytes for q in job.quantizers for k in q.state_keys if k in job.lay) >= FACTS_BESIDE_WRITES
 
 
 def is_journal(name: str) -> bool:
@@ -240,6 +253,7 @@ class ResumeSession:
     _digest_now: threading.Event = field(default_factory=threading.Event)
     _digest_state: str = "deferred"  # then "running" or "dropped" (under _lock)
     _memory_thread: threading.Thread | None = None
+    _header: Future | None = None  # the header's record, when the journal's thread works it out
     _kept: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -275,11 +289,21 @@ class ResumeSession:
                     return
                 self._digest_state = "running"
             value = memory_digest(lay, skip, stop=self._stop, threads=1)
+            if self._header is not None:
+                wait([self._header])  # a record before the header would void the journal
             if value is not None and not self._stop.is_set():
                 self._record({"memory": value})
 
         self._memory_thread = threading.Thread(target=run, name="offload-export-memory-digest", daemon=True)
         self._memory_thread.start()
+
+    def _record_header(self, header: dict, job: Job) -> None:
+        """Record ``header`` with the plan's facts and fingerprint, worked out here (:func:`plan_facts`), handing the
+        GIL over at the export's short switch interval: at the default one, each of the first writes' system calls
+        would wait for this Python for up to 5 ms."""
+        with quick_switching():
+            facts = plan_facts(job)
+        self._record({**header, "fingerprint": fingerprint(facts), "facts": facts})
 
     def _close(self, *, cancel: bool, remove: Path | None, failed: bool = False) -> None:
         """Finish (or with ``cancel`` drop) the pending records; with ``remove``, delete every journal in it (before
@@ -376,7 +400,7 @@ def _digest_threads() -> int:
 
 
 @contextmanager
-def resume_session(job: Job, tmp: Path, share: ExportPlan, *, fingerprint: str, facts: dict, resume: bool,
+def resume_session(job: Job, tmp: Path, share: ExportPlan, *, plan_id: str | None, facts: dict | None, resume: bool,
                    notes: list[str], rank: int = 0, owner: bool = True, commit: bool = True
                    ) -> Iterator[ResumeSession]:
     """Start this process's journal in ``tmp``; with ``resume``, keep the verified shards an earlier export left.
@@ -385,8 +409,10 @@ def resume_session(job: Job, tmp: Path, share: ExportPlan, *, fingerprint: str, 
         job: the export.
         tmp: the staging directory (fresh, or adopted by :class:`Resumer`).
         share: the shards this process writes (the whole plan in one process).
-        fingerprint: the export's (combined) fingerprint; facts: this process's plan facts.
-        resume: keep what an earlier export left in ``tmp``.
+        plan_id: the export's (combined) fingerprint; facts: this process's plan facts. None for both (only where
+            ``resume`` is false, see :func:`facts_beside_writes`): the journal's thread works them out for its
+            header, beside the first writes.
+        resume: keep what an earlier export left in ``tmp`` (needs ``plan_id`` and ``facts``).
         notes: receives what was kept and what was started over.
         rank: this process's rank (names its journal).
         owner: this process writes the metadata (it removes stray files an earlier export left).
@@ -401,7 +427,7 @@ def resume_session(job: Job, tmp: Path, share: ExportPlan, *, fingerprint: str, 
     quantizer_keys = {k for q in job.quantizers for k in q.state_keys}
     memory = None
     kept: dict[str, int] = {}
-    old = [j for j in _journals(tmp) if j.header.get("fingerprint") == fingerprint] if resume else []
+    old = [j for j in _journals(tmp) if j.header.get("fingerprint") == plan_id] if resume else []
     if old:
         memory = memory_digest(job.lay, quantizer_keys, threads=_digest_threads())
         usable = [j for j in old if j.memory == memory]
@@ -425,10 +451,14 @@ def resume_session(job: Job, tmp: Path, share: ExportPlan, *, fingerprint: str, 
     session._fd = fd
     try:
         _lock(fd)
-        session._record({"journal": 1, "fingerprint": fingerprint, "rank": rank, "memory": memory, "facts": facts,
-                         "planned": len(planned)})
+        header = {"journal": 1, "fingerprint": plan_id, "rank": rank, "memory": memory, "facts": facts,
+                  "planned": len(planned)}
+        if facts is not None:
+            session._record(header)
         _fsync_dir(tmp)
         session._pool = ThreadPoolExecutor(1, thread_name_prefix="offload-export-journal")  # fsyncs off the writer
+        if facts is None:  # first in the journal's queue: before any shard's record
+            session._header = session._pool.submit(session._record_header, header, job)
         if memory is None:
             session._digest_memory(job.lay, quantizer_keys)
         yield session

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import zlib
@@ -116,11 +117,39 @@ def test_the_memory_digest_is_deferred_yet_an_interrupted_export_records_it_and_
     assert time.monotonic() - start < 120
 
 
+@pytest.mark.parametrize("beside", [True, False])
+def test_an_export_with_large_quantizer_state_works_out_its_journal_header_beside_its_first_writes(
+        work, monkeypatch, beside):
+    """Without resume=True and with quantizer state of FACTS_BESIDE_WRITES bytes or more, the plan facts are worked out
+    in the journal's thread (not before the first byte); either way the header is the one an export with resume=True
+    records, and it comes before every shard's record."""
+    monkeypatch.setattr(resume_mod, "FACTS_BESIDE_WRITES", 0 if beside else 1 << 40)
+    model = _tiny_model(offload_dir=work / "offload")
+    journals, threads = [], []
+    remove, facts = resume_mod.remove_journals, resume_mod.plan_facts
+
+    def kept(folder):
+        journals.append([json.loads(line) for p in folder.iterdir() if resume_mod.is_journal(p.name)
+                         for line in p.read_text().splitlines()])
+        remove(folder)
+
+    monkeypatch.setattr(resume_mod, "remove_journals", kept)
+    monkeypatch.setattr(resume_mod, "plan_facts", lambda job: threads.append(threading.current_thread().name) or facts(job))
+    oe.save_clean(model, work / "deferred", max_shard_size=SHARD)
+    oe.save_clean(model, work / "eager", max_shard_size=SHARD, resume=True)
+    deferred, eager = journals
+    assert [n.startswith("offload-export-journal") for n in threads] == ([True] if beside else [])
+    assert deferred[0]["journal"] == 1 and deferred[0]["fingerprint"] == eager[0]["fingerprint"]
+    assert deferred[0]["facts"] == eager[0]["facts"]
+    shards = [r["file"] for r in deferred if "file" in r]
+    assert shards and shards == [r["file"] for r in eager if "file" in r]
+
+
 def test_a_rank_that_ends_before_its_memory_digest_is_due_neither_waits_nor_records_it(work, monkeypatch):
     monkeypatch.setattr(resume_mod, "DIGEST_DEFER_RATE", 1e-3)
     job = prepare_job(_tiny_model(offload_dir=None), work / "out")
     (work / "tmp").mkdir()
-    with resume_mod.resume_session(job, work / "tmp", job.plan, fingerprint="f", facts={}, resume=False,
+    with resume_mod.resume_session(job, work / "tmp", job.plan, plan_id="f", facts={}, resume=False,
                                    notes=[], commit=False):
         pass
     assert not _memory_records(work / "tmp")

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 import offload_export as oe
-from offload_export import _atomic
+from offload_export import _atomic, resume
 
 # function name -> (module holding it, attribute, errnos it is failed with: the first by default, all in -m slow).
 # A point's function may name a call site: ("close@_same_bytes", k, errno) fails the k-th close made there.
@@ -318,6 +318,21 @@ class TinyExport(Scenario):
         return td._tiny_model(offload_dir=offload, quantized_by=self.quantized_by), [offload]
 
 
+class CompressedTensorsExport(TinyExport):
+    """``format="compressed-tensors"``, its plan facts worked out beside the first writes, as for a real model's
+    per-group scales (``FACTS_BESIDE_WRITES``; the tiny model's state is under it)."""
+
+    def __init__(self, work: Path):
+        super().__init__(work, "compressed-tensors")
+
+    def run(self, dest: Path):
+        saved, resume.FACTS_BESIDE_WRITES = resume.FACTS_BESIDE_WRITES, 0
+        try:
+            return super().run(dest)
+        finally:
+            resume.FACTS_BESIDE_WRITES = saved
+
+
 class ModelOptExport(TinyExport):
     """The same Llama quantized by ModelOpt (FP8, calibrated on CPU) before offloading: ``format="modelopt"``."""
 
@@ -437,7 +452,7 @@ class GlooExport(TinyExport):
 
 SCENARIOS = {
     "fake-quant": lambda w: TinyExport(w),
-    "compressed-tensors": lambda w: TinyExport(w, "compressed-tensors"),
+    "compressed-tensors": CompressedTensorsExport,
     "modelopt": lambda w: ModelOptExport(w, "modelopt"),
     "overwrite": Overwrite,
     "verify": Verify,

@@ -57,11 +57,13 @@ __all__ = ["DIGEST_DEFER_RATE", "FACTS_BESIDE_WRITES", "JOURNAL_PREFIX", "Resume
 
 JOURNAL_PREFIX = ".offload-export-journal"
 DIGEST_DEFER_RATE = 1e9
-FACTS_BESIDE_WRITES = 64 << 20  # bytes of quantizer state from which its digest runs beside the first writes
 """Bytes held in memory per second of export before the in-memory digest starts. The digest competes with the
 export for the CPU and the GIL (benchmarks/README.md: about 1 s of an 8 GB GPU export); deferred by its
 size at 1 GB/s, an export that ends sooner never pays, and one killed before it starts loses no more than
 that many seconds of work."""
+FACTS_BESIDE_WRITES = 64 << 20
+"""Bytes of quantizer state from which an export that does not resume digests it beside its first writes
+(:func:`facts_beside_writes`)."""
 
 
 def facts_beside_writes(job: Job) -> bool:

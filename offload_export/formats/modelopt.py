@@ -573,7 +573,7 @@ class ModelOptPacker:
             self._direct_keys[q.name] = _direct_quantizers(q)
         return self._direct_keys[q.name]
 
-    def _direct_scalars(self, q: _Quantized, device: torch.device) -> dict[str, torch.Tensor]:
+    def _scalars_of(self, q: _Quantized, device: torch.device) -> dict[str, torch.Tensor]:
         """:func:`_direct_scalars` of ``q`` on ``device``. Its first call makes them for every module alike (the same
         :func:`_direct_quantizers`) at once: each call of ModelOpt's scale functions reads its result back to check it,
         a wait for the GPU's queue per module otherwise."""
@@ -593,7 +593,7 @@ class ModelOptPacker:
         from modelopt.torch.export.quant_utils import _postprocess_single_tensor
 
         weight = own["weight"]
-        scalars = self._direct_scalars(q, device)
+        scalars = self._scalars_of(q, device)
         scale = scalars[_PER_TENSOR[q.fmt]]
         block = q.shadow.weight_quantizer.block_sizes[-1] if q.fmt == "nvfp4" else None
         rows, cols = weight.shape
@@ -1022,8 +1022,8 @@ def _direct_quantizers(q: _Quantized) -> tuple | None:
             (q.fmt == "fp8" and (amax.dim() or wq.block_sizes)):
         return None
     if not isinstance(iq, TensorQuantizer) or isinstance(iq, SequentialQuantizer) or \
-            getattr(iq, "_pre_quant_scale", None) is not None or (hasattr(iq, "_amax") and not iq.is_enabled) or \
-            (hasattr(iq, "_amax") and iq._amax.numel() != 1) or hasattr(iq, "_amax_shape_for_export"):
+            getattr(iq, "_pre_quant_scale", None) is not None or hasattr(iq, "_amax_shape_for_export") or \
+            (hasattr(iq, "_amax") and (not iq.is_enabled or iq._amax.numel() != 1)):
         return None
     if ExportModuleRegistry.match(s) is not _export_quant_linear or hasattr(s, "weight_packed") or \
             "QuantFP8Linear" in type(s).__name__:

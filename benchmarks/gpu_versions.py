@@ -13,6 +13,8 @@ in time order: ``main_before_first_byte``). Each row also holds the disk's busy 
 byte (:func:`gpu_big.timed`) and the collector's passes (``gc``); with ``--sample``, ``stalls``: where the sampler
 could not run for 100 ms or more, with each thread's stack before and after. ``--disk`` adds the disk's timeline
 (``disk``: per 100 ms, MB written to the disk and the fraction of the time it had a request in flight).
+``--floor-each`` measures the floor again before each round (a ``floor`` row) and adds each export's ratio to it
+(``x_round_floor``): the disk's own rate drifts over minutes on the lent machines.
 
 Usage (GPU machine, modelopt installed):
     python benchmarks/gpu_versions.py [--shape 4b --table NVFP4_DEFAULT_CFG] [--rounds 2] [--sample] DIR [DIR ...]
@@ -32,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from gpu_big import ct_model, disk_held_model, floor_s, table_model, timed
+from gpu_big import ct_model, disk_held_model, floor_rates, floor_s, table_model, timed
 
 
 def load(folder: str):
@@ -163,6 +165,8 @@ def main() -> None:
     parser.add_argument("--sample", action="store_true", help="count each thread's stacks (5 ms) in one round")
     parser.add_argument("--sample-round", type=int, default=0, help="the round --sample counts (0: the first)")
     parser.add_argument("--disk", action="store_true", help="keep the disk's timeline (per 100 ms) in each row")
+    parser.add_argument("--floor-each", action="store_true",
+                        help="measure the floor again before each round (the disk's rate drifts): x_round_floor")
     args = parser.parse_args()
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp())
@@ -176,6 +180,10 @@ def main() -> None:
     out = {"floor_rates": rates, "layout": summary, "setup_s": round(time.perf_counter() - start, 1), "rows": []}
     print("setup", out["setup_s"], rates, flush=True)
     for rnd, order in enumerate(args.dirs[::-1] if r % 2 else args.dirs for r in range(args.rounds)):
+        if args.floor_each and time.perf_counter() - start <= args.budget:
+            round_rates = floor_rates(work / "src", work)
+            out["rows"].append({"version": "floor", "round": rnd, **round_rates})
+            print(json.dumps(out["rows"][-1]), flush=True)
         for folder in order:
             if time.perf_counter() - start > args.budget:
                 break
@@ -202,6 +210,8 @@ def main() -> None:
                         row["main_before_first_byte"] = sampler.timeline("MainThread", started[0], first_byte)
                     row["stalls"] = sampler.stalls(started[0], float("inf"))
                 row["x_floor"] = round(row["s"] / floor_s(rates, read, row["written_GB"]), 2)
+                if args.floor_each:
+                    row["x_round_floor"] = round(row["s"] / floor_s(round_rates, read, row["written_GB"]), 2)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             shutil.rmtree(work / "o", ignore_errors=True)

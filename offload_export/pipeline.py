@@ -362,7 +362,10 @@ class _Onloaded:
     def made(self, outputs: dict) -> None:
         """Queue the copies to the host of ``outputs``' GPU tensors the writer does not stream
         (:func:`~offload_export.writer.streams`; :func:`small_to_host`), then mark the end of that work on each of
-        their GPUs' current streams (this thread's)."""
+        their GPUs' current streams (this thread's). The lease shrinks to the GPU memory the outputs hold: the
+        sources are gone, and a packed unit's outputs are a fraction of them (NVFP4: about a quarter), so the
+        read-ahead may move the next units meanwhile."""
+        self._lease.shrink(_storage_bytes(outputs, "cuda"))
         small = [k for k, t in outputs.items() if _on_device(t) and not streams(t)]
         devices = {t.device for t in outputs.values() if isinstance(t, torch.Tensor) and t.is_cuda}
         outputs.update(zip(small, small_to_host([outputs[k] for k in small], non_blocking=True)))
@@ -380,12 +383,13 @@ class _Onloaded:
         self._lease.release()
 
 
-def _host_storage_bytes(outputs: dict) -> int:
-    """Bytes of the host memory ``outputs`` keep alive: each CPU tensor's whole storage, once (a view keeps all of
-    it); a tensor without memory of its own (autograd's zero tensor) holds none."""
+def _storage_bytes(outputs: dict, device_type: str = "cpu") -> int:
+    """Bytes of the memory of ``device_type`` (``"cpu"``: the host) that ``outputs`` keep alive: each such tensor's
+    whole storage, once (a view keeps all of it); a tensor without memory of its own (autograd's zero tensor) holds
+    none."""
     storages = {}
     for t in outputs.values():
-        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.data_ptr():
+        if isinstance(t, torch.Tensor) and t.device.type == device_type and t.data_ptr():
             storage = t.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
@@ -551,7 +555,7 @@ def _lane(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _Budget
                                        for k, t in outputs.items()}
                         else:
                             onloaded.made(outputs)
-                        lease.shrink(_host_storage_bytes(outputs))
+                        lease.shrink(_storage_bytes(outputs))
                         handoff.put((unit, outputs, onloaded, lease))
                         onloaded = lease = None
                         del outputs
@@ -606,7 +610,8 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
     released in ``finally`` on every path, so memory stays under about ``read_ahead_bytes`` + the outputs of the
     unit being made per lane and a failure never leaves a stage waiting for bytes. Sources the format computes
     with on a GPU are moved there by the read-ahead (:func:`_onload`) under a second budget per lane
-    (:func:`_device_ahead`), from their read until the unit's outputs are written.
+    (:func:`_device_ahead`), from their read until the unit's outputs are written (the lease shrunk to the outputs'
+    GPU memory once they are made).
 
     Args:
         reader: the unit reader.
@@ -647,8 +652,9 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
 
 def _device_ahead(reader: UnitReader, units: list[Unit]) -> int:
     """A lane's device budget: three times its largest unit's sources on a GPU, at least 512 MiB (several small units
-    ahead); 0 when none of its units computes on a GPU. A unit holds its device lease until its outputs are written,
-    so with room for two the next unit would be moved only once the one before it is written."""
+    ahead); 0 when none of its units computes on a GPU. A unit holds its device lease until its outputs are written
+    (shrunk to them once they are made), so with room for two the next unit would be moved only once the one before
+    it is written."""
     largest = max(reader.device_bytes(unit) for unit in units)
     return max(_DEVICE_UNITS * largest, _MIN_DEVICE_AHEAD) if largest else 0
 

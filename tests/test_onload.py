@@ -169,6 +169,28 @@ def test_a_packed_export_moved_ahead_is_the_one_packed_in_turn(name, tmp_path, m
     assert _files(tmp_path / "moved") == _files(tmp_path / "kept")
 
 
+def test_a_packed_unit_holds_only_its_outputs_gpu_memory_once_made(tmp_path, monkeypatch):
+    """Once a unit moved ahead is packed its sources are gone: its device lease shrinks to the GPU memory its outputs
+    hold (NVFP4: about a quarter of the sources), so that the read-ahead moves the next units meanwhile."""
+    pytest.importorskip("modelopt.torch.quantization")
+    from test_format_modelopt import quantize, tiny_qwen3
+
+    model = apply_layout(quantize(tiny_qwen3(), "NVFP4_DEFAULT_CFG"), LayoutSpec("cpu_offload"), tmp_path / "layout")
+    real, leases = pipeline._Onloaded.made, []
+
+    def spy(self, outputs):
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in outputs.values() if isinstance(t, torch.Tensor) and t.is_cuda}
+        before = self._lease._n
+        real(self, outputs)
+        leases.append((before, self._lease._n, sum(storages.values())))
+
+    monkeypatch.setattr(pipeline._Onloaded, "made", spy)
+    oe.save_clean(model, tmp_path / "out", format="modelopt", device="cuda")
+    assert len(leases) >= 14  # every packed linear
+    assert all(after == held < before for before, after, held in leases)
+
+
 @pytest.mark.parametrize("megabytes", [16, 40])
 def test_a_large_gpu_tensor_is_streamed_to_its_file_and_checksummed(megabytes, tmp_path, monkeypatch):
     """Pieces of 16 MiB through pinned buffers, a partial last one, then the next GPU tensors (one of them not

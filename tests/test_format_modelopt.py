@@ -322,6 +322,33 @@ def test_a_failure_part_way_leaves_nothing_and_the_model_as_it_was(ref_root, tmp
     assert torch.equal(forward_logits(model), logits)
 
 
+def test_a_shadow_shares_python_attributes_only_while_its_steps_set_amaxes():
+    """A group's max amaxes edit a copy that shares the model's calibrators (its buffers are its own); the first other
+    step makes a full copy with the earlier steps replayed. The model never changes."""
+    from offload_export.formats._modelopt_replay import Step, clone_module
+    from offload_export.formats.modelopt import _Quantized
+
+    model = quantize(tiny_qwen3(), "NVFP4_DEFAULT_CFG")
+    name = "model.layers.0.self_attn.q_proj"
+    linear = model.get_submodule(name)
+    before = model_state(model)
+    q = _Quantized(name, "nvfp4", clone_module(linear, read_only=True))
+    amax, weight_amax = linear.input_quantizer.amax.clone(), linear.weight_quantizer.amax.clone()
+    q.apply(Step("input_amax", amax * 2))
+    q.apply(Step("weight_amax", weight_amax * 3))
+    light = q.shadow
+    assert light.input_quantizer._calibrator is linear.input_quantizer._calibrator
+    assert torch.equal(light.input_quantizer.amax, amax * 2) and torch.equal(light.weight_quantizer.amax, weight_amax * 3)
+    assert torch.equal(q.pristine.input_quantizer.amax, amax)
+    q.apply(Step("drop_pqs"))
+    full = q.shadow
+    assert full is not light and full.input_quantizer._calibrator is not linear.input_quantizer._calibrator
+    assert torch.equal(full.input_quantizer.amax, amax * 2) and torch.equal(full.weight_quantizer.amax, weight_amax * 3)
+    assert full.fused_with_prequant and [s.kind for s in q.steps] == ["input_amax", "weight_amax", "drop_pqs"]
+    assert not getattr(linear, "fused_with_prequant", False)
+    assert_same_state(model_state(model), before)
+
+
 @pytest.mark.parametrize("name", ["NVFP4_DEFAULT_CFG", "W4A8_AWQ_BETA_CFG"])
 def test_groups_found_on_the_twin_give_modelopts_export_without_running_the_model(name, ref_root, tmp_path):
     """With the shared-input groups from the twin that reads no weight, the export is ModelOpt's byte for byte,

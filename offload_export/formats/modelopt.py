@@ -50,6 +50,7 @@ _KV_MAX_BOUND = 448  # ModelOpt: "kv cache scale as amax / 448 for both FP8 and 
 # formats whose shared-input groups ModelOpt leaves alone (_fuse_shared_input_modules)
 _NO_FUSION = ("fp8", "fp8_pb_real", None)
 _PACKED = ("int8_wo", "int8_sq", "fp8", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq", "w4a16_nvfp4")
+_AMAX_STEPS = ("input_amax", "weight_amax")  # steps that only set a quantizer's amax (its own buffer)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class _Quantized:
     pristine: nn.Module       # quantizer state as in the model (CPU), meta weight
     steps: list[Step] = field(default_factory=list)
     _edited: nn.Module | None = None
+    _light: bool = False      # _edited shares the pristine copy's Python attributes (only amax steps so far)
 
     @property
     def shadow(self) -> nn.Module:
@@ -69,9 +71,14 @@ class _Quantized:
         return self.pristine if self._edited is None else self._edited
 
     def apply(self, step: Step) -> None:
-        """Record ``step`` and apply it to the shadow."""
-        if self._edited is None:
-            self._edited = clone_module(self.pristine)
+        """Record ``step`` and apply it to the shadow. While every step only sets an amax (a group's max, which
+        writes the quantizer's own buffer), the shadow is a copy sharing the pristine copy's Python attributes, as
+        cheap as the pristine copy; the first other step makes a full copy and replays the steps on it."""
+        light = all(s.kind in _AMAX_STEPS for s in (*self.steps, step))
+        if self._edited is None or (self._light and not light):
+            self._edited, self._light = clone_module(self.pristine, read_only=light), light
+            for earlier in self.steps:
+                earlier.apply(self._edited)
         self.steps.append(step)
         step.apply(self._edited)
 

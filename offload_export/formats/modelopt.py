@@ -62,7 +62,6 @@ class _Quantized:
     pristine: nn.Module       # quantizer state as in the model (CPU), meta weight
     steps: list[Step] = field(default_factory=list)
     _edited: nn.Module | None = None
-    _light: bool = False      # _edited shares the pristine copy's Python attributes (only amax steps so far)
 
     @property
     def shadow(self) -> nn.Module:
@@ -74,9 +73,10 @@ class _Quantized:
         """Record ``step`` and apply it to the shadow. While every step only sets an amax (a group's max, which
         writes the quantizer's own buffer), the shadow is a copy sharing the pristine copy's Python attributes, as
         cheap as the pristine copy; the first other step makes a full copy and replays the steps on it."""
-        light = all(s.kind in _AMAX_STEPS for s in (*self.steps, step))
-        if self._edited is None or (self._light and not light):
-            self._edited, self._light = clone_module(self.pristine, read_only=light), light
+        was_light = all(s.kind in _AMAX_STEPS for s in self.steps)  # so the shadow shares them, if there is one
+        light = was_light and step.kind in _AMAX_STEPS
+        if self._edited is None or (was_light and not light):
+            self._edited = clone_module(self.pristine, read_only=light)
             for earlier in self.steps:
                 earlier.apply(self._edited)
         self.steps.append(step)

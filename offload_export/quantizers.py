@@ -230,8 +230,7 @@ def _role_of(attr: str) -> tuple[str, str | None]:
     return "output", None
 
 
-def _state_keys(model: nn.Module, name: str) -> tuple[str, ...]:
-    module = model.get_submodule(name)
+def _state_keys(module: nn.Module, name: str) -> tuple[str, ...]:
     return tuple(f"{name}.{k}" for k in module.state_dict(keep_vars=True))
 
 
@@ -245,7 +244,7 @@ def module_quantizers(model: nn.Module, adapter: QuantizerAdapter, is_quantizer)
             role, target = _role_of(attr)
             if target is not None and not hasattr(owner, target):  # `gate_up_proj_weight_quantizers`
                 target = target.removesuffix("_weight")
-            yield Quantizer(name, owner, owner_name, role, target, child, adapter, _state_keys(model, name))
+            yield Quantizer(name, owner, owner_name, role, target, child, adapter, _state_keys(child, name))
 
 
 def _as_json(o: Any) -> Any:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["Step", "clone_module", "meta_like", "shared_input_groups"]
@@ -319,18 +318,33 @@ class _UndefinedValues(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        undefined = any(self._is_undefined(t) for t in pytree.tree_leaves((args, kwargs)))
+        undefined = any(self._is_undefined(t) for t in _tensors((args, kwargs)))
         if undefined and (torch.Tag.data_dependent_output in func.tags or torch.Tag.dynamic_output_shape in func.tags):
             # indexing: the result's shape depends on the indices' values only (the tensor indexed may be undefined)
-            shaping = pytree.tree_leaves((args[1:], kwargs)) if func in _SHAPE_FROM_INDICES else ()
+            shaping = _tensors((args[1:], kwargs)) if func in _SHAPE_FROM_INDICES else ()
             if func not in _SHAPE_FROM_INDICES or any(self._is_undefined(t) for t in shaping):
                 raise _ValueDependent(f"{func} reads values the twin does not have")
         out = func(*args, **kwargs)
         if undefined or func in _UNFILLED:
-            for t in pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    self._mark(t)
+            for t in _tensors(out):
+                self._mark(t)
         return out
+
+
+def _tensors(value: object, found: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The tensors in an op's arguments or results (nested tuples, lists and dicts: all an aten op takes or gives), in
+    order; ``pytree.tree_leaves`` finds the same at several times the cost, and the twin's forward makes thousands
+    of calls."""
+    found = [] if found is None else found
+    if isinstance(value, torch.Tensor):
+        found.append(value)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            _tensors(v, found)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _tensors(v, found)
+    return found
 
 
 def _traced_groups(model: nn.Module, roles: dict[str, str], device: torch.device):

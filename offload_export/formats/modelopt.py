@@ -242,11 +242,9 @@ class ModelOptPacker:
         from modelopt.torch.export.hf_export_handlers import _has_fused_experts_quantizers
 
         kv_format = self.hf_quant_config["quantization"]["kv_cache_quant_algo"]
-        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-        names = sorted(owners, key=order.__getitem__)
-        memo = _host_copies([model.get_submodule(name) for name in names])
-        for name in names:
-            module = model.get_submodule(name)
+        owned = [(name, module) for name, module in model.named_modules() if name in owners]
+        memo = _host_copies([module for _, module in owned])
+        for name, module in owned:
             if hasattr(module, "k_bmm_quantizer") or hasattr(module, "v_bmm_quantizer"):
                 self._snapshot_kv(name, module, kv_format)
             if _has_fused_experts_quantizers(module):

@@ -1,0 +1,141 @@
+"""The Python an export runs before its first byte and before its first quantized linear, per package version.
+
+    python benchmarks/bench_first_byte.py [--layers 36] [--rounds 7] [--config NVFP4_DEFAULT_CFG] [--out F] [DIR ...]
+
+A Qwen3 of ``--layers`` layers and tiny widths (hidden 256), quantized by ModelOpt on the CPU and kept resident, is
+exported with ``format="modelopt"``: its bytes are few, so the time is the export's Python (the model's layer and
+module counts set it, not its widths). Per round and package (interleaved, odd rounds reversed; round 0 pays for
+first-call work and is left out): the time to the first byte written (the first ``pwritev``), the total, and the
+stages that run once per export when the package has them: ``prepare_job`` (layout, quantizers, the format and its
+packer, the plan), ``plan_facts`` (the resume facts), and the shared-input groups' trace and fusion (run by the first
+quantized linear's pack, after the first byte). Each DIR holds an ``offload_export`` package (``git archive REV
+offload_export | tar -x -C DIR``); the installed one by default. Prints a table of medians (min-max) and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import importlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+STAGES = {"prepare_job": ("export", "prepare_job"), "plan_facts": ("export", "plan_facts"),
+          "groups_traced": ("formats._modelopt_replay", "shared_input_groups"),
+          "groups_fused": ("formats.modelopt", "ModelOptPacker._fuse_groups")}
+
+
+def load(folder: str | None):
+    """``offload_export`` from ``folder`` (the installed package for None), freshly imported."""
+    for name in [n for n in sys.modules if n == "offload_export" or n.startswith("offload_export.")]:
+        del sys.modules[name]
+    if folder:
+        sys.path.insert(0, folder)
+    try:
+        package = importlib.import_module("offload_export")
+        for module, _ in STAGES.values():
+            importlib.import_module(f"offload_export.{module}")
+        return package
+    finally:
+        if folder:
+            sys.path.remove(folder)
+
+
+def timed(times: dict[str, float]) -> None:
+    """Wrap each stage the freshly loaded package has so that its seconds add up in ``times``."""
+    for stage, (module, attr) in STAGES.items():
+        owner = sys.modules[f"offload_export.{module}"]
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part, None)
+        fn = getattr(owner, name, None)
+        if fn is None:
+            continue
+
+        @functools.wraps(fn)
+        def wrapper(*args, _fn=fn, _stage=stage, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                times[_stage] = times.get(_stage, 0.0) + time.perf_counter() - start
+        setattr(owner, name, wrapper)
+        if module == "formats._modelopt_replay":  # imported by name into the packer's module
+            setattr(sys.modules["offload_export.formats.modelopt"], name, wrapper)
+
+
+def model_of(layers: int, config: str) -> torch.nn.Module:
+    import modelopt.torch.quantization as mtq
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    cfg = Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=64, vocab_size=1024, tie_word_embeddings=True,
+                      max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    calib = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(0))
+    mtq.quantize(model, copy.deepcopy(getattr(mtq, config)), lambda m: m(input_ids=calib, use_cache=False))
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("packages", nargs="*", help="folders holding an offload_export package (default: the installed)")
+    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--config", default="NVFP4_DEFAULT_CFG", help="a ModelOpt config name")
+    ap.add_argument("--out", default="first_byte.json")
+    args = ap.parse_args()
+    model = model_of(args.layers, args.config)
+    first: list[float] = []
+    pwritev = os.pwritev
+
+    def first_write(*a):
+        if not first:
+            first.append(time.perf_counter())
+        return pwritev(*a)
+
+    os.pwritev = first_write
+    packages = args.packages or [None]
+    runs: dict[str, list[dict[str, float]]] = {}
+    work = Path(tempfile.mkdtemp(prefix="first_byte_"))
+    try:
+        for r in range(args.rounds):
+            for folder in packages if r % 2 == 0 else packages[::-1]:
+                oe = load(folder)
+                times: dict[str, float] = {}
+                timed(times)
+                first.clear()
+                start = time.perf_counter()
+                oe.save_clean(model, work / "out", format="modelopt")
+                end = time.perf_counter()
+                shutil.rmtree(work / "out")
+                if r:
+                    runs.setdefault(Path(folder).name if folder else "installed", []).append(
+                        {"first_byte": first[0] - start, "total": end - start, **times})
+    finally:
+        os.pwritev = pwritev
+        shutil.rmtree(work, ignore_errors=True)
+    columns = ["first_byte", "total", *STAGES]
+    rows = {name: {c: [round(x[c], 4) for x in xs if c in x] for c in columns} for name, xs in runs.items()}
+    print(f"{args.layers}-layer Qwen3 (hidden 256), {args.config}, rounds 1-{args.rounds - 1}, {os.cpu_count()} cores; "
+          f"median (min-max) s")
+    print("| package | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for name, cols in rows.items():
+        cells = [f"{statistics.median(v):.3f} ({min(v):.3f}-{max(v):.3f})" if v else "-" for v in cols.values()]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    Path(args.out).write_text(json.dumps({"layers": args.layers, "config": args.config, "rounds": args.rounds,
+                                          "cores": os.cpu_count(), "seconds": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

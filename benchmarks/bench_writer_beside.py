@@ -1,10 +1,13 @@
 """The shard writer alone and beside a thread running Python (as an export's fold / pack thread is), in one process.
 
-    python benchmarks/bench_writer_beside.py [--layers 8] [--rounds 3] [--dir DIR] [--out results.json] [PACKAGE_DIR ...]
+    python benchmarks/bench_writer_beside.py [--shape moe|dense] [--layers 8] [--rounds 3] [--crc-threads N]
+                                             [--dir DIR] [--out results.json] [PACKAGE_DIR ...]
 
-A MoE-shaped stream of packed tensors (a 155 MB embedding, then per layer 32 experts x 3 linears, each an NVFP4
-weight of 786 KB, a 98 KB scale and two 4-byte scales: 384 tensors a layer) written unit by unit into one shard
-by ``ShardWriter`` with the CRC threads an export uses, the way ``save_clean`` hands a unit's tensors over
+A stream of NVFP4-packed tensors written unit by unit into one shard by ``ShardWriter`` with CRC threads as an
+export has them (``--crc-threads``; an export's count on this machine by default): ``moe``, a 155 MB embedding
+then per layer 32 experts x 3 linears, each a weight of 786 KB, a 98 KB scale and two 4-byte scales (384 tensors a
+layer); ``dense``, a 389 MB embedding then per layer the 7 linears of a Qwen3-4B layer (0.5-12 MB weights, their
+scales: 28 tensors, 69 MB a layer). Units are handed over the way ``save_clean`` does
 (``write_many`` where the package has it, else ``write`` per tensor), + fsync. Each round: alone, then beside
 a thread looping in Python, with the switch interval an export sets (0.5 ms). Every thread hands the GIL over at
 each system call and at some torch calls, and waits for it back while the other thread runs Python. Each
@@ -42,27 +45,36 @@ def load(folder: str | None):
             sys.path.remove(folder)
 
 
-def units(layers: int) -> list[list[tuple[str, torch.Tensor]]]:
+_LINEARS = {"moe": [(f"mlp.experts.{e}.{proj}", shape) for e in range(32)
+                     for proj, shape in (("gate_proj", (768, 2048)), ("up_proj", (768, 2048)), ("down_proj", (2048, 768)))],
+            "dense": [(f"{part}.{proj}", shape) for part, proj, shape in (
+                ("self_attn", "q_proj", (4096, 2560)), ("self_attn", "k_proj", (1024, 2560)),
+                ("self_attn", "v_proj", (1024, 2560)), ("self_attn", "o_proj", (2560, 4096)),
+                ("mlp", "gate_proj", (9728, 2560)), ("mlp", "up_proj", (9728, 2560)), ("mlp", "down_proj", (2560, 9728)))]}
+_EMBEDDING = {"moe": (151936 // 8, 4096 * 2), "dense": (151936 // 2, 2560)}
+
+
+def units(layers: int, shape: str = "moe") -> list[list[tuple[str, torch.Tensor]]]:
     gen = torch.Generator().manual_seed(0)
 
     def raw(shape, dtype=torch.uint8):
         return torch.randint(0, 255, shape, dtype=torch.uint8, generator=gen).view(dtype)
 
-    out = [[("model.embed_tokens.weight", raw((151936 // 8, 4096 * 2)).view(torch.bfloat16))]]
+    rows, cols = _EMBEDDING[shape]
+    out = [[("model.embed_tokens.weight", raw((rows, cols * 2)).view(torch.bfloat16))]]
     for layer in range(layers):
         unit = []
-        for e in range(32):
-            for proj, (rows, cols) in (("gate_proj", (768, 2048)), ("up_proj", (768, 2048)), ("down_proj", (2048, 768))):
-                name = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
-                unit += [(f"{name}.weight", raw((rows, cols // 2))),
-                         (f"{name}.weight_scale", raw((rows, cols // 16), torch.float8_e4m3fn)),
-                         (f"{name}.weight_scale_2", torch.rand((), generator=gen)),
-                         (f"{name}.input_scale", torch.rand((), generator=gen))]
+        for linear, (rows, cols) in _LINEARS[shape]:
+            name = f"model.layers.{layer}.{linear}"
+            unit += [(f"{name}.weight", raw((rows, cols // 2))),
+                     (f"{name}.weight_scale", raw((rows, cols // 16), torch.float8_e4m3fn)),
+                     (f"{name}.weight_scale_2", torch.rand((), generator=gen)),
+                     (f"{name}.input_scale", torch.rand((), generator=gen))]
         out.append(unit)
     return out
 
 
-def write(writer, stream, path: Path, busy: bool) -> float:
+def write(writer, stream, path: Path, busy: bool, crc_threads: int) -> float:
     stop = threading.Event()
 
     def spin():
@@ -73,7 +85,7 @@ def write(writer, stream, path: Path, busy: bool) -> float:
 
     spinner = threading.Thread(target=spin, daemon=True)
     specs = [writer.TensorSpec(n, t.dtype, tuple(t.shape)) for unit in stream for n, t in unit]
-    with ThreadPoolExecutor(max(1, min(4, (os.cpu_count() or 1) // 4)), thread_name_prefix="crc") as crc:
+    with ThreadPoolExecutor(crc_threads, thread_name_prefix="crc") as crc:
         shard = writer.ShardWriter(str(path), specs, {"format": "pt"}, descriptors=writer.Descriptors(), checksums=crc)
         if busy:
             spinner.start()
@@ -97,12 +109,14 @@ def write(writer, stream, path: Path, busy: bool) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("packages", nargs="*", help="folders holding an offload_export package (default: the installed)")
+    ap.add_argument("--shape", choices=sorted(_LINEARS), default="moe")
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--crc-threads", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", default=None, help="where to write (default: the system's temporary folder)")
     ap.add_argument("--out", default="writer_beside.json")
     args = ap.parse_args()
-    stream = units(args.layers)
+    stream = units(args.layers, args.shape)
     nbytes = sum(t.numel() * t.element_size() for unit in stream for _, t in unit)
     tensors = sum(len(unit) for unit in stream)
     sys.setswitchinterval(0.0005)
@@ -114,15 +128,18 @@ def main() -> None:
             writer = load(folder)
             for busy in (False, True):
                 key = f"{Path(folder).name if folder else 'installed'}, {'beside Python' if busy else 'alone'}"
-                runs.setdefault(key, []).append(write(writer, stream, work / "shard.safetensors", busy))
+                runs.setdefault(key, []).append(write(writer, stream, work / "shard.safetensors", busy,
+                                                      args.crc_threads))
     work.rmdir()
     rows = [{"case": k, "s_median": round(statistics.median(v), 3), "s_min": round(min(v), 3), "s_max": round(max(v), 3),
              "GBps_median": round(nbytes / 1e9 / statistics.median(v), 2)} for k, v in runs.items()]
-    print(f"{tensors} tensors, {nbytes / 1e9:.2f} GB, {args.rounds} rounds, {os.cpu_count()} cores")
+    print(f"{args.shape}: {tensors} tensors, {nbytes / 1e9:.2f} GB, {args.rounds} rounds, {os.cpu_count()} cores, "
+          f"{args.crc_threads} CRC thread(s)")
     print(f"{'package, case':32} {'s median':>9} {'min':>6} {'max':>6} {'GB/s':>6}")
     for r in rows:
         print(f"{r['case']:32} {r['s_median']:>9} {r['s_min']:>6} {r['s_max']:>6} {r['GBps_median']:>6}")
-    Path(args.out).write_text(json.dumps({"tensors": tensors, "bytes": nbytes, "rounds": args.rounds,
+    Path(args.out).write_text(json.dumps({"shape": args.shape, "crc_threads": args.crc_threads, "layers": args.layers,
+                                          "tensors": tensors, "bytes": nbytes, "rounds": args.rounds,
                                           "cores": os.cpu_count(), "rows": rows}, indent=2) + "\n")
 
 

@@ -33,6 +33,7 @@ from functools import lru_cache
 
 import torch
 
+from . import _aio
 from ._store import SAFETENSORS_DTYPES, FileSpan, open_regular
 from ._transfer import host_pieces
 
@@ -244,25 +245,34 @@ def _pwrite_all(fd: int, buffers: Sequence[memoryview], offset: int) -> None:
     """Write ``buffers`` one after the other from ``offset``, in ``pwritev`` calls of up to 512 KiB: many small
     buffers (a MoE's per-expert tensors) in one call, a large one in several; again for the rest after a short write.
 
-    Every system call hands the GIL over, and taking it back waits for the other threads' Python (up to the switch
-    interval), so a call per tensor paces the writer by the fold's Python rather than by the disk
-    (``benchmarks/bench_writer_beside.py``). Calls larger than 512 KiB would save more of those waits but cost the
-    kernel more: on one Linux 6.18 / ext4 VM, 1-8 MiB calls took 1.5-3.5 x the system time of 512 KiB ones
+    The calls are submitted together where the system allows (:func:`offload_export._aio.pwritev_many`): every system
+    call hands the GIL over, and taking it back waits for the other threads' Python (up to the switch interval), so
+    a system call per 512 KiB paces the writer by the pack's Python rather than by the disk
+    (``benchmarks/bench_writer_beside.py``). Calls larger than 512 KiB would save those waits too but cost the kernel
+    more: on one Linux 6.18 / ext4 VM, 1-8 MiB calls took 1.5-3.5 x the system time of 512 KiB ones
     (``benchmarks/bench_write_calls.py``), and an int8 export writing each 6 MiB weight in one call took 2.1-2.6 s
     against 1.4-2.0 s.
 
     Raises:
         OSError: a write fails, or writes nothing (EIO).
     """
+    calls, at = [], offset
     for call in _calls(buffers):
+        calls.append((at, call))
+        at += sum(len(b) for b in call)
+    done = _aio.pwritev_many(fd, calls) if len(calls) > 1 else []
+    for i, (at, call) in enumerate(calls):
         left = sum(len(b) for b in call)
-        while left:
-            n = os.pwritev(fd, call, offset)
-            if n <= 0:
-                raise OSError(errno.EIO, f"pwritev wrote nothing at byte {offset}")
-            offset, left = offset + n, left - n
-            if left:  # a short write: the rest of the call again
+        n = done[i] if i < len(done) else 0  # what the batch wrote of it; short or failed: the rest again here
+        while True:
+            at, left = at + n, left - n
+            if not left:
+                break
+            if n:
                 call = _byte_range(call, n, left)
+            n = os.pwritev(fd, call, at)
+            if n <= 0:
+                raise OSError(errno.EIO, f"pwritev wrote nothing at byte {at}")
 
 
 def _calls(buffers: Sequence[memoryview]) -> Iterator[list[memoryview]]:

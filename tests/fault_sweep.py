@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 import offload_export as oe
-from offload_export import _atomic, resume
+from offload_export import _aio, _atomic, resume
 
 # function name -> (module holding it, attribute, errnos it is failed with: the first by default, all in -m slow).
 # A point's function may name a call site: ("close@_same_bytes", k, errno) fails the k-th close made there.
@@ -50,6 +50,7 @@ FAULTS: dict[str, tuple[object, str, tuple[int, ...]]] = {
     "builtins.open": (builtins, "open", (errno.EMFILE, errno.ENOSPC)),
     "pwrite": (os, "pwrite", (errno.ENOSPC, errno.EIO)),
     "pwritev": (os, "pwritev", (errno.ENOSPC, errno.EIO)),
+    "pwritev_many": (_aio, "pwritev_many", (errno.ENOSPC, errno.EIO)),  # pwritev calls submitted together (Linux AIO)
     "write": (os, "write", (errno.ENOSPC,)),
     "copy_file_range": (os, "copy_file_range", (errno.ENOSPC, errno.EIO)),
     "sendfile": (os, "sendfile", (errno.ENOSPC,)),

@@ -7,6 +7,7 @@ there (``python test_writer.py <mode> <dir>``) and prints one JSON line.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import resource
@@ -184,6 +185,101 @@ def test_neighbours_go_out_in_few_calls_and_short_writes_are_resumed(tmp_path_fa
     assert path.read_bytes() == b"\0" * 3 * bool(data) + data
     nonempty = sum(1 for n in sizes if n)
     assert -(-len(data) // cap) <= len(calls) <= -(-len(data) // cap) + -(-nonempty // iov) + -(-len(data) // most)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 300), max_size=12), cap=st.integers(1, 700), made=st.integers(0, 12),
+       short=st.integers(-5, 300))
+def test_calls_submitted_together_are_resumed_from_what_the_batch_wrote(tmp_path_factory, sizes, cap, made, short):
+    """The batch writes the first ``made`` calls, the last of them short (``short`` bytes) or failed (``short`` < 0);
+    ``pwritev`` writes the rest, nothing twice. A single call is not submitted as a batch."""
+    path = tmp_path_factory.mktemp("b") / "f"
+    buffers = [memoryview(bytearray(os.urandom(n))) for n in sizes]
+    real, again = os.pwritev, []
+
+    def made_by_batch(calls) -> list[int]:
+        out = []
+        for i, (_, bufs) in enumerate(calls[:made]):
+            size = sum(len(b) for b in bufs)
+            out.append(size if i + 1 < made else max(0, min(short, size)))
+            if out[-1] < size:
+                break
+        return out
+
+    def batch(fd, calls):
+        for (at, bufs), n in zip(calls, made_by_batch(calls)):
+            real(fd, writer_mod._byte_range(bufs, 0, n), at)
+        return made_by_batch(calls)
+
+    def counted(fd, bufs, offset):
+        again.append(sum(len(b) for b in bufs))
+        return real(fd, bufs, offset)
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        with mock.patch.object(writer_mod._aio, "pwritev_many", batch), \
+                mock.patch.object(writer_mod.os, "pwritev", counted), mock.patch.object(writer_mod, "_WRITE_CALL", cap):
+            writer_mod._pwrite_all(fd, buffers, 3)
+            calls = [(0, call) for call in writer_mod._calls(buffers)]
+    finally:
+        os.close(fd)
+    data = b"".join(bytes(b) for b in buffers)
+    assert path.read_bytes() == b"\0" * 3 * bool(data) + data
+    assert sum(again) == len(data) - (sum(made_by_batch(calls)) if len(calls) > 1 else 0)  # one call: pwritev
+
+
+def test_aio_writes_what_pwritev_would(tmp_path):
+    """Calls with gaps between them and many buffers each, through Linux AIO where there is one."""
+    gen = torch.Generator().manual_seed(0)
+    calls = [(at, [memoryview(bytearray(torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8).numpy()))
+                   for n in sizes])
+             for at, sizes in ((5, (1, 4096, 7)), (9000, (600_000,)), (700_000, (3,) * 1024), (4096, (10, 20)))]
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        done = writer_mod._aio.pwritev_many(fd, calls)
+    finally:
+        os.close(fd)
+    if not done:
+        pytest.skip("no Linux AIO here: the writer uses pwritev")
+    assert done == [sum(len(b) for b in bufs) for _, bufs in calls]
+    expected = bytearray(max(at + sum(len(b) for b in bufs) for at, bufs in calls))
+    for at, bufs in calls:
+        data = b"".join(bytes(b) for b in bufs)
+        expected[at:at + len(data)] = data
+    assert (tmp_path / "f").read_bytes() == bytes(expected)
+
+
+def test_a_batch_into_a_read_only_descriptor_raises_its_error(tmp_path):
+    (tmp_path / "f").write_bytes(b"")
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            writer_mod._pwrite_all(fd, [memoryview(bytearray(3 << 20))], 0)
+    finally:
+        os.close(fd)
+    assert e.value.errno == errno.EBADF
+    assert (tmp_path / "f").read_bytes() == b""
+
+
+def test_without_aio_the_writes_go_through_pwritev(tmp_path, monkeypatch):
+    """Another OS, a sandbox refusing the calls, or the system's AIO limit reached: nothing changes but the calls."""
+    monkeypatch.setattr(writer_mod._aio, "_SYSCALL", None)
+    buffers = [memoryview(bytearray(os.urandom(n))) for n in (5, 2 << 20, 17)]
+    result = []
+
+    def write():  # a new thread: each thread has its own AIO context, made at its first batch
+        fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+        try:
+            result.append(writer_mod._aio.pwritev_many(fd, [(0, buffers[:1]), (5, buffers[1:])]))
+            writer_mod._pwrite_all(fd, buffers, 0)
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    thread.join()
+    assert result == [[]]
+    assert (tmp_path / "f").read_bytes() == b"".join(bytes(b) for b in buffers)
 
 
 @settings(max_examples=200, deadline=None)

@@ -45,7 +45,8 @@ class _Iovec(ctypes.Structure):
 
 def _syscall():
     """libc's ``syscall`` and this CPU's AIO syscall numbers, or None where there are none."""
-    numbers = _SYSCALLS.get(platform.machine()) if sys.platform.startswith("linux") else None
+    linux64 = sys.platform.startswith("linux") and sys.maxsize > 2**32  # a 32-bit process has other numbers
+    numbers = _SYSCALLS.get(platform.machine()) if linux64 else None
     fn = getattr(ctypes.CDLL(None, use_errno=True), "syscall", None) if numbers else None
     if fn is None:
         return None
@@ -146,9 +147,11 @@ def pwritev_many(fd: int, calls: Sequence[tuple[int, Sequence[memoryview]]]) -> 
         try:
             submitted = ctx.submit(iocbs)
         except OSError as e:
+            if e.errno == errno.EINTR:  # a signal before any was submitted: pwritev (which retries) writes them
+                return done
             if e.errno not in _UNAVAILABLE:
                 raise
-            _local.ctx = None  # not for this file or no more: the rest through pwritev
+            _local.ctx = None  # not for this file or no more (a forked child's context is its parent's): pwritev
             return done
         try:
             results = ctx.reap(submitted)

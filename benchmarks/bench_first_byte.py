@@ -1,10 +1,11 @@
 """The Python an export runs before its first byte and before its first quantized linear, per package version.
 
-    python benchmarks/bench_first_byte.py [--layers 36] [--rounds 7] [--config NVFP4_DEFAULT_CFG] [--out F] [DIR ...]
+    python benchmarks/bench_first_byte.py [--layers 36] [--hidden 256] [--rounds 7] [--config NVFP4_DEFAULT_CFG]
+                                          [--out F] [DIR ...]
 
-A Qwen3 of ``--layers`` layers and tiny widths (hidden 256), quantized by ModelOpt on the CPU and kept resident, is
-exported with ``format="modelopt"``: its bytes are few, so the time is the export's Python (the model's layer and
-module counts set it, not its widths). Per round and package (interleaved, odd rounds reversed; round 0 pays for
+A Qwen3 of ``--layers`` layers, quantized by ModelOpt on the CPU and kept resident, is exported with
+``format="modelopt"``. At the default width (hidden 256) its bytes are few, so the time is the export's Python (the
+model's layer and module counts set it, not its widths); wider, the packing and the writes count too. Per round and package (interleaved, odd rounds reversed; round 0 pays for
 first-call work and is left out): the time to the first byte written (the first ``pwritev``), the total, and the
 stages that run once per export when the package has them: ``prepare_job`` (layout, quantizers, the format and its
 packer, the plan), ``plan_facts`` (the resume facts), and the shared-input groups' trace and fusion (run by the first
@@ -73,13 +74,13 @@ def timed(times: dict[str, float]) -> None:
             setattr(sys.modules["offload_export.formats.modelopt"], name, wrapper)
 
 
-def model_of(layers: int, config: str) -> torch.nn.Module:
+def model_of(layers: int, hidden: int, config: str) -> torch.nn.Module:
     import modelopt.torch.quantization as mtq
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    cfg = Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=64, vocab_size=1024, tie_word_embeddings=True,
-                      max_position_embeddings=64)
+    cfg = Qwen3Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128), head_dim=64,
+                      vocab_size=1024, tie_word_embeddings=True, max_position_embeddings=64)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     calib = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(0))
     mtq.quantize(model, copy.deepcopy(getattr(mtq, config)), lambda m: m(input_ids=calib, use_cache=False))
@@ -90,11 +91,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("packages", nargs="*", help="folders holding an offload_export package (default: the installed)")
     ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--hidden", type=int, default=256, help="hidden size (intermediate: twice it)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--config", default="NVFP4_DEFAULT_CFG", help="a ModelOpt config name")
     ap.add_argument("--out", default="first_byte.json")
     args = ap.parse_args()
-    model = model_of(args.layers, args.config)
+    model = model_of(args.layers, args.hidden, args.config)
     first: list[float] = []
     pwritev = os.pwritev
 
@@ -126,14 +128,14 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     columns = ["first_byte", "total", *STAGES]
     rows = {name: {c: [round(x[c], 4) for x in xs if c in x] for c in columns} for name, xs in runs.items()}
-    print(f"{args.layers}-layer Qwen3 (hidden 256), {args.config}, rounds 1-{args.rounds - 1}, {os.cpu_count()} cores; "
+    print(f"{args.layers}-layer Qwen3 (hidden {args.hidden}), {args.config}, rounds 1-{args.rounds - 1}, {os.cpu_count()} cores; "
           f"median (min-max) s")
     print("| package | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for name, cols in rows.items():
         cells = [f"{statistics.median(v):.3f} ({min(v):.3f}-{max(v):.3f})" if v else "-" for v in cols.values()]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    Path(args.out).write_text(json.dumps({"layers": args.layers, "config": args.config, "rounds": args.rounds,
+    Path(args.out).write_text(json.dumps({"layers": args.layers, "hidden": args.hidden, "config": args.config, "rounds": args.rounds,
                                           "cores": os.cpu_count(), "seconds": rows}, indent=2) + "\n")
 
 

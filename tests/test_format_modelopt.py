@@ -296,6 +296,18 @@ def test_a_weight_modelopt_cannot_pack_is_refused_naming_it(tmp_path):
     assert_refused(model, tmp_path / "x" / "out", "model.layers.0.self_attn.q_proj.weight", "block size 128")
 
 
+def test_linears_reading_one_input_but_quantized_differently_are_refused(tmp_path):
+    """ModelOpt's export asserts one format per shared-input group (q/k/v here): k_proj in FP8, the rest NVFP4."""
+    cfg = quant_config("NVFP4_DEFAULT_CFG")
+    fp8 = {"num_bits": (4, 3), "axis": None}
+    cfg["quant_cfg"] += [{"quantizer_name": f"*k_proj*{role}_quantizer", "cfg": fp8} for role in ("weight", "input")]
+    model = tiny_qwen3()
+    calib = (fixed_input_ids(batch=2, seq=16, seed=7) % model.config.vocab_size)
+    with quiet_libraries():
+        mtq.quantize(model, cfg, lambda m: m(input_ids=calib, use_cache=False))
+    assert_refused(model, tmp_path / "x" / "out", "model.layers.0.self_attn.k_proj", "quantized differently")
+
+
 def test_a_failure_part_way_leaves_nothing_and_the_model_as_it_was(ref_root, tmp_path, monkeypatch):
     from offload_export.formats.modelopt import ModelOptPacker
 

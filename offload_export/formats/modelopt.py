@@ -351,7 +351,8 @@ class ModelOptPacker:
         from modelopt.torch.export.quant_utils import all_items_same, get_quantization_format
 
         shadows = [m.shadow for m in members]
-        if not all_items_same([get_quantization_format(s) for s in shadows]):
+        # a module without steps has its pristine copy's format (a dropped pre_quant_scale may change it)
+        if not all_items_same([get_quantization_format(m.shadow) if m.steps else m.fmt for m in members]):
             raise ValueError(f"{FORMAT}: {[m.name for m in members]} read the same input but are quantized "
                              f"differently; ModelOpt's export requires one format per group (its assertion)")
         if shadows[0].input_quantizer.pre_quant_scale is not None:

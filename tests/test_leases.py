@@ -17,10 +17,30 @@ import torch
 from torch import nn
 
 import offload_export as oe
+from offload_export import _aio
 
 BOUND = 60  # seconds a failing call may take before it counts as a hang
 verify_module = importlib.import_module("offload_export.verify")  # the package exports the function
 BIG_CALL = 512 << 10  # only the embedding's data is written in calls this big
+
+
+def _full_disk(monkeypatch, fails) -> None:
+    """Each write that ``fails(fd, offset, nbytes)`` picks raises ENOSPC, made with ``pwritev`` or submitted in a batch
+    (Linux AIO): a batch holding one leaves it to ``pwritev``, as a full disk's failed request does."""
+    pwritev, batch = os.pwritev, _aio.pwritev_many
+
+    def full(fd, buffers, offset):
+        if fails(fd, offset, sum(len(b) for b in buffers)):
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return pwritev(fd, buffers, offset)
+
+    def submitted(fd, calls):
+        if any(fails(fd, at, sum(len(b) for b in buffers)) for at, buffers in calls):
+            return []
+        return batch(fd, calls)
+
+    monkeypatch.setattr(os, "pwritev", full)
+    monkeypatch.setattr(_aio, "pwritev_many", submitted)
 
 
 def _big_model(work: Path) -> nn.Module:
@@ -60,14 +80,7 @@ def big(tmp_path_factory):
 
 def test_a_disk_full_write_of_the_unit_holding_the_budget_raises_instead_of_hanging(big, tmp_path, monkeypatch):
     model, _ = big
-    pwritev = os.pwritev
-
-    def full(fd, buffers, offset):
-        if sum(len(b) for b in buffers) >= BIG_CALL:
-            raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        return pwritev(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "pwritev", full)
+    _full_disk(monkeypatch, lambda fd, offset, nbytes: nbytes >= BIG_CALL)
     threads, fds = threading.active_count(), _fds()
     error = _bounded(lambda: oe.save_clean(model, tmp_path / "out", dtype=torch.float16, max_shard_size="1MB"))
     assert isinstance(error, OSError) and error.errno == errno.ENOSPC, error
@@ -124,14 +137,8 @@ def test_a_failed_quantizer_state_write_leaves_no_descriptor_open(tmp_path, monk
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
     oe.quantize_weights(model, "int8")
-    pwritev = os.pwritev
-
-    def full(fd, buffers, offset):
-        if os.readlink(f"/proc/self/fd/{fd}").endswith("quantizer_state.safetensors") and offset > 0:
-            raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        return pwritev(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "pwritev", full)
+    _full_disk(monkeypatch, lambda fd, offset, nbytes:
+               os.readlink(f"/proc/self/fd/{fd}").endswith("quantizer_state.safetensors") and offset > 0)
     fds = _fds()
     with pytest.raises(OSError, match="injected"):
         oe.save_clean(model, tmp_path / "out")

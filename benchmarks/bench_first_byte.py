@@ -30,25 +30,20 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_writer_beside  # noqa: E402  (its package loader)
+
 STAGES = {"prepare_job": ("export", "prepare_job"), "plan_facts": ("export", "plan_facts"),
           "groups_traced": ("formats._modelopt_replay", "shared_input_groups"),
           "groups_fused": ("formats.modelopt", "ModelOptPacker._fuse_groups")}
 
 
 def load(folder: str | None):
-    """``offload_export`` from ``folder`` (the installed package for None), freshly imported."""
-    for name in [n for n in sys.modules if n == "offload_export" or n.startswith("offload_export.")]:
-        del sys.modules[name]
-    if folder:
-        sys.path.insert(0, folder)
-    try:
-        package = importlib.import_module("offload_export")
-        for module, _ in STAGES.values():
-            importlib.import_module(f"offload_export.{module}")
-        return package
-    finally:
-        if folder:
-            sys.path.remove(folder)
+    """``offload_export`` from ``folder`` (the installed package for None), freshly imported with the stages' modules."""
+    package = bench_writer_beside.load(folder, "offload_export")
+    for module, _ in STAGES.values():
+        importlib.import_module(f"offload_export.{module}")
+    return package
 
 
 def timed(times: dict[str, float]) -> None:

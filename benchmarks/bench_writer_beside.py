@@ -32,14 +32,14 @@ from pathlib import Path
 import torch
 
 
-def load(folder: str | None):
-    """``offload_export.writer`` from ``folder`` (the installed package for None)."""
+def load(folder: str | None, module: str = "offload_export.writer"):
+    """``module`` of the ``offload_export`` package in ``folder`` (the installed package for None), freshly imported."""
     for name in [n for n in sys.modules if n == "offload_export" or n.startswith("offload_export.")]:
         del sys.modules[name]
     if folder:
         sys.path.insert(0, folder)
     try:
-        return importlib.import_module("offload_export.writer")
+        return importlib.import_module(module)
     finally:
         if folder:
             sys.path.remove(folder)

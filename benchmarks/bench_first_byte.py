@@ -5,11 +5,12 @@
 
 A Qwen3 of ``--layers`` layers, quantized by ModelOpt on the CPU and kept resident, is exported with
 ``format="modelopt"``. At the default width (hidden 256) its bytes are few, so the time is the export's Python (the
-model's layer and module counts set it, not its widths); wider, the packing and the writes count too. Per round and package (interleaved, odd rounds reversed; round 0 pays for
-first-call work and is left out): the time to the first byte written (the first ``pwritev``), the total, and the
-stages that run once per export when the package has them: ``prepare_job`` (layout, quantizers, the format and its
-packer, the plan), ``plan_facts`` (the resume facts), and the shared-input groups' trace and fusion (run by the first
-quantized linear's pack, after the first byte). Each DIR holds an ``offload_export`` package (``git archive REV
+model's layer and module counts set it, not its widths); wider, the packing and the writes count too. Per round and
+package (interleaved, odd rounds reversed; round 0 pays for first-call work and is left out): the time to the first
+byte written (the writer's first write call: ``gpu_big.FirstWrite``), the total, and the stages that run once per
+export when the package has them: ``prepare_job`` (layout, quantizers, the format and its packer, the plan),
+``plan_facts`` (the resume facts), and the shared-input groups' trace and fusion (run by the first quantized linear's
+pack, after the first byte). Each DIR holds an ``offload_export`` package (``git archive REV
 offload_export | tar -x -C DIR``); the installed one by default. Prints a table of medians (min-max) and writes JSON.
 """
 
@@ -32,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_writer_beside  # noqa: E402  (its package loader)
+from gpu_big import FirstWrite  # noqa: E402
 
 STAGES = {"prepare_job": ("export", "prepare_job"), "plan_facts": ("export", "plan_facts"),
           "groups_traced": ("formats._modelopt_replay", "shared_input_groups"),
@@ -39,7 +41,7 @@ STAGES = {"prepare_job": ("export", "prepare_job"), "plan_facts": ("export", "pl
 
 
 def load(folder: str | None):
-    """``offload_export`` from ``folder`` (the installed package for None), freshly imported with the stages' modules."""
+    """``offload_export`` from ``folder`` (the installed package for None), imported afresh with its stages' modules."""
     package = bench_writer_beside.load(folder, "offload_export")
     for module, _ in STAGES.values():
         importlib.import_module(f"offload_export.{module}")
@@ -92,15 +94,6 @@ def main() -> None:
     ap.add_argument("--out", default="first_byte.json")
     args = ap.parse_args()
     model = model_of(args.layers, args.hidden, args.config)
-    first: list[float] = []
-    pwritev = os.pwritev
-
-    def first_write(*a):
-        if not first:
-            first.append(time.perf_counter())
-        return pwritev(*a)
-
-    os.pwritev = first_write
     packages = args.packages or [None]
     runs: dict[str, list[dict[str, float]]] = {}
     work = Path(tempfile.mkdtemp(prefix="first_byte_"))
@@ -110,28 +103,28 @@ def main() -> None:
                 oe = load(folder)
                 times: dict[str, float] = {}
                 timed(times)
-                first.clear()
-                start = time.perf_counter()
-                oe.save_clean(model, work / "out", format="modelopt")
-                end = time.perf_counter()
+                with FirstWrite() as first:
+                    start = time.perf_counter()
+                    oe.save_clean(model, work / "out", format="modelopt")
+                    end = time.perf_counter()
                 shutil.rmtree(work / "out")
                 if r:
                     runs.setdefault(Path(folder).name if folder else "installed", []).append(
-                        {"first_byte": first[0] - start, "total": end - start, **times})
+                        {"first_byte": first.t - start, "total": end - start, **times})
     finally:
-        os.pwritev = pwritev
         shutil.rmtree(work, ignore_errors=True)
     columns = ["first_byte", "total", *STAGES]
     rows = {name: {c: [round(x[c], 4) for x in xs if c in x] for c in columns} for name, xs in runs.items()}
-    print(f"{args.layers}-layer Qwen3 (hidden {args.hidden}), {args.config}, rounds 1-{args.rounds - 1}, {os.cpu_count()} cores; "
-          f"median (min-max) s")
+    print(f"{args.layers}-layer Qwen3 (hidden {args.hidden}), {args.config}, rounds 1-{args.rounds - 1}, "
+          f"{os.cpu_count()} cores; median (min-max) s")
     print("| package | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for name, cols in rows.items():
         cells = [f"{statistics.median(v):.3f} ({min(v):.3f}-{max(v):.3f})" if v else "-" for v in cols.values()]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    Path(args.out).write_text(json.dumps({"layers": args.layers, "hidden": args.hidden, "config": args.config, "rounds": args.rounds,
-                                          "cores": os.cpu_count(), "seconds": rows}, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"layers": args.layers, "hidden": args.hidden, "config": args.config,
+                                          "rounds": args.rounds, "cores": os.cpu_count(), "seconds": rows}, indent=2)
+                              + "\n")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ folder) and the Qwen3-MoE shape (GPU 2 GiB + CPU 2 GiB), NVFP4 and FP8 (ModelOpt
 ``FP8_DEFAULT_CFG``). Per case: ModelOpt's ``export_hf_checkpoint`` of the resident twin (the reference), then on
 the offloaded model (calibrated the same way): ours ``format="modelopt"``, ours with the shared-input groups found
 the other way (twin / forward of the model), ModelOpt's ``export_hf_checkpoint`` of the offloaded model (its
-streaming path; it breaks the model, so it runs last). Each export: seconds, time to
-first byte (ours: first ``pwritev``; ModelOpt's: first non-empty ``*.safetensors`` seen by the sampler),
-host peak above the start (RssAnon and VmRSS, sampled every 5 ms), tensors equal to the reference.
+streaming path; it breaks the model, so it runs last). Each export: seconds, time to first byte (ours: the writer's
+first write call, :class:`FirstWrite`; ModelOpt's: first non-empty ``*.safetensors`` seen by the sampler), host peak
+above the start (RssAnon and VmRSS, sampled every 5 ms), tensors equal to the reference.
 
 ``--part curve``: the cost curve over GPU 2 GiB + CPU 8 GiB + disk (an explicit device map, :func:`budget_map`):
 fake-quant NVFP4 at 0.6B/4B/8B and ``format="modelopt"`` NVFP4 at 0.6B/4B/14B (``--curve-packed 0.6b,4b,8b``
@@ -36,6 +36,7 @@ import gc
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -62,14 +63,17 @@ TABLE_CPU_GPU = (2, 3)  # GiB on GPU 0, then on the CPU, for the compressed-tens
 
 
 class FirstWrite:
-    """Time of the first ``os.pwritev`` / ``os.pwrite`` / ``os.write`` / ``os.copy_file_range`` (our writer) inside the
-    block."""
+    """Time of the first ``os.pwritev`` / ``os.pwrite`` / ``os.write`` / ``os.copy_file_range`` or batch of writes
+    (``offload_export._aio.pwritev_many``, where the loaded package has it) inside the block: our writer."""
 
     def __enter__(self):
         self.t = None
-        self._saved = {n: getattr(os, n) for n in ("pwritev", "pwrite", "write", "copy_file_range")}
-        for n, fn in self._saved.items():
-            setattr(os, n, self._wrap(fn))
+        aio = sys.modules.get("offload_export._aio")
+        self._saved = {(os, n): getattr(os, n) for n in ("pwritev", "pwrite", "write", "copy_file_range")}
+        if aio is not None:
+            self._saved[aio, "pwritev_many"] = aio.pwritev_many
+        for (owner, n), fn in self._saved.items():
+            setattr(owner, n, self._wrap(fn))
         return self
 
     def _wrap(self, fn):
@@ -80,8 +84,8 @@ class FirstWrite:
         return call
 
     def __exit__(self, *exc):
-        for n, fn in self._saved.items():
-            setattr(os, n, fn)
+        for (owner, n), fn in self._saved.items():
+            setattr(owner, n, fn)
 
 
 class FirstFile(PeakRSS):

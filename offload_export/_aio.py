@@ -155,9 +155,11 @@ def pwritev_many(fd: int, calls: Sequence[tuple[int, Sequence[memoryview]]]) -> 
             return done
         try:
             results = ctx.reap(submitted)
-        except OSError:
-            _local.ctx = None  # its events unread: not used again; the batch is written again through pwritev
-            return done
+        except BaseException as e:  # noqa: B036 - an interrupt too
+            _local.ctx = None  # events left unread must never be read as another batch's
+            if not isinstance(e, OSError):
+                raise
+            return done  # the batch is written again through pwritev
         for (_, buffers), n in zip(batch, results):
             done.append(max(n, 0))
             if n != sum(len(b) for b in buffers):

@@ -249,6 +249,37 @@ def test_aio_writes_what_pwritev_would(tmp_path):
     assert (tmp_path / "f").read_bytes() == bytes(expected)
 
 
+def test_an_interrupt_while_a_batch_is_reaped_retires_the_threads_aio_context(tmp_path, monkeypatch):
+    """Its requests' events may be left in the context: no later batch may read them as its own, so the thread
+    writes through ``pwritev`` from then on."""
+    aio = writer_mod._aio
+    calls = [(0, [memoryview(bytearray(b"a" * 10))]), (10, [memoryview(bytearray(b"b" * 10))])]
+
+    def interrupted(self, n):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(aio._Context, "reap", interrupted)
+    seen = []
+
+    def write():  # a new thread: its own context
+        fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+        try:
+            try:
+                seen.append(aio.pwritev_many(fd, calls))
+            except KeyboardInterrupt:
+                seen.append("interrupted")
+            seen.append(aio.pwritev_many(fd, calls))
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    thread.join()
+    if seen[0] == []:
+        pytest.skip("no Linux AIO here")
+    assert seen == ["interrupted", []]
+
+
 def test_a_batch_into_a_read_only_descriptor_raises_its_error(tmp_path):
     (tmp_path / "f").write_bytes(b"")
     fd = os.open(tmp_path / "f", os.O_RDONLY)

@@ -36,6 +36,7 @@ import traceback
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -320,11 +321,8 @@ class TinyExport(Scenario):
 
     def run(self, dest: Path):
         # its writes cut into calls of 4 KiB, as a real model's are into 512 KiB ones: they go out in batches
-        saved, writer._WRITE_CALL = writer._WRITE_CALL, 4096
-        try:
+        with mock.patch.object(writer, "_WRITE_CALL", 4096):
             return super().run(dest)
-        finally:
-            writer._WRITE_CALL = saved
 
 
 class CompressedTensorsExport(TinyExport):
@@ -335,11 +333,8 @@ class CompressedTensorsExport(TinyExport):
         super().__init__(work, "compressed-tensors")
 
     def run(self, dest: Path):
-        saved, resume.FACTS_BESIDE_WRITES = resume.FACTS_BESIDE_WRITES, 0
-        try:
+        with mock.patch.object(resume, "FACTS_BESIDE_WRITES", 0):
             return super().run(dest)
-        finally:
-            resume.FACTS_BESIDE_WRITES = saved
 
 
 class ModelOptExport(TinyExport):

@@ -9,7 +9,8 @@ model's layer and module counts set it, not its widths); wider, the packing and 
 ``--vocab`` gives the (tied, unquantized) embedding written first while the groups are traced, as in a real model
 (Qwen3-4B: 0.78 GB). Per round and
 package (interleaved, odd rounds reversed; round 0 pays for first-call work and is left out): the time to the first
-byte written (the writer's first write call: ``gpu_big.FirstWrite``), the total, and the stages that run once per
+byte written (the writer's first write call: ``gpu_big.FirstWrite``), to the first quantized module's outputs
+made (``first_linear``), the total, and the stages that run once per
 export when the package has them: ``prepare_job`` (layout, quantizers, the format and its packer, the plan),
 ``plan_facts`` (the resume facts), and the shared-input groups' trace and fusion (run by the first quantized linear's
 pack, after the first byte). Each DIR holds an ``offload_export`` package (``git archive REV
@@ -73,6 +74,22 @@ def timed(times: dict[str, float]) -> None:
             setattr(sys.modules["offload_export.formats.modelopt"], name, wrapper)
 
 
+def first_linear() -> list[float]:
+    """Wrap the freshly loaded packer's ``pack`` so that the returned list's one item becomes the time its first
+    quantized module's outputs were made."""
+    packer = sys.modules["offload_export.formats.modelopt"].ModelOptPacker
+    pack, when = packer.pack, [float("nan")]
+
+    @functools.wraps(pack)
+    def wrapper(self, module, *args, **kwargs):
+        out = pack(self, module, *args, **kwargs)
+        if module in self.modules and when[0] != when[0]:
+            when[0] = time.perf_counter()
+        return out
+    packer.pack = wrapper
+    return when
+
+
 def model_of(layers: int, hidden: int, vocab: int, config: str) -> torch.nn.Module:
     import modelopt.torch.quantization as mtq
     from transformers import AutoModelForCausalLM, Qwen3Config
@@ -106,6 +123,7 @@ def main() -> None:
                 oe = load(folder)
                 times: dict[str, float] = {}
                 timed(times)
+                linear = first_linear()
                 with FirstWrite() as first:
                     start = time.perf_counter()
                     oe.save_clean(model, work / "out", format="modelopt")
@@ -113,10 +131,11 @@ def main() -> None:
                 shutil.rmtree(work / "out")
                 if r:
                     runs.setdefault(Path(folder).name if folder else "installed", []).append(
-                        {"first_byte": first.t - start, "total": end - start, **times})
+                        {"first_byte": first.t - start, "first_linear": linear[0] - start, "total": end - start,
+                         **times})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    columns = ["first_byte", "total", *STAGES]
+    columns = ["first_byte", "first_linear", "total", *STAGES]
     rows = {name: {c: [round(x[c], 4) for x in xs if c in x] for c in columns} for name, xs in runs.items()}
     print(f"{args.layers}-layer Qwen3 (hidden {args.hidden}, vocabulary {args.vocab}), {args.config}, "
           f"rounds 1-{args.rounds - 1}, {os.cpu_count()} cores; median (min-max) s")

@@ -96,10 +96,22 @@ class UnitReader:
         return max(self.read_bytes(unit), self.output_bytes(unit))
 
     def output_bytes(self, unit: Unit) -> int:
-        """Host memory a unit's outputs may take: passed-through file spans and :meth:`streamed` tensors excluded."""
-        left = {k for k in unit.sources if self.lay[k].kind != "resident" and self._passed_through(unit, k) is not None}
+        """Host memory a unit's outputs may take: passed-through file spans, :meth:`streamed` tensors and the model's
+        own host memory written as it is (:meth:`_written_in_place`) excluded."""
+        left = {k for k in unit.sources if self.lay[k].kind != "resident" and self._passed_through(unit, k) is not None
+                or self._written_in_place(unit, k)}
         left |= self.streamed(unit)
         return sum(spec.nbytes for spec in unit.outputs if spec.name not in left)
+
+    def _written_in_place(self, unit: Unit, key: str) -> bool:
+        """Whether the unit's output ``key`` is its source's memory on the host, which the writer writes as it is (no
+        copy): a contiguous CPU source handed over in place (:meth:`_in_place`) that the format leaves unchanged (a
+        resident embedding on a machine without a GPU)."""
+        info = self.lay[key]
+        if not self._in_place(info) or not self.format.unchanged(unit, key):
+            return False
+        t = info.tensor if info.kind == "resident" else info.ref.store.dataset[info.ref.store.key]
+        return t.device.type == "cpu" and t.is_contiguous()
 
     def onloaded_bytes(self, unit: Unit, moved: Iterable[str]) -> int:
         """Host memory ``unit`` still holds once its sources ``moved`` are on a GPU (:meth:`held_bytes` at most):

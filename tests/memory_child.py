@@ -1,7 +1,7 @@
-"""Peak-memory harness: a child process exports a disk-offloaded bf16 Llama and reports its VmHWM growth.
+"""Peak-memory harness: a child process exports a disk-offloaded (or resident) bf16 Llama and reports its VmHWM growth.
 
 The parent calls :func:`measure`; the child (this file run as a script) builds the checkpoint, reloads it with
-``device_map={"": "disk"}``, fake-quantizes it with ``quantize_weights`` and resets the kernel's high-water
+``device_map={"": "disk"}`` (or ``"cpu"``), fake-quantizes it with ``quantize_weights`` and resets the kernel's high-water
 mark right before ``save_clean``, so only the export is measured (file pages of any mmap included).
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 
 def measure(work: Path, *, vocab: int = 16000, layers: int = 12, quantize: dict | None = None,
-            export: dict | None = None, experts: int = 0, modelopt: str | None = None) -> dict:
+            export: dict | None = None, experts: int = 0, modelopt: str | None = None, place: str = "disk") -> dict:
     """Run one export in a child; ``{"peak_extra", "bytes", "largest", "largest_source", "model_bytes", "folded"}``
     (bytes: peak growth, written, largest written tensor, largest tensor of the model, the model; folded weight keys).
 
@@ -27,6 +27,7 @@ def measure(work: Path, *, vocab: int = 16000, layers: int = 12, quantize: dict 
         export: keyword arguments of ``save_clean`` (JSON values: a dtype as its name).
         experts: a Qwen3-MoE of this many fused experts per layer (expert intermediate 1024) instead of Llama.
         modelopt: quantize with this ModelOpt config (``mtq.<name>``, calibrated on 32 tokens) instead.
+        place: the reloaded model's ``device_map`` device: ``"disk"`` (offloaded) or ``"cpu"`` (resident).
     """
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -34,7 +35,7 @@ def measure(work: Path, *, vocab: int = 16000, layers: int = 12, quantize: dict 
     except OSError as e:
         pytest.skip(f"cannot reset VmHWM here: {e}")
     spec = {"vocab": vocab, "layers": layers, "quantize": quantize or {"scheme": "int8"}, "export": export or {},
-            "experts": experts, "modelopt": modelopt}
+            "experts": experts, "modelopt": modelopt, "place": place}
     run = subprocess.run([sys.executable, __file__, str(work), json.dumps(spec)], capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -67,8 +68,12 @@ def _child(work: str, spec: dict) -> None:
             p.normal_(0, 0.02, generator=generator)
     model.save_pretrained(f"{work}/src", max_shard_size="100MB")
     del model
-    model = AutoModelForCausalLM.from_pretrained(f"{work}/src", device_map={"": "disk"},
+    model = AutoModelForCausalLM.from_pretrained(f"{work}/src", device_map={"": spec["place"]},
                                                  offload_folder=f"{work}/offload", dtype=torch.bfloat16)
+    if spec["place"] == "cpu":  # loaded as mappings of the checkpoint: pages the export would fault in, not allocate
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data.clone()
     if spec["modelopt"]:
         import modelopt.torch.quantization as mtq
 

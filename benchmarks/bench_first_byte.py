@@ -12,8 +12,9 @@ package (interleaved, odd rounds reversed; round 0 pays for first-call work and 
 byte written (the writer's first write call: ``gpu_big.FirstWrite``), to the first quantized module's outputs
 made (``first_linear``), the total, and the stages that run once per
 export when the package has them: ``prepare_job`` (layout, quantizers, the format and its packer, the plan),
-``plan_facts`` (the resume facts), and the shared-input groups' trace and fusion (run by the first quantized linear's
-pack, after the first byte). Each DIR holds an ``offload_export`` package (``git archive REV
+``plan_facts`` (the resume facts), and the shared-input groups' trace and fusion (after the first byte: on a background
+thread beside the first units, whose time the first quantized pack's wait for it adds to ``groups_fused``; in older
+packages, by that pack). Each DIR holds an ``offload_export`` package (``git archive REV
 offload_export | tar -x -C DIR``); the installed one by default. Prints a table of medians (min-max) and writes JSON.
 """
 

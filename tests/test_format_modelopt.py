@@ -444,6 +444,34 @@ def test_groups_of_a_forward_that_branches_on_a_weight_come_from_the_model_itsel
     assert len(traced) == 2 and traced[0] is not model and traced[1] is model  # the twin failed, then the model
 
 
+def test_an_offloaded_model_whose_twin_cannot_run_exports_with_the_groups_of_its_own_forward(ref_root, tmp_path,
+                                                                                             monkeypatch):
+    """The twin fails (a layernorm branches on its weight's values), so the background thread runs the offloaded
+    model's own forward through its hooks while the first units stream: the checkpoint is still ModelOpt's and the
+    model as it was."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from offload_export.formats import _modelopt_replay as replay
+
+    class BranchingRMSNorm(Qwen3RMSNorm):
+        def forward(self, hidden_states):
+            out = super().forward(hidden_states)
+            return out if bool((self.weight != 0).any()) else out * 0
+
+    model, expected = reference("NVFP4_DEFAULT_CFG", ref_root)
+    model = apply_layout(model, MIXED, tmp_path / "layout")
+    model.model.layers[1].input_layernorm.__class__ = BranchingRMSNorm
+    traced, trace = [], replay._traced_groups
+    monkeypatch.setattr(replay, "_traced_groups",
+                        lambda m, *a: (traced.append((m, threading.current_thread().name)), trace(m, *a))[1])
+    before = model_state(model)
+    oe.save_clean(model, tmp_path / "out", format="modelopt")
+    assert [(m is model, thread) for m, thread in traced] == [(False, "offload-export-groups"),
+                                                               (True, "offload-export-groups")]
+    assert_same_checkpoint(tmp_path / "out", expected)
+    assert_same_state(model_state(model), before)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"])

@@ -180,7 +180,7 @@ class ModelOptPacker:
                              f"{type(model).__name__} has no ModelOpt quantizers. Use format='fake-quant'")
         self._model = model
         self._read = read
-        self._groups_pending = False  # the shared-input groups are yet to be found and fused (by the first pack)
+        self._groups_pending = False  # the shared-input groups are yet to be found and fused (:meth:`_fuse_groups`)
         self._groups_error: BaseException | None = None  # what finding or fusing them raised
         self._fusing = threading.Lock()
         self.dtype = _resolve_export_dtype(model, dtype)
@@ -323,13 +323,7 @@ class ModelOptPacker:
                 return
             try:
                 groups, norms = shared_input_groups(self._model, _input_device(self._model), stop=stop)
-            except Stopped:
-                raise
-            except BaseException as e:
-                self._groups_error = e
-                raise
-            self._groups_pending = False
-            try:
+                self._groups_pending = False
                 for i, names in enumerate(groups):
                     members = [self.modules[n] for n in names if n in self.modules]
                     if len(names) < 2 or len(members) != len(names) or members[0].fmt in _NO_FUSION:
@@ -337,6 +331,8 @@ class ModelOptPacker:
                     self._fuse_group(members)
                     if i in norms and "awq" in members[0].fmt:
                         self._fuse_layernorm(norms[i], members)
+            except Stopped:  # by the trace, before anything was fused
+                raise
             except BaseException as e:
                 self._groups_error = e
                 raise

@@ -1,9 +1,9 @@
 """The Python an export runs before its first byte and before its first quantized linear, per package version.
 
     python benchmarks/bench_first_byte.py [--layers 36] [--hidden 256] [--vocab 1024] [--rounds 7]
-                                          [--config NVFP4_DEFAULT_CFG] [--out F] [DIR ...]
+                                          [--config NVFP4_DEFAULT_CFG] [--experts 0] [--out F] [DIR ...]
 
-A Qwen3 of ``--layers`` layers, quantized by ModelOpt on the CPU and kept resident, is exported with
+A Qwen3 (``--experts N``: a Qwen3-MoE of N fused experts a layer) of ``--layers`` layers, quantized by ModelOpt on the CPU and kept resident, is exported with
 ``format="modelopt"``. At the default width (hidden 256) its bytes are few, so the time is the export's Python (the
 model's layer and module counts set it, not its widths); wider, the packing and the writes count too. A large
 ``--vocab`` gives the (tied, unquantized) embedding written first while the groups are traced, as in a real model
@@ -91,13 +91,17 @@ def first_linear() -> list[float]:
     return when
 
 
-def model_of(layers: int, hidden: int, vocab: int, config: str) -> torch.nn.Module:
+def model_of(layers: int, hidden: int, vocab: int, config: str, experts: int = 0) -> torch.nn.Module:
+    """A Qwen3 (a Qwen3-MoE of ``experts`` fused experts a layer, 4 routed, each of intermediate ``hidden / 2``)
+    quantized by ModelOpt with ``config`` on the CPU."""
     import modelopt.torch.quantization as mtq
-    from transformers import AutoModelForCausalLM, Qwen3Config
+    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
 
-    cfg = Qwen3Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128), head_dim=64,
-                      vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=64)
+    shape = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                 num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128), head_dim=64,
+                 vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=64)
+    cfg = (Qwen3MoeConfig(num_experts=experts, num_experts_per_tok=4, moe_intermediate_size=hidden // 2, **shape)
+           if experts else Qwen3Config(**shape))
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     calib = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
     mtq.quantize(model, copy.deepcopy(getattr(mtq, config)), lambda m: m(input_ids=calib, use_cache=False))
@@ -112,9 +116,10 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=1024, help="vocabulary size (the tied embedding's rows)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--config", default="NVFP4_DEFAULT_CFG", help="a ModelOpt config name")
+    ap.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE of this many fused experts a layer")
     ap.add_argument("--out", default="first_byte.json")
     args = ap.parse_args()
-    model = model_of(args.layers, args.hidden, args.vocab, args.config)
+    model = model_of(args.layers, args.hidden, args.vocab, args.config, args.experts)
     packages = args.packages or [None]
     runs: dict[str, list[dict[str, float]]] = {}
     work = Path(tempfile.mkdtemp(prefix="first_byte_"))
@@ -138,7 +143,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     columns = ["first_byte", "first_linear", "total", *STAGES]
     rows = {name: {c: [round(x[c], 4) for x in xs if c in x] for c in columns} for name, xs in runs.items()}
-    print(f"{args.layers}-layer Qwen3 (hidden {args.hidden}, vocabulary {args.vocab}), {args.config}, "
+    kind = f"Qwen3-MoE of {args.experts} experts" if args.experts else "Qwen3"
+    print(f"{args.layers}-layer {kind} (hidden {args.hidden}, vocabulary {args.vocab}), {args.config}, "
           f"rounds 1-{args.rounds - 1}, {os.cpu_count()} cores; median (min-max) s")
     print("| package | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
@@ -146,6 +152,7 @@ def main() -> None:
         cells = [f"{statistics.median(v):.3f} ({min(v):.3f}-{max(v):.3f})" if v else "-" for v in cols.values()]
         print(f"| {name} | " + " | ".join(cells) + " |")
     Path(args.out).write_text(json.dumps({"layers": args.layers, "hidden": args.hidden, "vocab": args.vocab,
+                                          "experts": args.experts,
                                           "config": args.config,
                                           "rounds": args.rounds, "cores": os.cpu_count(), "seconds": rows}, indent=2)
                               + "\n")

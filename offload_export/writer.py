@@ -256,13 +256,13 @@ def _pwrite_all(fd: int, buffers: Sequence[memoryview], offset: int) -> None:
     Raises:
         OSError: a write fails, or writes nothing (EIO).
     """
-    calls, at = [], offset
+    calls, sizes, at = [], [], offset
     for call in _calls(buffers):
         calls.append((at, call))
-        at += sum(len(b) for b in call)
+        sizes.append(sum(len(b) for b in call))
+        at += sizes[-1]
     done = _aio.pwritev_many(fd, calls) if len(calls) > 1 else []
-    for i, (at, call) in enumerate(calls):
-        left = sum(len(b) for b in call)
+    for i, ((at, call), left) in enumerate(zip(calls, sizes)):
         n = done[i] if i < len(done) else 0  # what the batch wrote of it; short or failed: the rest again here
         while True:
             at, left = at + n, left - n

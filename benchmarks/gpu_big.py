@@ -250,7 +250,7 @@ def other_groups(fake: bool):
     from offload_export.formats import modelopt as fmt
 
     saved = fmt.shared_input_groups
-    fmt.shared_input_groups = lambda model, device, **kw: saved(model, device, **{**kw, "fake": fake})
+    fmt.shared_input_groups = lambda model, device, **kw: saved(model, device, fake=fake)
     return saved
 
 

@@ -637,7 +637,6 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
         The first exception of any stage (reading, folding, ``consume``, a ``KeyboardInterrupt`` in this
         thread), once every thread of the run has ended.
     """
-    units = list(units)
     lanes: dict[Hashable, list[Unit]] = {}
     for unit in units:
         lanes.setdefault((lane or _fold_lane)(reader, unit), []).append(unit)
@@ -648,8 +647,7 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
     handoff: queue.Queue = queue.Queue()  # bounded by the budgets, not by a count
     consumer = threading.Thread(target=_consume, args=(consume, run, handoff), name=f"offload-export-{name}",
                                 daemon=True)
-    # buffers of units already consumed serve the next ones; the format's own work runs beside the units
-    with reusing(), quick_switching(), reader.format.streaming(units):
+    with reusing(), quick_switching():  # buffers of units already consumed serve the next ones
         consumer.start()
         try:
             if len(lanes) == 1:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
-import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -446,9 +445,8 @@ def test_groups_of_a_forward_that_branches_on_a_weight_come_from_the_model_itsel
 
 def test_an_offloaded_model_whose_twin_cannot_run_exports_with_the_groups_of_its_own_forward(ref_root, tmp_path,
                                                                                              monkeypatch):
-    """The twin fails (a layernorm branches on its weight's values), so the background thread runs the offloaded
-    model's own forward through its hooks while the first units stream: the checkpoint is still ModelOpt's and the
-    model as it was."""
+    """The twin fails (a layernorm branches on its weight's values), so the first quantized pack runs the offloaded
+    model's own forward through its hooks: the checkpoint is still ModelOpt's and the model as it was."""
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
     from offload_export.formats import _modelopt_replay as replay
@@ -462,12 +460,10 @@ def test_an_offloaded_model_whose_twin_cannot_run_exports_with_the_groups_of_its
     model = apply_layout(model, MIXED, tmp_path / "layout")
     model.model.layers[1].input_layernorm.__class__ = BranchingRMSNorm
     traced, trace = [], replay._traced_groups
-    monkeypatch.setattr(replay, "_traced_groups",
-                        lambda m, *a: (traced.append((m, threading.current_thread().name)), trace(m, *a))[1])
+    monkeypatch.setattr(replay, "_traced_groups", lambda m, *a: (traced.append(m), trace(m, *a))[1])
     before = model_state(model)
     oe.save_clean(model, tmp_path / "out", format="modelopt")
-    assert [(m is model, thread) for m, thread in traced] == [(False, "offload-export-groups"),
-                                                               (True, "offload-export-groups")]
+    assert [m is model for m in traced] == [False, True]
     assert_same_checkpoint(tmp_path / "out", expected)
     assert_same_state(model_state(model), before)
 
@@ -495,88 +491,29 @@ def test_quantizer_state_on_a_gpu_is_snapshotted_to_the_host_and_the_export_is_m
     assert_same_state(model_state(model), before)
 
 
-def test_the_groups_are_found_beside_the_embedding_and_waited_for_by_the_quantized_packs(ref_root, tmp_path, monkeypatch):
-    """NVFP4 (no ``pre_quant_scale``: the groups set amax values only, no planned shape): the groups are found and
-    fused once, on a background thread, while the embedding before the first quantized module is packed (the trace
-    here waits for that pack: the export would hang if the embedding waited for the groups); every quantized module's
-    pack waits for them, and the checkpoint is ModelOpt's."""
+@pytest.mark.parametrize("name, before_groups", [
+    ("NVFP4_DEFAULT_CFG", ["model.embed_tokens", "model.layers.0.self_attn.q_proj"]),
+    ("W4A8_AWQ_BETA_CFG", []),
+])
+def test_the_groups_are_found_by_the_first_quantized_pack_unless_a_pre_quant_scale_is_resmoothed(
+        name, before_groups, ref_root, tmp_path, monkeypatch):
+    """NVFP4 (no ``pre_quant_scale``: the groups set amax values only, no planned shape): the groups are found by
+    the first quantized module's pack, so the embedding before it is packed (and written) meanwhile. AWQ folds
+    ``pre_quant_scale`` away (a planned output less): its groups come before anything. Either way, once, and the
+    checkpoint is ModelOpt's."""
     from offload_export.formats import modelopt as modelopt_format
 
-    model, expected = reference("NVFP4_DEFAULT_CFG", ref_root)
-    model = apply_layout(model, MIXED, tmp_path / "layout")
-    packer = modelopt_format.ModelOptPacker
-    events, embedded = [], threading.Event()
-    pack, fuse, find = packer._pack, packer._fuse_group, modelopt_format.shared_input_groups
-
-    def packed(self, module, *a, **k):
-        events.append(("pack", module))
-        out = pack(self, module, *a, **k)
-        if module == "model.embed_tokens":
-            embedded.set()
-        return out
-
-    def found(*a, **k):
-        assert embedded.wait(60), "the embedding was not packed while the groups were found"
-        events.append(("groups", threading.current_thread().name))
-        return find(*a, **k)
-
-    monkeypatch.setattr(packer, "_pack", packed)
-    monkeypatch.setattr(packer, "_fuse_group", lambda self, members: (events.append(("fused", None)), fuse(self, members))[1])
-    monkeypatch.setattr(modelopt_format, "shared_input_groups", found)
-    oe.save_clean(model, tmp_path / "out", format="modelopt")
-    assert [e for e in events if e[0] == "groups"] == [("groups", "offload-export-groups")]
-    quantized = [i for i, (kind, module) in enumerate(events) if kind == "pack" and "proj" in module]
-    fused = [i for i, (kind, _) in enumerate(events) if kind == "fused"]
-    assert fused and quantized and max(fused) < min(quantized)
-    assert_same_checkpoint(tmp_path / "out", expected)
-
-
-def test_a_pre_quant_scale_resmoothed_has_its_groups_found_before_anything(ref_root, tmp_path, monkeypatch):
-    """AWQ folds ``pre_quant_scale`` away (a planned output less): its groups are found before the plan, once."""
-    from offload_export.formats import modelopt as modelopt_format
-
-    model, expected = reference("W4A8_AWQ_BETA_CFG", ref_root)
+    model, expected = reference(name, ref_root)
     model = apply_layout(model, MIXED, tmp_path / "layout")
     calls, pack, find = [], modelopt_format.ModelOptPacker.pack, modelopt_format.shared_input_groups
     monkeypatch.setattr(modelopt_format.ModelOptPacker, "pack",
                         lambda self, module, *a, **k: (calls.append(module), pack(self, module, *a, **k))[1])
     monkeypatch.setattr(modelopt_format, "shared_input_groups",
-                        lambda *a, **k: (calls.append(threading.current_thread().name), find(*a, **k))[1])
+                        lambda *a, **k: (calls.append("groups"), find(*a, **k))[1])
     oe.save_clean(model, tmp_path / "out", format="modelopt")
-    assert calls[0] == threading.current_thread().name and calls.count(calls[0]) == 1
+    assert calls.count("groups") == 1
+    assert calls[:calls.index("groups")] == before_groups
     assert_same_checkpoint(tmp_path / "out", expected)
-
-
-def test_an_export_failing_while_the_groups_are_found_stops_and_joins_their_thread(ref_root, tmp_path, monkeypatch):
-    """The embedding's pack fails while the groups' trace runs: the export raises that error, the trace is stopped at
-    its next layer, its thread is gone, nothing was fused, and the model is as it was."""
-    from offload_export.formats import modelopt as modelopt_format
-
-    model, _ = reference("NVFP4_DEFAULT_CFG", ref_root)
-    model = apply_layout(model, MIXED, tmp_path / "layout")
-    before = model_state(model)
-    packers, stops, pack, find = [], [], modelopt_format.ModelOptPacker._pack, modelopt_format.shared_input_groups
-
-    def failing(self, module, *a, **k):
-        packers.append(self)
-        if module == "model.embed_tokens":
-            raise OSError(28, "No space left on device")
-        return pack(self, module, *a, **k)
-
-    def found(*a, stop, **k):
-        stops.append(stop)
-        assert stop.wait(60), "the failed export did not stop the groups' trace"
-        return find(*a, stop=stop, **k)
-
-    monkeypatch.setattr(modelopt_format.ModelOptPacker, "_pack", failing)
-    monkeypatch.setattr(modelopt_format, "shared_input_groups", found)
-    threads = threading.active_count()
-    with pytest.raises(OSError, match="No space left"):
-        oe.save_clean(model, tmp_path / "out", format="modelopt")
-    assert threading.active_count() == threads and len(stops) == 1 and stops[0].is_set()
-    assert packers[0]._groups_pending and packers[0]._groups_error is None
-    assert not (tmp_path / "out").exists()
-    assert_same_state(model_state(model), before)
 
 
 @pytest.mark.parametrize("name", ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG+FP8_KV_CFG"])

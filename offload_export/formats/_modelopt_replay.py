@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Step", "Stopped", "clone_module", "meta_like", "shared_input_groups"]
+__all__ = ["Step", "clone_module", "meta_like", "shared_input_groups"]
 
 # instance attributes that accelerate's add_hook_to_module puts on a module
 _HOOK_ATTRS = frozenset({"_hf_hook", "_old_forward", "forward"})
@@ -197,8 +196,8 @@ def group_weight_amax(m: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def shared_input_groups(model: nn.Module, device: torch.device, *, fake: bool = True,
-                        stop: threading.Event | None = None) -> tuple[list[list[str]], dict[int, str]]:
+def shared_input_groups(model: nn.Module, device: torch.device, *, fake: bool = True
+                        ) -> tuple[list[list[str]], dict[int, str]]:
     """Which quantized linears read the same input tensor, and the layernorm that produced it.
 
     ModelOpt's ``collect_shared_input_modules``, without its side effects: forward hooks on quantized
@@ -211,31 +210,19 @@ def shared_input_groups(model: nn.Module, device: torch.device, *, fake: bool = 
     twin takes the branches on them the model's forward takes. Where the twin's forward fails, or with
     ``fake=False``, it runs on the model itself, its input on ``device``, as ModelOpt's does.
 
-    Args:
-        stop: when set (from another thread), the forward stops at its next layernorm or linear.
-
     Returns:
         The groups in first-call order (module names in call order) and, for each group index, the name
         of the layernorm whose output the group reads (when there is one).
-
-    Raises:
-        Stopped: ``stop`` was set.
     """
     roles = _hooked_roles(model)
     if not fake:
-        return _traced_groups(model, roles, device, stop)
+        return _traced_groups(model, roles, device)
     try:
         twin = _twin(model)
         with _UndefinedValues([*twin.parameters(), *twin.buffers()]):
-            return _traced_groups(twin, roles, torch.device("cpu"), stop)
-    except Stopped:
-        raise
+            return _traced_groups(twin, roles, torch.device("cpu"))
     except Exception:  # a forward that depends on the weights' values, or fails on the CPU: trace the model itself
-        return _traced_groups(model, roles, device, stop)
-
-
-class Stopped(Exception):
-    """:func:`shared_input_groups` was stopped by its ``stop`` event."""
+        return _traced_groups(model, roles, device)
 
 
 def _hooked_roles(model: nn.Module) -> dict[str, str]:
@@ -360,8 +347,7 @@ def _tensors(value: object, found: list[torch.Tensor] | None = None) -> list[tor
     return found
 
 
-def _traced_groups(model: nn.Module, roles: dict[str, str], device: torch.device,
-                   stop: threading.Event | None = None):
+def _traced_groups(model: nn.Module, roles: dict[str, str], device: torch.device):
     from modelopt.torch.utils.dataset_utils import _disable_use_cache
 
     from ..quantizers import quantizers_disabled
@@ -372,16 +358,12 @@ def _traced_groups(model: nn.Module, roles: dict[str, str], device: torch.device
 
     def on_linear(name):
         def hook(module, args, output):
-            if stop is not None and stop.is_set():
-                raise Stopped(name)
             if args and isinstance(args[0], torch.Tensor):
                 inputs.setdefault(id(args[0]), (args[0], []))[1].append(name)
         return hook
 
     def on_norm(name):
         def hook(module, args, output):
-            if stop is not None and stop.is_set():
-                raise Stopped(name)
             if isinstance(output, torch.Tensor):
                 outputs[id(output)] = (output, name)
         return hook

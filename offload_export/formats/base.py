@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -110,11 +110,6 @@ class Format(ABC):
         writer copy its bytes file to file (``copy_file_range``) without reading them. Default: False.
         """
         return False
-
-    def streaming(self, units: list[Unit]) -> AbstractContextManager[None]:
-        """Entered by the streaming loop around its run over ``units``: work of the format's own beside theirs, which
-        must end (its threads joined) when the block exits. Default: none."""
-        return nullcontext()
 
     def config_updates(self) -> dict:
         """Keys this format sets in config.json (e.g. a packed format's ``quantization_config``)."""

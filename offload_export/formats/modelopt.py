@@ -24,8 +24,7 @@ import functools
 import json
 import threading
 import warnings
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -39,9 +38,8 @@ from .._buffers import anon_empty, cast
 from .._store import read_store
 from .._transfer import small_to_host, to_device, to_host
 from ..materialize import onloaded, same_bits
-from ..plan import Unit
 from ..toolkits import require_toolkit
-from ._modelopt_replay import Step, Stopped, clone_module, group_weight_amax, meta_like, shared_input_groups
+from ._modelopt_replay import Step, clone_module, group_weight_amax, meta_like, shared_input_groups
 from .base import Format, Source, StateDict, register_format
 
 __all__ = ["HF_QUANT_CONFIG_NAME", "ModelOpt", "ModelOptPacker"]
@@ -180,8 +178,7 @@ class ModelOptPacker:
                              f"{type(model).__name__} has no ModelOpt quantizers. Use format='fake-quant'")
         self._model = model
         self._read = read
-        self._groups_pending = False  # the shared-input groups are yet to be found and fused (:meth:`_fuse_groups`)
-        self._groups_error: BaseException | None = None  # what finding or fusing them raised
+        self._groups_pending = False  # the shared-input groups are yet to be found and fused (by the first pack)
         self._fusing = threading.Lock()
         self.dtype = _resolve_export_dtype(model, dtype)
         if isinstance(self.dtype, str):  # config.torch_dtype is a string after a save_pretrained round trip
@@ -312,52 +309,20 @@ class ModelOptPacker:
         if any(getattr(q.pristine.input_quantizer, "pre_quant_scale", None) is not None for q in self.modules.values()):
             self._fuse_groups()
 
-    def _fuse_groups(self, stop: threading.Event | None = None) -> None:
-        """Find the linears that share an input and fuse each group into their shadows, once: a later call waits for
-        the first and raises what it raised. ``stop`` set: the trace stops before anything is fused, and the groups
-        stay pending."""
+    def _fuse_groups(self) -> None:
+        """Find the linears that share an input and fuse each group into their shadows, once."""
         with self._fusing:
-            if self._groups_error is not None:
-                raise self._groups_error
             if not self._groups_pending:
                 return
-            try:
-                groups, norms = shared_input_groups(self._model, _input_device(self._model), stop=stop)
-                self._groups_pending = False
-                for i, names in enumerate(groups):
-                    members = [self.modules[n] for n in names if n in self.modules]
-                    if len(names) < 2 or len(members) != len(names) or members[0].fmt in _NO_FUSION:
-                        continue
-                    self._fuse_group(members)
-                    if i in norms and "awq" in members[0].fmt:
-                        self._fuse_layernorm(norms[i], members)
-            except Stopped:  # by the trace, before anything was fused
-                raise
-            except BaseException as e:
-                self._groups_error = e
-                raise
-
-    @contextmanager
-    def groups_beside(self) -> Iterator[None]:
-        """While the block runs, the shared-input groups are found and fused on a background thread, beside the units
-        before the first quantized module (the embedding: made and written meanwhile); a quantized module's
-        :meth:`pack` waits for them. On exit the thread is stopped (at its forward's next layernorm or linear) and
-        joined."""
-        if not self._groups_pending:
-            yield
-            return
-        stop = threading.Event()
-        thread = threading.Thread(target=self._fuse_beside, args=(stop,), name="offload-export-groups", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
-
-    def _fuse_beside(self, stop: threading.Event) -> None:
-        with suppress(BaseException):  # kept for the packs that wait for the groups: :meth:`_fuse_groups` raises it
-            self._fuse_groups(stop)
+            self._groups_pending = False
+            groups, norms = shared_input_groups(self._model, _input_device(self._model))
+            for i, names in enumerate(groups):
+                members = [self.modules[n] for n in names if n in self.modules]
+                if len(names) < 2 or len(members) != len(names) or members[0].fmt in _NO_FUSION:
+                    continue
+                self._fuse_group(members)
+                if i in norms and "awq" in members[0].fmt:
+                    self._fuse_layernorm(norms[i], members)
 
     def _fuse_prequant_to_linear(self, model: nn.Module) -> None:
         """``fuse_prequant_to_linear``: o_proj/down_proj's ``pre_quant_scale`` into v_proj/up_proj rows."""
@@ -532,9 +497,8 @@ class ModelOptPacker:
 
         ``owner`` is the model's module (only its class and structure are used); required for packed and
         layernorm-fused units. A fused-experts unit pops each 3-D weight from ``values`` once it is packed.
-        A quantized module's pack waits for the shared-input groups (:meth:`groups_beside`), or finds and fuses them
-        first (:meth:`_resmooth`); where that runs the model's own forward, nothing else may run the model meanwhile
-        (the export reads its stores).
+        The first quantized module's pack finds and fuses the shared-input groups first (:meth:`_resmooth`); where
+        that runs the model's own forward, nothing else may run the model meanwhile (the export reads its stores).
         """
         if module in self.modules:
             self._fuse_groups()
@@ -1298,13 +1262,6 @@ class ModelOpt(Format):
             add_note(e, f"offload_export: packing {module} for format='modelopt' on {device} failed")
             raise
         return {spec.name: _checked(spec, out, module) for spec in unit.outputs}
-
-    def streaming(self, units: list[Unit]) -> AbstractContextManager[None]:
-        """The shared-input groups found beside the units (:meth:`ModelOptPacker.groups_beside`) when some unit is a
-        quantized module."""
-        if any(unit.module in self.packer.modules for unit in units):
-            return self.packer.groups_beside()
-        return nullcontext()
 
     def config_updates(self) -> dict:
         return {"quantization_config": self.packer.config_quantization(), **self.packer.sanitized_config()}

@@ -131,10 +131,12 @@ class UnitReader:
                 and info.nbytes >= STREAMED and self.format.unchanged(unit, k)}
 
     def read_ahead_bytes(self, units: Iterable[Unit]) -> int:
-        """A read-ahead budget for streaming ``units`` (at least 64 MiB): room for the unit holding the most
-        (:meth:`held_bytes`) to be read and made while the largest outputs (:meth:`output_bytes`) of the one before
-        are written, but only as far as the memory bound allows, 2 x the largest tensor: a made unit's outputs
-        beside its sources (a fold's) come on top of the budget.
+        """A read-ahead budget for streaming ``units`` (at least 64 MiB): room for the three stages to work at once
+        on units holding the most (:meth:`held_bytes`): one read (or moved to a GPU), the next made, while the largest
+        outputs (:meth:`output_bytes`) of the one before are written; but only as far as the memory bound allows, 2 x
+        the largest tensor: a made unit's outputs beside its sources (a fold's) come on top of the budget. (With room
+        for two, a unit whose outputs come to the host, such as a MoE layer's packed experts, would be read only once
+        the outputs before the unit being made are written, and the next make would wait for that read.)
 
         A unit's lease shrinks to what it still holds once its sources are on a GPU and again once its outputs
         are made, so that the next units are read meanwhile."""
@@ -143,7 +145,7 @@ class UnitReader:
             made = self.output_bytes(unit)
             held, outputs = max(held, self.read_bytes(unit), made), max(outputs, made)
             largest = max([largest, *(self.lay[k].nbytes for k in unit.sources), *(s.nbytes for s in unit.outputs)])
-        return max(held, min(held + outputs, 2 * largest - outputs), _MIN_READ_AHEAD)
+        return max(held, min(2 * held + outputs, 2 * largest - outputs), _MIN_READ_AHEAD)
 
     def read_bytes(self, unit: Unit) -> int:
         """Bytes that reading ``unit`` allocates: its sources read from files or mappings, or cast; not the

@@ -313,8 +313,8 @@ def test_folds_run_on_half_the_cores_also_beside_a_second_openmp_runtime(tmp_pat
 
 def test_the_next_unit_is_read_while_the_smaller_outputs_of_the_one_before_are_written(tmp_path, monkeypatch):
     """Equal disk-offloaded float32 Linears exported in float16: each unit's outputs are half its sources, so once
-    made its lease shrinks to them and the next unit is read while they are written (the budget holds one unit
-    and the outputs of another, not two units)."""
+    made its lease shrinks to them and the next unit is read while they are written (the memory bound, 2 x the largest
+    tensor less the outputs, leaves the budget one unit and the outputs of another, not two units)."""
     from offload_export import pipeline
     from offload_export.job import prepare_job
 
@@ -325,7 +325,7 @@ def test_the_next_unit_is_read_while_the_smaller_outputs_of_the_one_before_are_w
     job = prepare_job(model, tmp_path / "out", dtype=torch.float16)
     reader, units = job.reader(), job.plan.units
     held = reader.held_bytes(units[0])
-    assert reader.read_ahead_bytes(units) == held + reader.output_bytes(units[0]) == held * 3 // 2
+    assert reader.read_ahead_bytes(units) == 2 * held - reader.output_bytes(units[0]) == held * 3 // 2
     started = {u.module: threading.Event() for u in units}
     read = reader.read
 
@@ -343,6 +343,44 @@ def test_the_next_unit_is_read_while_the_smaller_outputs_of_the_one_before_are_w
 
     pipeline.run_units(reader, units, consume, read_ahead_bytes=reader.read_ahead_bytes(units))
     assert overlapped == [True] * (len(units) - 1)
+
+
+def test_a_unit_is_read_while_the_one_before_is_made_and_the_outputs_before_that_are_written(tmp_path, monkeypatch):
+    """Equal disk-offloaded int8 fake-quantized Linears (read, folded into outputs their size) after a larger resident
+    one (written from the model's memory: it holds no budget): the budget has room for three of them under the memory bound, one read, one made and one's outputs
+    written, so the three stages work at once: each unit's write waits here for the read of the unit two after it,
+    which a budget of two units would only start once that write had ended (the export would then hang)."""
+    from offload_export import pipeline
+    from offload_export.job import prepare_job
+
+    monkeypatch.setattr(pipeline, "_MIN_READ_AHEAD", 0)  # the budget the units size, however small they are
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024, bias=False), *(nn.Linear(256, 256, bias=False) for _ in range(6)))
+    oe.quantize_weights(model, "int8", skip=["0"])
+    for i in range(1, len(model)):
+        accelerate.disk_offload(model[i], str(tmp_path / f"offload{i}"), execution_device="cpu")
+    job = prepare_job(model, tmp_path / "out")
+    reader, units = job.reader(), job.plan.units
+    held = reader.held_bytes(units[1])
+    assert reader.held_bytes(units[0]) == 0 and reader.output_bytes(units[1]) == held
+    assert reader.read_ahead_bytes(units) == 3 * held
+    started = {u.module: threading.Event() for u in units}
+    read = reader.read
+
+    def reading(unit, *rest):
+        started[unit.module].set()
+        return read(unit, *rest)
+
+    reader.read = reading
+    overlapped = []
+
+    def consume(unit, outputs):
+        i = units.index(unit)
+        if 0 < i and i + 2 < len(units):
+            overlapped.append(started[units[i + 2].module].wait(10 if all(overlapped) else 0))
+
+    pipeline.run_units(reader, units, consume, read_ahead_bytes=reader.read_ahead_bytes(units))
+    assert overlapped == [True] * (len(units) - 3)
 
 
 def test_the_budget_leaves_no_room_beside_a_fold_whose_outputs_are_its_sources_size(tmp_path):

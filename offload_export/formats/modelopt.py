@@ -187,6 +187,7 @@ class ModelOptPacker:
         self.experts: dict[str, _Experts] = {}
         self._templates: dict[tuple, dict[str, torch.Tensor]] = {}  # expert signature -> its outputs (meta)
         self._direct: dict[tuple, bool] = {}  # linear signature -> packed directly (ModelOpt's export checked)
+        self._batched: dict[tuple, bool] = {}  # experts' signature -> packed a stack at a time (the same check)
         self._direct_keys: dict[str, tuple | None] = {}  # module -> its :func:`_direct_quantizers` (once fused)
         self._scalars: dict[tuple[str, torch.device], dict[str, torch.Tensor]] = {}  # made, not yet packed
         self._scalars_lock = threading.Lock()
@@ -740,9 +741,10 @@ class ModelOptPacker:
     def _pack_experts_batched(self, x: _Experts, values: dict[str, torch.Tensor], device: torch.device,
                               alone: tuple[int, ...]) -> dict[str, torch.Tensor] | None:
         """Every expert of a :meth:`_batchable` module, those in ``alone`` one at a time, the others a stack at a time
-        (as many as fit the row chunk), each 3-D weight popped from ``values`` once packed. The first calibrated expert is first packed both
-        ways: when its tensors differ from ModelOpt's own export of it, a warning says so and None is returned
-        (nothing popped)."""
+        (as many as fit the row chunk), each 3-D weight popped from ``values`` once packed. The first calibrated expert
+        of the first module of each signature (its class, format, quantizers, weights' shapes and dtypes) is first
+        packed both ways: when its tensors differ from ModelOpt's own export of it, a warning says so and the modules
+        of that signature return None (nothing popped)."""
         head = f"{x.name}."
         inputs = _input_quantizers(x, device)
 
@@ -750,15 +752,20 @@ class ModelOptPacker:
             return self._pack_expert(x, e, {p: values[head + p][e:e + 1] for p in x.parts}, device, inputs)
 
         k = next(e for e in range(x.num_experts) if e not in alone)
-        reference = one(k)
-        stem = f"{head}{k}."
-        shared = {n[len(stem):]: v for n, v in reference.items()
-                  if n.startswith(stem) and n.endswith(".input_scale")}  # one input quantizer for all experts
-        trial = self._batched_outputs(x, values, device, shared, alone, k, k + 1)
-        differs = sorted(set(reference) ^ set(trial)) or [n for n in reference if not same_bits(reference[n], trial[n])]
-        if differs:
-            warnings.warn(f"{FORMAT}: packing the experts of {x.name} together gives {differs[0]} unlike ModelOpt's "
-                          f"export of expert {k}; packing them one at a time (slower) instead", stacklevel=2)
+        signature = (type(x.pristine), x.fmt, x.signatures[k], device.type,
+                     tuple((p, tuple(values[head + p].shape), values[head + p].dtype) for p in x.parts))
+        shared = _expert_input_scales(x, device)
+        if signature not in self._batched:
+            reference = one(k)
+            trial = self._batched_outputs(x, values, device, shared, alone, k, k + 1)
+            differs = sorted(set(reference) ^ set(trial)) or \
+                [n for n in reference if not same_bits(reference[n], trial[n])]
+            if differs:
+                warnings.warn(f"{FORMAT}: packing the experts of {x.name} together gives {differs[0]} unlike "
+                              f"ModelOpt's export of expert {k}; the experts like them are packed one at a time "
+                              f"(slower) instead", stacklevel=2)
+            self._batched[signature] = not differs
+        if not self._batched[signature]:
             return None
         out = {n: t for e in alone for n, t in one(e).items()}
         out.update(self._batched_outputs(x, values, device, shared, alone, 0, x.num_experts, pop=True))
@@ -1052,24 +1059,43 @@ def _direct_scalars(members: list[_Quantized], device: torch.device) -> list[dic
     :func:`_direct_quantizers`: alike but for their amaxes), the weight's per-tensor scale and ``input_scale``,
     computed as it computes them, on ``device``: by one call of ModelOpt's functions on the amaxes stacked
     (elementwise, so each is what it computes for that module alone)."""
-    from modelopt.torch.export.quant_utils import get_scaling_factor
-    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
-
-    fmt, n = members[0].fmt, len(members)
+    fmt = members[0].fmt
     out = [{_PER_TENSOR[fmt]: scale} for scale in _per_tensor_scales(fmt, [m.shadow.weight_quantizer for m in members],
                                                                      device, [])]
-    inputs = [m.shadow.input_quantizer for m in members]
-    iq, scales = inputs[0], None
-    if fmt == "fp8":
-        if hasattr(iq, "_amax"):
-            iq = _read_only_on(_stacked(inputs), device)
-            iq._buffers["_amax"] = iq._amax.to(torch.float32)  # as the export sets it first
-            scales = get_scaling_factor(iq).reshape(n)
-    elif "disabled" not in repr(iq) and iq.amax is not None:
-        scales = NVFP4QTensor.get_activation_scaling_factor(_read_only_on(_stacked(inputs), device)).reshape(n)
+    scales = _input_scales(fmt, [m.shadow.input_quantizer for m in members], device)
     if scales is not None:
         for scalars, scale in zip(out, scales):
             scalars["input_scale"] = scale
+    return out
+
+
+def _input_scales(fmt: str, inputs: list[nn.Module], device: torch.device) -> torch.Tensor | None:
+    """The ``input_scale`` ``_export_quantized_weight`` registers for each of the input quantizers ``inputs`` (alike
+    but for their one-element amax), on ``device``: one call of ModelOpt's function on their amaxes stacked; None
+    when it registers none (FP8 without an input amax, NVFP4 with the input quantizer off)."""
+    from modelopt.torch.export.quant_utils import get_scaling_factor
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    iq = inputs[0]
+    if fmt == "fp8":
+        if not hasattr(iq, "_amax"):
+            return None
+        iq = _read_only_on(_stacked(inputs), device)
+        iq._buffers["_amax"] = iq._amax.to(torch.float32)  # as the export sets it first
+        return get_scaling_factor(iq).reshape(len(inputs))
+    if "disabled" in repr(iq) or iq.amax is None:
+        return None
+    return NVFP4QTensor.get_activation_scaling_factor(_read_only_on(_stacked(inputs), device)).reshape(len(inputs))
+
+
+def _expert_input_scales(x: _Experts, device: torch.device) -> dict[str, torch.Tensor]:
+    """The ``<projection>.input_scale`` outputs of every expert of ``x`` (one input quantizer per 3-D weight, shared by
+    all experts and by the projections ModelOpt splits it into), on ``device``."""
+    out = {}
+    for part, projections in x.parts.items():
+        scales = _input_scales(x.fmt, [getattr(x.pristine, f"{part}_input_quantizer")], device)
+        if scales is not None:
+            out.update({f"{proj}.input_scale": scales[0] for proj in projections})
     return out
 
 

@@ -106,6 +106,27 @@ def test_fused_experts_of_a_mixed_layout_equal_modelopts_resident_export(name, k
         assert torch.equal(forward_logits(model), logits)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
+def test_fused_experts_offloaded_beside_a_gpu_are_packed_there_and_equal_modelopts_export(name, tmp_path):
+    """Experts calibrated on a GPU, then offloaded to the CPU and to disk with the GPU executing (accelerate's
+    ``dispatch_model``): the read-ahead moves each layer's experts there and they are packed a stack at a time (the
+    second layer's without ModelOpt's export of one expert); the checkpoint is ModelOpt's resident export byte for
+    byte and the model unchanged."""
+    import accelerate
+
+    model = quantize(tiny_moe().cuda(), name)
+    expected = modelopt_export(model, tmp_path / "expected")
+    device_map = {"model.embed_tokens": 0, "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": 0,
+                  "model.rotary_emb": 0, "lm_head": 0}
+    model = accelerate.dispatch_model(model, device_map, offload_dir=str(tmp_path / "offload"))
+    before = model_state(model)
+    oe.save_clean(model, tmp_path / "out", format="modelopt")
+    assert_same_checkpoint(tmp_path / "out", expected)
+    assert_same_state(model_state(model), before)
+
+
 # from_pretrained reloads lose ModelOpt's quantizers; place_submodules cannot place `_global_amax` (see test_export)
 reloadless = layout_specs("qwen3_moe").filter(lambda s: s.method not in ("from_pretrained", "place_submodules"))
 

@@ -326,30 +326,14 @@ def test_the_next_unit_is_read_while_the_smaller_outputs_of_the_one_before_are_w
     reader, units = job.reader(), job.plan.units
     held = reader.held_bytes(units[0])
     assert reader.read_ahead_bytes(units) == 2 * held - reader.output_bytes(units[0]) == held * 3 // 2
-    started = {u.module: threading.Event() for u in units}
-    read = reader.read
-
-    def reading(unit, *rest):
-        started[unit.module].set()
-        return read(unit, *rest)
-
-    reader.read = reading
-    overlapped = []
-
-    def consume(unit, outputs):
-        i = units.index(unit)
-        if i + 1 < len(units):
-            overlapped.append(started[units[i + 1].module].wait(10 if all(overlapped) else 0))
-
-    pipeline.run_units(reader, units, consume, read_ahead_bytes=reader.read_ahead_bytes(units))
-    assert overlapped == [True] * (len(units) - 1)
+    assert _reads_while_written(reader, units, ahead=1) == [True] * (len(units) - 1)
 
 
 def test_a_unit_is_read_while_the_one_before_is_made_and_the_outputs_before_that_are_written(tmp_path, monkeypatch):
     """Equal disk-offloaded int8 fake-quantized Linears (read, folded into outputs their size) after a larger resident
-    one (written from the model's memory: it holds no budget): the budget has room for three of them under the memory bound, one read, one made and one's outputs
-    written, so the three stages work at once: each unit's write waits here for the read of the unit two after it,
-    which a budget of two units would only start once that write had ended (the export would then hang)."""
+    one (written from the model's memory: it holds no budget): under the memory bound the budget has room for three of
+    them, one read, one made and one's outputs written, so the three stages work at once: each unit's write waits here
+    for the read of the unit two after it, which a budget of two units would only start once that write had ended."""
     from offload_export import pipeline
     from offload_export.job import prepare_job
 
@@ -364,6 +348,14 @@ def test_a_unit_is_read_while_the_one_before_is_made_and_the_outputs_before_that
     held = reader.held_bytes(units[1])
     assert reader.held_bytes(units[0]) == 0 and reader.output_bytes(units[1]) == held
     assert reader.read_ahead_bytes(units) == 3 * held
+    assert _reads_while_written(reader, units, ahead=2) == [True] * (len(units) - 2)
+
+
+def _reads_while_written(reader, units, *, ahead: int) -> list[bool]:
+    """Stream ``units`` (their own budget); the write of each unit that has one ``ahead`` units after it waits for
+    that unit's read to start (10 s, then not at all once one did not): whether each read started."""
+    from offload_export import pipeline
+
     started = {u.module: threading.Event() for u in units}
     read = reader.read
 
@@ -376,11 +368,11 @@ def test_a_unit_is_read_while_the_one_before_is_made_and_the_outputs_before_that
 
     def consume(unit, outputs):
         i = units.index(unit)
-        if 0 < i and i + 2 < len(units):
-            overlapped.append(started[units[i + 2].module].wait(10 if all(overlapped) else 0))
+        if i + ahead < len(units):
+            overlapped.append(started[units[i + ahead].module].wait(10 if all(overlapped) else 0))
 
     pipeline.run_units(reader, units, consume, read_ahead_bytes=reader.read_ahead_bytes(units))
-    assert overlapped == [True] * (len(units) - 3)
+    return overlapped
 
 
 def test_the_budget_leaves_no_room_beside_a_fold_whose_outputs_are_its_sources_size(tmp_path):

@@ -120,7 +120,8 @@ def test_fused_experts_offloaded_beside_a_gpu_are_packed_there_and_equal_modelop
     expected = modelopt_export(model, tmp_path / "expected")
     device_map = {"model.embed_tokens": 0, "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": 0,
                   "model.rotary_emb": 0, "lm_head": 0}
-    model = accelerate.dispatch_model(model, device_map, offload_dir=str(tmp_path / "offload"))
+    # from the host, as a checkpoint is loaded: the offloaded weights are then host memory and .dat files
+    model = accelerate.dispatch_model(model.cpu(), device_map, main_device=0, offload_dir=str(tmp_path / "offload"))
     before = model_state(model)
     oe.save_clean(model, tmp_path / "out", format="modelopt")
     assert_same_checkpoint(tmp_path / "out", expected)

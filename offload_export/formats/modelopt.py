@@ -746,27 +746,30 @@ class ModelOptPacker:
         packed both ways: when its tensors differ from ModelOpt's own export of it, a warning says so and the modules
         of that signature return None (nothing popped)."""
         head = f"{x.name}."
-        inputs = _input_quantizers(x, device)
+        k = next(e for e in range(x.num_experts) if e not in alone)
+        signature = (type(x.pristine), x.fmt, x.signatures[k], device.type,
+                     tuple((p, tuple(values[head + p].shape), values[head + p].dtype) for p in x.parts))
+        verdict = self._batched.get(signature)
+        if verdict is False:
+            return None
+        # ModelOpt's export of one expert (its input quantizers copied to ``device``) only where it runs
+        inputs = _input_quantizers(x, device) if verdict is None or alone else {}
 
         def one(e: int) -> dict[str, torch.Tensor]:
             return self._pack_expert(x, e, {p: values[head + p][e:e + 1] for p in x.parts}, device, inputs)
 
-        k = next(e for e in range(x.num_experts) if e not in alone)
-        signature = (type(x.pristine), x.fmt, x.signatures[k], device.type,
-                     tuple((p, tuple(values[head + p].shape), values[head + p].dtype) for p in x.parts))
         shared = _expert_input_scales(x, device)
-        if signature not in self._batched:
+        if verdict is None:
             reference = one(k)
             trial = self._batched_outputs(x, values, device, shared, alone, k, k + 1)
             differs = sorted(set(reference) ^ set(trial)) or \
                 [n for n in reference if not same_bits(reference[n], trial[n])]
+            self._batched[signature] = not differs
             if differs:
                 warnings.warn(f"{FORMAT}: packing the experts of {x.name} together gives {differs[0]} unlike "
                               f"ModelOpt's export of expert {k}; the experts like them are packed one at a time "
                               f"(slower) instead", stacklevel=2)
-            self._batched[signature] = not differs
-        if not self._batched[signature]:
-            return None
+                return None
         out = {n: t for e in alone for n, t in one(e).items()}
         out.update(self._batched_outputs(x, values, device, shared, alone, 0, x.num_experts, pop=True))
         return out

@@ -43,12 +43,17 @@ def indexed(device: torch.device | str) -> torch.device:
     return device
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).view(torch.uint8)
+def _pieces(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The bytes of contiguous ``t`` as views of up to 16 MiB (uint8), from its start, made by one tensor op.
+
+    Each tensor op hands the GIL over and waits to take it back: beside a thread running Python (an export's pack),
+    tens to hundreds of microseconds an op, so a chunk's views are not sliced one at a time."""
+    return t.reshape(-1).view(torch.uint8).split(_CHUNK)
 
 
-def _chunks(n: int):
-    return enumerate((a, min(n, a + _CHUNK)) for a in range(0, n, _CHUNK))
+def _head(buffer: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` bytes of a pinned buffer: the buffer itself when it is all of it (no new view)."""
+    return buffer if n == buffer.numel() else buffer[:n]
 
 
 def _staged(t: torch.Tensor) -> bool:
@@ -64,9 +69,8 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda" or t.device.type != "cpu" or not _staged(t):
         return t.to(device, non_blocking=True)
-    src = _bytes(t)
-    return filled_on_device(lambda buffer, start: buffer.copy_(src[start:start + buffer.numel()]), tuple(t.shape),
-                            t.dtype, device)
+    src = _pieces(t)
+    return filled_on_device(lambda buffer, start: buffer.copy_(src[start // _CHUNK]), tuple(t.shape), t.dtype, device)
 
 
 def filled_on_device(fill: Callable[[torch.Tensor, int], object], shape: tuple[int, ...], dtype: torch.dtype,
@@ -80,13 +84,13 @@ def filled_on_device(fill: Callable[[torch.Tensor, int], object], shape: tuple[i
     """
     device = indexed(device)
     (buffers, events, stream), out = _staging(device), torch.empty(shape, dtype=dtype, device=device)
-    dst = _bytes(out)
     with torch.cuda.stream(stream):
-        for i, (a, b) in _chunks(dst.numel()):
-            k = i % 2
+        for i, piece in enumerate(_pieces(out)):
+            k, n = i % 2, piece.numel()
+            buffer = _head(buffers[k], n)
             events[k].synchronize()  # the DMA that last read this buffer is done
-            fill(buffers[k][:b - a], a)
-            dst[a:b].copy_(buffers[k][:b - a], non_blocking=True)
+            fill(buffer, i * _CHUNK)
+            piece.copy_(buffer, non_blocking=True)
             events[k].record(stream)
     for event in events:  # the buffers are free again when this returns
         event.synchronize()
@@ -102,17 +106,16 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "cuda" or not _staged(t):
         return out.copy_(t)
     buffers, events, stream = _staging(t.device)
-    src, dst = _bytes(t), _bytes(out)
     pending = None
     with torch.cuda.stream(stream):
-        for i, (a, b) in _chunks(src.numel()):
+        for i, (src, dst) in enumerate(zip(_pieces(t), _pieces(out))):
             k = i % 2
-            buffers[k][:b - a].copy_(src[a:b], non_blocking=True)
+            _head(buffers[k], src.numel()).copy_(src, non_blocking=True)
             events[k].record(stream)
             if pending is not None:
-                _drain(dst, buffers, events, *pending)
-            pending = (k, a, b)
-    _drain(dst, buffers, events, *pending)
+                _drain(buffers, events, *pending)
+            pending = (k, dst)
+    _drain(buffers, events, *pending)
     return out
 
 
@@ -124,26 +127,25 @@ def host_pieces(tensors: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
     if not tensors:
         return
     buffers, events, stream = _staging(tensors[0].device)
-    pieces = [(_bytes(t), a, b) for t in tensors for _, (a, b) in _chunks(t.numel() * t.element_size())]
+    pieces = [piece for t in tensors if t.numel() for piece in _pieces(t)]
 
     def start(i: int) -> None:
-        src, a, b = pieces[i]
         with torch.cuda.stream(stream):
-            buffers[i % 2][:b - a].copy_(src[a:b], non_blocking=True)
+            _head(buffers[i % 2], pieces[i].numel()).copy_(pieces[i], non_blocking=True)
             events[i % 2].record(stream)
 
     if pieces:
         start(0)
-    for i, (_, a, b) in enumerate(pieces):
+    for i, piece in enumerate(pieces):
         if i + 1 < len(pieces):
             start(i + 1)  # into the other buffer, which the caller gave back by resuming
         events[i % 2].synchronize()
-        yield buffers[i % 2][:b - a]
+        yield _head(buffers[i % 2], piece.numel())
 
 
-def _drain(dst: torch.Tensor, buffers, events, k: int, a: int, b: int) -> None:
+def _drain(buffers, events, k: int, dst: torch.Tensor) -> None:
     events[k].synchronize()
-    dst[a:b].copy_(buffers[k][:b - a])
+    dst.copy_(_head(buffers[k], dst.numel()))
 
 
 def small_to_host(tensors: list[torch.Tensor], *, non_blocking: bool = False) -> list[torch.Tensor]:

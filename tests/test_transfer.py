@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -48,6 +49,9 @@ def test_round_trips_equal_a_plain_copy_around_chunk_boundaries(monkeypatch, chu
     back = _transfer.to_host(on_gpu)
     assert back.device.type == "cpu" and _same(back, host.contiguous())
     assert _same(_transfer.to_host(on_gpu.t()), host.contiguous().t())  # a non-contiguous view
+    pieces = [bytes(p.numpy()) for p in _transfer.host_pieces([on_gpu.contiguous(), on_gpu[:0], on_gpu.contiguous()])]
+    assert all(len(p) <= 4096 for p in pieces)
+    assert b"".join(pieces) == bytes(host.contiguous().reshape(-1).view(torch.uint8).numpy()) * 2
 
 
 @cuda
@@ -74,6 +78,43 @@ def test_work_queued_after_to_device_sees_the_data_and_threads_have_their_own_bu
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+class _Event:
+    """A CUDA event's stand-in for the CPU: the copies it would follow are done when queued."""
+
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.integers(0, 5 * 64 + 3), min_size=1, max_size=4), dtype=st.sampled_from(DTYPES))
+def test_the_pinned_buffers_bookkeeping_covers_every_byte_once(monkeypatch, sizes, dtype):
+    """The chunking of ``filled_on_device`` and ``host_pieces`` on the CPU, the buffers and events stood in for (the
+    CUDA copies themselves: the ``gpu`` tests above): every chunk, the last partial one included, lands where it
+    belongs; empty tensors give no piece."""
+    monkeypatch.setattr(_transfer, "_CHUNK", 64)
+    buffers = tuple(torch.full((64,), 0xEE, dtype=torch.uint8) for _ in range(2))
+    monkeypatch.setattr(_transfer, "_staging", lambda device: (buffers, (_Event(), _Event()), None))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    element = torch.empty((), dtype=dtype).element_size()
+    tensors = [_random(n // element, dtype) for n in sizes]
+    for t in [t for t in tensors if t.numel()]:
+        raw = t.view(torch.uint8)
+        starts = []
+
+        def fill(buffer: torch.Tensor, start: int, raw=raw, starts=starts) -> None:
+            starts.append(start)
+            buffer.copy_(raw[start:start + buffer.numel()])
+
+        assert _same(_transfer.filled_on_device(fill, tuple(t.shape), t.dtype, torch.device("cpu")), t)
+        assert starts == list(range(0, raw.numel(), 64))
+    pieces = [bytes(p.numpy()) for p in _transfer.host_pieces(tensors)]
+    assert all(0 < len(p) <= 64 for p in pieces)
+    assert b"".join(pieces) == b"".join(bytes(t.view(torch.uint8).numpy()) for t in tensors)
 
 
 def test_small_to_host_leaves_cpu_and_meta_tensors_as_they_are():

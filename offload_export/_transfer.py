@@ -44,10 +44,10 @@ def indexed(device: torch.device | str) -> torch.device:
 
 
 def _pieces(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The bytes of contiguous ``t`` as views of up to 16 MiB (uint8), from its start, made by one tensor op.
+    """The bytes of contiguous ``t`` as views of up to 16 MiB (uint8), from its start, made by one ``split``.
 
-    Each tensor op hands the GIL over and waits to take it back: beside a thread running Python (an export's pack),
-    tens to hundreds of microseconds an op, so a chunk's views are not sliced one at a time."""
+    An op that makes a tensor hands the GIL over and waits to take it back: beside a thread running Python (an
+    export's pack), tens to hundreds of microseconds an op, so a chunk's views are not sliced one at a time."""
     return t.reshape(-1).view(torch.uint8).split(_CHUNK)
 
 

@@ -80,8 +80,9 @@ class _Event:
 
 
 def copies(transfer, source: torch.Tensor, busy: bool) -> float:
-    """Seconds for ``source`` in through ``filled_on_device`` (as ``to_device`` fills it) and out through
-    ``host_pieces``, with host stand-ins for the pinned buffers, events and stream."""
+    """Seconds for ``source`` in through ``filled_on_device`` (filled by one slice of ``source`` per chunk, the same
+    for every package: what differs is ``filled_on_device``'s own ops) and out through ``host_pieces``, with host
+    stand-ins for the pinned buffers, events and stream."""
     chunk = transfer._CHUNK
     buffers = tuple(torch.empty(chunk, dtype=torch.uint8) for _ in range(2))
     transfer._staging = lambda device: (buffers, (_Event(), _Event()), None)

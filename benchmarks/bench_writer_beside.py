@@ -7,8 +7,9 @@ A stream of NVFP4-packed tensors written unit by unit into one shard by ``ShardW
 export has them (``--crc-threads``; an export's count on this machine by default): ``moe``, a 155 MB embedding
 then per layer 32 experts x 3 linears, each a weight of 786 KB, a 98 KB scale and two 4-byte scales (384 tensors a
 layer); ``dense``, a 389 MB embedding then per layer the 7 linears of a Qwen3-4B layer (0.5-12 MB weights, their
-scales: 28 tensors, 69 MB a layer). Units are handed over the way ``save_clean`` does
-(``write_many`` where the package has it, else ``write`` per tensor), + fsync. Each round: alone, then beside
+scales: 28 tensors, 69 MB a layer). Units are handed over the way ``save_clean`` does: where the package has
+``ShardWriter.stage``, each unit is staged in this thread while a second one makes the writes of the unit before
+(one unit in flight); else ``write_many``, else ``write`` per tensor; + fsync. Each round: alone, then beside
 a thread looping in Python, with the switch interval an export sets (0.5 ms). Every thread hands the GIL over at
 each system call and at some torch calls, and waits for it back while the other thread runs Python. Each
 PACKAGE_DIR holds an ``offload_export`` package (``git archive REV offload_export | tar -x -C DIR``) to compare;
@@ -91,12 +92,22 @@ def write(writer, stream, path: Path, busy: bool, crc_threads: int) -> float:
             spinner.start()
         t0 = time.perf_counter()
         try:
-            for unit in stream:
-                if hasattr(shard, "write_many"):
-                    shard.write_many(unit)
-                else:
-                    for name, tensor in unit:
-                        shard.write(name, tensor)
+            if hasattr(shard, "stage"):
+                with ThreadPoolExecutor(1, thread_name_prefix="io") as io:
+                    flight = None
+                    for unit in stream:  # one unit staged while the one before is written, as save_clean does
+                        done = io.submit(shard.stage(unit))
+                        if flight is not None:
+                            flight.result()
+                        flight = done
+                    flight.result()
+            else:
+                for unit in stream:
+                    if hasattr(shard, "write_many"):
+                        shard.write_many(unit)
+                    else:
+                        for name, tensor in unit:
+                            shard.write(name, tensor)
             seconds = time.perf_counter() - t0
         finally:
             stop.set()

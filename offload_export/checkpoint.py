@@ -8,10 +8,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-
 
 from .job import INDEX_NAME, Job
 from .pipeline import UnitReader, run_units, usable_cores
@@ -27,9 +27,10 @@ SHARD_METADATA = {"format": "pt"}
 def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: bool,
                   on_shard: Callable[[str, int], None] | None = None) -> list[str]:
     """Stream every unit of ``plan`` into its shards in ``tmp`` (:func:`run_units`); one unit is written while the
-    next is made. On any failure every shard file is closed before the exception propagates.
+    next is staged (:meth:`ShardWriter.stage`) and the one after it made. On any failure every shard file is closed
+    before the exception propagates.
 
-    ``on_shard(path, crc32)`` is called (on the writer thread) as soon as a shard is complete and fsync-ed, with
+    ``on_shard(path, crc32)`` is called (on the I/O thread) as soon as a shard is complete and fsync-ed, with
     the CRC-32 of the bytes written into it (computed beside the writes: :class:`ShardWriter`).
 
     Returns:
@@ -48,21 +49,36 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
     writers = {s.filename: ShardWriter(str(tmp / s.filename), s.tensors, SHARD_METADATA, descriptors=descriptors,
                                        checksums=checksums, layout=s.layout(SHARD_METADATA)) for s in plan.shards}
     shard_of = plan.weight_map
+    # the system calls of one unit's writes run in this thread while the consumer stages the next unit's
+    io = ThreadPoolExecutor(1, thread_name_prefix="offload-export-io")
+    failed = threading.Event()
 
-    def write(unit, outputs):
+    def write(unit, outputs) -> Future:
         by_shard: dict[str, list] = {}
         for spec in unit.outputs:
             by_shard.setdefault(shard_of[spec.name], []).append((spec.name, outputs.pop(spec.name)))
-        for filename, items in by_shard.items():
-            writer = writers[filename]
-            writer.write_many(items)  # neighbours in the file written together
-            if on_shard is not None and writer.complete:
-                on_shard(writer.path, writer.crc32)
-        if bar is not None:
-            bar.update(sum(spec.nbytes for spec in unit.outputs))
+        staged = [(writers[filename], writers[filename].stage(items)) for filename, items in by_shard.items()]
 
-    # units are written behind, in order, by the loop's consumer thread while the next ones are folded: the
-    # disk and the CPU/GPU work at once, within the loop's byte budget
+        def run() -> None:
+            try:
+                if failed.is_set():  # a unit before failed: the export stops, nothing more is written
+                    return
+                for writer, writes in staged:
+                    writes()
+                    if on_shard is not None and writer.complete:
+                        on_shard(writer.path, writer.crc32)
+                if bar is not None:
+                    bar.update(sum(spec.nbytes for spec in unit.outputs))
+            except BaseException:
+                failed.set()
+                raise
+            finally:
+                staged.clear()  # the unit's memory is freed before its leases are released
+
+        return io.submit(run)
+
+    # units are written behind, in order, by the loop's consumer and I/O threads while the next ones are folded:
+    # the disk and the CPU/GPU work at once, within the loop's byte budget
     try:
         run_units(reader, plan.units, write, read_ahead_bytes=reader.read_ahead_bytes(plan.units))
         for w in writers.values():
@@ -72,6 +88,7 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
             w.abort()
         raise
     finally:
+        io.shutdown()
         if checksums is not None:
             checksums.shutdown()
         if bar is not None:

@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -587,28 +588,61 @@ def _lane(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _Budget
         _release_all(ready)
 
 
-def _consume(consume: Callable[[Unit, dict], None], run: _Run, handoff: queue.Queue) -> None:
+def _consume(consume: Callable[[Unit, dict], Future | None], run: _Run, handoff: queue.Queue) -> None:
     """The consumer thread: wait for the work that makes each unit's outputs left on a GPU and ``consume`` them, in
-    arrival order, releasing its leases whatever happens."""
-    while (item := handoff.get()) is not _DONE:
-        unit, outputs, onloaded, lease = item
-        del item
-        try:
-            if not run.stop.is_set():
-                if onloaded is not None:
-                    onloaded.wait()
-                consume(unit, outputs)
-        except BaseException as e:
-            run.fail(e)
-        finally:
-            outputs.clear()  # what an exception's traceback still holds is no longer counted, nor kept
-            del outputs
-            if onloaded is not None:
-                onloaded.release()
-            lease.release()
+    arrival order, releasing its leases whatever happens: when ``consume`` returns, or, when it returns a future (its
+    writes made in another thread), once that is done; the next unit is consumed meanwhile if it is there already, one
+    unit in flight."""
+    flight: tuple[Future, _Onloaded | None, _Lease] | None = None
+    try:
+        while True:
+            try:
+                item = handoff.get_nowait()
+            except queue.Empty:  # landed first: the next unit may wait for the leases of the one in flight
+                _land(flight, run)
+                flight = None
+                item = handoff.get()
+            if item is _DONE:
+                break
+            unit, outputs, onloaded, lease = item
+            del item
+            done = None
+            try:
+                if not run.stop.is_set():
+                    if onloaded is not None:
+                        onloaded.wait()
+                    done = consume(unit, outputs)
+            except BaseException as e:
+                run.fail(e)
+            finally:
+                outputs.clear()  # what an exception's traceback still holds is no longer counted, nor kept
+                del outputs
+                if done is None:
+                    _land((None, onloaded, lease), run)
+                else:  # this unit's writes run while the one before them lands
+                    landing, flight = flight, (done, onloaded, lease)
+                    _land(landing, run)
+    finally:
+        _land(flight, run)
 
 
-def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit, dict], None], *,
+def _land(flight: tuple[Future | None, _Onloaded | None, _Lease] | None, run: _Run) -> None:
+    """Wait for a consumed unit's future (its error stops the run), then release its leases."""
+    if flight is None:
+        return
+    done, onloaded, lease = flight
+    try:
+        if done is not None:
+            done.result()
+    except BaseException as e:
+        run.fail(e)
+    finally:
+        if onloaded is not None:
+            onloaded.release()
+        lease.release()
+
+
+def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit, dict], Future | None], *,
               read_ahead_bytes: int, lane: Callable[[UnitReader, Unit], Hashable] | None = None,
               name: str = "writer") -> None:
     """Make every unit's outputs and hand them to ``consume(unit, outputs)``: the one streaming loop.
@@ -616,10 +650,12 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
     Three stages work at once: per lane (by default one per fold device) a thread reads the next units'
     sources and the fold / pack runs (in this thread for a single lane, else in one thread per lane);
     one consumer thread then calls ``consume`` with each unit's outputs (name -> tensor or
-    :class:`FileSpan`), in order within a lane. ``consume`` may pop from the dict; it is cleared after.
+    :class:`FileSpan`), in order within a lane. ``consume`` may pop from the dict; it is cleared after. It may return
+    a future, the unit's work going on in another thread (the writer's system calls): the unit's leases are then held
+    until that is done, while the next unit is consumed.
 
     Memory: each unit holds a lease of :meth:`UnitReader.held_bytes` on its lane's budget of
-    ``read_ahead_bytes`` from before its read until ``consume`` returns or raises, or the run stops (shrunk to what
+    ``read_ahead_bytes`` from before its read until ``consume`` (its future) is done, or the run stops (shrunk to what
     the unit still holds on the host once its sources are on a GPU, and once its outputs are made); a lease is
     released in ``finally`` on every path, so memory stays under about ``read_ahead_bytes`` + the outputs of the
     unit being made per lane and a failure never leaves a stage waiting for bytes. Sources the format computes
@@ -630,7 +666,7 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
     Args:
         reader: the unit reader.
         units: the units, in plan order.
-        consume: the writer (or comparer) of one unit's outputs, called in the consumer thread.
+        consume: the writer (or comparer) of one unit's outputs, called in the consumer thread; None or a future.
         read_ahead_bytes: the byte budget of each lane.
         lane: ``(reader, unit) -> key`` grouping units into lanes; by default the unit's fold device.
         name: the consumer thread's name, after ``offload-export-``.

@@ -43,7 +43,7 @@ __all__ = ["Descriptors", "FileSpan", "ShardWriter", "TensorSpec", "crc32_combin
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _DEFAULT_MAX_OPEN = 64
 _WRITEBACK_STEP = 64 << 20  # bytes written before their disk writeback is started
-_WRITE_CALL = 512 << 10  # bytes per pwritev (see _pwrite_all)
+_WRITE_CALL = 512 << 10  # bytes per pwritev (see _write_calls)
 _IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
 _CRC_BESIDE = 256 << 10  # pieces from this size on are checksummed in other threads while being written
 _CRC_BACKLOG = 64 << 20  # bytes whose checksum may still be pending (their buffers kept alive until then)
@@ -242,8 +242,26 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def _pwrite_all(fd: int, buffers: Sequence[memoryview], offset: int) -> None:
-    """Write ``buffers`` one after the other from ``offset``, in ``pwritev`` calls of up to 512 KiB: many small
-    buffers (a MoE's per-expert tensors) in one call, a large one in several; again for the rest after a short write.
+    """Write ``buffers`` one after the other from ``offset`` (:func:`_write_calls` of their :func:`_planned_calls`).
+
+    Raises:
+        OSError: a write fails, or writes nothing (EIO).
+    """
+    _write_calls(fd, _planned_calls(buffers, offset))
+
+
+def _planned_calls(buffers: Sequence[memoryview], offset: int) -> list[tuple[int, list[memoryview]]]:
+    """``(offset, views)`` of the ``pwritev`` calls that write ``buffers`` one after the other from ``offset``: many
+    small buffers (a MoE's per-expert tensors) in one call, a large one in several (:func:`_calls`)."""
+    calls, at = [], offset
+    for call in _calls(buffers):
+        calls.append((at, call))
+        at += sum(len(b) for b in call)
+    return calls
+
+
+def _write_calls(fd: int, calls: Sequence[tuple[int, list[memoryview]]]) -> None:
+    """Make the ``pwritev`` calls of :func:`_planned_calls`; again for the rest of a call after a short write.
 
     The calls are submitted together where the system allows (:func:`offload_export._aio.pwritev_many`): every system
     call hands the GIL over, and taking it back waits for the other threads' Python (up to the switch interval), so
@@ -256,13 +274,9 @@ def _pwrite_all(fd: int, buffers: Sequence[memoryview], offset: int) -> None:
     Raises:
         OSError: a write fails, or writes nothing (EIO).
     """
-    calls, sizes, at = [], [], offset
-    for call in _calls(buffers):
-        calls.append((at, call))
-        sizes.append(sum(len(b) for b in call))
-        at += sizes[-1]
     done = _aio.pwritev_many(fd, calls) if len(calls) > 1 else []
-    for i, ((at, call), left) in enumerate(zip(calls, sizes)):
+    for i, (at, call) in enumerate(calls):
+        left = sum(len(b) for b in call)
         n = done[i] if i < len(done) else 0  # what the batch wrote of it; short or failed: the rest again here
         while True:
             at, left = at + n, left - n
@@ -276,7 +290,7 @@ def _pwrite_all(fd: int, buffers: Sequence[memoryview], offset: int) -> None:
 
 
 def _calls(buffers: Sequence[memoryview]) -> Iterator[list[memoryview]]:
-    """``buffers`` cut into the lists of views that :func:`_pwrite_all` writes a call each (at most 512 KiB and
+    """``buffers`` cut into the lists of views that :func:`_write_calls` writes a call each (at most 512 KiB and
     1024 views), empty ones left out."""
     call, size = [], 0
     for b in buffers:
@@ -361,6 +375,12 @@ def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbyt
         done += len(piece)
 
 
+def _steps(nbytes: int) -> Iterator[tuple[int, int]]:
+    """``(start, length)`` of the 64 MiB steps in which ``nbytes`` are written (:meth:`ShardWriter._in_steps`)."""
+    for done in range(0, nbytes, _WRITEBACK_STEP):
+        yield done, min(_WRITEBACK_STEP, nbytes - done)
+
+
 def _runs(tensors: Sequence[tuple[int, str, memoryview]]) -> Iterator[tuple[int, list[memoryview]]]:
     """``(offset, buffers)`` of each run of ``(offset, name, bytes)`` (sorted by offset) that lie end to end."""
     start, run, end = 0, [], None
@@ -409,7 +429,8 @@ class ShardWriter:
         self._crc_pending = 0  # bytes of the pieces whose crc is a Future
         self._crc_settled = 1  # the pieces before this index hold their crc
         self.crc32: int | None = None
-        self._pending = set(self._specs)
+        self._pending = set(self._specs)  # not written yet
+        self._unclaimed = set(self._specs)  # not staged yet (:meth:`stage`)
         self._pool = descriptors if descriptors is not None else Descriptors(1)
         self._fd = -1
         self._created = False
@@ -445,59 +466,86 @@ class ShardWriter:
         return self._fd >= 0
 
     # -- writing
-    def _claim(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> TensorSpec:
+    def _check(self, name: str, tensor: torch.Tensor | FileSpan) -> None:
+        """Raise ``ValueError`` unless ``tensor`` is what the plan has for ``name``, not staged before."""
         spec = self._specs.get(name)
-        if spec is None or name not in self._pending:
+        if spec is None or name not in self._unclaimed:
             raise ValueError(f"tensor {name!r} is not expected in {os.path.basename(self.path)} (or written twice)")
-        if dtype != spec.dtype or tuple(shape) != spec.shape:
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(f"tensor {name!r}: planned {spec.dtype} {list(spec.shape)}, "
-                             f"got {dtype} {list(shape)}")
-        return spec
+                             f"got {tensor.dtype} {list(tensor.shape)}")
+        if isinstance(tensor, FileSpan) and tensor.nbytes != spec.nbytes:
+            raise ValueError(f"tensor {name!r}: {tensor.path} holds {tensor.nbytes} bytes for it, expected {spec.nbytes}")
 
     def write(self, name: str, tensor: torch.Tensor | FileSpan) -> None:
         """:meth:`write_many` of one tensor."""
         self.write_many([(name, tensor)])
 
     def write_many(self, items: Sequence[tuple[str, torch.Tensor | FileSpan]]) -> None:
-        """Write each ``(name, tensor)`` (any device; moved to the CPU), or copy a :class:`FileSpan`'s bytes.
-
-        Tensors that lie next to each other in the file (a unit's tensors of one dtype do) are written together,
-        small ones sharing a system call (:func:`_pwrite_all`). The shard is fsync-ed and closed once every planned
-        tensor has been written.
+        """Write each ``(name, tensor)`` now: :meth:`stage` them and make the returned writes.
 
         Raises:
-            ValueError: a name is not in this shard, was already written or is given twice, or its dtype/shape
-                differ; nothing of ``items`` is written then.
+            ValueError: as :meth:`stage`; nothing of ``items`` is written then.
+        """
+        self.stage(items)()
+
+    def stage(self, items: Sequence[tuple[str, torch.Tensor | FileSpan]]) -> Callable[[], None]:
+        """Prepare the writes of each ``(name, tensor)`` (any device; moved to the CPU), or the copy of a
+        :class:`FileSpan`'s bytes, and return the function that makes them.
+
+        The Python of a write is done here: the tensors checked, their host views, the runs of tensors that lie next to
+        each other in the file (a unit's tensors of one dtype do; small ones share a system call) cut into their
+        ``pwritev`` calls, the checksums of large ones started. The returned function makes the system calls (the file
+        opened, written, the writeback started), so that one thread can stage the next unit while another writes the
+        one before. It must be called once, after which the shard is fsync-ed and closed if every planned tensor has
+        been written; the staged writes of one file may run in any order, one at a time. ``items`` (their memory) must
+        stay unchanged until it returns.
+
+        Raises:
+            ValueError: a name is not in this shard, was already staged or is given twice, or its dtype/shape (a
+                span's size) differ; nothing of ``items`` is staged then.
         """
         if len({name for name, _ in items}) != len(items):
             raise ValueError(f"{os.path.basename(self.path)}: a tensor given twice in one write")
         for name, tensor in items:
-            self._claim(name, tensor.dtype, tuple(tensor.shape))
+            self._check(name, tensor)
+        self._unclaimed.difference_update(name for name, _ in items)
         spans = [(name, t) for name, t in items if isinstance(t, FileSpan)]
-        for name, span in spans:
-            self.copy(name, span)
         streamed = sorted(((self._offsets[name], name, t) for name, t in items if streams(t)), key=lambda e: e[0])
         tensors = sorted(((self._offsets[name], name, _host_bytes(t)) for name, t in items
                           if not isinstance(t, FileSpan) and not streams(t)), key=lambda e: e[0])
-        if not tensors and not streamed:
-            return
-        self._pool._use(self)  # before taking our lock: it may close other writers' files
-        with self._lock:
-            fd = self._open_locked()
-            for device in dict.fromkeys(t.device for *_, t in streamed):
-                self._stream(fd, [(at, name, t) for at, name, t in streamed if t.device == device])
-            for at, buffers in _runs([t for t in tensors if len(t[2])]):  # an empty tensor has no bytes to place
-                ends = list(itertools.accumulate(len(b) for b in buffers))
-                nbytes = ends[-1]
+        runs = [self._staged_run(at, buffers) for at, buffers in _runs([t for t in tensors if len(t[2])])]
 
-                def part(a: int, n: int, buffers=buffers, ends=ends) -> list[memoryview]:
-                    return _byte_range(buffers, a, n, ends)
+        def write() -> None:
+            for name, span in spans:
+                self._copy(name, span)
+            if not tensors and not streamed:
+                return
+            self._pool._use(self)  # before taking our lock: it may close other writers' files
+            with self._lock:
+                fd = self._open_locked()
+                for device in dict.fromkeys(t.device for *_, t in streamed):
+                    self._stream(fd, [(at, name, t) for at, name, t in streamed if t.device == device])
+                for run in runs:
+                    run(fd)
+                for _, name, _ in tensors:  # an empty tensor has no bytes to place: written all the same
+                    self._wrote(name)
 
-                crcs = self._checksum(at, nbytes, lambda a, n, part=part: _crc_of(part(a, n)))
-                self._in_steps(fd, at, nbytes, lambda done, n, at=at, part=part: _pwrite_all(fd, part(done, n), at + done))
-                self._add_crcs(crcs)
-            for _, name, _ in tensors:
-                self._wrote(name)
+        return write
+
+    def _staged_run(self, at: int, buffers: list[memoryview]) -> Callable[[int], None]:
+        """The write of ``buffers``, laid end to end from ``at``: its calls planned and its checksum started now, the
+        writes made by the returned function (given the descriptor; hold ``_lock``)."""
+        ends = list(itertools.accumulate(len(b) for b in buffers))
+        nbytes = ends[-1]
+        crcs = self._checksum(at, nbytes, lambda a, n: _crc_of(_byte_range(buffers, a, n, ends)))
+        steps = [_planned_calls(_byte_range(buffers, done, n, ends), at + done) for done, n in _steps(nbytes)]
+
+        def write(fd: int) -> None:
+            self._in_steps(fd, at, nbytes, lambda done, n: _write_calls(fd, steps[done // _WRITEBACK_STEP]))
+            self._add_crcs(crcs)
+
+        return write
 
     def _stream(self, fd: int, items: list[tuple[int, str, torch.Tensor]]) -> None:
         """Write GPU tensors (``(offset, name, tensor)``, on one device) through pinned buffers (:func:`host_pieces`):
@@ -519,22 +567,20 @@ class ShardWriter:
             self._in_steps(fd, at, t.numel() * t.element_size(), lambda done, n, at=at: write(at, done, n))
             self._wrote(name)
 
-    def copy(self, name: str, span: FileSpan) -> None:
-        """Write ``name`` from the bytes of ``span`` (a range of another file), copied inside the kernel."""
-        spec = self._claim(name, span.dtype, span.shape)
-        if span.nbytes != spec.nbytes:
-            raise ValueError(f"tensor {name!r}: {span.path} holds {span.nbytes} bytes for it, expected {spec.nbytes}")
+    def _copy(self, name: str, span: FileSpan) -> None:
+        """Write ``name`` from the bytes of ``span`` (a range of another file, checked by :meth:`stage`), copied inside
+        the kernel."""
+        nbytes = self._specs[name].nbytes
         self._pool._use(self)
         with self._lock:
             fd = self._open_locked()
-            if spec.nbytes:
+            if nbytes:
                 src = open_regular(span.path)
                 at, crcs = self._offsets[name], []
                 try:
                     # read beside the kernel's copy of the same pages: one of the two reads the disk
-                    crcs = self._checksum(at, spec.nbytes, lambda a, n: range_crc32(src, span.offset + a, n))
-                    self._in_steps(fd, at, spec.nbytes,
-                                   lambda done, n: _copy_range(src, span.offset + done, fd, at + done, n))
+                    crcs = self._checksum(at, nbytes, lambda a, n: range_crc32(src, span.offset + a, n))
+                    self._in_steps(fd, at, nbytes, lambda done, n: _copy_range(src, span.offset + done, fd, at + done, n))
                     self._add_crcs(crcs, backlog=0)  # they read the source: a failure is this copy's
                 finally:
                     wait([c for *_, c in crcs if isinstance(c, Future)])  # they read ``src``: close it only after
@@ -546,8 +592,7 @@ class ShardWriter:
         is started each time 64 MiB more were written, by one tensor or by many small ones (a MoE's per-expert
         tensors), so that the disk works meanwhile rather than in the fsync at the end; ranges that touch are
         merged (the pages they share are written once)."""
-        for done in range(0, nbytes, _WRITEBACK_STEP):
-            n = min(_WRITEBACK_STEP, nbytes - done)
+        for done, n in _steps(nbytes):
             write(done, n)
             self._unadvised.append((offset + done, n))
             self._unadvised_bytes += n

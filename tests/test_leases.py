@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import accelerate
@@ -87,6 +89,40 @@ def test_a_disk_full_write_of_the_unit_holding_the_budget_raises_instead_of_hang
     assert os.listdir(tmp_path) == []
     assert threading.active_count() == threads
     assert _fds() <= fds
+
+
+def test_the_unit_holding_the_budget_is_written_and_released_while_no_other_unit_is_ready(big, tmp_path):
+    """Its writes run in the I/O thread while the consumer waits for the next unit, which waits for its lease: the
+    consumer lands the unit in flight (waits for its writes, releases its lease) before it waits for another."""
+    model, _ = big
+    assert _bounded(lambda: oe.save_clean(model, tmp_path / "out", dtype=torch.float16, max_shard_size="1MB")) is None
+    assert oe.verify(model, tmp_path / "out", dtype=torch.float16).ok
+
+
+def test_after_a_failed_unit_write_no_later_unit_is_written(big, tmp_path, monkeypatch):
+    """The I/O thread makes the writes of the units staged before the failure became known: they are skipped."""
+    from offload_export import writer
+
+    model, _ = big
+    stage, made = writer.ShardWriter.stage, []
+
+    def staged(self, items):
+        writes = stage(self, items)
+        names = [name for name, _ in items]
+
+        def logged():
+            made.append(names)
+            if any(name.startswith("1.") for name in names):
+                raise OSError(errno.EIO, "injected")
+            writes()
+
+        return logged
+
+    monkeypatch.setattr(writer.ShardWriter, "stage", staged)
+    error = _bounded(lambda: oe.save_clean(model, tmp_path / "out", dtype=torch.float16, max_shard_size="1MB"))
+    assert isinstance(error, OSError) and error.errno == errno.EIO, error
+    assert made[-1][0].startswith("1."), made  # the unit after it (layer 2) never written
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_failing_comparison_of_the_unit_holding_the_budget_raises_instead_of_hanging(big, tmp_path, monkeypatch):
@@ -349,6 +385,48 @@ def test_a_unit_is_read_while_the_one_before_is_made_and_the_outputs_before_that
     assert reader.held_bytes(units[0]) == 0 and reader.output_bytes(units[1]) == held
     assert reader.read_ahead_bytes(units) == 3 * held
     assert _reads_while_written(reader, units, ahead=2) == [True] * (len(units) - 2)
+
+
+def test_a_unit_written_in_another_thread_holds_its_lease_until_written_while_the_next_is_staged(tmp_path,
+                                                                                                   monkeypatch):
+    """``consume`` returning a future (the writer's system calls in its I/O thread): the next unit is consumed while
+    that future runs, and the unit's lease is held until it is done, so the read-ahead stays within its budget of
+    three units (the one written, the one staged, the one made) however slow the writes are."""
+    from offload_export import pipeline
+    from offload_export.job import prepare_job
+
+    monkeypatch.setattr(pipeline, "_MIN_READ_AHEAD", 0)
+    model = nn.Sequential(nn.Linear(1024, 1024, bias=False), *(nn.Linear(256, 256, bias=False) for _ in range(6)))
+    oe.quantize_weights(model, "int8", skip=["0"])
+    for i in range(1, len(model)):
+        accelerate.disk_offload(model[i], str(tmp_path / f"offload{i}"), execution_device="cpu")
+    job = prepare_job(model, tmp_path / "out")
+    reader, units = job.reader(), job.plan.units
+    reads, events = [], []
+    read = reader.read
+
+    def reading(unit, *rest):
+        reads.append(unit)
+        return read(unit, *rest)
+
+    reader.read = reading
+
+    def write(i):
+        time.sleep(0.2)
+        events.append(("written", i, len(reads)))
+
+    with ThreadPoolExecutor(1) as io:
+        def consume(unit, outputs):
+            i = units.index(unit)
+            events.append(("staged", i, len(reads)))
+            return io.submit(write, i)
+
+        pipeline.run_units(reader, units, consume, read_ahead_bytes=reader.read_ahead_bytes(units))
+    order = [(what, i) for what, i, _ in events]
+    for i in range(2, len(units)):  # unit i staged while unit i - 1 was being written (the first fold may be late)
+        assert order.index(("staged", i)) < order.index(("written", i - 1)), order
+    for what, i, started in events:  # reads started: unit 0 (resident) and three of the budget, no more
+        assert what != "written" or started <= min(i + 4, len(units)), events
 
 
 def _reads_while_written(reader, units, *, ahead: int) -> list[bool]:

@@ -324,14 +324,15 @@ def _arm(kind: str, k: int, counts: dict) -> None:
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
-    pwrite, copy, finish, append = (writer._pwrite_all, writer._copy_range, writer.ShardWriter._finish,
+    pwrite, copy, finish, append = (writer._write_calls, writer._copy_range, writer.ShardWriter._finish,
                                     resume_mod._append)
 
-    def pwrite_(fd, buffers, offset):
+    def pwrite_(fd, calls):
         if hit("write"):
-            pwrite(fd, writer._byte_range(buffers, 0, sum(len(b) for b in buffers) // 2), offset)
+            at, buffers = calls[0]
+            pwrite(fd, calls[:len(calls) // 2] or [(at, writer._byte_range(buffers, 0, sum(map(len, buffers)) // 2))])
             die()
-        pwrite(fd, buffers, offset)
+        pwrite(fd, calls)
 
     def copy_(src, src_offset, dst, dst_offset, nbytes):
         if hit("write"):
@@ -352,7 +353,7 @@ def _arm(kind: str, k: int, counts: dict) -> None:
         if kind == "recorded" and counts["journal"] == k:
             die()
 
-    writer._pwrite_all, writer._copy_range, writer.ShardWriter._finish, resume_mod._append = (
+    writer._write_calls, writer._copy_range, writer.ShardWriter._finish, resume_mod._append = (
         pwrite_, copy_, finish_, append_)
 
 

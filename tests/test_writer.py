@@ -107,10 +107,11 @@ def test_file_span_is_copied_byte_for_byte(tmp_path):
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**16), n=st.integers(0, 8), spans=st.integers(0, 2), order=st.randoms(),
-       split=st.booleans())
-def test_the_crc32_computed_beside_the_writes_is_the_files(tmp_path_factory, seed, n, spans, order, split):
+       split=st.booleans(), staged=st.booleans())
+def test_the_crc32_computed_beside_the_writes_is_the_files(tmp_path_factory, seed, n, spans, order, split, staged):
     """Also with every piece above 64 bytes split into 96-byte parts among three threads (as large pieces are),
-    up to 200 bytes of them still being checksummed while the next ones are written."""
+    up to 200 bytes of them still being checksummed while the next ones are written; and with every batch staged
+    first, then written in another thread in any order."""
     tmp = tmp_path_factory.mktemp("crc")
     tensors = _tensors(seed, n)  # zero-row tensors included
     src = {f"span{i}": torch.randn(40 + i, 3) for i in range(spans)}
@@ -126,13 +127,39 @@ def test_the_crc32_computed_beside_the_writes_is_the_files(tmp_path_factory, see
     with ThreadPoolExecutor(3 if split else 1) as pool, sizes:
         w = ShardWriter(str(tmp / "out.safetensors"), specs, {"format": "pt"}, checksums=pool)
         cuts = sorted(order.sample(range(1, len(items)), order.randint(0, max(0, len(items) - 1))))
-        for a, b in zip([0, *cuts], [*cuts, len(items)]):  # batches of any size, as units arrive
-            w.write_many(items[a:b])
+        batches = [items[a:b] for a, b in zip([0, *cuts], [*cuts, len(items)])]  # of any size, as units arrive
+        if staged:
+            writes = [w.stage(batch) for batch in batches]
+            order.shuffle(writes)
+            with ThreadPoolExecutor(1) as io:
+                for done in [io.submit(write) for write in writes]:
+                    done.result()
+        else:
+            for batch in batches:
+                w.write_many(batch)
         w.close()
     assert w.crc32 == zlib.crc32((tmp / "out.safetensors").read_bytes())
     save_file({k: v.read() if isinstance(v, FileSpan) else v for k, v in items}, str(tmp / "ref.safetensors"),
               metadata={"format": "pt"})
     assert (tmp / "out.safetensors").read_bytes() == (tmp / "ref.safetensors").read_bytes()
+
+
+def test_a_staged_tensor_is_refused_a_second_time_before_its_write_is_made(tmp_path):
+    t = _tensors(2, 3)
+    names = list(t)
+    w = ShardWriter(str(tmp_path / "a.safetensors"), [TensorSpec(n, v.dtype, tuple(v.shape)) for n, v in t.items()])
+    writes = w.stage([(names[0], t[names[0]])])
+    with pytest.raises(ValueError, match="twice"):
+        w.stage([(names[0], t[names[0]])])
+    with pytest.raises(ValueError, match="twice"):
+        w.stage([(names[1], t[names[1]]), (names[0], t[names[0]])])
+    assert not (tmp_path / "a.safetensors").exists()  # staging writes nothing
+    rest = w.stage([(n, t[n]) for n in names[1:]])  # the refused batch staged nothing of itself
+    rest()
+    writes()
+    assert w.complete
+    save_file(t, str(tmp_path / "ref.safetensors"))
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
 
 def test_views_are_written_as_their_values(tmp_path):

@@ -365,11 +365,9 @@ def test_the_next_unit_is_read_while_the_smaller_outputs_of_the_one_before_are_w
     assert _reads_while_written(reader, units, ahead=1) == [True] * (len(units) - 1)
 
 
-def test_a_unit_is_read_while_the_one_before_is_made_and_the_outputs_before_that_are_written(tmp_path, monkeypatch):
-    """Equal disk-offloaded int8 fake-quantized Linears (read, folded into outputs their size) after a larger resident
-    one (written from the model's memory: it holds no budget): under the memory bound the budget has room for three of
-    them, one read, one made and one's outputs written, so the three stages work at once: each unit's write waits here
-    for the read of the unit two after it, which a budget of two units would only start once that write had ended."""
+def _six_equal_units_after_a_resident_one(tmp_path, monkeypatch):
+    """``(reader, units)`` of a larger resident Linear (no budget) then six equal disk-offloaded int8 ones, whose
+    read-ahead budget holds three of them (the floor of 64 MiB lifted)."""
     from offload_export import pipeline
     from offload_export.job import prepare_job
 
@@ -380,7 +378,15 @@ def test_a_unit_is_read_while_the_one_before_is_made_and_the_outputs_before_that
     for i in range(1, len(model)):
         accelerate.disk_offload(model[i], str(tmp_path / f"offload{i}"), execution_device="cpu")
     job = prepare_job(model, tmp_path / "out")
-    reader, units = job.reader(), job.plan.units
+    return job.reader(), job.plan.units
+
+
+def test_a_unit_is_read_while_the_one_before_is_made_and_the_outputs_before_that_are_written(tmp_path, monkeypatch):
+    """Equal disk-offloaded int8 fake-quantized Linears (read, folded into outputs their size) after a larger resident
+    one (written from the model's memory: it holds no budget): under the memory bound the budget has room for three of
+    them, one read, one made and one's outputs written, so the three stages work at once: each unit's write waits here
+    for the read of the unit two after it, which a budget of two units would only start once that write had ended."""
+    reader, units = _six_equal_units_after_a_resident_one(tmp_path, monkeypatch)
     held = reader.held_bytes(units[1])
     assert reader.held_bytes(units[0]) == 0 and reader.output_bytes(units[1]) == held
     assert reader.read_ahead_bytes(units) == 3 * held
@@ -393,15 +399,8 @@ def test_a_unit_written_in_another_thread_holds_its_lease_until_written_while_th
     that future runs, and the unit's lease is held until it is done, so the read-ahead stays within its budget of
     three units (the one written, the one staged, the one made) however slow the writes are."""
     from offload_export import pipeline
-    from offload_export.job import prepare_job
 
-    monkeypatch.setattr(pipeline, "_MIN_READ_AHEAD", 0)
-    model = nn.Sequential(nn.Linear(1024, 1024, bias=False), *(nn.Linear(256, 256, bias=False) for _ in range(6)))
-    oe.quantize_weights(model, "int8", skip=["0"])
-    for i in range(1, len(model)):
-        accelerate.disk_offload(model[i], str(tmp_path / f"offload{i}"), execution_device="cpu")
-    job = prepare_job(model, tmp_path / "out")
-    reader, units = job.reader(), job.plan.units
+    reader, units = _six_equal_units_after_a_resident_one(tmp_path, monkeypatch)
     reads, events = [], []
     read = reader.read
 

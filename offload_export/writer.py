@@ -5,7 +5,8 @@ metadata of at most one key: safetensors serializes a longer map in random order
 given), but no shard is ever held in memory: tensors that lie next to each other in the file are written together
 by ``pwritev`` straight from their own buffers (small ones sharing a call), or, when a tensor's bytes pass through
 unchanged from a file (:class:`FileSpan`), copied by the kernel (``copy_file_range``) without entering the process
-at all.
+at all. A write's Python (checks, host views, the calls' buffers) and its system calls can run in two threads
+(:meth:`ShardWriter.stage`).
 
 Descriptors are bounded: a shard's file is opened at its first write, fsync-ed and closed as soon as its
 last tensor is written, and at most ``max_open`` shards of one :class:`Descriptors` pool are open at

@@ -5,8 +5,8 @@
 
 A stream of NVFP4-packed tensors written unit by unit into one shard by ``ShardWriter`` with CRC threads as an
 export has them (``--crc-threads``; an export's count on this machine by default; 0: no checksums): ``moe``, a
-155 MB embedding then per layer 32 experts x 3 linears, each a weight of 786 KB, a 98 KB scale and two 4-byte scales (384 tensors a
-layer); ``dense``, a 389 MB embedding then per layer the 7 linears of a Qwen3-4B layer (0.5-12 MB weights, their
+155 MB embedding then per layer 32 experts x 3 linears, each a weight of 786 KB, a 98 KB scale and two 4-byte
+scales (384 tensors a layer); ``dense``, a 389 MB embedding then per layer the 7 linears of a Qwen3-4B layer (0.5-12 MB weights, their
 scales: 28 tensors, 69 MB a layer). Units are handed over the way ``save_clean`` does: where the package has
 ``ShardWriter.stage``, each unit is staged in this thread while a second one makes the writes of the unit before
 (one unit in flight); else ``write_many``, else ``write`` per tensor; + fsync. Each round: alone, then beside

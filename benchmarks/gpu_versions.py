@@ -12,8 +12,8 @@ over the whole export (``stacks``) and before its first byte (``stacks_before_fi
 in time order: ``main_before_first_byte``). Each row also holds the disk's busy fraction before and after the first
 byte (:func:`gpu_big.timed`) and the collector's passes (``gc``); with ``--sample``, ``stalls``: where the sampler
 could not run for 100 ms or more, with each thread's stack before and after, and ``timelines``: the lane's (main),
-reader's and writer's samples over the whole export as runs of one stack. ``--disk`` adds the disk's timeline
-(``disk``: per 100 ms, MB written to the disk and the fraction of the time it had a request in flight).
+reader's, writer's (staging) and I/O thread's samples over the whole export as runs of one stack. ``--disk`` adds the
+disk's timeline (``disk``: per 100 ms, MB written to the disk and the fraction of the time it had a request in flight).
 ``--floor-each`` measures the floor again before each round (a ``floor`` row) and adds each export's ratio to it
 (``x_round_floor``): the disk's own rate drifts over minutes on the lent machines.
 
@@ -211,7 +211,8 @@ def main() -> None:
                         row["main_before_first_byte"] = sampler.timeline("MainThread", started[0], first_byte)
                     row["stalls"] = sampler.stalls(started[0], float("inf"))
                     row["timelines"] = {name: sampler.timeline(name, started[0], float("inf")) for name in
-                                        ("MainThread", "offload-export-reader", "offload-export-writer")}
+                                        ("MainThread", "offload-export-reader", "offload-export-writer",
+                                         "offload-export-io")}
                 row["x_floor"] = round(row["s"] / floor_s(rates, read, row["written_GB"]), 2)
                 if args.floor_each:
                     row["x_round_floor"] = round(row["s"] / floor_s(round_rates, read, row["written_GB"]), 2)

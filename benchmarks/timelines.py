@@ -2,9 +2,10 @@
 
     python benchmarks/timelines.py RESULTS.json [--top 8]
 
-For every sampled row (version, round): per thread (the packing lane, the read-ahead, the writer), the milliseconds
-spent in each stack (innermost offload_export frame | innermost frame) after the first byte, largest first, and the
-main thread's stages before it (``main_before_first_byte``, in time order, runs of one stack merged).
+For every sampled row (version, round): per thread (the packing lane, the read-ahead, the writer staging, the I/O
+thread), the milliseconds spent in each stack (innermost offload_export frame | innermost frame) after the first byte,
+largest first, and the main thread's stages before it (``main_before_first_byte``, in time order, runs of one stack
+merged).
 """
 
 from __future__ import annotations

@@ -26,6 +26,13 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
         a.cpu().reshape(-1).view(torch.uint8), b.cpu().reshape(-1).view(torch.uint8))
 
 
+def _small_chunks(monkeypatch, n: int) -> None:
+    """Pinned buffers of ``n`` bytes, this test's own: a thread's buffers are made once at ``_CHUNK`` and kept, so
+    buffers made under the patched size would otherwise outlive it into the next test of the process."""
+    monkeypatch.setattr(_transfer, "_CHUNK", n)
+    monkeypatch.setattr(_transfer, "_local", threading.local())
+
+
 def test_on_the_cpu_both_are_plain_copies_or_the_tensor_itself():
     t = _random(1000, torch.bfloat16).reshape(10, 100)
     assert _transfer.to_host(t) is t
@@ -39,7 +46,7 @@ def test_on_the_cpu_both_are_plain_copies_or_the_tensor_itself():
 @given(chunks=st.integers(0, 5), extra=st.integers(-3, 3), dtype=st.sampled_from(DTYPES),
        transpose=st.booleans())
 def test_round_trips_equal_a_plain_copy_around_chunk_boundaries(monkeypatch, chunks, extra, dtype, transpose):
-    monkeypatch.setattr(_transfer, "_CHUNK", 4096)  # many chunks of a small tensor, the buffers reused
+    _small_chunks(monkeypatch, 4096)  # many chunks of a small tensor, the buffers reused
     size = torch.empty((), dtype=dtype).element_size()
     n = max(8, (chunks * 4096 + extra * 64) // size // 8 * 8)
     host = _random(n, dtype).reshape(8, -1)
@@ -57,7 +64,7 @@ def test_round_trips_equal_a_plain_copy_around_chunk_boundaries(monkeypatch, chu
 @cuda
 @pytest.mark.gpu
 def test_work_queued_after_to_device_sees_the_data_and_threads_have_their_own_buffers(monkeypatch):
-    monkeypatch.setattr(_transfer, "_CHUNK", 1 << 16)
+    _small_chunks(monkeypatch, 1 << 16)
     errors = []
 
     def run(seed: int):

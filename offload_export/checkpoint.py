@@ -25,13 +25,15 @@ SHARD_METADATA = {"format": "pt"}
 
 
 def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: bool,
-                  on_shard: Callable[[str, int], None] | None = None) -> list[str]:
+                  on_shard: Callable[[str, int], None] | None = None,
+                  on_made: Callable[[], None] | None = None) -> list[str]:
     """Stream every unit of ``plan`` into its shards in ``tmp`` (:func:`run_units`); one unit is written while the
     next is staged (:meth:`ShardWriter.stage`) and the one after it made. On any failure every shard file is closed
     before the exception propagates.
 
     ``on_shard(path, crc32)`` is called (on the I/O thread) as soon as a shard is complete and fsync-ed, with
-    the CRC-32 of the bytes written into it (computed beside the writes: :class:`ShardWriter`).
+    the CRC-32 of the bytes written into it (computed beside the writes: :class:`ShardWriter`). ``on_made()`` is
+    called once every unit is made and staged, before the last unit's writes (work that can wait runs beside them).
 
     Returns:
         The shard file names.
@@ -52,12 +54,15 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
     # the system calls of one unit's writes run in this thread while the consumer stages the next unit's
     io = ThreadPoolExecutor(1, thread_name_prefix="offload-export-io")
     failed = threading.Event()
+    last = plan.units[-1] if plan.units else None
 
     def write(unit, outputs) -> Future:
         by_shard: dict[str, list] = {}
         for spec in unit.outputs:
             by_shard.setdefault(shard_of[spec.name], []).append((spec.name, outputs.pop(spec.name)))
         staged = [(writers[filename], writers[filename].stage(items)) for filename, items in by_shard.items()]
+        if on_made is not None and unit is last:
+            on_made()
 
         def run() -> None:
             try:

@@ -23,7 +23,7 @@ from .checkpoint import write_metadata, write_weights
 from .fingerprint import fingerprint, plan_facts
 from .job import Job, prepare_job
 from .materialize import waits_for_blocks
-from .resume import Resumer, facts_beside_writes, resume_session
+from .resume import Resumer, resume_session
 from .verify import check_staged
 from .vllm_fq import write_vllm_fq_state
 
@@ -180,14 +180,14 @@ def save_clean(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "f
     start = time.perf_counter()
     job = prepare_job(model, out_dir, **options)
     notes: list[str] = []
-    beside = not resume and facts_beside_writes(job)  # the journal's thread works them out
-    facts = None if beside else plan_facts(job)
-    plan_id = None if beside else fingerprint(facts)
+    facts = plan_facts(job) if resume else None  # else the journal's thread works them out when due
+    plan_id = fingerprint(facts) if resume else None
     adopt = Resumer(plan_id, facts, notes) if resume else None
     with _atomic.staging(job.out_dir, overwrite=overwrite, notes=notes, adopt=adopt, keep_on_interrupt=resume) as tmp:
         with resume_session(job, tmp, job.plan, plan_id=plan_id, facts=facts, resume=resume,
                             notes=notes) as session:  # its journal is gone once the block ends
-            files = write_weights(job.reader(), session.plan, tmp, progress, on_shard=session.shard_done)
+            files = write_weights(job.reader(), session.plan, tmp, progress, on_shard=session.shard_done,
+                                  on_made=session.header_due)
             files += write_metadata(job, tmp, tokenizer=tokenizer, notes=notes)
             if vllm_fq_state:
                 files.append(write_vllm_fq_state(model, job.quantizers, offloaded_tensors(model), set(job.folds),

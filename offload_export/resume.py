@@ -6,9 +6,11 @@ plan's fingerprint (:mod:`offload_export.fingerprint`), then one record per weig
 fsync-ed and checksummed (``{"file", "size", "crc32"}``: the CRC-32 of the bytes the writer wrote into it,
 computed beside the writes), each record fsync-ed. A CRC is what the journal needs: it guards a staging
 directory this package owns against torn, truncated or accidentally damaged shards, not against an
-adversary (the plan itself is identified by sha256 digests). An export that does not resume and has large
-quantizer state works the header out in the journal's thread, beside its first writes
-(:func:`facts_beside_writes`). The digest of the tensors the model holds in
+adversary (the plan itself is identified by sha256 digests). An export that does not resume works the header
+out in the journal's thread when a record first needs it: when its first shard is complete, or once every unit is
+made (:meth:`ResumeSession.header_due`), beside the last writes while the export's other threads wait for them; with
+large quantizer state at once, beside its first writes (:func:`facts_beside_writes`). Until a shard is complete there
+is nothing to resume, so the export's first byte never waits for the header. The digest of the tensors the model holds in
 memory follows once a background thread has computed it; records count only once it is there. That thread
 starts only after the export has run for as long as the digest takes (:data:`DIGEST_DEFER_RATE`), or at
 once when the export fails: an export too short to be worth resuming never pays for it.
@@ -67,10 +69,11 @@ FACTS_BESIDE_WRITES = 64 << 20
 
 
 def facts_beside_writes(job: Job) -> bool:
-    """Whether an export that does not resume leaves its plan facts (:func:`plan_facts`) to the journal's thread,
-    beside its first writes: when its quantizer state is large (per-group scales). Digesting that is mostly reading
-    and checksumming, which hand the GIL over; a small state's digest is mostly Python, which beside the first
-    writes delays them as much as it would before them (benchmarks/README.md, run 24)."""
+    """Whether an export that does not resume works its plan facts (:func:`plan_facts`) out beside its first writes
+    rather than later (:meth:`ResumeSession.header_due`): when its quantizer state is large (per-group scales).
+    Digesting that is mostly reading and checksumming, which hand the GIL over, and may take longer than the last
+    writes; a small state's digest is mostly Python, which beside the first writes delays them as much as it would
+    before them (benchmarks/README.md, run 24)."""
     return sum(job.lay[k].nbytes for q in job.quantizers for k in q.state_keys if k in job.lay) >= FACTS_BESIDE_WRITES
 
 
@@ -256,6 +259,7 @@ class ResumeSession:
     _digest_state: str = "deferred"  # then "running" or "dropped" (under _lock)
     _memory_thread: threading.Thread | None = None
     _header: Future | None = None  # the header's record, when the journal's thread works it out
+    _header_now: threading.Event = field(default_factory=threading.Event)  # ... which it does once this is set
     _kept: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -268,10 +272,17 @@ class ResumeSession:
             if self._fd >= 0:
                 _append(self._fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
 
+    def header_due(self) -> None:
+        """Every unit is made: the journal's thread may work the header out now (when it does), beside the last
+        writes, which the export's other threads only wait for."""
+        self._header_now.set()
+
     def shard_done(self, path: str, crc32: int) -> None:
-        """A shard was completed and fsync-ed with bytes of CRC-32 ``crc32``: append its record in the background."""
+        """A shard was completed and fsync-ed with bytes of CRC-32 ``crc32``: append its record in the background
+        (after the header, worked out first if it was not yet)."""
         if self._pool is None or self._stop.is_set():
             return
+        self._header_now.set()
 
         def record() -> None:
             if not self._stop.is_set():
@@ -300,9 +311,12 @@ class ResumeSession:
         self._memory_thread.start()
 
     def _record_header(self, header: dict, job: Job) -> None:
-        """Record ``header`` with the plan's facts and fingerprint, worked out here (:func:`plan_facts`), handing the
-        GIL over at the export's short switch interval: at the default one, each of the first writes' system calls
-        would wait for this Python for up to 5 ms."""
+        """Record ``header`` with the plan's facts and fingerprint, worked out here (:func:`plan_facts`) once it is
+        due, handing the GIL over at the export's short switch interval: at the default one, each of the writes'
+        system calls would wait for this Python for up to 5 ms."""
+        self._header_now.wait()
+        if self._stop.is_set():  # cancelled: no record follows
+            return
         with quick_switching():
             facts = plan_facts(job)
         self._record({**header, "fingerprint": fingerprint(facts), "facts": facts})
@@ -318,6 +332,7 @@ class ResumeSession:
                 if self._digest_state == "deferred":
                     self._digest_state = "dropped"
         self._digest_now.set()
+        self._header_now.set()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=cancel)
         if self._memory_thread is not None:
@@ -412,8 +427,8 @@ def resume_session(job: Job, tmp: Path, share: ExportPlan, *, plan_id: str | Non
         tmp: the staging directory (fresh, or adopted by :class:`Resumer`).
         share: the shards this process writes (the whole plan in one process).
         plan_id: the export's (combined) fingerprint; facts: this process's plan facts. None for both (only where
-            ``resume`` is false, see :func:`facts_beside_writes`): the journal's thread works them out for its
-            header, beside the first writes.
+            ``resume`` is false): the journal's thread works them out for its header, when due (see the module's
+            docstring).
         resume: keep what an earlier export left in ``tmp`` (needs ``plan_id`` and ``facts``).
         notes: receives what was kept and what was started over.
         rank: this process's rank (names its journal).
@@ -422,7 +437,8 @@ def resume_session(job: Job, tmp: Path, share: ExportPlan, *, plan_id: str | Non
             before committing.
 
     Yields:
-        The :class:`ResumeSession`: ``plan`` is what is left to write; call ``shard_done`` as shards complete.
+        The :class:`ResumeSession`: ``plan`` is what is left to write; call ``shard_done`` as shards complete and
+        ``header_due`` once every unit is made.
         On a normal exit this process's lock is released (and with ``commit`` every journal removed); on an
         exception the journals stay, for the next ``resume=True``.
     """
@@ -460,6 +476,8 @@ def resume_session(job: Job, tmp: Path, share: ExportPlan, *, plan_id: str | Non
         _fsync_dir(tmp)
         session._pool = ThreadPoolExecutor(1, thread_name_prefix="offload-export-journal")  # fsyncs off the writer
         if facts is None:  # first in the journal's queue: before any shard's record
+            if facts_beside_writes(job):
+                session._header_now.set()
             session._header = session._pool.submit(session._record_header, header, job)
         if memory is None:
             session._digest_memory(job.lay, quantizer_keys)

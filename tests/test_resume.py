@@ -118,14 +118,15 @@ def test_the_memory_digest_is_deferred_yet_an_interrupted_export_records_it_and_
 
 
 @pytest.mark.parametrize("beside", [True, False])
-def test_an_export_with_large_quantizer_state_works_out_its_journal_header_beside_its_first_writes(
+def test_an_export_without_resume_works_out_its_journal_header_in_the_journals_thread_after_its_first_byte(
         work, monkeypatch, beside):
-    """Without resume=True and with quantizer state of FACTS_BESIDE_WRITES bytes or more, the plan facts are worked out
-    in the journal's thread (not before the first byte); either way the header is the one an export with resume=True
-    records, and it comes before every shard's record."""
+    """Without resume=True the plan facts are worked out in the journal's thread, never before the first byte: with
+    quantizer state of FACTS_BESIDE_WRITES bytes or more at once, beside the first writes; else once the first shard
+    is complete (these shards are small) or every unit is made. Either way the header is the one an export with
+    resume=True records, and it comes before every shard's record."""
     monkeypatch.setattr(resume_mod, "FACTS_BESIDE_WRITES", 0 if beside else 1 << 40)
     model = _tiny_model(offload_dir=work / "offload")
-    journals, threads = [], []
+    journals, calls = [], []
     remove, facts = resume_mod.remove_journals, resume_mod.plan_facts
 
     def kept(folder):
@@ -133,16 +134,47 @@ def test_an_export_with_large_quantizer_state_works_out_its_journal_header_besid
                          for line in p.read_text().splitlines()])
         remove(folder)
 
+    def spy(job):
+        written = [p for p in work.glob(".deferred*/*.safetensors") if p.stat().st_size]
+        calls.append((threading.current_thread().name, len(written)))
+        return facts(job)
+
     monkeypatch.setattr(resume_mod, "remove_journals", kept)
-    monkeypatch.setattr(resume_mod, "plan_facts", lambda job: threads.append(threading.current_thread().name) or facts(job))
+    monkeypatch.setattr(resume_mod, "plan_facts", spy)
     oe.save_clean(model, work / "deferred", max_shard_size=SHARD)
+    assert len(calls) == 1 and calls[0][0].startswith("offload-export-journal")
+    assert beside or calls[0][1] >= 1  # a shard was complete before the header was worked out
     oe.save_clean(model, work / "eager", max_shard_size=SHARD, resume=True)
     deferred, eager = journals
-    assert [n.startswith("offload-export-journal") for n in threads] == ([True] if beside else [])
     assert deferred[0]["journal"] == 1 and deferred[0]["fingerprint"] == eager[0]["fingerprint"]
     assert deferred[0]["facts"] == eager[0]["facts"]
     shards = [r["file"] for r in deferred if "file" in r]
     assert shards and shards == [r["file"] for r in eager if "file" in r]
+
+
+def test_a_one_shard_export_works_out_its_journal_header_once_every_unit_is_made(work, monkeypatch):
+    """With one shard, complete only at the end, the header is worked out once the last unit is made and staged (not
+    before the first byte, nor after the last write when the shard's completion would ask for it)."""
+    monkeypatch.setattr(resume_mod, "FACTS_BESIDE_WRITES", 1 << 40)
+    model = _tiny_model(offload_dir=work / "offload")
+    journals, order = [], []
+    remove, facts, due = resume_mod.remove_journals, resume_mod.plan_facts, resume_mod.ResumeSession.header_due
+    done = resume_mod.ResumeSession.shard_done
+
+    def kept(folder):
+        journals.append([json.loads(line) for p in folder.iterdir() if resume_mod.is_journal(p.name)
+                         for line in p.read_text().splitlines()])
+        remove(folder)
+
+    monkeypatch.setattr(resume_mod, "remove_journals", kept)
+    monkeypatch.setattr(resume_mod.ResumeSession, "header_due", lambda self: order.append("due") or due(self))
+    monkeypatch.setattr(resume_mod.ResumeSession, "shard_done", lambda self, *a: order.append("shard") or done(self, *a))
+    monkeypatch.setattr(resume_mod, "plan_facts", lambda job: order.append("facts") or facts(job))
+    oe.save_clean(model, work / "out")
+    assert order[:2] == ["due", "facts"] or order[:3] == ["due", "shard", "facts"]
+    assert order.count("shard") == 1 and order.count("facts") == 1
+    header, *records = journals[0]  # the header first: a record before it would void the journal
+    assert header["journal"] == 1 and header["facts"] and not any("journal" in r for r in records)
 
 
 def test_a_rank_that_ends_before_its_memory_digest_is_due_neither_waits_nor_records_it(work, monkeypatch):

@@ -499,7 +499,7 @@ def _release_all(items: queue.Queue) -> None:
             item = items.get_nowait()
         except queue.Empty:
             return
-        if item is not _DONE:
+        if isinstance(item, tuple):  # a unit (not _DONE, nor a write's end)
             for lease in item[2:]:
                 if lease is not None:
                     lease.release()
@@ -591,17 +591,18 @@ def _lane(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _Budget
 def _consume(consume: Callable[[Unit, dict], Future | None], run: _Run, handoff: queue.Queue) -> None:
     """The consumer thread: wait for the work that makes each unit's outputs left on a GPU and ``consume`` them, in
     arrival order, releasing its leases whatever happens: when ``consume`` returns, or, when it returns a future (its
-    writes made in another thread), once that is done; the next unit is consumed meanwhile if it is there already, one
-    unit in flight."""
+    writes made in another thread), once that is done. One unit is in flight: the next one is consumed as soon as it
+    comes, while the one before is written (its writes then queue behind), and the one in flight is landed as soon as
+    its future is done, whichever comes first: the next unit may wait for the leases of the one in flight."""
     flight: tuple[Future, _Onloaded | None, _Lease] | None = None
     try:
         while True:
-            try:
-                item = handoff.get_nowait()
-            except queue.Empty:  # landed first: the next unit may wait for the leases of the one in flight
-                _land(flight, run)
-                flight = None
-                item = handoff.get()
+            item = handoff.get()
+            if isinstance(item, Future):  # a write ended: land its unit, unless the next one already did
+                if flight is not None and flight[0] is item:
+                    _land(flight, run)
+                    flight = None
+                continue
             if item is _DONE:
                 break
             unit, outputs, onloaded, lease = item
@@ -621,6 +622,7 @@ def _consume(consume: Callable[[Unit, dict], Future | None], run: _Run, handoff:
                     _land((None, onloaded, lease), run)
                 else:  # this unit's writes run while the one before them lands
                     landing, flight = flight, (done, onloaded, lease)
+                    done.add_done_callback(handoff.put)
                     _land(landing, run)
     finally:
         _land(flight, run)

@@ -428,6 +428,42 @@ def test_a_unit_written_in_another_thread_holds_its_lease_until_written_while_th
         assert what != "written" or started <= min(i + 4, len(units)), events
 
 
+def test_a_unit_made_while_the_one_before_is_written_is_staged_at_once_not_after_that_write(tmp_path, monkeypatch):
+    """The consumer waits for whichever comes first, the next unit or the end of the write in flight: a unit made
+    while the one before is being written is staged then, so that its writes queue behind and the I/O thread never
+    waits for the Python of the next unit's staging."""
+    from offload_export import pipeline
+
+    reader, units = _six_equal_units_after_a_resident_one(tmp_path, monkeypatch)
+    writing = [threading.Event() for _ in units]
+    events = []
+    read = reader.read
+
+    def reading(unit, *rest):
+        i = units.index(unit)
+        if i >= 2:  # made only once the unit before is being written
+            assert writing[i - 1].wait(10)
+            time.sleep(0.05)
+        return read(unit, *rest)
+
+    reader.read = reading
+
+    def write(i):
+        writing[i].set()
+        time.sleep(0.3)
+        events.append(("written", i))
+
+    with ThreadPoolExecutor(1) as io:
+        def consume(unit, outputs):
+            i = units.index(unit)
+            events.append(("staged", i))
+            return io.submit(write, i)
+
+        pipeline.run_units(reader, units, consume, read_ahead_bytes=reader.read_ahead_bytes(units))
+    for i in range(2, len(units)):
+        assert events.index(("staged", i)) < events.index(("written", i - 1)), events
+
+
 def _reads_while_written(reader, units, *, ahead: int) -> list[bool]:
     """Stream ``units`` (their own budget); the write of each unit that has one ``ahead`` units after it waits for
     that unit's read to start (10 s, then not at all once one did not): whether each read started."""

@@ -10,8 +10,8 @@ adversary (the plan itself is identified by sha256 digests). An export that does
 out in the journal's thread when a record first needs it: when its first shard is complete, or once every unit is
 made (:meth:`ResumeSession.header_due`), beside the last writes while the export's other threads wait for them; with
 large quantizer state at once, beside its first writes (:func:`facts_beside_writes`). Until a shard is complete there
-is nothing to resume, so the export's first byte never waits for the header. The digest of the tensors the model holds in
-memory follows once a background thread has computed it; records count only once it is there. That thread
+is nothing to resume, so the export's first byte never waits for the header. The digest of the tensors the model
+holds in memory follows once a background thread has computed it; records count only once it is there. That thread
 starts only after the export has run for as long as the digest takes (:data:`DIGEST_DEFER_RATE`), or at
 once when the export fails: an export too short to be worth resuming never pays for it.
 

@@ -117,6 +117,20 @@ def test_the_memory_digest_is_deferred_yet_an_interrupted_export_records_it_and_
     assert time.monotonic() - start < 120
 
 
+def _journals_at_commit(monkeypatch) -> list[list[dict]]:
+    """The records of every journal in each staging directory as its export removes them before the commit, one list
+    per export, filled as exports commit."""
+    journals, remove = [], resume_mod.remove_journals
+
+    def kept(folder):
+        journals.append([json.loads(line) for p in folder.iterdir() if resume_mod.is_journal(p.name)
+                         for line in p.read_text().splitlines()])
+        remove(folder)
+
+    monkeypatch.setattr(resume_mod, "remove_journals", kept)
+    return journals
+
+
 @pytest.mark.parametrize("beside", [True, False])
 def test_an_export_without_resume_works_out_its_journal_header_in_the_journals_thread_after_its_first_byte(
         work, monkeypatch, beside):
@@ -126,20 +140,14 @@ def test_an_export_without_resume_works_out_its_journal_header_in_the_journals_t
     resume=True records, and it comes before every shard's record."""
     monkeypatch.setattr(resume_mod, "FACTS_BESIDE_WRITES", 0 if beside else 1 << 40)
     model = _tiny_model(offload_dir=work / "offload")
-    journals, calls = [], []
-    remove, facts = resume_mod.remove_journals, resume_mod.plan_facts
-
-    def kept(folder):
-        journals.append([json.loads(line) for p in folder.iterdir() if resume_mod.is_journal(p.name)
-                         for line in p.read_text().splitlines()])
-        remove(folder)
+    journals, calls = _journals_at_commit(monkeypatch), []
+    facts = resume_mod.plan_facts
 
     def spy(job):
         written = [p for p in work.glob(".deferred*/*.safetensors") if p.stat().st_size]
         calls.append((threading.current_thread().name, len(written)))
         return facts(job)
 
-    monkeypatch.setattr(resume_mod, "remove_journals", kept)
     monkeypatch.setattr(resume_mod, "plan_facts", spy)
     oe.save_clean(model, work / "deferred", max_shard_size=SHARD)
     assert len(calls) == 1 and calls[0][0].startswith("offload-export-journal")
@@ -157,17 +165,11 @@ def test_a_one_shard_export_works_out_its_journal_header_once_every_unit_is_made
     before the first byte, nor after the last write when the shard's completion would ask for it)."""
     monkeypatch.setattr(resume_mod, "FACTS_BESIDE_WRITES", 1 << 40)
     model = _tiny_model(offload_dir=work / "offload")
-    journals, order = [], []
-    remove, facts, due = resume_mod.remove_journals, resume_mod.plan_facts, resume_mod.ResumeSession.header_due
-    done = resume_mod.ResumeSession.shard_done
+    journals, order = _journals_at_commit(monkeypatch), []
+    facts, due, done = resume_mod.plan_facts, resume_mod.ResumeSession.header_due, resume_mod.ResumeSession.shard_done
 
-    def kept(folder):
-        journals.append([json.loads(line) for p in folder.iterdir() if resume_mod.is_journal(p.name)
-                         for line in p.read_text().splitlines()])
-        remove(folder)
-
-    monkeypatch.setattr(resume_mod, "remove_journals", kept)
     monkeypatch.setattr(resume_mod.ResumeSession, "header_due", lambda self: order.append("due") or due(self))
+
     def shard(self, *args):
         order.append("shard")
         time.sleep(0.5)  # the export's end, which skips a header not yet begun, comes after the header's start

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import platform
 import sys
 import threading
@@ -55,14 +56,15 @@ def _syscall():
 
 
 class _Context:
-    """One thread's AIO context (``io_setup``), destroyed with the thread's local storage or at exit."""
+    """An AIO context (``io_setup``), used by one thread at a time; destroyed once unreferenced (a context retired
+    after an error), never at exit (the kernel frees a process's contexts then)."""
 
     def __init__(self, syscall, numbers):
         self._call, (_, destroy, self._getevents, self._submit) = syscall, numbers
         self.id = ctypes.c_ulong(0)
         if syscall(ctypes.c_long(numbers[0]), ctypes.c_long(_EVENTS), ctypes.byref(self.id)) != 0:
             raise OSError(ctypes.get_errno(), "io_setup")
-        weakref.finalize(self, syscall, ctypes.c_long(destroy), self.id)
+        weakref.finalize(self, syscall, ctypes.c_long(destroy), self.id).atexit = False
 
     def submit(self, iocbs: ctypes.Array) -> int:
         """Requests submitted (all or a leading part); raises ``OSError`` when none was."""
@@ -96,18 +98,48 @@ class _Context:
 
 _local = threading.local()
 _SYSCALL = _syscall()
+# contexts of threads that have ended, for the next threads: ``io_destroy`` waits for the kernel's RCU grace period,
+# tens of milliseconds at the end of every writing thread (an export's last step)
+_idle: list[_Context] = []
+_idle_lock = threading.Lock()
+os.register_at_fork(after_in_child=_idle.clear)  # a child's calls on its parent's contexts would fail
+
+
+def _give_back(held: list) -> None:
+    """A thread's local storage died: its context (``held[0]``, unless retired) is idle again."""
+    if held[0] is not None:
+        with _idle_lock:
+            _idle.append(held[0])
+
+
+class _ThreadEnd:
+    """Kept in a thread's local storage: gives the thread's context back when that storage dies."""
+
+    def __init__(self, held: list):
+        weakref.finalize(self, _give_back, held).atexit = False
 
 
 def _context() -> _Context | None:
-    """This thread's context; None where AIO is not available (remembered for the thread)."""
-    ctx = getattr(_local, "ctx", False)
-    if ctx is False:
-        try:
-            ctx = _Context(*_SYSCALL) if _SYSCALL is not None else None
-        except OSError:
-            ctx = None  # ENOSYS, EPERM (a sandbox), EAGAIN (fs.aio-max-nr reached): pwritev it is
-        _local.ctx = ctx
-    return ctx
+    """This thread's context (an idle one, else a new one); None where AIO is not available (remembered for the
+    thread)."""
+    held = getattr(_local, "held", None)
+    if held is None:
+        ctx = None
+        if _SYSCALL is not None:
+            with _idle_lock:
+                ctx = _idle.pop() if _idle else None
+            try:
+                ctx = ctx or _Context(*_SYSCALL)
+            except OSError:
+                pass  # ENOSYS, EPERM (a sandbox), EAGAIN (fs.aio-max-nr reached): pwritev it is
+        held = _local.held = [ctx]
+        _local.end = _ThreadEnd(held)
+    return held[0]
+
+
+def _retire() -> None:
+    """This thread's context is not to be used again (nor by another thread): pwritev from now on."""
+    _local.held[0] = None
 
 
 def _address(view: memoryview) -> int | None:
@@ -151,12 +183,12 @@ def pwritev_many(fd: int, calls: Sequence[tuple[int, Sequence[memoryview]]]) -> 
                 return done
             if e.errno not in _UNAVAILABLE:
                 raise
-            _local.ctx = None  # not for this file or no more (a forked child's context is its parent's): pwritev
+            _retire()  # not for this file or no more: pwritev
             return done
         try:
             results = ctx.reap(submitted)
         except BaseException as e:  # noqa: B036 - an interrupt too
-            _local.ctx = None  # events left unread must never be read as another batch's
+            _retire()  # events left unread must never be read as another batch's
             if not isinstance(e, OSError):
                 raise
             return done  # the batch is written again through pwritev

@@ -307,6 +307,40 @@ def test_an_interrupt_while_a_batch_is_reaped_retires_the_threads_aio_context(tm
     assert seen == ["interrupted", []]
 
 
+def test_a_thread_that_ends_leaves_its_aio_context_to_the_next_thread_and_a_retired_one_to_none(tmp_path,
+                                                                                               monkeypatch):
+    """Destroying a context waits for the kernel's RCU grace period (tens of milliseconds at the end of every export's
+    I/O thread): a thread's context outlives it, idle, for the next thread to write with; a context retired after
+    an interrupted batch is never handed on."""
+    aio = writer_mod._aio
+    monkeypatch.setattr(aio, "_idle", [])
+    calls = [(0, [memoryview(bytearray(b"a" * 10))]), (10, [memoryview(bytearray(b"b" * 10))])]
+    used = []
+
+    def write(interrupt: bool = False):
+        fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+        try:
+            used.append(aio._context())
+            if interrupt:
+                with mock.patch.object(aio._Context, "reap", side_effect=KeyboardInterrupt), \
+                        pytest.raises(KeyboardInterrupt):
+                    aio.pwritev_many(fd, calls)
+            else:
+                assert aio.pwritev_many(fd, calls) == [10, 10]
+        finally:
+            os.close(fd)
+
+    for interrupt in (False, False, True, False):
+        thread = threading.Thread(target=write, args=(interrupt,))
+        thread.start()
+        thread.join()
+    if used[0] is None:
+        pytest.skip("no Linux AIO here")
+    assert used[1] is used[0] and used[2] is used[0]  # one context, thread after thread
+    assert used[3] is not used[0] and used[3] is not None  # the interrupted thread's was retired: a new one
+    assert aio._idle == [used[3]]
+
+
 def test_a_batch_into_a_read_only_descriptor_raises_its_error(tmp_path):
     (tmp_path / "f").write_bytes(b"")
     fd = os.open(tmp_path / "f", os.O_RDONLY)

@@ -9,16 +9,16 @@ import copy
 import json
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .job import INDEX_NAME, Job
 from .pipeline import UnitReader, run_units, usable_cores
-from .plan import ExportPlan
+from .plan import ExportPlan, Unit
 from .writer import Descriptors, ShardWriter
 
-__all__ = ["SHARD_METADATA", "write_metadata", "write_model_files", "write_weights"]
+__all__ = ["SHARD_METADATA", "write_metadata", "write_model_files", "write_order", "write_weights"]
 
 #: the ``__metadata__`` of every weight shard (what ``save_pretrained`` writes)
 SHARD_METADATA = {"format": "pt"}
@@ -27,9 +27,9 @@ SHARD_METADATA = {"format": "pt"}
 def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: bool,
                   on_shard: Callable[[str, int], None] | None = None,
                   on_made: Callable[[], None] | None = None) -> list[str]:
-    """Stream every unit of ``plan`` into its shards in ``tmp`` (:func:`run_units`); one unit is written while the
-    next is staged (:meth:`ShardWriter.stage`) and the one after it made. On any failure every shard file is closed
-    before the exception propagates.
+    """Stream every unit of ``plan`` into its shards in ``tmp`` (:func:`run_units`), in :func:`write_order`; one unit
+    is written while the next is staged (:meth:`ShardWriter.stage`) and the one after it made. On any failure every
+    shard file is closed before the exception propagates.
 
     ``on_shard(path, crc32)`` is called (on the I/O thread) as soon as a shard is complete and fsync-ed, with
     the CRC-32 of the bytes written into it (computed beside the writes: :class:`ShardWriter`). ``on_made()`` is
@@ -54,7 +54,8 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
     # the system calls of one unit's writes run in this thread while the consumer stages the next unit's
     io = ThreadPoolExecutor(1, thread_name_prefix="offload-export-io")
     failed = threading.Event()
-    last = plan.units[-1] if plan.units else None
+    units = write_order(plan.units, reader)
+    last = units[-1] if units else None
 
     def write(unit, outputs) -> Future:
         by_shard: dict[str, list] = {}
@@ -85,7 +86,7 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
     # units are written behind, in order, by the loop's consumer and I/O threads while the next ones are folded:
     # the disk and the CPU/GPU work at once, within the loop's byte budget
     try:
-        run_units(reader, plan.units, write, read_ahead_bytes=reader.read_ahead_bytes(plan.units))
+        run_units(reader, units, write, read_ahead_bytes=reader.read_ahead_bytes(units))
         for w in writers.values():
             w.close()
     except BaseException:
@@ -99,6 +100,17 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
         if bar is not None:
             bar.close()
     return list(writers)
+
+
+def write_order(units: Sequence[Unit], reader: UnitReader) -> list[Unit]:
+    """``units`` in the order they are written: the plan's, but for the units at its end that are written as read
+    (:meth:`UnitReader.written_as_read`: an untied lm_head, the final norm), which come second. At the end, their
+    writes would follow every fold and pack, the disk alone working while the rest waits (an lm_head of 0.6 GB: a
+    quarter of a second at 2.5 GB/s); second, they are written while the first units are made."""
+    end = len(units)
+    while end > 1 and reader.written_as_read(units[end - 1]):
+        end -= 1
+    return [*units[:1], *units[end:], *units[1:end]]
 
 
 def _write_config(job: Job, tmp: Path, notes: list[str]) -> list[str]:

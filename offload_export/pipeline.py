@@ -124,6 +124,11 @@ class UnitReader:
         outputs = sum(spec.nbytes for spec in unit.outputs if spec.nbytes < STREAMED or spec.name in kept)
         return min(self.held_bytes(unit), read + outputs)
 
+    def written_as_read(self, unit: Unit) -> bool:
+        """Whether the format writes every source of ``unit`` as it is (:meth:`Format.unchanged`): the unit costs
+        the export its I/O only (an unquantized lm_head, a norm)."""
+        return all(self.format.unchanged(unit, k) for k in unit.sources)
+
     def streamed(self, unit: Unit) -> set[str]:
         """The unit's outputs that are the model's own GPU memory, handed to the writer as they are (it streams them
         to the file through pinned buffers, never a host copy of the whole tensor): resident GPU tensors the format

@@ -185,3 +185,30 @@ def test_vllm_fq_state_needs_modelopt(tmp_path):
     with pytest.raises(ValueError, match="ModelOpt"):
         oe.save_clean(make_model("llama_untied"), tmp_path / "out", vllm_fq_state=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_units_written_as_read_at_the_plans_end_are_written_second(tmp_path, monkeypatch):
+    """An untied lm_head and the norms after the last quantized linear (written as read) come last in the plan:
+    written second, their writes overlap the folds instead of following them; every planned tensor is written."""
+    from transformers import Qwen3Config
+
+    from offload_export.writer import ShardWriter
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    oe.quantize_weights(model, "int8")
+    staged, stage = [], ShardWriter.stage
+
+    def spy(self, items):
+        if self.path.endswith("model.safetensors"):  # the weights, not the quantizer state
+            staged.append([name for name, _ in items])
+        return stage(self, items)
+
+    monkeypatch.setattr(ShardWriter, "stage", spy)
+    oe.save_clean(model, tmp_path / "out")
+    assert staged[:5] == [["model.embed_tokens.weight"], ["model.layers.1.input_layernorm.weight"],
+                          ["model.layers.1.post_attention_layernorm.weight"], ["model.norm.weight"], ["lm_head.weight"]]
+    assert staged[-1] == ["model.layers.1.mlp.down_proj.weight"]
+    assert sorted(n for names in staged for n in names) == sorted(read_checkpoint(tmp_path / "out"))

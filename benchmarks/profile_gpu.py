@@ -2,8 +2,8 @@
 
 Per case (Qwen3-4B / Qwen3-MoE shape, ``gpu_big``'s table layout, ModelOpt NVFP4 or FP8): one export timed
 (seconds, time to first byte), then one under cProfile; the profile's top functions (cumulative and own time)
-go to ``$OUT/profile_<shape>_<config>.txt``. ``--torch``: under ``torch.profiler`` (CPU and CUDA) instead: per
-thread, the time its torch ops ran and the gaps between them (its Python and its waits for the GIL), the host calls
+go to ``$OUT/profile_<shape>_<config>.txt``. ``--torch``: under ``torch.profiler`` (CPU and CUDA; every thread where
+torch can) instead: per thread, the time its torch ops ran and the gaps between them (its Python and its waits for the GIL), the host calls
 that wait for the GPU (synchronize, blocking copies), the GPU's busy fraction (kernels and copies, merged), and the
 ops' own times, to ``$OUT/torch_profile_<shape>_<config>_<format>.{txt,json}``.
 
@@ -90,8 +90,13 @@ def torch_profile(fn, stem: Path, top: int) -> None:
     """Run ``fn`` under ``torch.profiler`` and write what it shows to ``stem``.txt (tables) and ``stem``.json (numbers)."""
     from torch.profiler import ProfilerActivity, profile
 
+    try:  # every thread's ops (the read-ahead's, the writer's), where this torch can; else the calling thread's only
+        from torch._C._profiler import _ExperimentalConfig
+        config = {"experimental_config": _ExperimentalConfig(profile_all_threads=True)}
+    except (ImportError, TypeError):
+        config = {}
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], **config) as prof:
         fn()
         torch.cuda.synchronize()
     events = prof.events()
@@ -102,18 +107,21 @@ def torch_profile(fn, stem: Path, top: int) -> None:
     for e in events:
         if e.device_type != torch.autograd.DeviceType.CPU:
             continue
-        row = threads.setdefault(e.thread, {"ops": [], "runtime": collections.Counter(), "calls": collections.Counter()})
+        row = threads.setdefault(e.thread, {"ops": [], "runtime": collections.Counter(), "calls": collections.Counter(),
+                                            "names": collections.Counter()})
         if e.name.startswith("cuda"):  # the CUDA runtime's calls (launches, copies, synchronizations)
             row["runtime"][e.name] += e.time_range.end - e.time_range.start
             row["calls"][e.name] += 1
         else:
             row["ops"].append((e.time_range.start, e.time_range.end))
+            row["names"][e.name] += e.self_cpu_time_total
     summary = {"wall_ms": round(wall / 1e3, 1), "gpu_busy_ms": round(_merged(gpu) / 1e3, 1), "threads": {}}
     for tid, row in threads.items():
         ops = row["ops"]
         busy = _merged(ops)
         span = (max(b for _, b in ops) - min(a for a, _ in ops)) if ops else 0.0
-        summary["threads"][str(tid)] = {"ops": len(ops), "op_ms": round(busy / 1e3, 1), "span_ms": round(span / 1e3, 1),
+        # the profiler numbers threads in the order they first ran an op: their busiest ops tell which is which
+        summary["threads"][str(tid)] = {"top_ops": [name for name, _ in row["names"].most_common(4)],"ops": len(ops), "op_ms": round(busy / 1e3, 1), "span_ms": round(span / 1e3, 1),
                                         "between_ops_ms": round((span - busy) / 1e3, 1),
                                         "cuda_calls": {name: [row["calls"][name], round(us / 1e3, 1)]
                                                        for name, us in row["runtime"].most_common(6)}}

@@ -104,9 +104,10 @@ def write_weights(reader: UnitReader, plan: ExportPlan, tmp: Path, progress: boo
 
 def write_order(units: Sequence[Unit], reader: UnitReader) -> list[Unit]:
     """``units`` in the order they are written: the plan's, but for the units at its end that are written as read
-    (:meth:`UnitReader.written_as_read`: an untied lm_head, the final norm), which come second. At the end, their
-    writes would follow every fold and pack, the disk alone working while the rest waits (an lm_head of 0.6 GB: a
-    quarter of a second at 2.5 GB/s); second, they are written while the first units are made."""
+    (:meth:`UnitReader.written_as_read`: an untied lm_head, the norms after the last quantized module), which come
+    second. At the end, their writes would follow every fold and pack, the disk alone working while the rest waits
+    (an lm_head of 0.6 GB: a quarter of a second at 2.5 GB/s); second, they are written while the first units are
+    made."""
     end = len(units)
     while end > 1 and reader.written_as_read(units[end - 1]):
         end -= 1

@@ -492,13 +492,15 @@ def test_quantizer_state_on_a_gpu_is_snapshotted_to_the_host_and_the_export_is_m
 
 
 @pytest.mark.parametrize("name, before_groups", [
-    ("NVFP4_DEFAULT_CFG", ["model.embed_tokens", "model.layers.0.self_attn.q_proj"]),
+    ("NVFP4_DEFAULT_CFG", ["model.embed_tokens", "model.layers.1.post_attention_layernorm", "model.norm",
+                           "model.layers.0.self_attn.q_proj"]),
     ("W4A8_AWQ_BETA_CFG", []),
 ])
 def test_the_groups_are_found_by_the_first_quantized_pack_unless_a_pre_quant_scale_is_resmoothed(
         name, before_groups, ref_root, tmp_path, monkeypatch):
     """NVFP4 (no ``pre_quant_scale``: the groups set amax values only, no planned shape): the groups are found by
-    the first quantized module's pack, so the embedding before it is packed (and written) meanwhile. AWQ folds
+    the first quantized module's pack, so the units made before it (the embedding, then the norms after the last
+    quantized module: :func:`~offload_export.checkpoint.write_order`) are written meanwhile. AWQ folds
     ``pre_quant_scale`` away (a planned output less): its groups come before anything. Either way, once, and the
     checkpoint is ModelOpt's."""
     from offload_export.formats import modelopt as modelopt_format

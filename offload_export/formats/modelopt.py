@@ -24,7 +24,7 @@ import functools
 import json
 import threading
 import warnings
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -672,7 +672,8 @@ class ModelOptPacker:
         millisecond, against a tenth of a second or more on the CPU (before the first byte)."""
         ones = {p: torch.ones((1, *t.shape[1:]), dtype=t.dtype, device=device) for p, t in one.items()}
         try:
-            with warnings.catch_warnings():
+            # as in the run-time pack, a kernel that allocates on the current device finds the experts' GPU there
+            with warnings.catch_warnings(), torch.cuda.device(device) if device.type == "cuda" else nullcontext():
                 warnings.simplefilter("ignore")  # ModelOpt's uncalibrated-expert warnings belong to the real pack
                 packed = self._pack_expert(x, e, ones, device, _input_quantizers(x, device))
         except Exception as err:

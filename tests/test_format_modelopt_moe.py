@@ -109,12 +109,22 @@ def test_fused_experts_of_a_mixed_layout_equal_modelopts_resident_export(name, k
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
-def test_fused_experts_offloaded_beside_a_gpu_are_packed_there_and_equal_modelopts_export(name, tmp_path):
+def test_fused_experts_offloaded_beside_a_gpu_are_packed_there_and_equal_modelopts_export(name, tmp_path, monkeypatch):
     """Experts calibrated on a GPU, then offloaded to the CPU and to disk with the GPU executing (accelerate's
     ``dispatch_model``): the read-ahead moves each layer's experts there and they are packed a stack at a time (the
-    second layer's without ModelOpt's export of one expert); the checkpoint is ModelOpt's resident export byte for
-    byte and the model unchanged."""
+    second layer's without ModelOpt's export of one expert), the plan's per-expert templates there too; the
+    checkpoint is ModelOpt's resident export byte for byte and the model unchanged."""
     import accelerate
+
+    from offload_export.formats import modelopt as modelopt_format
+
+    devices, template = [], modelopt_format.ModelOptPacker._expert_template
+
+    def spy(self, x, e, one, device):
+        devices.append(device.type)
+        return template(self, x, e, one, device)
+
+    monkeypatch.setattr(modelopt_format.ModelOptPacker, "_expert_template", spy)
 
     model = quantize(tiny_moe().cuda(), name)
     expected = modelopt_export(model, tmp_path / "expected")
@@ -124,6 +134,7 @@ def test_fused_experts_offloaded_beside_a_gpu_are_packed_there_and_equal_modelop
     model = accelerate.dispatch_model(model.cpu(), device_map, main_device=0, offload_dir=str(tmp_path / "offload"))
     before = model_state(model)
     oe.save_clean(model, tmp_path / "out", format="modelopt")
+    assert devices and set(devices) == {"cuda"}
     assert_same_checkpoint(tmp_path / "out", expected)
     assert_same_state(model_state(model), before)
 

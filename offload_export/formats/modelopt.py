@@ -1254,8 +1254,10 @@ class ModelOpt(Format):
 
     def outputs(self, meta: StateDict) -> StateDict:
         module = self._module(meta)
-        if module in self.packer.experts:  # packed from the weights' own dtype, never a cast
-            meta = {k: torch.empty(self.source.lay[k].shape, dtype=self.source.lay[k].dtype, device="meta") for k in meta}
+        if module not in self.packer.experts:
+            return self.packer.outputs(module, tuple(meta), meta)
+        # packed from the weights' own dtype, never a cast; the templates on the experts' execution device
+        meta = {k: torch.empty(self.source.lay[k].shape, dtype=self.source.lay[k].dtype, device="meta") for k in meta}
         return self.packer.outputs(module, tuple(meta), meta, self._device(next(iter(meta))))
 
     def _packs(self, module: str) -> bool:

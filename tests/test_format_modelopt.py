@@ -548,18 +548,18 @@ def test_linears_are_packed_directly_but_the_first_of_each_kind(name, ref_root, 
 
 
 def assert_a_flipped_bit_falls_back(model, expected: Path, warning: str, out: Path, monkeypatch) -> None:
-    """With ``quant_utils.to_quantized_weight`` (which the direct and stacked packs call; ModelOpt's own export calls
-    its own import of it) flipping a bit of what it returns, the export warns (``warning``, a regex) and still writes
+    """With the direct and stacked packs' weight packing (ModelOpt's numerics, recomputed; ModelOpt's export handler
+    does not call it) flipping a bit of what it returns, the export warns (``warning``, a regex) and still writes
     ModelOpt's checkpoint."""
-    from modelopt.torch.export import quant_utils
+    from offload_export.formats import modelopt as fmt
 
-    real = quant_utils.to_quantized_weight
+    real = fmt._pack_weight
 
-    def off_by_one_bit(weight, *args, **kwargs):
-        packed = real(weight, *args, **kwargs)
-        return (packed.view(torch.uint8) ^ 1).view(packed.dtype)
+    def off_by_one_bit(*args, **kwargs):
+        packed, made = real(*args, **kwargs)
+        return (packed.view(torch.uint8) ^ 1).view(packed.dtype), made
 
-    monkeypatch.setattr(quant_utils, "to_quantized_weight", off_by_one_bit)
+    monkeypatch.setattr(fmt, "_pack_weight", off_by_one_bit)
     with pytest.warns(UserWarning, match=warning):
         oe.save_clean(model, out, format="modelopt")
     assert_same_checkpoint(out, expected)
@@ -568,8 +568,8 @@ def assert_a_flipped_bit_falls_back(model, expected: Path, warning: str, out: Pa
 @pytest.mark.parametrize("name", ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG+FP8_KV_CFG"])
 def test_a_direct_pack_unlike_modelopts_export_falls_back_to_its_handler(name, ref_root, tmp_path, monkeypatch):
     """A linear packed directly is checked against ModelOpt's export handler for the first of its kind: a
-    difference (here a flipped bit in what ``to_quantized_weight`` returns, which ModelOpt's own export calls
-    through its own import) is warned about, and that kind is packed by the handler: the checkpoint is ModelOpt's."""
+    difference (here a flipped bit in the packed weight) is warned about, and that kind is packed by the handler:
+    the checkpoint is ModelOpt's."""
     model, expected = reference(name, ref_root)
     assert_a_flipped_bit_falls_back(model, expected, r"packing model\.layers\.0\.self_attn\.q_proj directly gives "
                                     r"model\.layers\.0\.self_attn\.q_proj\.weight unlike", tmp_path / "out", monkeypatch)

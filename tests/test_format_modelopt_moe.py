@@ -300,9 +300,8 @@ def test_a_mixture_of_experts_held_in_memory_takes_its_groups_from_the_twin(ref_
 @pytest.mark.parametrize("config", ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG+FP8_KV_CFG"])
 def test_a_batched_expert_pack_unlike_modelopts_own_falls_back_to_one_expert_at_a_time(monkeypatch, tmp_path, config):
     """NVFP4 and per-tensor FP8 experts are packed a stack at a time with ModelOpt's functions, after packing one
-    expert both ways: a stacked pack that differs (here a flipped bit in what ``to_quantized_weight`` returns, which
-    ModelOpt's own export calls through its own import) is caught there, warned about, and the experts are packed
-    one at a time: the checkpoint still equals ModelOpt's."""
+    expert both ways: a stacked pack that differs (here a flipped bit in the packed weights) is caught there, warned
+    about, and the experts are packed one at a time: the checkpoint still equals ModelOpt's."""
     model, expected = reference(config, tmp_path)
     assert_a_flipped_bit_falls_back(model, expected, r"packing the experts of model\.layers\.0\.mlp\.experts together "
                                     r"gives model\.layers\.0\.mlp\.experts\.0\.gate_proj\.weight unlike", tmp_path / "out",

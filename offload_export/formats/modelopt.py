@@ -39,6 +39,7 @@ from .._store import read_store
 from .._transfer import small_to_host, to_device, to_host
 from ..materialize import onloaded, same_bits
 from ..toolkits import require_toolkit
+from ._nvfp4 import pack as nvfp4_pack
 from ._modelopt_replay import Step, clone_module, group_weight_amax, meta_like, shared_input_groups
 from .base import Format, Source, StateDict, register_format
 
@@ -1115,12 +1116,11 @@ def _pack_weight(fmt: str, weight: torch.Tensor, scale: torch.Tensor, dtype: tor
     ``weight_scale``; NVFP4: ``weight_scale_2``, broadcast over a stack of experts), and the tensors made on the
     way (NVFP4's per-block ``weight_scale``)."""
     from modelopt.torch.export import quant_utils
-    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
     if fmt == "fp8":
         return quant_utils.to_quantized_weight(weight.to(dtype), scale, "fp8"), {}
-    per_block = NVFP4QTensor.get_weights_scaling_factor(weight, block, weights_scaling_factor_2=scale)[0]
-    return quant_utils.to_quantized_weight(weight.to(dtype), per_block, "nvfp4", scale, block), {"weight_scale": per_block}
+    packed, per_block = nvfp4_pack(weight, block, scale, dtype)
+    return packed, {"weight_scale": per_block}
 
 
 def _stand_in(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -10,8 +10,9 @@ that it resmooths modules that read one input (``requantize_resmooth_fused_llm_l
 the model-level resmoothing is replayed on shadows (copies of each quantized module with its
 quantizer state and a meta weight), and each module is packed on a fresh copy holding its real weight
 with ModelOpt's own ``_dispatch_export_handler`` and ``_postprocess_single_tensor`` -- or, for NVFP4 and
-per-tensor FP8 linears, directly with the functions that handler calls (the first linear of each kind is
-packed both ways and compared bit for bit; the copy and the handler cost more than the packing). Fused MoE experts
+per-tensor FP8 linears, directly with the functions that handler calls (NVFP4's weight packing recomputed with the
+same numerics, :mod:`._nvfp4`; the first linear of each kind is packed both ways and compared bit for bit; the copy
+and the handler cost more than the packing). Fused MoE experts
 (``_QuantFusedExperts``: 3-D ``gate_up_proj`` / ``down_proj``) are split per expert by ModelOpt's own
 ``_export_fused_experts``, run on a one-expert copy at a time. Output names then go through ModelOpt's
 quantization-aware revert of transformers' conversion (``revert_weight_conversion_quant_aware``).
@@ -545,7 +546,7 @@ class ModelOptPacker:
         return dict(values)
 
     def _pack_linear(self, q: _Quantized, own: dict, device: torch.device, prefix: str) -> dict[str, torch.Tensor]:
-        """One quantized module's outputs: packed directly with ModelOpt's functions where :meth:`_direct_signature`
+        """One quantized module's outputs: packed directly (:func:`_pack_weight`) where :meth:`_direct_signature`
         allows it, else by ModelOpt's export handler on a copy. The first module of each signature is packed both
         ways: when the direct tensors differ from ModelOpt's, a warning says so and that signature takes the handler
         from then on."""
@@ -597,8 +598,8 @@ class ModelOptPacker:
             return self._scalars.pop((q.name, device))
 
     def _pack_direct(self, q: _Quantized, own: dict, device: torch.device, prefix: str) -> dict[str, torch.Tensor]:
-        """What ``_export_quantized_weight`` registers for a :meth:`_direct_signature` module, computed with the
-        functions it calls on the export device, rows in chunks (both formats pack rows independently), then
+        """What ``_export_quantized_weight`` registers for a :meth:`_direct_signature` module, computed as it
+        computes them (:func:`_pack_weight`) on the export device, rows in chunks (both formats pack rows independently), then
         ModelOpt's per-tensor postprocessing."""
         from modelopt.torch.export.quant_utils import _postprocess_single_tensor
 
@@ -786,7 +787,7 @@ class ModelOptPacker:
                          shared: dict[str, torch.Tensor], alone: tuple[int, ...], start: int, stop: int, *,
                          pop: bool = False) -> dict[str, torch.Tensor]:
         """ModelOpt's per-expert outputs of the experts in ``start:stop`` but those in ``alone``, computed a stack of experts at
-        a time with its functions; ``shared``: the ``<proj>.input_scale`` outputs (the same for every expert).
+        a time (:func:`_pack_weight`); ``shared``: the ``<proj>.input_scale`` outputs (the same for every expert).
         With ``pop``, each 3-D weight is popped from ``values`` once packed."""
         from modelopt.torch.export.quant_utils import _postprocess_single_tensor
         from modelopt.torch.quantization.plugins.huggingface import _get_fused_expert_intermediate_dim
@@ -1113,8 +1114,8 @@ def _expert_input_scales(x: _Experts, device: torch.device) -> dict[str, torch.T
 def _pack_weight(fmt: str, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
                  block: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``weight`` packed as ``_export_quantized_weight`` packs it with its per-tensor ``scale`` (FP8: one 0-d
-    ``weight_scale``; NVFP4: ``weight_scale_2``, broadcast over a stack of experts), and the tensors made on the
-    way (NVFP4's per-block ``weight_scale``)."""
+    ``weight_scale``, by ModelOpt's function; NVFP4: ``weight_scale_2``, broadcast over a stack of experts, by
+    :func:`._nvfp4.pack`), and the tensors made on the way (NVFP4's per-block ``weight_scale``)."""
     from modelopt.torch.export import quant_utils
 
     if fmt == "fp8":

@@ -95,3 +95,27 @@ def test_pack_is_modelopts(case):
 def test_pack_names_a_weight_not_made_of_blocks():
     with pytest.raises(ValueError, match=r"shape \(2, 24\).*blocks of 16"):
         pack(torch.ones(2, 24), 16, torch.tensor(1.0), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pack_on_a_gpu_is_modelopts_and_never_waits_for_it():
+    """On a GPU the bits are ModelOpt's (its CPU bits too) and no call waits for the GPU's queue (torch's sync debug
+    mode makes every synchronising call raise)."""
+    torch.manual_seed(0)
+    weight = torch.randn(3, 256, 512, dtype=torch.bfloat16, device="cuda")
+    scale_2 = (weight.float().abs().amax((1, 2)) / (6 * 448)).view(-1, 1, 1)
+    theirs = modelopt_pack(weight, 16, scale_2, torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ours = pack(weight, 16, scale_2, torch.bfloat16)
+        edges = torch.tensor([*EDGES, math.inf, math.nan, -0.0, *(-v for v in EDGES)])
+        codes = e2m1_codes(edges.cuda())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    on_cpu = pack(weight.cpu(), 16, scale_2.cpu(), torch.bfloat16)
+    for mine, other, host in zip(ours, theirs, on_cpu):
+        assert_same_bits(mine, other)
+        assert_same_bits(mine.cpu(), host)
+    assert_same_bits(codes.cpu(), NVFP4QTensor._cast_fp4(edges))

@@ -403,6 +403,15 @@ class _Onloaded:
         self._lease.release()
 
 
+def _outputs_to_host(outputs: dict, kept: set[str]) -> None:
+    """Replace ``outputs``' GPU tensors but those in ``kept`` with host copies, in place: the small ones together
+    (:func:`small_to_host`: one copy per device and dtype instead of one per tensor, each a wait for the GPU), then
+    each large one."""
+    moved = [k for k, t in outputs.items() if _on_device(t) and k not in kept]
+    outputs.update(zip(moved, small_to_host([outputs[k] for k in moved])))
+    outputs.update({k: to_host(outputs[k]) for k in moved if _on_device(outputs[k])})
+
+
 def _storage_bytes(outputs: dict, device_type: str = "cpu") -> int:
     """Bytes of the memory of ``device_type`` (``"cpu"``: the host) that ``outputs`` keep alive: each such tensor's
     whole storage, once (a view keeps all of it); a tensor without memory of its own (autograd's zero tensor) holds
@@ -570,9 +579,7 @@ def _lane(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _Budget
                         outputs = reader.finish(unit, raw)
                         del raw  # the sources die right after the fold
                         if onloaded is None:
-                            kept = reader.streamed(unit)
-                            outputs = {k: to_host(t) if _on_device(t) and k not in kept else t
-                                       for k, t in outputs.items()}
+                            _outputs_to_host(outputs, reader.streamed(unit))
                         else:
                             onloaded.made(outputs)
                         lease.shrink(_storage_bytes(outputs))

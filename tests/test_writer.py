@@ -374,6 +374,158 @@ def test_without_aio_the_writes_go_through_pwritev(tmp_path, monkeypatch):
     assert (tmp_path / "f").read_bytes() == b"".join(bytes(b) for b in buffers)
 
 
+def _direct_fds(path: Path) -> tuple[int, int]:
+    """A file's descriptor with ``O_DIRECT`` and one without; skips where the filesystem takes no direct writes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT), fd
+    except (AttributeError, OSError):
+        os.close(fd)
+        pytest.skip("no O_DIRECT here")
+
+
+def _direct_write(path: Path, offset: int, sources: list, **kwargs) -> None:
+    direct, fd = _direct_fds(path)
+    try:
+        os.ftruncate(fd, offset + sum(len(b) for b in sources))
+        writer_mod._aio.pwrite_direct(direct, offset, sources, fd, **kwargs)
+    finally:
+        os.close(direct)
+        os.close(fd)
+
+
+@pytest.mark.parametrize("aio", [True, False], ids=["aio", "no-aio"])
+def test_direct_writes_carry_any_sources_through_aligned_buffers(tmp_path, monkeypatch, aio):
+    """Sources at any address, read-only or empty, spanning the thread's buffers several times over: the file holds
+    their bytes, through Linux AIO or, without it, a write at a time."""
+    if not aio:
+        monkeypatch.setattr(writer_mod._aio, "_SYSCALL", None)
+    raw = bytearray(os.urandom(13 << 20))
+    sources = [memoryview(raw)[1:4097], memoryview(b""), memoryview(bytes(raw[5:9000])),
+               memoryview(raw)[9000:(13 << 20) - 5000]]
+    total = sum(len(b) for b in sources)
+    sources.append(memoryview(raw)[-(8192 - total % 4096):])
+    data = b"".join(bytes(b) for b in sources)
+    assert len(data) % 4096 == 0 and len(data) > 3 * writer_mod._aio._BOUNCE
+
+    def write():  # a new thread: its own context and buffers
+        _direct_write(tmp_path / "f", 8192, sources)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    thread.join()
+    assert (tmp_path / "f").read_bytes() == bytes(8192) + data
+
+
+def _reaped(monkeypatch, change):
+    """Make ``change(k, slot, result)`` the result of the k-th request reaped (from 0)."""
+    real, count = writer_mod._aio._Context.reap_one, [0]
+
+    def reap_one(self):
+        slot, result = real(self)
+        count[0] += 1
+        return slot, change(count[0] - 1, slot, result)
+
+    monkeypatch.setattr(writer_mod._aio._Context, "reap_one", reap_one)
+
+
+def test_a_direct_write_that_writes_short_is_finished_through_the_page_cache(tmp_path, monkeypatch):
+    """As a filling disk does: the rest of that request goes through the other descriptor, which writes it (or
+    reports the disk full)."""
+    if writer_mod._aio._context() is None:
+        pytest.skip("no Linux AIO here")
+    short = {}
+    _reaped(monkeypatch, lambda k, slot, result: short.setdefault("result", result // 2 - 100) if k == 1 else result)
+    real, rest = os.pwrite, []
+    monkeypatch.setattr(writer_mod._aio.os, "pwrite", lambda fd, b, at: (rest.append((len(b), at)), real(fd, b, at))[1])
+    data = os.urandom(10 << 20)
+    _direct_write(tmp_path / "f", 0, [memoryview(bytearray(data))])
+    assert (tmp_path / "f").read_bytes() == data
+    [(n, at)] = rest  # one request's rest, written once, from where the disk stopped to the request's end
+    start, bounce = at - short["result"], writer_mod._aio._BOUNCE
+    assert start % bounce == 0 and at + n == min(start + bounce, len(data))
+
+
+def test_a_failed_direct_write_raises_once_the_writes_in_flight_have_landed(tmp_path, monkeypatch):
+    """The error is raised after every request queued from the thread's buffers has completed, so the next direct
+    write neither reads an old event nor has its buffers overwritten under the disk."""
+    aio = writer_mod._aio
+    if aio._context() is None:
+        pytest.skip("no Linux AIO here")
+    data = os.urandom(16 << 20)
+    with monkeypatch.context() as m:
+        _reaped(m, lambda k, slot, result: -errno.EIO if k == 0 else result)
+        with pytest.raises(OSError) as err:
+            _direct_write(tmp_path / "f", 0, [memoryview(bytearray(data))])
+    assert err.value.errno == errno.EIO
+    _direct_write(tmp_path / "f", 0, [memoryview(bytearray(data))])
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def test_an_interrupt_while_filling_a_buffer_waits_for_the_writes_in_flight(tmp_path, monkeypatch):
+    aio = writer_mod._aio
+    if aio._context() is None:
+        pytest.skip("no Linux AIO here")
+    real, calls = aio._fill, []
+
+    def fill(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    data = os.urandom(16 << 20)
+    with monkeypatch.context() as m:
+        m.setattr(aio, "_fill", fill)
+        with pytest.raises(KeyboardInterrupt):
+            _direct_write(tmp_path / "f", 0, [memoryview(bytearray(data))])
+    assert aio._context() is not None  # every request reaped: the context is still this thread's
+    _direct_write(tmp_path / "f", 0, [memoryview(bytearray(data))])
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def _large_tensors() -> dict[str, torch.Tensor]:
+    """Three tensors whose whole disk blocks come to over 1 MiB, at unaligned offsets, and a small one."""
+    gen = torch.Generator().manual_seed(3)
+    return {"a": torch.randint(0, 256, ((3 << 20) + 13,), generator=gen, dtype=torch.uint8),
+            "b": torch.randn(7, generator=gen),
+            "c": torch.randn(600_001, generator=gen).to(torch.bfloat16),
+            "d": torch.randint(0, 256, ((1 << 20) + 4095,), generator=gen, dtype=torch.uint8)}
+
+
+@pytest.mark.parametrize("refusal", [None, "open", "write"])
+def test_large_tensors_go_past_the_page_cache_and_the_file_is_safetensors_own(tmp_path, monkeypatch, refusal):
+    """Their whole disk blocks are written with O_DIRECT, the ragged ends through the page cache; a filesystem that
+    refuses O_DIRECT (at open: tmpfs; at the write: an alignment it does not take) gets the same file through the
+    page cache, and is not asked again."""
+    tensors = _large_tensors()
+    direct, real_open, real = [], os.open, writer_mod._aio.pwrite_direct
+
+    def spy(fd, offset, sources, fallback):
+        direct.append(offset)
+        if refusal == "write":
+            raise OSError(errno.EINVAL, "refused")
+        return real(fd, offset, sources, fallback)
+
+    def opener(path, flags, *args):
+        if refusal == "open" and flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "no O_DIRECT")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(writer_mod._aio, "pwrite_direct", spy)
+    monkeypatch.setattr(writer_mod.os, "open", opener)
+    w = ShardWriter(str(tmp_path / "m.safetensors"), [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()],
+                    {"format": "pt"})
+    for name in ("d", "b", "a", "c"):
+        w.write(name, tensors[name])
+    w.close()
+    save_file(tensors, str(tmp_path / "ref.safetensors"), {"format": "pt"})
+    assert (tmp_path / "m.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert all(at % 4096 == 0 for at in direct)
+    assert len(direct) == {None: 3, "open": 0, "write": 1}[refusal]
+    assert not w.is_open
+
+
 @settings(max_examples=200, deadline=None)
 @given(a=st.binary(max_size=3000), b=st.binary(max_size=3000))
 def test_crc32_combine_is_zlibs(a, b):

@@ -34,6 +34,7 @@ _EVENTS = 256  # requests one thread's context holds at once (a batch is split b
 BLOCK = 4096  # what direct writes are aligned to (offset, length, memory): a multiple of every disk's logical block
 _BOUNCE = 4 << 20  # bytes of each of a thread's direct-write buffers ...
 _BOUNCES = 3  # ... of which all but the one being filled may be on their way to the disk
+_CLEANUP_WAIT = 30.0  # seconds a failed direct write waits for each of the requests still in flight
 _UNAVAILABLE = (errno.ENOSYS, errno.EINVAL, errno.EAGAIN, errno.EPERM, errno.EOPNOTSUPP)
 
 
@@ -46,6 +47,10 @@ class _Iocb(ctypes.Structure):
 
 class _Event(ctypes.Structure):
     _fields_ = [("data", ctypes.c_uint64), ("obj", ctypes.c_uint64), ("res", ctypes.c_int64), ("res2", ctypes.c_int64)]
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
 
 
 class _Iovec(ctypes.Structure):
@@ -103,18 +108,22 @@ class _Context:
             results[e.data] = e.res
         return results
 
-    def reap_one(self) -> tuple[int, int]:
-        """``(data, result)`` of the next request to complete (bytes written, or ``-errno``).
+    def reap_one(self, timeout: float | None = None) -> tuple[int, int] | None:
+        """``(data, result)`` of the next request to complete (bytes written, or ``-errno``); None when none did
+        within ``timeout`` seconds.
 
         Raises:
             OSError: as :meth:`reap`.
         """
         event = _Event()
+        limit = None if timeout is None else _Timespec(int(timeout), int(timeout % 1 * 1e9))
         while True:
             k = self._call(ctypes.c_long(self._getevents), self.id, ctypes.c_long(1), ctypes.c_long(1),
-                           ctypes.byref(event), None)
+                           ctypes.byref(event), None if limit is None else ctypes.byref(limit))
             if k == 1:
                 return event.data, event.res
+            if k == 0 and limit is not None:
+                return None
             if k < 0 and ctypes.get_errno() == errno.EINTR:
                 continue
             raise OSError(ctypes.get_errno() or errno.EIO, "io_getevents")
@@ -310,7 +319,11 @@ def pwrite_direct(fd: int, offset: int, sources: Sequence[memoryview], fallback:
     except BaseException:  # noqa: B036 - an interrupt too: wait for what the disk still reads from the buffers
         try:
             while flying:
-                flying.pop(ctx.reap_one()[0])
+                # bounded: an interrupt right after a request was reaped leaves it in ``flying``, never to complete
+                done = ctx.reap_one(timeout=_CLEANUP_WAIT)
+                if done is None:
+                    raise TimeoutError
+                flying.pop(done[0])
         except BaseException:  # noqa: B036
             _retire()  # the context might still complete a request: never used again, nor its buffers
         raise
@@ -325,9 +338,9 @@ def _submit_one(ctx: _Context, fd: int, buffer: memoryview, n: int, offset: int,
     try:
         return ctx.submit(iocbs) == 1
     except OSError as e:
-        if e.errno not in _UNAVAILABLE or e.errno == errno.EINVAL:
-            raise  # EINVAL here is the file's: this alignment is not taken
-        return False
+        if e.errno == errno.EINTR or (e.errno in _UNAVAILABLE and e.errno != errno.EINVAL):
+            return False  # EINVAL here is the file's: this alignment is not taken
+        raise
 
 
 def _pwrite_once(fd: int, buffer: memoryview, offset: int) -> int:

@@ -421,10 +421,12 @@ def _reaped(monkeypatch, change):
     """Make ``change(k, slot, result)`` the result of the k-th request reaped (from 0)."""
     real, count = writer_mod._aio._Context.reap_one, [0]
 
-    def reap_one(self):
-        slot, result = real(self)
+    def reap_one(self, timeout=None):
+        done = real(self, timeout)
+        if done is None:
+            return None
         count[0] += 1
-        return slot, change(count[0] - 1, slot, result)
+        return done[0], change(count[0] - 1, *done)
 
     monkeypatch.setattr(writer_mod._aio._Context, "reap_one", reap_one)
 
@@ -458,6 +460,7 @@ def test_a_failed_direct_write_raises_once_the_writes_in_flight_have_landed(tmp_
         with pytest.raises(OSError) as err:
             _direct_write(tmp_path / "f", 0, [memoryview(bytearray(data))])
     assert err.value.errno == errno.EIO
+    assert aio._context() is not None  # every request reaped: the context is still this thread's
     _direct_write(tmp_path / "f", 0, [memoryview(bytearray(data))])
     assert (tmp_path / "f").read_bytes() == data
 
@@ -481,6 +484,38 @@ def test_an_interrupt_while_filling_a_buffer_waits_for_the_writes_in_flight(tmp_
             _direct_write(tmp_path / "f", 0, [memoryview(bytearray(data))])
     assert aio._context() is not None  # every request reaped: the context is still this thread's
     _direct_write(tmp_path / "f", 0, [memoryview(bytearray(data))])
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def test_an_interrupt_right_after_a_request_was_reaped_retires_the_context_instead_of_waiting_forever(tmp_path):
+    """That request's event was read, its buffer not yet freed: the cleanup waits a bounded time for it, then retires
+    the thread's context and buffers (a retired context is never used again)."""
+    aio = writer_mod._aio
+    if aio._context() is None:
+        pytest.skip("no Linux AIO here")
+    real = aio._Context.reap_one
+
+    def interrupted(self, timeout=None):  # the event read, then the interrupt
+        done = real(self, timeout)
+        if timeout is None:
+            raise KeyboardInterrupt
+        return done
+
+    data, seen = os.urandom(16 << 20), []
+
+    def write():  # a thread of its own: a retired context stays retired for the thread
+        with mock.patch.object(aio, "_CLEANUP_WAIT", 0.2), mock.patch.object(aio._Context, "reap_one", interrupted):
+            try:
+                _direct_write(tmp_path / "f", 0, [memoryview(bytearray(data))])
+            except KeyboardInterrupt:
+                seen.append("interrupted")
+        seen.append(aio._context())
+        _direct_write(tmp_path / "f", 0, [memoryview(bytearray(data))])  # written synchronously now
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    thread.join(20)
+    assert seen == ["interrupted", None]
     assert (tmp_path / "f").read_bytes() == data
 
 

@@ -556,9 +556,9 @@ class ShardWriter:
         each other in the file (a unit's tensors of one dtype do; small ones share a system call) cut into the 64 MiB
         steps their writeback is started at, the checksums of large ones started. The returned function makes the
         system calls (the file opened, written, the writeback started), so that one thread can stage the next unit
-        while another writes the one before. It must be called once, after which the shard is fsync-ed and closed if every planned tensor has
-        been written; the staged writes of one file may run in any order, one at a time. ``items`` (their memory) must
-        stay unchanged until it returns.
+        while another writes the one before. It must be called once, after which the shard is fsync-ed and closed if
+        every planned tensor has been written; the staged writes of one file may run in any order, one at a time.
+        ``items`` (their memory) must stay unchanged until it returns.
 
         Raises:
             ValueError: a name is not in this shard, was already staged or is given twice, or its dtype/shape (a

@@ -4,8 +4,9 @@ ModelOpt's ``NVFP4QTensor`` (the functions its export calls for a weight) copies
 block maxima, and its E2M1 cast indexes its bounds with a Python list on every call (a copy from pageable host
 memory, which waits for everything queued on the GPU) and makes an int32 and three boolean temporaries of the
 weight's size. :func:`pack` computes the same bits with neither: the pack thread keeps queueing work while the GPU
-packs, and on the CPU the cast is several times faster. The callers pack the first module of each kind both ways and fall
-back to ModelOpt's export where the bits differ, so a ModelOpt whose numerics change is followed, not contradicted.
+packs, and on the CPU the cast is several times faster. The callers pack the first module of each kind both ways
+and fall back to ModelOpt's export where the bits differ, so a ModelOpt whose numerics change is followed, not
+contradicted.
 """
 
 from __future__ import annotations

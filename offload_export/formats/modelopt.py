@@ -40,8 +40,8 @@ from .._store import read_store
 from .._transfer import small_to_host, to_device, to_host
 from ..materialize import onloaded, same_bits
 from ..toolkits import require_toolkit
-from ._nvfp4 import pack as nvfp4_pack
 from ._modelopt_replay import Step, clone_module, group_weight_amax, meta_like, shared_input_groups
+from ._nvfp4 import pack as nvfp4_pack
 from .base import Format, Source, StateDict, register_format
 
 __all__ = ["HF_QUANT_CONFIG_NAME", "ModelOpt", "ModelOptPacker"]
@@ -599,8 +599,8 @@ class ModelOptPacker:
 
     def _pack_direct(self, q: _Quantized, own: dict, device: torch.device, prefix: str) -> dict[str, torch.Tensor]:
         """What ``_export_quantized_weight`` registers for a :meth:`_direct_signature` module, computed as it
-        computes them (:func:`_pack_weight`) on the export device, rows in chunks (both formats pack rows independently), then
-        ModelOpt's per-tensor postprocessing."""
+        computes them (:func:`_pack_weight`) on the export device, rows in chunks (both formats pack rows
+        independently), then ModelOpt's per-tensor postprocessing."""
         from modelopt.torch.export.quant_utils import _postprocess_single_tensor
 
         weight = own["weight"]

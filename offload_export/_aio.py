@@ -291,7 +291,7 @@ def pwrite_direct(fd: int, offset: int, sources: Sequence[memoryview], fallback:
         if result < 0:
             raise OSError(-result, f"{os.strerror(-result)} (a direct write of {n} bytes at byte {where})")
         if result < n:  # the disk is full: the rest through the page cache reports it
-            _pwrite_rest(fallback, bounces[slot][result:n], where + result)
+            pwritev_all(fallback, [bounces[slot][result:n]], where + result)
 
     def reap_one() -> None:
         slot, result = ctx.reap_one()
@@ -353,9 +353,21 @@ def _pwrite_once(fd: int, buffer: memoryview, offset: int) -> int:
         return -e.errno
 
 
-def _pwrite_rest(fd: int, buffer: memoryview, offset: int) -> None:
-    while len(buffer):
-        n = os.pwrite(fd, buffer, offset)
+def pwritev_all(fd: int, buffers: Sequence[memoryview], offset: int) -> None:
+    """``os.pwritev`` of ``buffers`` at ``offset``, again for the rest after a short write (which a full disk answers
+    with its error).
+
+    Raises:
+        OSError: a write fails, or writes nothing (EIO).
+    """
+    buffers = [b for b in buffers if len(b)]
+    while buffers:
+        n = os.pwritev(fd, buffers, offset)
         if n <= 0:
-            raise OSError(errno.EIO, f"pwrite wrote nothing at byte {offset}")
-        buffer, offset = buffer[n:], offset + n
+            raise OSError(errno.EIO, f"pwritev wrote nothing at byte {offset}")
+        offset += n
+        while n >= len(buffers[0]):
+            n -= len(buffers.pop(0))
+            if not buffers:
+                return
+        buffers[0] = buffers[0][n:]

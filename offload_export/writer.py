@@ -280,17 +280,10 @@ def _write_calls(fd: int, calls: Sequence[tuple[int, list[memoryview]]]) -> None
     """
     done = _aio.pwritev_many(fd, calls) if len(calls) > 1 else []
     for i, (at, call) in enumerate(calls):
-        left = sum(len(b) for b in call)
         n = done[i] if i < len(done) else 0  # what the batch wrote of it; short or failed: the rest again here
-        while True:
-            at, left = at + n, left - n
-            if not left:
-                break
-            if n:
-                call = _byte_range(call, n, left)
-            n = os.pwritev(fd, call, at)
-            if n <= 0:
-                raise OSError(errno.EIO, f"pwritev wrote nothing at byte {at}")
+        left = sum(len(b) for b in call) - n
+        if left:
+            _aio.pwritev_all(fd, _byte_range(call, n, left) if n else call, at + n)
 
 
 def _calls(buffers: Sequence[memoryview]) -> Iterator[list[memoryview]]:

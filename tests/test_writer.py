@@ -438,8 +438,9 @@ def test_a_direct_write_that_writes_short_is_finished_through_the_page_cache(tmp
         pytest.skip("no Linux AIO here")
     short = {}
     _reaped(monkeypatch, lambda k, slot, result: short.setdefault("result", result // 2 - 100) if k == 1 else result)
-    real, rest = os.pwrite, []
-    monkeypatch.setattr(writer_mod._aio.os, "pwrite", lambda fd, b, at: (rest.append((len(b), at)), real(fd, b, at))[1])
+    real, rest = os.pwritev, []
+    monkeypatch.setattr(writer_mod._aio.os, "pwritev",
+                        lambda fd, bs, at: (rest.append((sum(map(len, bs)), at)), real(fd, bs, at))[1])
     data = os.urandom(10 << 20)
     _direct_write(tmp_path / "f", 0, [memoryview(bytearray(data))])
     assert (tmp_path / "f").read_bytes() == data

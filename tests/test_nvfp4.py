@@ -106,12 +106,13 @@ def test_pack_on_a_gpu_is_modelopts_and_never_waits_for_it():
     weight = torch.randn(3, 256, 512, dtype=torch.bfloat16, device="cuda")
     scale_2 = (weight.float().abs().amax((1, 2)) / (6 * 448)).view(-1, 1, 1)
     theirs = modelopt_pack(weight, 16, scale_2, torch.bfloat16)
+    edges = torch.tensor([*EDGES, math.inf, math.nan, -0.0, *(-v for v in EDGES)])
+    on_gpu = edges.cuda()  # e2m1_codes overwrites its input
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         ours = pack(weight, 16, scale_2, torch.bfloat16)
-        edges = torch.tensor([*EDGES, math.inf, math.nan, -0.0, *(-v for v in EDGES)])
-        codes = e2m1_codes(edges.cuda())
+        codes = e2m1_codes(on_gpu)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     on_cpu = pack(weight.cpu(), 16, scale_2.cpu(), torch.bfloat16)

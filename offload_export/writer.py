@@ -3,8 +3,7 @@
 The file is byte-identical to ``safetensors.torch.save_file(tensors, metadata=...)`` of the same tensors (for
 metadata of at most one key: safetensors serializes a longer map in random order, this writer in the order
 given), but no shard is ever held in memory: tensors that lie next to each other in the file are written together
-by ``pwritev`` straight from their own buffers (small ones sharing a call), the whole disk blocks of a large range
-past the page cache (``O_DIRECT``, through a few aligned buffers), or, when a tensor's bytes pass through
+by ``pwritev`` straight from their own buffers (small ones sharing a call), or, when a tensor's bytes pass through
 unchanged from a file (:class:`FileSpan`), copied by the kernel (``copy_file_range``) without entering the process
 at all. A write's Python (checks, host views, the calls' buffers) and its system calls can run in two threads
 (:meth:`ShardWriter.stage`).
@@ -50,7 +49,6 @@ _IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
 _CRC_BESIDE = 256 << 10  # pieces from this size on are checksummed in other threads while being written
 _CRC_BACKLOG = 64 << 20  # bytes whose checksum may still be pending (their buffers kept alive until then)
 STREAMED = 1 << 20  # a GPU tensor from this size on is written through pinned buffers, never copied whole to the host
-_DIRECT_MIN = 1 << 20  # a range's whole disk blocks from this size on are written past the page cache (O_DIRECT)
 _CRC_PIECE = 4 << 20  # ... in parts of this size, one per task: zlib's CRC-32 runs at 2-3 GB/s per core
 # safetensors lays tensors out by its ``Dtype`` enum, descending, then by name (not by element size: BF16
 # comes before F16, F32 before U32 and I32, F8_E4M3 before I8 and U8)
@@ -171,8 +169,7 @@ def range_crc32(fd: int, offset: int, nbytes: int) -> int:
 
 
 def default_max_open() -> int:
-    """Shards one export may hold open at once, each with up to two descriptors (one of them ``O_DIRECT``): 64, or
-    a sixteenth of ``RLIMIT_NOFILE`` when lower."""
+    """Descriptors one export may hold for its shards: 64, or an eighth of ``RLIMIT_NOFILE`` when lower."""
     try:
         import resource
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -180,7 +177,7 @@ def default_max_open() -> int:
         return _DEFAULT_MAX_OPEN
     if soft == resource.RLIM_INFINITY or soft <= 0:
         return _DEFAULT_MAX_OPEN
-    return max(1, min(_DEFAULT_MAX_OPEN, soft // 16))
+    return max(1, min(_DEFAULT_MAX_OPEN, soft // 8))
 
 
 class Descriptors:
@@ -280,10 +277,17 @@ def _write_calls(fd: int, calls: Sequence[tuple[int, list[memoryview]]]) -> None
     """
     done = _aio.pwritev_many(fd, calls) if len(calls) > 1 else []
     for i, (at, call) in enumerate(calls):
+        left = sum(len(b) for b in call)
         n = done[i] if i < len(done) else 0  # what the batch wrote of it; short or failed: the rest again here
-        left = sum(len(b) for b in call) - n
-        if left:
-            _aio.pwritev_all(fd, _byte_range(call, n, left) if n else call, at + n)
+        while True:
+            at, left = at + n, left - n
+            if not left:
+                break
+            if n:
+                call = _byte_range(call, n, left)
+            n = os.pwritev(fd, call, at)
+            if n <= 0:
+                raise OSError(errno.EIO, f"pwritev wrote nothing at byte {at}")
 
 
 def _calls(buffers: Sequence[memoryview]) -> Iterator[list[memoryview]]:
@@ -430,8 +434,6 @@ class ShardWriter:
         self._unclaimed = set(self._specs)  # not staged yet (:meth:`stage`)
         self._pool = descriptors if descriptors is not None else Descriptors(1)
         self._fd = -1
-        self._direct, self._direct_ok = -1, True  # the O_DIRECT descriptor (:meth:`_direct_locked`)
-        self._sized = False  # the file extended to its final size (at the first direct write)
         self._created = False
         self._done = False
         self._lock = threading.RLock()
@@ -452,66 +454,13 @@ class ShardWriter:
                 _pwrite_all(self._fd, [memoryview(self._header)], 0)
         return self._fd
 
-    def _direct_locked(self) -> int | None:
-        """A second descriptor of the open file, with ``O_DIRECT`` (opened at the first direct write); None where
-        the system or the filesystem has none (tmpfs, some FUSE), or it was refused once; hold ``_lock``."""
-        if self._direct < 0 and self._direct_ok:
-            try:
-                self._direct = os.open(self.path, os.O_WRONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
-            except (AttributeError, OSError):
-                self._direct_ok = False
-                return None
-            if not self._sized:
-                # the file at its final size (sparse until written): a direct write that extends a file waits for
-                # the disk inside io_submit (and the next buffer's filling with it), one inside it is queued
-                os.ftruncate(self._fd, self.nbytes)
-                self._sized = True
-        return self._direct if self._direct >= 0 else None
-
-    def _write_views(self, fd: int, buffers: Sequence[memoryview], offset: int) -> None:
-        """Write ``buffers``, laid end to end, at ``offset``: the whole disk blocks inside the range past the page cache
-        (:func:`offload_export._aio.pwrite_direct`) when they come to at least 1 MiB, the rest (and every range where
-        direct writes are unavailable or refused) through it (:func:`_pwrite_all`); hold ``_lock``.
-
-        A buffered write is a copy into the page cache, whose allocation and reclaim make it the writing thread's
-        largest cost (and an uneven one), while the disk writes it back later; a direct write hands the disk aligned
-        buffers, filled by a plain copy while the disk writes the previous one.
-        """
-        nbytes = sum(len(b) for b in buffers)
-        lo = -(-offset // _aio.BLOCK) * _aio.BLOCK
-        hi = (offset + nbytes) // _aio.BLOCK * _aio.BLOCK
-        direct = self._direct_locked() if hi - lo >= _DIRECT_MIN else None
-        if direct is None:
-            _pwrite_all(fd, buffers, offset)
-            return
-        ends = list(itertools.accumulate(len(b) for b in buffers))
-        _pwrite_all(fd, _byte_range(buffers, 0, lo - offset, ends), offset)
-        middle = _byte_range(buffers, lo - offset, hi - lo, ends)
-        try:
-            _aio.pwrite_direct(direct, lo, middle, fd)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            self._direct_ok = False  # this file takes no direct writes of this alignment: none from now on
-            self._close_direct()
-            _pwrite_all(fd, middle, lo)
-        _pwrite_all(fd, _byte_range(buffers, hi - offset, offset + nbytes - hi, ends), hi)
-
-    def _close_direct(self) -> None:
-        if self._direct >= 0:
-            fd, self._direct = self._direct, -1
-            os.close(fd)
-
     def _close_fd(self) -> None:
-        """Close the descriptors (evicted, aborted); the data already written stays in the page cache."""
+        """Close the descriptor (evicted, aborted); the data already written stays in the page cache."""
         with self._lock:
             if self._fd >= 0:
                 self._settle_advice()  # it holds the number of the descriptor, which another file may get next
                 fd, self._fd = self._fd, -1
-                try:
-                    self._close_direct()
-                finally:
-                    os.close(fd)
+                os.close(fd)
 
     @property
     def is_open(self) -> bool:
@@ -546,12 +495,12 @@ class ShardWriter:
         :class:`FileSpan`'s bytes, and return the function that makes them.
 
         The Python of a write is done here: the tensors checked, their host views, the runs of tensors that lie next to
-        each other in the file (a unit's tensors of one dtype do; small ones share a system call) cut into the 64 MiB
-        steps their writeback is started at, the checksums of large ones started. The returned function makes the
-        system calls (the file opened, written, the writeback started), so that one thread can stage the next unit
-        while another writes the one before. It must be called once, after which the shard is fsync-ed and closed if
-        every planned tensor has been written; the staged writes of one file may run in any order, one at a time.
-        ``items`` (their memory) must stay unchanged until it returns.
+        each other in the file (a unit's tensors of one dtype do; small ones share a system call) cut into their
+        ``pwritev`` calls, the checksums of large ones started. The returned function makes the system calls (the file
+        opened, written, the writeback started), so that one thread can stage the next unit while another writes the
+        one before. It must be called once, after which the shard is fsync-ed and closed if every planned tensor has
+        been written; the staged writes of one file may run in any order, one at a time. ``items`` (their memory) must
+        stay unchanged until it returns.
 
         Raises:
             ValueError: a name is not in this shard, was already staged or is given twice, or its dtype/shape (a
@@ -591,11 +540,10 @@ class ShardWriter:
         ends = list(itertools.accumulate(len(b) for b in buffers))
         nbytes = ends[-1]
         crcs = self._checksum(at, nbytes, lambda a, n: _crc_of(_byte_range(buffers, a, n, ends)))
-        steps = [_byte_range(buffers, done, n, ends) for done, n in _steps(nbytes)]
+        steps = [_planned_calls(_byte_range(buffers, done, n, ends), at + done) for done, n in _steps(nbytes)]
 
         def write(fd: int) -> None:
-            self._in_steps(fd, at, nbytes, lambda done, n: self._write_views(fd, steps[done // _WRITEBACK_STEP],
-                                                                             at + done))
+            self._in_steps(fd, at, nbytes, lambda done, n: _write_calls(fd, steps[done // _WRITEBACK_STEP]))
             self._add_crcs(crcs)
 
         return write
@@ -612,7 +560,7 @@ class ShardWriter:
             while done < end:
                 data = _host_bytes(next(pieces))
                 crcs = self._checksum(at + done, len(data), lambda a, m, data=data: zlib.crc32(data[a:a + m]))
-                self._write_views(fd, [data], at + done)
+                _pwrite_all(fd, [data], at + done)
                 self._add_crcs(crcs, backlog=0)
                 done += len(data)
 

@@ -52,7 +52,6 @@ FAULTS: dict[str, tuple[object, str, tuple[int, ...]]] = {
     "pwrite": (os, "pwrite", (errno.ENOSPC, errno.EIO)),
     "pwritev": (os, "pwritev", (errno.ENOSPC, errno.EIO)),
     "pwritev_many": (_aio, "pwritev_many", (errno.ENOSPC, errno.EIO)),  # pwritev calls submitted together (Linux AIO)
-    "pwrite_direct": (_aio, "pwrite_direct", (errno.ENOSPC, errno.EIO)),  # whole disk blocks past the page cache
     "write": (os, "write", (errno.ENOSPC,)),
     "copy_file_range": (os, "copy_file_range", (errno.ENOSPC, errno.EIO)),
     "sendfile": (os, "sendfile", (errno.ENOSPC,)),
@@ -585,6 +584,5 @@ def rank_main(args: dict) -> None:
 
 
 if __name__ == "__main__":
-    writer._DIRECT_MIN = _aio.BLOCK  # the scenarios' tensors are small: their whole blocks go direct, as large ones do
     args = json.loads(sys.argv[1])
     rank_main(args) if "rank" in args else main(args)

@@ -27,10 +27,9 @@ BIG_CALL = 512 << 10  # only the embedding's data is written in calls this big
 
 
 def _full_disk(monkeypatch, fails) -> None:
-    """Each write that ``fails(fd, offset, nbytes)`` picks raises ENOSPC, made with ``pwritev``, submitted in a batch
-    (Linux AIO: a batch holding one leaves it to ``pwritev``, as a full disk's failed request does) or past the page
-    cache."""
-    pwritev, batch, direct = os.pwritev, _aio.pwritev_many, _aio.pwrite_direct
+    """Each write that ``fails(fd, offset, nbytes)`` picks raises ENOSPC, made with ``pwritev`` or submitted in a batch
+    (Linux AIO): a batch holding one leaves it to ``pwritev``, as a full disk's failed request does."""
+    pwritev, batch = os.pwritev, _aio.pwritev_many
 
     def full(fd, buffers, offset):
         if fails(fd, offset, sum(len(b) for b in buffers)):
@@ -42,14 +41,8 @@ def _full_disk(monkeypatch, fails) -> None:
             return []
         return batch(fd, calls)
 
-    def past_the_cache(fd, offset, sources, fallback):
-        if fails(fd, offset, sum(len(b) for b in sources)):
-            raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        return direct(fd, offset, sources, fallback)
-
     monkeypatch.setattr(os, "pwritev", full)
     monkeypatch.setattr(_aio, "pwritev_many", submitted)
-    monkeypatch.setattr(_aio, "pwrite_direct", past_the_cache)
 
 
 def _big_model(work: Path) -> nn.Module:

@@ -50,7 +50,7 @@ DESCRIPTIONS = {
     "floor_copy_file_range_wb": "as floor_copy_file_range in 64 MiB steps, each step's writeback started at once "
                                 "(posix_fadvise DONTNEED, as save_clean's writer does), fsync each",
     "floor_direct": "copy the source safetensors files into out/ by 4 MiB preadv into one aligned buffer and pwrite "
-                    "with O_DIRECT (past the page cache, as save_clean's writer writes large tensors), fsync each",
+                    "with O_DIRECT (past the page cache), fsync each",
 }
 FSYNCS = {"save_clean": True, "save_pretrained": False, "save_pretrained_fsync": True, "accelerate_hub": False,
           "naive": False, **{f: True for f in FLOORS}}
@@ -651,7 +651,7 @@ def best_floor(summary: dict, methods: tuple[str, ...] = FLOORS) -> tuple[str | 
 
 
 # the issue-15 targets: (method, reference, limit); reference "floor" is the best floor method through the page
-# cache (that issue's floor: floor_direct came later, with save_clean's direct writes, and is in every x floor)
+# cache (that issue's floor: floor_direct came later, and is in every x floor)
 PAGE_CACHE_FLOORS = tuple(f for f in FLOORS if f != "floor_direct")
 ISSUE15_TARGETS = (
     ("save_clean@none", "floor", 1.25), ("save_clean@int8", "floor", 1.6), ("save_clean@int4-g128", "floor", 1.6),

@@ -160,7 +160,7 @@ def timed(fn, out: Path) -> dict:
 def floor_rates(src: Path, work: Path) -> dict:
     """GB/s reading the checkpoint's files (4 MiB readv) and writing + fsync-ing 4 GiB: the faster of 64 MiB
     ``pwrite`` through the page cache (each step's writeback started at once) and 4 MiB ``pwrite`` with ``O_DIRECT``
-    (past it, as our writer writes large tensors), both kept."""
+    (past it), both kept."""
     files = sorted(src.glob("*.safetensors"))
     buf = bytearray(4 << 20)
     total, t = 0, time.perf_counter()
@@ -188,7 +188,8 @@ def floor_rates(src: Path, work: Path) -> dict:
     path.unlink()
     direct = _direct_write_rate(path, chunk)
     return {"read_GBps": round(read, 3), "write_GBps": round(max(write, direct), 3),
-            "write_buffered_GBps": round(write, 3), "write_direct_GBps": round(direct, 3), "read_GB": round(total / 1e9, 2)}
+            "write_buffered_GBps": round(write, 3), "write_direct_GBps": round(direct, 3),
+            "read_GB": round(total / 1e9, 2)}
 
 
 def _direct_write_rate(path: Path, chunk: bytes) -> float:

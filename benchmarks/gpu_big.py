@@ -205,8 +205,11 @@ def _direct_write_rate(path: Path, chunk: bytes) -> float:
         return 0.0
     try:
         os.ftruncate(fd, 64 * len(chunk))
+        view = memoryview(buf)
         for at in range(0, 64 * len(chunk), len(buf)):
-            os.pwrite(fd, buf, at)
+            done = 0
+            while done < len(buf):  # a short write goes on where it stopped (bench_export's direct copy does too)
+                done += os.pwrite(fd, view[done:], at + done)
         os.fsync(fd)
     except OSError:
         return 0.0

@@ -68,7 +68,8 @@ def main() -> None:
 
     def registered():
         for t in sources:
-            assert int(cudart.cudaHostRegister(t.data_ptr(), t.nbytes, 0)) == 0
+            if err := int(cudart.cudaHostRegister(t.data_ptr(), t.nbytes, 0)):
+                raise RuntimeError(f"cudaHostRegister: error {err}")
             t.to(device, non_blocking=True)
             torch.cuda.current_stream(device).synchronize()
             cudart.cudaHostUnregister(t.data_ptr())
@@ -84,14 +85,14 @@ def main() -> None:
                 _transfer._local.__dict__.pop("staging", None)
         return run
 
-    def to_device_all():
+    def staged():
         for t in sources:
             _transfer.to_device(t, device)
 
     cases = {
-        "to_device 2x16 MiB": to_device_all,
-        "to_device 2x4 MiB": with_chunk(4 << 20, to_device_all),
-        "to_device 2x64 MiB": with_chunk(64 << 20, to_device_all),
+        "to_device 2x16 MiB": staged,
+        "to_device 2x4 MiB": with_chunk(4 << 20, staged),
+        "to_device 2x64 MiB": with_chunk(64 << 20, staged),
         "pageable .to": lambda: [t.to(device) for t in sources],
         "cudaHostRegister + async": registered,
         "file span, 1 pread per buffer": lambda: [
@@ -111,7 +112,7 @@ def main() -> None:
             except Exception as e:  # one way failing here (a driver refusing to register memory) leaves the others
                 result["cases"][name] = f"{type(e).__name__}: {e}"
             print(f"| {name} | {result['cases'][name]} |", flush=True)
-    result["cases"]["to_device 2x16 MiB, all cores"] = timed(to_device_all, args.rounds, nbytes)
+    result["cases"]["to_device 2x16 MiB, all cores"] = timed(staged, args.rounds, nbytes)
     print("| to_device 2x16 MiB, all cores |", result["cases"]["to_device 2x16 MiB, all cores"], flush=True)
     path.unlink()
     os.rmdir(folder)

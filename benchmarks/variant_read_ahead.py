@@ -76,6 +76,7 @@ REGISTER_TRANSFER = ('''    src = _pieces(t)
 
 
 def patch(path: Path, old: str, new: str) -> None:
+    """Replace ``old`` by ``new`` in ``path``; stop when ``old`` is not there (the package copy's code changed)."""
     text = path.read_text()
     if old not in text:
         raise SystemExit(f"{path}: the code this variant patches has changed")

@@ -10,6 +10,8 @@ Each lane keeps the whole read-ahead budget (twice the host memory bound): an ex
 import sys
 from pathlib import Path
 
+from variant_read_ahead import patch
+
 REPLACEMENTS = [
     ("""    for unit in units:
         lanes.setdefault((lane or _fold_lane)(reader, unit), []).append(unit)
@@ -32,12 +34,8 @@ REPLACEMENTS = [
 
 def main() -> None:
     path = Path(sys.argv[1]) / "offload_export" / "pipeline.py"
-    text = path.read_text()
     for old, new in REPLACEMENTS:
-        if old not in text:
-            raise SystemExit(f"{path}: the code this variant patches has changed")
-        text = text.replace(old, new)
-    path.write_text(text)
+        patch(path, old, new)
 
 
 if __name__ == "__main__":

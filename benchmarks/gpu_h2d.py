@@ -54,7 +54,7 @@ def main() -> None:
     path = folder / "weights.bin"
     with open(path, "wb") as f:
         for t in sources:
-            f.write(t.view(torch.uint8).numpy().tobytes())
+            f.write(t.view(torch.uint8).numpy())
     spans = [_store.FileSpan(str(path), i * sources[0].nbytes, torch.bfloat16, (numel,)) for i in range(len(sources))]
     pinned = torch.empty(sources[0].nbytes, dtype=torch.uint8, pin_memory=True)
     pool = ThreadPoolExecutor(4)

@@ -12,7 +12,10 @@ over the whole export (``stacks``) and before its first byte (``stacks_before_fi
 in time order: ``main_before_first_byte``). Each row also holds the disk's busy fraction before and after the first
 byte (:func:`gpu_big.timed`) and the collector's passes (``gc``); with ``--sample``, ``stalls``: where the sampler
 could not run for 100 ms or more, with each thread's stack before and after, and ``timelines``: the lane's (main),
-reader's, writer's (staging) and I/O thread's samples over the whole export as runs of one stack. ``--disk`` adds the
+reader's, writer's (staging) and I/O thread's samples over the whole export as runs of one stack, and ``cpu``: per
+thread name, the seconds its threads were seen, spent on a CPU and waiting for one (``/proc/self/task/*/schedstat``,
+read every 25 ms; the rest they slept: the GIL, a lock, the disk, the GPU). Every row holds the process's CPU seconds
+(``process_cpu_s``) and the fraction of the machine's cores busy (``machine_busy``) during the export. ``--disk`` adds the
 disk's timeline (``disk``: per 100 ms, MB written to the disk and the fraction of the time it had a request in flight).
 ``--floor-each`` measures the floor again before each round (a ``floor`` row) and adds each export's ratio to it
 (``x_round_floor``): the disk's own rate drifts over minutes on the lent machines.
@@ -56,16 +59,21 @@ class Sampler:
 
     def __enter__(self):
         self.samples: list[tuple[float, str, str]] = []
+        self.sched: dict[int, tuple] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def _run(self):
-        names = {}
+        names, tick = {}, 0
         while not self._stop.wait(0.005):
             now = time.perf_counter()
-            names.update({t.ident: t.name.split("_")[0] for t in threading.enumerate()})
+            live = threading.enumerate()
+            names.update({t.ident: t.name.split("_")[0] for t in live})
+            tick += 1
+            if tick % 5 == 0:
+                self._sched_read(live)
             for ident, frame in sys._current_frames().items():
                 if ident == threading.get_ident():
                     continue
@@ -77,6 +85,30 @@ class Sampler:
                     f = f.f_back
                 self.samples.append((now, names.get(ident, str(ident)), f"{ours} | {inner}"))
             frame = f = None  # a frame kept until the next sample would keep its tensors alive (a higher host peak)
+
+    def _sched_read(self, live) -> None:
+        """Each live thread's ``/proc/self/task/<tid>/schedstat`` (ns on a CPU, ns waiting for one), first and last
+        seen, by native thread id."""
+        for t in live:
+            try:
+                run, wait, _ = map(int, Path(f"/proc/self/task/{t.native_id}/schedstat").read_text().split())
+            except (OSError, ValueError, TypeError):
+                continue
+            first = self.sched.get(t.native_id, (t.name.split("_")[0], time.perf_counter(), run, wait))[:4]
+            self.sched[t.native_id] = (*first, time.perf_counter(), run, wait)
+
+    def cpu(self) -> dict:
+        """Per thread name, over the span each thread was seen: seconds seen, on a CPU, waiting for a CPU
+        (the rest it slept: a lock, a queue, the disk, the GPU)."""
+        out: dict[str, list] = {}
+        for name, t0, run0, wait0, t1, run1, wait1 in self.sched.values():
+            row = out.setdefault(name, [0.0, 0.0, 0.0, 0])
+            row[0] += t1 - t0
+            row[1] += (run1 - run0) / 1e9
+            row[2] += (wait1 - wait0) / 1e9
+            row[3] += 1
+        return {name: {"seen_s": round(a, 3), "on_cpu_s": round(b, 3), "runqueue_s": round(c, 3), "threads": n}
+                for name, (a, b, c, n) in out.items()}
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -150,6 +182,17 @@ class GcPauses:
                               if s >= 0.02]}
 
 
+def _machine_cpu() -> list[int]:
+    """The machine's CPU time so far, in ticks: ``/proc/stat``'s first line (user, nice, system, idle, iowait, ...)."""
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
+def _machine_busy(before: list[int], after: list[int]) -> float:
+    """The fraction of all cores' time between two :func:`_machine_cpu` that was not idle nor waiting for I/O."""
+    spent = [b - a for a, b in zip(before, after)]
+    return round(1 - (spent[3] + spent[4]) / max(1, sum(spent)), 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("dirs", nargs="+")
@@ -198,8 +241,12 @@ def main() -> None:
                 oe.save_clean(model, work / "o", format=args.format)
 
             try:
+                times, machine = os.times(), _machine_cpu()
                 with sampler, GcPauses() as pauses:
                     row.update(timed(export, work / "o"))
+                row["process_cpu_s"] = {k: round(getattr(os.times(), k) - getattr(times, k), 3)
+                                        for k in ("user", "system")}
+                row["machine_busy"] = _machine_busy(machine, _machine_cpu())
                 row["gc"] = pauses.summary(started[0])
                 if not args.disk:
                     del row["disk"]
@@ -210,6 +257,7 @@ def main() -> None:
                         row["stacks_before_first_byte"] = sampler.top(since=started[0], until=first_byte)
                         row["main_before_first_byte"] = sampler.timeline("MainThread", started[0], first_byte)
                     row["stalls"] = sampler.stalls(started[0], float("inf"))
+                    row["cpu"] = sampler.cpu()
                     row["timelines"] = {name: sampler.timeline(name, started[0], float("inf")) for name in
                                         ("MainThread", "offload-export-reader", "offload-export-writer",
                                          "offload-export-io")}

@@ -542,10 +542,10 @@ def disk_held_model(work: Path, shape: str = "14b", drop: bool = True):
     return model, rates, read, summary
 
 
-def table_model(work: Path, shape: str = "4b", cfg_name: str = "NVFP4_DEFAULT_CFG"):
+def table_model(work: Path, shape: str = "4b", cfg_name: str = "NVFP4_DEFAULT_CFG", max_memory: dict | None = None):
     """A table case's offloaded model (:func:`table_case`'s, without the resident reference): ``shape``'s
-    checkpoint built in ``work / "src"``, the floor measured, the model loaded as :func:`auto_offloaded` and
-    calibrated with ModelOpt's ``cfg_name``.
+    checkpoint built in ``work / "src"``, the floor measured, the model loaded as :func:`auto_offloaded` (with
+    ``max_memory`` instead of the table's) and calibrated with ModelOpt's ``cfg_name``.
 
     Returns:
         ``(model, floor rates, bytes read from disk, layout summary)``.
@@ -555,7 +555,7 @@ def table_model(work: Path, shape: str = "4b", cfg_name: str = "NVFP4_DEFAULT_CF
 
     build_checkpoint(work / "src", config(shape, None))
     rates = floor_rates(work / "src", work)
-    model = auto_offloaded(work / "src", work, TABLE_MEMORY[shape])
+    model = auto_offloaded(work / "src", work, max_memory or TABLE_MEMORY[shape])
     mtq.quantize(model, copy.deepcopy(getattr(mtq, cfg_name)), calib_loop())
     read, summary = disk_bytes(model)
     return model, rates, read, summary

@@ -1,8 +1,9 @@
 """The 14B disk-held packed export (``gpu_big.py --part big``'s last row; ``--shape``, ``--format``: another;
-``--as-calibrated``: the curve's layout, the weights ModelOpt's calibration copied into RAM kept; ``--table CONFIG``: the
-tables' layout of ``--shape`` calibrated with that ModelOpt config; ``--ct PRESET``: the compressed-tensors table's 4B
-model, exported with ``format="compressed-tensors"``) at several versions of offload_export, interleaved in one
-process on one calibrated model (odd rounds in the given order, even rounds reversed).
+``--as-calibrated``: the curve's layout, the weights ModelOpt's calibration copied into RAM kept; ``--table CONFIG``:
+the tables' layout of ``--shape`` calibrated with that ModelOpt config, ``--resident``: all of it on the GPU;
+``--ct PRESET``: the compressed-tensors table's 4B model, exported with ``format="compressed-tensors"``) at several
+versions of offload_export, interleaved in one process on one calibrated model (odd rounds in the given order, even
+rounds reversed).
 
 Each DIR holds an ``offload_export`` package (``git archive REV offload_export | tar -x -C DIR``); the package is
 imported afresh from each before its export. Seconds, TTFB, x floor per version to ``$OUT/versions_h200.json``
@@ -202,6 +203,8 @@ def main() -> None:
     parser.add_argument("--ct", default=None, metavar="PRESET",
                         help="the compressed-tensors table's model (gpu_big.ct_model) with this preset instead")
     parser.add_argument("--format", default="modelopt", help="save_clean's format (fake-quant: the NVFP4 fold)")
+    parser.add_argument("--resident", action="store_true",
+                        help="with --table: the whole model on the GPU (the resident twin's layout)")
     parser.add_argument("--as-calibrated", action="store_true",
                         help="keep the weights ModelOpt's calibration copied into RAM (the curve's layout)")
     parser.add_argument("--budget", type=float, default=540)
@@ -218,7 +221,8 @@ def main() -> None:
         model, rates, read, summary = ct_model(work, args.ct)
         args.format = "compressed-tensors"
     elif args.table:
-        model, rates, read, summary = table_model(work, args.shape, args.table)
+        model, rates, read, summary = table_model(work, args.shape, args.table,
+                                                  {0: "60GiB", "cpu": "8GiB"} if args.resident else None)
     else:
         model, rates, read, summary = disk_held_model(work, args.shape, drop=not args.as_calibrated)
     out = {"floor_rates": rates, "layout": summary, "setup_s": round(time.perf_counter() - start, 1), "rows": []}

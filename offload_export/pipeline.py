@@ -203,11 +203,23 @@ class UnitReader:
                 and (isinstance(t := raw.get(k), torch.Tensor) and t.device.type == "cpu"
                      or isinstance(t, FileSpan) and not self.format.unchanged(unit, k))}
 
+    def on_gpu(self, unit: Unit, raw: dict[str, torch.Tensor | FileSpan]) -> dict[str, torch.device]:
+        """The tensors of ``raw`` (:meth:`read`) that the format computes with on a GPU (:meth:`Format.devices`) and
+        that are there already (resident), and that GPU."""
+        return {k: device for k, d in self.format.devices(self, unit).items()
+                if d.type == "cuda" and isinstance(t := raw.get(k), torch.Tensor)
+                and t.device == (device := indexed(d))}
+
     def device_bytes(self, unit: Unit) -> int:
-        """GPU memory ``unit`` holds when the read-ahead moves its sources there: the larger of its sources that the
-        format computes with on a GPU (:meth:`Format.devices`) and its outputs; 0 when it has no such source."""
-        sources = sum(self.lay[k].nbytes for k, d in self.format.devices(self, unit).items() if d.type == "cuda")
-        return max(sources, sum(spec.nbytes for spec in unit.outputs)) if sources else 0
+        """GPU memory ``unit`` takes when the read-ahead readies it there (:func:`_onload`): the larger of the sources
+        that the format computes with on a GPU (:meth:`Format.devices`) and that are moved there (not those resident
+        on a GPU already) and its outputs; 0 when the format computes with none of its sources on a GPU."""
+        devices = self.format.devices(self, unit)
+        if not any(d.type == "cuda" for d in devices.values()):
+            return 0
+        moved = sum(self.lay[k].nbytes for k, d in devices.items()
+                    if d.type == "cuda" and not (self.lay[k].kind == "resident" and self.lay[k].device.type == "cuda"))
+        return max(moved, sum(spec.nbytes for spec in unit.outputs))
 
     def _borrowed(self, key: str, t: torch.Tensor) -> bool:
         """Whether ``t``, read for ``key``, may be the model's own memory: :meth:`_in_place` and still where that
@@ -364,9 +376,10 @@ class _Lease:
 
 
 class _Onloaded:
-    """One unit whose sources the read-ahead moved to a GPU, holding its lease on the lane's device budget until its
-    outputs (left on the GPU) are written: the writer streams the large ones from the GPU; the small ones are copied
-    to the host together, queued behind the work that makes them."""
+    """One unit whose sources the read-ahead moved to a GPU (``keys``; none when they were all there already),
+    holding its lease on the lane's device budget until its outputs (left on the GPU) are written: the writer streams
+    the large ones from the GPU; the small ones are copied to the host together, queued behind the work that makes
+    them."""
 
     __slots__ = ("keys", "_lease", "_made")
 
@@ -440,27 +453,32 @@ def _has_room(device: torch.device, n: int, spare: int) -> bool:
 
 
 def _onload(reader: UnitReader, unit: Unit, raw: dict, budget: _Budget) -> _Onloaded | None:
-    """Move ``unit``'s sources that the format computes with on a GPU there now (the read-ahead thread, while the lane
-    finishes the unit before; host tensors through pinned buffers, :meth:`UnitReader.device_spans` read from their
-    files straight into them), under the lane's device ``budget`` (the unit's lease covers its outputs
-    too, which stay on the GPU until the consumer copies them) and only while that GPU keeps the budget and 1 GiB
-    free beyond it: the move is an overlap, never a new way to run out of GPU memory.
+    """Ready ``unit`` on the GPU the format computes with its sources on: move them there now (the read-ahead thread,
+    while the lane finishes the unit before; host tensors through pinned buffers, :meth:`UnitReader.device_spans`
+    read from their files straight into them), under the lane's device ``budget``, whose lease covers the unit's
+    outputs too: they stay on the GPU until the consumer writes them (the writer streams them to the file), for a
+    unit whose sources were all on the GPU already as well. Only while that GPU keeps the budget and 1 GiB free
+    beyond it: readying a unit is an overlap, never a new way to run out of GPU memory.
 
     Returns:
-        What was moved, with its lease; None when nothing was (``finish`` then moves the sources itself).
+        What was moved, with its lease; None when nothing was and the unit's sources are not all on the GPU
+        already, or the GPU has no room (``finish`` then moves the sources itself and the lane copies the outputs to
+        the host).
     """
-    targets = reader.onload_targets(unit, raw)
-    if not targets:
+    targets, ready = reader.onload_targets(unit, raw), reader.on_gpu(unit, raw)
+    if not targets and not ready:
         return None
     lease = budget.lease(reader.device_bytes(unit))
     if lease is None:
         return None
     moved: list[str] = []
+    room = False
     try:
-        wanted: dict[torch.device, int] = {}
+        wanted: dict[torch.device, int] = dict.fromkeys(ready.values(), 0)
         for k, device in targets.items():
             wanted[device] = wanted.get(device, 0) + raw[k].nbytes
-        if all(_has_room(device, n, budget.limit + _DEVICE_SPARE) for device, n in wanted.items()):
+        room = all(_has_room(device, n, budget.limit + _DEVICE_SPARE) for device, n in wanted.items())
+        if room:
             for k, device in targets.items():
                 t = raw[k]
                 raw[k] = (filled_on_device(t.read_into, t.shape, t.dtype, device) if isinstance(t, FileSpan)
@@ -471,7 +489,7 @@ def _onload(reader: UnitReader, unit: Unit, raw: dict, budget: _Budget) -> _Onlo
     except BaseException:
         lease.release()
         raise
-    if not moved:
+    if not moved and (targets or not room):
         lease.release()
         return None
     return _Onloaded(tuple(moved), lease)
@@ -558,8 +576,9 @@ def _lane(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _Budget
     """Fold or pack one lane's units in this thread while a thread reads ahead; hand each to the consumer.
 
     A unit's leases go to the consumer with its outputs; on every other path they are released here. The outputs of
-    a unit the read-ahead moved to a GPU go to the consumer as they are (it copies them to the host); the others'
-    are copied here, so that a GPU without room for the read-ahead holds one unit's outputs at a time.
+    a unit the read-ahead readied on a GPU (:func:`_onload`) go to the consumer as they are (it copies them to the
+    host); the others' are copied here, so that a GPU without room for the read-ahead holds one unit's outputs at a
+    time.
     """
     ready: queue.Queue = queue.Queue()
     thread = threading.Thread(target=_read_ahead, args=(reader, units, budgets, run, ready),
@@ -675,7 +694,7 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
     unit being made per lane and a failure never leaves a stage waiting for bytes. Sources the format computes
     with on a GPU are moved there by the read-ahead (:func:`_onload`) under a second budget per lane
     (:func:`_device_ahead`), from their read until the unit's outputs are written (the lease shrunk to the outputs'
-    GPU memory once they are made).
+    GPU memory once they are made); so are the outputs of a unit whose sources are resident on that GPU.
 
     Args:
         reader: the unit reader.
@@ -715,10 +734,10 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
 
 
 def _device_ahead(reader: UnitReader, units: list[Unit]) -> int:
-    """A lane's device budget: three times its largest unit's sources on a GPU, at least 512 MiB (several small units
-    ahead); 0 when none of its units computes on a GPU. A unit holds its device lease until its outputs are written
-    (shrunk to them once they are made), so with room for two the next unit would be moved only once the one before
-    it is written."""
+    """A lane's device budget: three times its largest unit's :meth:`UnitReader.device_bytes`, at least 512 MiB
+    (several small units ahead); 0 when none of its units computes on a GPU. A unit holds its device lease until its
+    outputs are written (shrunk to them once they are made), so with room for two the next unit would be moved only
+    once the one before it is written."""
     largest = max(reader.device_bytes(unit) for unit in units)
     return max(_DEVICE_UNITS * largest, _MIN_DEVICE_AHEAD) if largest else 0
 

@@ -169,6 +169,25 @@ def test_a_packed_export_moved_ahead_is_the_one_packed_in_turn(name, tmp_path, m
     assert _files(tmp_path / "moved") == _files(tmp_path / "kept")
 
 
+def test_a_unit_resident_on_the_gpu_is_packed_there_and_handed_to_the_writer_from_it(tmp_path, monkeypatch):
+    """format='modelopt' of a model resident on the GPU: each packed unit's outputs stay there under the lane's device
+    budget (queued to the host behind the pack, or streamed by the writer), none copied by the lane while the next
+    unit waits; the files are those of an export whose GPU had no room for that."""
+    pytest.importorskip("modelopt.torch.quantization")
+    from test_format_modelopt import quantize, tiny_qwen3
+
+    model = quantize(tiny_qwen3().cuda(), "NVFP4_DEFAULT_CFG")
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_DEVICE_SPARE", 1 << 60)
+        moved, ways = _moved_by_the_reader(m)
+        oe.save_clean(model, tmp_path / "kept", format="modelopt")
+        assert moved == [] and "queued" not in ways
+    moved, ways = _moved_by_the_reader(monkeypatch)
+    oe.save_clean(model, tmp_path / "ahead", format="modelopt")
+    assert moved == [] and ways.count("queued") >= 14  # every packed linear's outputs
+    assert _files(tmp_path / "ahead") == _files(tmp_path / "kept")
+
+
 def test_a_packed_unit_holds_only_its_outputs_gpu_memory_once_made(tmp_path, monkeypatch):
     """Once a unit moved ahead is packed its sources are gone: its device lease shrinks to the GPU memory its outputs
     hold (NVFP4: about a quarter of the sources), so that the read-ahead moves the next units meanwhile."""

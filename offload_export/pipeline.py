@@ -556,7 +556,7 @@ def _read_ahead(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _
                     for k in unread:  # not moved (no room on the GPU): read on the host after all
                         if isinstance(raw[k], FileSpan):
                             raw[k] = raw[k].read()
-                    if onloaded is not None:
+                    if onloaded is not None and onloaded.keys:  # sources moved: no longer on the host
                         lease.shrink(reader.onloaded_bytes(unit, onloaded.keys))
                     ready.put((unit, raw, onloaded, lease))
                 except BaseException:

@@ -461,9 +461,9 @@ def _onload(reader: UnitReader, unit: Unit, raw: dict, budget: _Budget) -> _Onlo
     beyond it: readying a unit is an overlap, never a new way to run out of GPU memory.
 
     Returns:
-        What was moved, with its lease; None when nothing was and the unit's sources are not all on the GPU
-        already, or the GPU has no room (``finish`` then moves the sources itself and the lane copies the outputs to
-        the host).
+        What was moved (nothing for a unit whose sources are all on the GPU already), with its lease; None when the
+        GPU has no room or none of the sources to move could be (``finish`` then moves them itself and the lane
+        copies the outputs to the host).
     """
     targets, ready = reader.onload_targets(unit, raw), reader.on_gpu(unit, raw)
     if not targets and not ready:

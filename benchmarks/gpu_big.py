@@ -96,7 +96,7 @@ class FirstFile(PeakRSS):
     GIL from the export every 5 ms)."""
 
     def __init__(self, folder: Path):
-        self.folder, self.t = folder, None
+        self.folder, self.t, self.peak_at = folder, None, None
         dev = os.stat(folder.parent).st_dev
         self._device = Path(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")).name
         self.disk: list[tuple[float, int, int]] = [self._disk()]
@@ -112,6 +112,8 @@ class FirstFile(PeakRSS):
     def _run(self):
         while not self._stop.wait(0.005):
             for k, v in self._read().items():
+                if k == "RssAnon" and v > self.peak[k]:
+                    self.peak_at = time.perf_counter()
                 self.peak[k] = max(self.peak[k], v)
             self.disk.append(self._disk())
             if self.t is None and self.folder.exists():
@@ -138,11 +140,21 @@ class FirstFile(PeakRSS):
                 "disk_GB": round((self.disk[-1][1] - self.disk[0][1]) * 512 / 1e9, 3)}
 
 
+def _pinned() -> dict:
+    """The pinned host allocator's statistics (``torch.cuda.host_memory_stats``; empty where torch lacks it)."""
+    return torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+
+
 def timed(fn, out: Path) -> dict:
     """Run the export ``fn`` writing into ``out``: seconds, time to first byte, host and GPU peaks, GB written, and
-    the disk's busy time (:meth:`FirstFile.disk_summary`)."""
+    the disk's busy time (:meth:`FirstFile.disk_summary`). ``host_peak_at_s``: when the host's anonymous memory peaked;
+    ``pinned_MB``: what torch's pinned-memory pool grew by (its blocks are anonymous memory it keeps) and the most
+    of it handed out at once."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    if hasattr(torch.cuda, "reset_peak_host_memory_stats"):
+        torch.cuda.reset_peak_host_memory_stats()
+    pinned = _pinned().get("allocated_bytes.current", 0)
     os.sync()
     with FirstFile(out) as rss, FirstWrite() as first:
         t0 = time.perf_counter()
@@ -152,7 +164,11 @@ def timed(fn, out: Path) -> dict:
     t_first = first.t or rss.t
     ttfb = round(t_first - t0, 2) if t_first else None
     written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.exists() else 0
+    stats = _pinned()
     return {"s": round(seconds, 2), "ttfb_s": ttfb, "host_peak_MB": rss.delta_mb,
+            "host_peak_at_s": round(rss.peak_at - t0, 2) if rss.peak_at else None,
+            "pinned_MB": {"grown": round((stats.get("allocated_bytes.current", 0) - pinned) / 2**20),
+                          "active_peak": round(stats.get("active_bytes.peak", 0) / 2**20)},
             "gpu_peak_MB": round(torch.cuda.max_memory_allocated() / 2**20), "written_GB": round(written / 1e9, 3),
             **rss.disk_summary(t0, ttfb)}
 

@@ -140,6 +140,17 @@ class FirstFile(PeakRSS):
                 "disk_GB": round((self.disk[-1][1] - self.disk[0][1]) * 512 / 1e9, 3)}
 
 
+def _machine_cpu() -> list[int]:
+    """The machine's CPU time so far, in ticks: ``/proc/stat``'s first line (user, nice, system, idle, iowait, ...)."""
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
+def _machine_busy(before: list[int], after: list[int]) -> float:
+    """The fraction of all cores' time between two :func:`_machine_cpu` that was not idle nor waiting for I/O."""
+    spent = [b - a for a, b in zip(before, after)]
+    return round(1 - (spent[3] + spent[4]) / max(1, sum(spent)), 3)
+
+
 def _pinned() -> dict:
     """The pinned host allocator's statistics (``torch.cuda.host_memory_stats``; empty where torch lacks it)."""
     return torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
@@ -149,7 +160,8 @@ def timed(fn, out: Path) -> dict:
     """Run the export ``fn`` writing into ``out``: seconds, time to first byte, host and GPU peaks, GB written, and
     the disk's busy time (:meth:`FirstFile.disk_summary`). ``host_peak_at_s``: when the host's anonymous memory peaked;
     ``pinned_MB``: what torch's pinned-memory pool grew by (its blocks are anonymous memory it keeps) and the most
-    of it handed out at once."""
+    of it handed out at once; ``process_cpu_s``: the process's user and system CPU seconds; ``machine_busy``: the
+    fraction of the machine's cores busy."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     if hasattr(torch.cuda, "reset_peak_host_memory_stats"):
@@ -157,10 +169,11 @@ def timed(fn, out: Path) -> dict:
     pinned = _pinned().get("allocated_bytes.current", 0)
     os.sync()
     with FirstFile(out) as rss, FirstWrite() as first:
-        t0 = time.perf_counter()
+        times, machine, t0 = os.times(), _machine_cpu(), time.perf_counter()
         fn()
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
+        cpu, busy = os.times(), _machine_busy(machine, _machine_cpu())
     t_first = first.t or rss.t
     ttfb = round(t_first - t0, 2) if t_first else None
     written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.exists() else 0
@@ -169,6 +182,8 @@ def timed(fn, out: Path) -> dict:
             "host_peak_at_s": round(rss.peak_at - t0, 2) if rss.peak_at else None,
             "pinned_MB": {"grown": round((stats.get("allocated_bytes.current", 0) - pinned) / 2**20),
                           "active_peak": round(stats.get("active_bytes.peak", 0) / 2**20)},
+            "process_cpu_s": {k: round(getattr(cpu, k) - getattr(times, k), 3) for k in ("user", "system")},
+            "machine_busy": busy,
             "gpu_peak_MB": round(torch.cuda.max_memory_allocated() / 2**20), "written_GB": round(written / 1e9, 3),
             **rss.disk_summary(t0, ttfb)}
 

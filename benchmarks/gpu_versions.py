@@ -16,7 +16,8 @@ could not run for 100 ms or more, with each thread's stack before and after, and
 reader's, writer's (staging) and I/O thread's samples over the whole export as runs of one stack, and ``cpu``: per
 thread name, the seconds its threads were seen, spent on a CPU and waiting for one (``/proc/self/task/*/schedstat``,
 read every 25 ms; the rest they slept: the GIL, a lock, the disk, the GPU). Every row holds the process's CPU seconds
-(``process_cpu_s``) and the fraction of the machine's cores busy (``machine_busy``) during the export. ``--disk`` adds the
+(``process_cpu_s``) and the fraction of the machine's cores busy (``machine_busy``) during the export
+(:func:`gpu_big.timed`). ``--disk`` adds the
 disk's timeline (``disk``: per 100 ms, MB written to the disk and the fraction of the time it had a request in flight).
 ``--floor-each`` measures the floor again before each round (a ``floor`` row) and adds each export's ratio to it
 (``x_round_floor``): the disk's own rate drifts over minutes on the lent machines.
@@ -183,17 +184,6 @@ class GcPauses:
                               if s >= 0.02]}
 
 
-def _machine_cpu() -> list[int]:
-    """The machine's CPU time so far, in ticks: ``/proc/stat``'s first line (user, nice, system, idle, iowait, ...)."""
-    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-
-
-def _machine_busy(before: list[int], after: list[int]) -> float:
-    """The fraction of all cores' time between two :func:`_machine_cpu` that was not idle nor waiting for I/O."""
-    spent = [b - a for a, b in zip(before, after)]
-    return round(1 - (spent[3] + spent[4]) / max(1, sum(spent)), 3)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("dirs", nargs="+")
@@ -245,12 +235,8 @@ def main() -> None:
                 oe.save_clean(model, work / "o", format=args.format)
 
             try:
-                times, machine = os.times(), _machine_cpu()
                 with sampler, GcPauses() as pauses:
                     row.update(timed(export, work / "o"))
-                row["process_cpu_s"] = {k: round(getattr(os.times(), k) - getattr(times, k), 3)
-                                        for k in ("user", "system")}
-                row["machine_busy"] = _machine_busy(machine, _machine_cpu())
                 row["gc"] = pauses.summary(started[0])
                 if not args.disk:
                     del row["disk"]

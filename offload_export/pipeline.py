@@ -12,7 +12,7 @@ import ctypes
 import os
 import queue
 import threading
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from functools import lru_cache
@@ -117,11 +117,13 @@ class UnitReader:
     def onloaded_bytes(self, unit: Unit, moved: Iterable[str]) -> int:
         """Host memory ``unit`` still holds once its sources ``moved`` are on a GPU (:meth:`held_bytes` at most):
         its other sources read, and the outputs the writer does not stream from the GPU (the small ones, copied
-        to the host together, and those named as a source left on the host)."""
+        to the host together, those named as a source left on the host, and all when the format makes them on the
+        host: :meth:`Format.made_on_host`)."""
         kept = set(unit.sources).difference(moved)
         read = sum(self.lay[k].nbytes for k in kept
                    if not self._in_place(self.lay[k]) and self._passed_through(unit, k) is None)
-        outputs = sum(spec.nbytes for spec in unit.outputs if spec.nbytes < STREAMED or spec.name in kept)
+        host = self.format.made_on_host(unit)
+        outputs = sum(spec.nbytes for spec in unit.outputs if host or spec.nbytes < STREAMED or spec.name in kept)
         return min(self.held_bytes(unit), read + outputs)
 
     def written_as_read(self, unit: Unit) -> bool:
@@ -144,8 +146,8 @@ class UnitReader:
         for two, a unit whose outputs come to the host, such as a MoE layer's packed experts, would be read only once
         the outputs before the unit being made are written, and the next make would wait for that read.)
 
-        A unit's lease shrinks to what it still holds once its sources are on a GPU and again once its outputs
-        are made, so that the next units are read meanwhile."""
+        A unit's lease shrinks to what it still holds once its sources are on a GPU, and becomes what its outputs
+        hold on the host once they are made, so that the next units are read meanwhile."""
         held = outputs = largest = 0
         for unit in units:
             made = self.output_bytes(unit)
@@ -159,6 +161,12 @@ class UnitReader:
         file spans. (A fold copies the model's memory it is handed, into about the size of the unit's outputs.)"""
         return sum(self.lay[k].nbytes for k in unit.sources
                    if not self._in_place(self.lay[k]) and self._passed_through(unit, k) is None)
+
+    def model_memory(self, raw: Mapping[str, torch.Tensor | FileSpan]) -> set[int]:
+        """The host storages (their addresses) of ``raw`` (:meth:`read`) that are the model's own memory handed over
+        as it is (:meth:`_in_place`): outputs that are views of them hold none of the export's memory."""
+        return {t.untyped_storage().data_ptr() for k, t in raw.items()
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu" and self._in_place(self.lay[k])}
 
     @staticmethod
     def _in_place(info: TensorInfo) -> bool:
@@ -349,6 +357,10 @@ class _Budget:
         with self._cond:
             self._cond.notify_all()
 
+    def _take(self, n: int) -> None:
+        with self._cond:
+            self.used += n
+
     def _give_back(self, n: int) -> None:
         with self._cond:
             self.used -= n
@@ -368,6 +380,14 @@ class _Lease:
         if self._budget is not None and n < self._n:
             self._budget._give_back(self._n - n)
             self._n = n
+
+    def hold(self, n: int) -> None:
+        """Make this lease ``n`` bytes, what the unit holds now: the excess given back, or the rest taken at once,
+        beyond the limit if need be (the memory is taken already: the next lease waits for it instead)."""
+        if self._budget is not None and n > self._n:
+            self._budget._take(n - self._n)
+            self._n = n
+        self.shrink(n)
 
     def release(self) -> None:
         budget, self._budget = self._budget, None
@@ -395,10 +415,10 @@ class _Onloaded:
     def made(self, outputs: dict) -> None:
         """Queue the copies to the host of ``outputs``' GPU tensors the writer does not stream
         (:func:`~offload_export.writer.streams`; :func:`small_to_host`), then mark the end of that work on each of
-        their GPUs' current streams (this thread's). The lease shrinks to the GPU memory the outputs hold: the
+        their GPUs' current streams (this thread's). The lease becomes the GPU memory the outputs hold: the
         sources are gone, and a packed unit's outputs are a fraction of them (NVFP4: about a quarter), so the
         read-ahead may move the next units meanwhile."""
-        self._lease.shrink(_storage_bytes(outputs, "cuda"))
+        self._lease.hold(_storage_bytes(outputs, "cuda"))
         small = [k for k, t in outputs.items() if _on_device(t) and not streams(t)]
         devices = {t.device for t in outputs.values() if isinstance(t, torch.Tensor) and t.is_cuda}
         outputs.update(zip(small, small_to_host([outputs[k] for k in small], non_blocking=True)))
@@ -425,16 +445,16 @@ def _outputs_to_host(outputs: dict, kept: set[str]) -> None:
     outputs.update({k: to_host(outputs[k]) for k in moved if _on_device(outputs[k])})
 
 
-def _storage_bytes(outputs: dict, device_type: str = "cpu") -> int:
+def _storage_bytes(outputs: dict, device_type: str = "cpu", skip: Collection[int] = ()) -> int:
     """Bytes of the memory of ``device_type`` (``"cpu"``: the host) that ``outputs`` keep alive: each such tensor's
-    whole storage, once (a view keeps all of it); a tensor without memory of its own (autograd's zero tensor) holds
-    none."""
+    whole storage, once (a view keeps all of it), but those at an address in ``skip``; a tensor without memory of its
+    own (autograd's zero tensor) holds none."""
     storages = {}
     for t in outputs.values():
         if isinstance(t, torch.Tensor) and t.device.type == device_type and t.data_ptr():
             storage = t.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+    return sum(n for address, n in storages.items() if address not in skip)
 
 
 def _on_device(t: torch.Tensor | FileSpan) -> bool:
@@ -595,13 +615,14 @@ def _lane(reader: UnitReader, units: list[Unit], budgets: tuple[_Budget, _Budget
                     if not run.stop.is_set():
                         if onloaded is not None:
                             onloaded.adopt(raw)
+                        model_memory = reader.model_memory(raw)
                         outputs = reader.finish(unit, raw)
                         del raw  # the sources die right after the fold
                         if onloaded is None:
                             _outputs_to_host(outputs, reader.streamed(unit))
                         else:
                             onloaded.made(outputs)
-                        lease.shrink(_storage_bytes(outputs))
+                        lease.hold(_storage_bytes(outputs, skip=model_memory))
                         handoff.put((unit, outputs, onloaded, lease))
                         onloaded = lease = None
                         del outputs
@@ -689,11 +710,12 @@ def run_units(reader: UnitReader, units: Iterable[Unit], consume: Callable[[Unit
 
     Memory: each unit holds a lease of :meth:`UnitReader.held_bytes` on its lane's budget of
     ``read_ahead_bytes`` from before its read until ``consume`` (its future) is done, or the run stops (shrunk to what
-    the unit still holds on the host once its sources are on a GPU, and once its outputs are made); a lease is
+    the unit still holds on the host once its sources are on a GPU; once its outputs are made, what they hold on the
+    host, beyond the budget if a format put more there than planned: the next reads wait for it); a lease is
     released in ``finally`` on every path, so memory stays under about ``read_ahead_bytes`` + the outputs of the
     unit being made per lane and a failure never leaves a stage waiting for bytes. Sources the format computes
     with on a GPU are moved there by the read-ahead (:func:`_onload`) under a second budget per lane
-    (:func:`_device_ahead`), from their read until the unit's outputs are written (the lease shrunk to the outputs'
+    (:func:`_device_ahead`), from their read until the unit's outputs are written (the lease set to the outputs'
     GPU memory once they are made); so are the outputs of a unit whose sources are resident on that GPU.
 
     Args:

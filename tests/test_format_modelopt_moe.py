@@ -45,13 +45,15 @@ _COMMON = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_
                vocab_size=128, tie_word_embeddings=False, max_position_embeddings=64, initializer_range=0.1)
 
 
-def tiny_moe(kind: str = "qwen3_moe", dtype=torch.bfloat16, seed: int = 0):
-    """Qwen3-MoE (module names as tests/layouts.py's "qwen3_moe") or Mixtral, 2 layers, 4 experts, dims of 128."""
+def tiny_moe(kind: str = "qwen3_moe", dtype=torch.bfloat16, seed: int = 0, layers: int = 2):
+    """Qwen3-MoE (module names as tests/layouts.py's "qwen3_moe") or Mixtral, ``layers`` layers, 4 experts, dims of
+    128."""
+    common = {**_COMMON, "num_hidden_layers": layers}
     if kind == "mixtral":
-        cfg = MixtralConfig(intermediate_size=128, num_local_experts=4, num_experts_per_tok=2, **_COMMON)
+        cfg = MixtralConfig(intermediate_size=128, num_local_experts=4, num_experts_per_tok=2, **common)
     else:
         cfg = Qwen3MoeConfig(intermediate_size=256, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
-                             norm_topk_prob=True, **_COMMON)
+                             norm_topk_prob=True, **common)
     torch.manual_seed(seed)
     with quiet_libraries():
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
@@ -237,6 +239,27 @@ def test_peak_memory_of_a_disk_offloaded_moe_export_stays_near_two_fused_expert_
     assert result["peak_extra"] <= 2 * result["largest_source"] + 80 * 2**20, result
     print(f"peak {result['peak_extra'] / 2**20:.0f} MiB, largest {result['largest_source'] / 2**20:.0f} MiB, "
           f"model {result['model_bytes'] / 2**20:.0f} MiB, written {result['bytes'] / 2**20:.0f} MiB")
+
+
+def test_a_moe_layer_moved_to_a_gpu_keeps_its_packed_experts_host_memory_leased(tmp_path, monkeypatch):
+    """Arithmetic only (no GPU): the pack brings each stack of packed experts to the host (Format.made_on_host), so
+    the host lease of a layer whose experts are on a GPU still counts all of its outputs, not only the small ones;
+    a unit the pack leaves on the GPU (an attention projection) keeps only its small ones leased."""
+    from offload_export import pipeline
+    from offload_export.job import prepare_job
+
+    monkeypatch.setattr(pipeline, "STREAMED", 4096)  # the tiny model's weights count as large
+    model = apply_layout(quantize(tiny_moe(), "FP8_DEFAULT_CFG"), LayoutSpec("cpu_offload"), tmp_path / "layout")
+    job = prepare_job(model, tmp_path / "out", format="modelopt")
+    reader = job.reader()
+    experts = [u for u in job.plan.units if u.module.endswith("mlp.experts")]
+    projection = next(u for u in job.plan.units if u.module.endswith("self_attn.q_proj"))
+    assert len(experts) == 2
+    for unit in experts:
+        outputs = sum(spec.nbytes for spec in unit.outputs)
+        assert reader.onloaded_bytes(unit, unit.sources) == reader.held_bytes(unit) == outputs
+    small = sum(spec.nbytes for spec in projection.outputs if spec.nbytes < 4096)  # its scales
+    assert reader.onloaded_bytes(projection, projection.sources) == small < reader.held_bytes(projection)
 
 
 def test_moe_kinds_not_packed_here_are_refused_naming_them(tmp_path):

@@ -533,6 +533,29 @@ def test_a_unit_moved_to_a_gpu_holds_only_its_small_outputs_and_the_sources_left
     assert checked >= 7
 
 
+def test_a_lease_made_larger_than_its_budget_holds_the_next_lease_back_until_it_shrinks():
+    """A unit's outputs may hold more than its lease planned (a format's outputs on the host where the plan had them
+    stay on a GPU): the lease takes that at once, beyond the limit, and the next unit's lease waits until the memory
+    is given back, so that the queue of made units stays within the budget plus one unit."""
+    from offload_export import pipeline
+
+    budget = pipeline._Budget(100, threading.Event())
+    made = budget.lease(10)
+    made.hold(150)
+    assert budget.used == 150
+    granted = []
+    waiting = threading.Thread(target=lambda: granted.append(budget.lease(60)))
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive() and not granted
+    made.hold(40)  # written in part: 40 + 60 fit
+    waiting.join(BOUND)
+    assert granted and budget.used == 100
+    made.release()
+    granted[0].release()
+    assert budget.used == 0
+
+
 class ZeroQuantizer(nn.Module):
     """Folds a weight into autograd's zero tensor: a tensor without memory of its own."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -208,6 +209,61 @@ def test_a_packed_unit_holds_only_its_outputs_gpu_memory_once_made(tmp_path, mon
     oe.save_clean(model, tmp_path / "out", format="modelopt", device="cuda")
     assert len(leases) >= 14  # every packed linear
     assert all(after == held < before for before, after, held in leases)
+
+
+@pytest.mark.parametrize("name", ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
+def test_packed_experts_made_behind_a_stalled_writer_stay_within_the_host_budget(name, tmp_path, monkeypatch):
+    """Fused experts offloaded to the CPU beside a GPU: the read-ahead moves each layer's experts there and the pack
+    brings each stack of packed experts to the host (Format.made_on_host). While the writer stalls on the first
+    unit, the units made meanwhile hold at most the read-ahead budget and one unit more of host memory: each
+    keeps its outputs' host memory leased from its read on (a lease shrunk to the small outputs once its sources
+    were on the GPU let the read-ahead ready every layer, each made into host memory the budget did not count).
+    The files are those of an export that did not stall."""
+    pytest.importorskip("modelopt.torch.quantization")
+    import accelerate
+    from test_format_modelopt import quantize
+    from test_format_modelopt_moe import tiny_moe
+
+    from offload_export import checkpoint
+    from offload_export import writer as writer_mod
+
+    monkeypatch.setattr(pipeline, "_MIN_READ_AHEAD", 0)  # the budget the units size, however small they are
+    for module in (pipeline, writer_mod):  # the tiny experts' tensors count as large
+        monkeypatch.setattr(module, "STREAMED", 4096)
+    model = quantize(tiny_moe(layers=6).cuda(), name)
+    device_map = {"model.embed_tokens": 0, "model.layers": "cpu", "model.norm": 0, "model.rotary_emb": 0,
+                  "lm_head": 0}
+    model = accelerate.dispatch_model(model.cpu(), device_map, main_device=0)
+    oe.save_clean(model, tmp_path / "expected", format="modelopt")
+
+    made, limits, queued = [], [], []
+    finish, run_units, stage = pipeline.UnitReader.finish, checkpoint.run_units, writer_mod.ShardWriter.stage
+
+    def finishing(self, unit, raw):  # the host memory each unit's outputs take (not the model's own)
+        model_memory = self.model_memory(raw)
+        out = finish(self, unit, raw)
+        made.append(sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in out.values()
+                         if isinstance(t, torch.Tensor) and t.device.type == "cpu"
+                         and t.untyped_storage().data_ptr() not in model_memory}.values()))
+        return out
+
+    def running(*args, read_ahead_bytes, **kwargs):
+        limits.append(read_ahead_bytes)
+        return run_units(*args, read_ahead_bytes=read_ahead_bytes, **kwargs)
+
+    def staging(self, items):
+        if not queued:  # the first unit's write stalls while the lane makes what the budgets let it
+            time.sleep(1.0)
+            queued.append(list(made))
+        return stage(self, items)
+
+    monkeypatch.setattr(pipeline.UnitReader, "finish", finishing)
+    monkeypatch.setattr(checkpoint, "run_units", running)
+    monkeypatch.setattr(writer_mod.ShardWriter, "stage", staging)
+    oe.save_clean(model, tmp_path / "out", format="modelopt")
+    assert len(limits) == 1 and len(made) >= 6 * 2  # every layer's experts and attention at least
+    assert sum(queued[0]) <= limits[0] + max(made), (queued, limits)
+    assert _files(tmp_path / "out") == _files(tmp_path / "expected")
 
 
 @pytest.mark.parametrize("megabytes", [16, 40])

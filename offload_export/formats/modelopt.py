@@ -1287,6 +1287,9 @@ class ModelOpt(Format):
     def unchanged(self, unit, key: str) -> bool:
         return not (unit.converted or self._packs(unit.module) or self.casts(key))
 
+    def made_on_host(self, unit) -> bool:
+        return unit.module in self.packer.experts  # each stack of packed experts, by _pack_stack
+
     def finish(self, reader, unit, values: StateDict) -> StateDict:
         module, dtype = unit.module, self.source.dtype
         device = None  # a unit ModelOpt does not pack is cast where its sources are: no round trip through a GPU

@@ -92,14 +92,14 @@ class FirstWrite:
 class FirstFile(PeakRSS):
     """PeakRSS that also notes when a non-empty ``*.safetensors`` first appears under ``folder``, and reads the
     sectors written and the milliseconds with a request in flight (``io_ticks``) of the block device holding
-    ``folder``'s parent from ``/proc/diskstats`` at each sample (one thread for both: each sampling thread takes the
-    GIL from the export every 5 ms)."""
+    ``folder``'s parent from ``/proc/diskstats`` at each sample, with the process's anonymous memory then (one thread
+    for all: each sampling thread takes the GIL from the export every 5 ms)."""
 
     def __init__(self, folder: Path):
         self.folder, self.t, self.peak_at = folder, None, None
         dev = os.stat(folder.parent).st_dev
         self._device = Path(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")).name
-        self.disk: list[tuple[float, int, int]] = [self._disk()]
+        self.disk: list[tuple[float, int, int, int]] = [(*self._disk(), self._read()["RssAnon"])]
 
     def _disk(self) -> tuple[float, int, int]:
         with open("/proc/diskstats") as f:
@@ -111,22 +111,24 @@ class FirstFile(PeakRSS):
 
     def _run(self):
         while not self._stop.wait(0.005):
-            for k, v in self._read().items():
+            now = self._read()
+            for k, v in now.items():
                 if k == "RssAnon" and v > self.peak[k]:
                     self.peak_at = time.perf_counter()
                 self.peak[k] = max(self.peak[k], v)
-            self.disk.append(self._disk())
+            self.disk.append((*self._disk(), now["RssAnon"]))
             if self.t is None and self.folder.exists():
                 if any(p.stat().st_size > 0 for p in self.folder.rglob("*.safetensors")):
                     self.t = time.perf_counter()
 
     def disk_summary(self, t0: float, first_byte: float | None) -> dict:
         """The disk's busy fraction from ``t0`` to the first byte and from it to the end; its timeline (per 100 ms:
-        ``[MB written, busy fraction]``); GB it wrote in the block."""
-        def window(a: float, b: float) -> list[tuple[float, int, int]]:
+        ``[MB written, busy fraction, MB of anonymous memory grown since the block began, at the step's end]``); GB
+        it wrote in the block."""
+        def window(a: float, b: float) -> list[tuple[float, int, int, int]]:
             return [s for s in self.disk if a <= s[0] <= b]
 
-        def busy(inside: list[tuple[float, int, int]]) -> float | None:
+        def busy(inside: list[tuple[float, int, int, int]]) -> float | None:
             if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
                 return None
             return round((inside[-1][2] - inside[0][2]) / 1e3 / (inside[-1][0] - inside[0][0]), 2)
@@ -136,7 +138,8 @@ class FirstFile(PeakRSS):
         steps = [w for k in range(int((end - t0) / 0.1) + 1) for w in [window(t0 + k * 0.1, t0 + (k + 1) * 0.1)]
                  if len(w) >= 2]
         return {"disk_busy_before_first_byte": busy(window(t0, split)), "disk_busy_after_first_byte": busy(window(split, end)),
-                "disk": [[round((w[-1][1] - w[0][1]) * 512 / 1e6), busy(w)] for w in steps],
+                "disk": [[round((w[-1][1] - w[0][1]) * 512 / 1e6), busy(w), round((w[-1][3] - self.disk[0][3]) / 2**20)]
+                         for w in steps],
                 "disk_GB": round((self.disk[-1][1] - self.disk[0][1]) * 512 / 1e9, 3)}
 
 

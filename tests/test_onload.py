@@ -28,7 +28,7 @@ def _moved_by_the_reader(monkeypatch) -> tuple[list[str], list[str]]:
     """Where each tensor the read-ahead thread moves to a GPU comes from (``"host"`` memory, or its ``"file"`` read
     straight into the pinned buffers), and how each GPU output leaves it: ``"copied"``
     (by the fold's thread, at once), ``"queued"`` (with other small ones, behind the work that made them) or
-    ``"streamed"`` (to its file by the writer thread)."""
+    ``"streamed"`` (to its file by the I/O thread)."""
     from offload_export import writer as writer_mod
 
     moved: list[str] = []
@@ -54,7 +54,7 @@ def _moved_by_the_reader(monkeypatch) -> tuple[list[str], list[str]]:
         return small_to_host(seen(tensors, "queued" if non_blocking else "copied"), non_blocking=non_blocking)
 
     def streamed(tensors):
-        assert threading.current_thread().name == "offload-export-writer"
+        assert threading.current_thread().name.startswith("offload-export-io")  # the writes run there
         return host_pieces(seen(tensors, "streamed"))
 
     monkeypatch.setattr(pipeline, "to_device", spy_in)

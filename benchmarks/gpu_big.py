@@ -96,7 +96,7 @@ class FirstFile(PeakRSS):
     for all: each sampling thread takes the GIL from the export every 5 ms)."""
 
     def __init__(self, folder: Path):
-        self.folder, self.t, self.peak_at = folder, None, None
+        self.folder, self.t = folder, None
         dev = os.stat(folder.parent).st_dev
         self._device = Path(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")).name
         self.disk: list[tuple[float, int, int, int]] = [(*self._disk(), self._read()["RssAnon"])]
@@ -111,11 +111,7 @@ class FirstFile(PeakRSS):
 
     def _run(self):
         while not self._stop.wait(0.005):
-            now = self._read()
-            for k, v in now.items():
-                if k == "RssAnon" and v > self.peak[k]:
-                    self.peak_at = time.perf_counter()
-                self.peak[k] = max(self.peak[k], v)
+            now = self._sample()
             self.disk.append((*self._disk(), now["RssAnon"]))
             if self.t is None and self.folder.exists():
                 if any(p.stat().st_size > 0 for p in self.folder.rglob("*.safetensors")):

@@ -75,11 +75,13 @@ def build_checkpoint(path: Path, cfg: Qwen3Config) -> None:
 
 
 class PeakRSS:
-    """Peak VmRSS and RssAnon above the value at entry, sampled every 5 ms in a thread."""
+    """Peak VmRSS and RssAnon above the value at entry, sampled every 5 ms in a thread; ``peak_at``: when RssAnon
+    peaked (``time.perf_counter()``; None while it has not grown)."""
 
     def __enter__(self):
         self.base = self._read()
         self.peak = dict(self.base)
+        self.peak_at = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -87,8 +89,16 @@ class PeakRSS:
 
     def _run(self):
         while not self._stop.wait(0.005):
-            for k, v in self._read().items():
-                self.peak[k] = max(self.peak[k], v)
+            self._sample()
+
+    def _sample(self) -> dict[str, int]:
+        """Read the process's memory now, note the peaks; return the reading."""
+        now = self._read()
+        for k, v in now.items():
+            if k == "RssAnon" and v > self.peak[k]:
+                self.peak_at = time.perf_counter()
+            self.peak[k] = max(self.peak[k], v)
+        return now
 
     @staticmethod
     def _read() -> dict[str, int]:

@@ -36,6 +36,7 @@ import gc
 import json
 import mmap
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -160,13 +161,15 @@ def timed(fn, out: Path) -> dict:
     the disk's busy time (:meth:`FirstFile.disk_summary`). ``host_peak_at_s``: when the host's anonymous memory peaked;
     ``pinned_MB``: what torch's pinned-memory pool grew by (its blocks are anonymous memory it keeps) and the most
     of it handed out at once; ``process_cpu_s``: the process's user and system CPU seconds; ``machine_busy``: the
-    fraction of the machine's cores busy."""
+    fraction of the machine's cores busy; ``minor_faults``: pages the process touched for the first time (fresh
+    memory, zeroed by the kernel); ``cuda_mallocs``: segments torch's caching allocator asked the driver for."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     if hasattr(torch.cuda, "reset_peak_host_memory_stats"):
         torch.cuda.reset_peak_host_memory_stats()
     pinned = _pinned().get("allocated_bytes.current", 0)
     os.sync()
+    faults, segments = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, _segments()
     with FirstFile(out) as rss, FirstWrite() as first:
         times, machine, t0 = os.times(), _machine_cpu(), time.perf_counter()
         fn()
@@ -182,9 +185,14 @@ def timed(fn, out: Path) -> dict:
             "pinned_MB": {"grown": round((stats.get("allocated_bytes.current", 0) - pinned) / 2**20),
                           "active_peak": round(stats.get("active_bytes.peak", 0) / 2**20)},
             "process_cpu_s": {k: round(getattr(cpu, k) - getattr(times, k), 3) for k in ("user", "system")},
-            "machine_busy": busy,
+            "machine_busy": busy, "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
+            "cuda_mallocs": _segments() - segments,
             "gpu_peak_MB": round(torch.cuda.max_memory_allocated() / 2**20), "written_GB": round(written / 1e9, 3),
             **rss.disk_summary(t0, ttfb)}
+
+
+def _segments() -> int:
+    return torch.cuda.memory_stats().get("segment.all.allocated", 0)
 
 
 def floor_rates(src: Path, work: Path) -> dict:

@@ -120,27 +120,56 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
 
 
 def host_pieces(tensors: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """The bytes of ``tensors`` (contiguous, on one GPU) in order, each tensor cut into 16 MiB pieces from its start,
-    each piece in one of the pinned buffers (uint8). A piece is valid until the generator is resumed; the copy of
-    the next one (of the same tensor or the next) runs meanwhile. A writer streams GPU tensors to a file this way,
-    without a host copy of any of them."""
+    """The bytes of ``tensors`` (contiguous, on one GPU) laid end to end, in pieces of 16 MiB (the last one shorter),
+    each in one of the pinned buffers (uint8). A piece gathers the parts of as many tensors as it holds, so that the
+    wait for its copies, its write and its checksum come once per 16 MiB rather than once per tensor (a MoE layer's
+    hundreds of per-expert weights). A piece is valid until the generator is resumed; the copies of the next one run
+    meanwhile. A writer streams GPU tensors to a file this way, without a host copy of any of them."""
     if not tensors:
         return
     buffers, events, stream = _staging(tensors[0].device)
-    pieces = [piece for t in tensors if t.numel() for piece in _pieces(t)]
+    pieces = _gathered(tensors)
+    sizes = [[s.numel() for s in sources] for sources in pieces]
 
     def start(i: int) -> None:
+        target = _head(buffers[i % 2], sum(sizes[i]))
         with torch.cuda.stream(stream):
-            _head(buffers[i % 2], pieces[i].numel()).copy_(pieces[i], non_blocking=True)
+            for part, source in zip(target.split(sizes[i]) if len(sizes[i]) > 1 else [target], pieces[i]):
+                part.copy_(source, non_blocking=True)
             events[i % 2].record(stream)
 
     if pieces:
         start(0)
-    for i, piece in enumerate(pieces):
+    for i in range(len(pieces)):
         if i + 1 < len(pieces):
             start(i + 1)  # into the other buffer, which the caller gave back by resuming
         events[i % 2].synchronize()
-        yield _head(buffers[i % 2], piece.numel())
+        yield _head(buffers[i % 2], sum(sizes[i]))
+
+
+def _gathered(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The bytes of ``tensors`` laid end to end, cut into pieces of 16 MiB: for each piece, the views (uint8) of the
+    tensors' parts it holds, in order; one ``split`` per tensor (see :func:`_pieces`)."""
+    pieces: list[list[torch.Tensor]] = []
+    room = 0  # bytes left in the last piece
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if not nbytes:
+            continue
+        if not room:
+            pieces.append([])
+            room = _CHUNK
+        sizes = [min(room, nbytes)]
+        sizes += [_CHUNK] * ((nbytes - sizes[0]) // _CHUNK)
+        if rest := nbytes - sum(sizes):
+            sizes.append(rest)
+        for i, part in enumerate(t.reshape(-1).view(torch.uint8).split(sizes)):
+            if i:  # the part before filled its piece
+                pieces.append([])
+                room = _CHUNK
+            pieces[-1].append(part)
+            room -= part.numel()
+    return pieces
 
 
 def _drain(buffers, events, k: int, dst: torch.Tensor) -> None:

@@ -117,13 +117,11 @@ class UnitReader:
     def onloaded_bytes(self, unit: Unit, moved: Iterable[str]) -> int:
         """Host memory ``unit`` still holds once its sources ``moved`` are on a GPU (:meth:`held_bytes` at most):
         its other sources read, and the outputs the writer does not stream from the GPU (the small ones, copied
-        to the host together, those named as a source left on the host, and all when the format makes them on the
-        host: :meth:`Format.made_on_host`)."""
+        to the host together, and those named as a source left on the host)."""
         kept = set(unit.sources).difference(moved)
         read = sum(self.lay[k].nbytes for k in kept
                    if not self._in_place(self.lay[k]) and self._passed_through(unit, k) is None)
-        host = self.format.made_on_host(unit)
-        outputs = sum(spec.nbytes for spec in unit.outputs if host or spec.nbytes < STREAMED or spec.name in kept)
+        outputs = sum(spec.nbytes for spec in unit.outputs if spec.nbytes < STREAMED or spec.name in kept)
         return min(self.held_bytes(unit), read + outputs)
 
     def written_as_read(self, unit: Unit) -> bool:
@@ -418,10 +416,10 @@ class _Onloaded:
         their GPUs' current streams (this thread's). The lease becomes the GPU memory the outputs hold: the
         sources are gone, and a packed unit's outputs are a fraction of them (NVFP4: about a quarter), so the
         read-ahead may move the next units meanwhile."""
-        self._lease.hold(_storage_bytes(outputs, "cuda"))
         small = [k for k, t in outputs.items() if _on_device(t) and not streams(t)]
         devices = {t.device for t in outputs.values() if isinstance(t, torch.Tensor) and t.is_cuda}
         outputs.update(zip(small, small_to_host([outputs[k] for k in small], non_blocking=True)))
+        self._lease.hold(_storage_bytes(outputs, "cuda"))  # a stack whose views all went to the host is not held
         for device in devices:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))

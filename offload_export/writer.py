@@ -382,8 +382,8 @@ def _steps(nbytes: int) -> Iterator[tuple[int, int]]:
         yield done, min(_WRITEBACK_STEP, nbytes - done)
 
 
-def _runs(tensors: Sequence[tuple[int, str, memoryview]]) -> Iterator[tuple[int, list[memoryview]]]:
-    """``(offset, buffers)`` of each run of ``(offset, name, bytes)`` (sorted by offset) that lie end to end."""
+def _runs(tensors: Sequence[tuple[int, str, memoryview | torch.Tensor]]) -> Iterator[tuple[int, list]]:
+    """``(offset, buffers)`` of each run of ``(offset, name, bytes or tensor)`` (sorted by offset) that lie end to end."""
     start, run, end = 0, [], None
     for at, _, data in tensors:
         if run and at != end:
@@ -392,7 +392,7 @@ def _runs(tensors: Sequence[tuple[int, str, memoryview]]) -> Iterator[tuple[int,
         if not run:
             start = at
         run.append(data)
-        end = at + len(data)
+        end = at + (data.numel() * data.element_size() if isinstance(data, torch.Tensor) else len(data))
     if run:
         yield start, run
 
@@ -549,23 +549,26 @@ class ShardWriter:
         return write
 
     def _stream(self, fd: int, items: list[tuple[int, str, torch.Tensor]]) -> None:
-        """Write GPU tensors (``(offset, name, tensor)``, on one device) through pinned buffers (:func:`host_pieces`):
-        each 16 MiB piece is checksummed beside its write and released (the generator resumed) only when both are
-        done, while the next piece is copied; hold ``_lock``."""
-        tensors = [t.detach().contiguous() for *_, t in items]
-        pieces = host_pieces(tensors)
+        """Write GPU tensors (``(offset, name, tensor)`` sorted by offset, on one device) through pinned buffers: the
+        tensors that lie end to end in the file as one run of bytes in 16 MiB pieces (:func:`host_pieces`), each piece
+        checksummed beside its write and released (the generator resumed) only when both are done, while the next
+        one is copied; hold ``_lock``."""
+        tensors = [(at, name, t.detach().contiguous()) for at, name, t in items]
+        for start, run in _runs(tensors):
+            pieces = host_pieces(run)
 
-        def write(at: int, done: int, n: int) -> None:
-            end = done + n
-            while done < end:
-                data = _host_bytes(next(pieces))
-                crcs = self._checksum(at + done, len(data), lambda a, m, data=data: zlib.crc32(data[a:a + m]))
-                _pwrite_all(fd, [data], at + done)
-                self._add_crcs(crcs, backlog=0)
-                done += len(data)
+            def write(done: int, n: int, start=start, pieces=pieces) -> None:
+                end = done + n
+                while done < end:  # pieces never straddle a step: 64 MiB steps of 16 MiB pieces from the run's start
+                    data = _host_bytes(next(pieces))
+                    at = start + done
+                    crcs = self._checksum(at, len(data), lambda a, m, data=data: zlib.crc32(data[a:a + m]))
+                    _pwrite_all(fd, [data], at)
+                    self._add_crcs(crcs, backlog=0)
+                    done += len(data)
 
-        for (at, name, _), t in zip(items, tensors):
-            self._in_steps(fd, at, t.numel() * t.element_size(), lambda done, n, at=at: write(at, done, n))
+            self._in_steps(fd, start, sum(t.numel() * t.element_size() for t in run), write)
+        for _, name, _ in items:
             self._wrote(name)
 
     def _copy(self, name: str, span: FileSpan) -> None:

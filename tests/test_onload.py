@@ -191,33 +191,38 @@ def test_a_unit_resident_on_the_gpu_is_packed_there_and_handed_to_the_writer_fro
 
 def test_a_packed_unit_holds_only_its_outputs_gpu_memory_once_made(tmp_path, monkeypatch):
     """Once a unit moved ahead is packed its sources are gone: its device lease shrinks to the GPU memory its outputs
-    hold (NVFP4: about a quarter of the sources), so that the read-ahead moves the next units meanwhile."""
+    still hold once the small ones are copied to the host (NVFP4: the packed weights, about a quarter of the
+    sources), so that the read-ahead moves the next units meanwhile."""
     pytest.importorskip("modelopt.torch.quantization")
     from test_format_modelopt import quantize, tiny_qwen3
 
+    from offload_export import writer as writer_mod
+
+    for module in (pipeline, writer_mod):  # the tiny packed weights (4 KiB and more) stay on the GPU, the scales not
+        monkeypatch.setattr(module, "STREAMED", 2048)
     model = apply_layout(quantize(tiny_qwen3(), "NVFP4_DEFAULT_CFG"), LayoutSpec("cpu_offload"), tmp_path / "layout")
     real, leases = pipeline._Onloaded.made, []
 
     def spy(self, outputs):
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                    for t in outputs.values() if isinstance(t, torch.Tensor) and t.is_cuda}
         before = self._lease._n
         real(self, outputs)
-        leases.append((before, self._lease._n, sum(storages.values())))
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in outputs.values() if isinstance(t, torch.Tensor) and t.is_cuda}
+        leases.append((before, self._lease._n, sum(storages.values()), len(storages)))
 
     monkeypatch.setattr(pipeline._Onloaded, "made", spy)
     oe.save_clean(model, tmp_path / "out", format="modelopt", device="cuda")
     assert len(leases) >= 14  # every packed linear
-    assert all(after == held < before for before, after, held in leases)
+    assert all(after == held < before for before, after, held, _ in leases)
+    assert sum(n for *_, n in leases) >= 14  # each packed weight left on the GPU for the writer
 
 
 @pytest.mark.parametrize("name", ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
 def test_packed_experts_made_behind_a_stalled_writer_stay_within_the_host_budget(name, tmp_path, monkeypatch):
-    """Fused experts offloaded to the CPU beside a GPU: the read-ahead moves each layer's experts there and the pack
-    brings each stack of packed experts to the host (Format.made_on_host). While the writer stalls on the first
-    unit, the units made meanwhile hold at most the read-ahead budget and one unit more of host memory: each
-    keeps its outputs' host memory leased from its read on (a lease shrunk to the small outputs once its sources
-    were on the GPU let the read-ahead ready every layer, each made into host memory the budget did not count).
+    """Fused experts offloaded to the CPU beside a GPU: the read-ahead moves each layer's experts there, the pack
+    leaves the large packed tensors on the GPU and copies the small ones to the host. While the writer stalls on the
+    first unit, the units made meanwhile hold at most the read-ahead budget and one unit more of host memory (a
+    format that put more on the host than its unit's lease counted would let the read-ahead ready every layer).
     The files are those of an export that did not stall."""
     pytest.importorskip("modelopt.torch.quantization")
     import accelerate
@@ -297,7 +302,41 @@ def test_a_large_gpu_tensor_is_streamed_to_its_file_and_checksummed(megabytes, t
     data = (tmp_path / "out.safetensors").read_bytes()
     assert data == (tmp_path / "ref.safetensors").read_bytes() and w.crc32 == zlib.crc32(data)
     full, rest = divmod(big.numel() * 4, 16 << 20)
-    assert pieces == [16 << 20] * full + [rest] * (rest > 0) + [3 << 20] * 2  # "c" was copied to the host
+    # "c" was copied to the host; "d" and "e", end to end in the file, share a piece
+    assert pieces == [16 << 20] * full + [rest] * (rest > 0) + [6 << 20]
+
+
+def test_gpu_tensors_end_to_end_in_the_file_are_streamed_together_in_full_pieces(tmp_path, monkeypatch):
+    """A MoE layer's per-expert weights left on the GPU (1.5 MiB each, end to end in the file, views of stacks):
+    each 16 MiB piece gathers several, cut across their boundaries, so the copies, the write and the checksum come
+    once per piece; a tensor elsewhere in the file starts its own run. The file is safetensors' own, its CRC-32 the
+    file's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.torch import save_file
+
+    from offload_export import writer as writer_mod
+
+    torch.manual_seed(0)
+    stacks = [torch.randn(20, 768, 1024, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    items = [(f"experts.{s * 20 + e:02d}.weight", stack[e]) for s, stack in enumerate(stacks) for e in range(20)]
+    items += [("lone", torch.randn(1 << 19, device="cuda")), ("norm", torch.randn(64))]  # F32: elsewhere in the file
+    specs = [writer_mod.TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in items]
+    pieces, real = [], writer_mod.host_pieces
+
+    def spy(tensors):
+        for piece in real(tensors):
+            pieces.append(piece.numel())
+            yield piece
+
+    monkeypatch.setattr(writer_mod, "host_pieces", spy)
+    with ThreadPoolExecutor(2) as pool:
+        w = writer_mod.ShardWriter(str(tmp_path / "out.safetensors"), specs, {"format": "pt"}, checksums=pool)
+        w.write_many(items)
+    save_file({k: v.cpu().contiguous() for k, v in items}, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    data = (tmp_path / "out.safetensors").read_bytes()
+    assert data == (tmp_path / "ref.safetensors").read_bytes() and w.crc32 == zlib.crc32(data)
+    assert pieces == [2 << 20] + [16 << 20] * 3 + [12 << 20]  # "lone" first (F32), then 40 x 1.5 MiB
 
 
 def test_a_resident_gpu_embedding_is_written_from_the_gpu_and_held_by_no_lease(tmp_path, monkeypatch):

@@ -57,7 +57,7 @@ def test_round_trips_equal_a_plain_copy_around_chunk_boundaries(monkeypatch, chu
     assert back.device.type == "cpu" and _same(back, host.contiguous())
     assert _same(_transfer.to_host(on_gpu.t()), host.contiguous().t())  # a non-contiguous view
     pieces = [bytes(p.numpy()) for p in _transfer.host_pieces([on_gpu.contiguous(), on_gpu[:0], on_gpu.contiguous()])]
-    assert all(len(p) <= 4096 for p in pieces)
+    assert all(len(p) == 4096 for p in pieces[:-1]) and all(0 < len(p) <= 4096 for p in pieces)
     assert b"".join(pieces) == bytes(host.contiguous().reshape(-1).view(torch.uint8).numpy()) * 2
 
 
@@ -102,7 +102,7 @@ class _Event:
 def test_the_pinned_buffers_bookkeeping_covers_every_byte_once(monkeypatch, sizes, dtype):
     """The chunking of ``filled_on_device`` and ``host_pieces`` on the CPU, the buffers and events stood in for (the
     CUDA copies themselves: the ``gpu`` tests above): every chunk, the last partial one included, lands where it
-    belongs; empty tensors give no piece."""
+    belongs; the pieces of several tensors are laid end to end, each full but the last; empty tensors give none."""
     monkeypatch.setattr(_transfer, "_CHUNK", 64)
     buffers = tuple(torch.full((64,), 0xEE, dtype=torch.uint8) for _ in range(2))
     monkeypatch.setattr(_transfer, "_staging", lambda device: (buffers, (_Event(), _Event()), None))
@@ -120,7 +120,7 @@ def test_the_pinned_buffers_bookkeeping_covers_every_byte_once(monkeypatch, size
         assert _same(_transfer.filled_on_device(fill, tuple(t.shape), t.dtype, torch.device("cpu")), t)
         assert starts == list(range(0, raw.numel(), 64))
     pieces = [bytes(p.numpy()) for p in _transfer.host_pieces(tensors)]
-    assert all(0 < len(p) <= 64 for p in pieces)
+    assert all(len(p) == 64 for p in pieces[:-1]) and all(0 < len(p) <= 64 for p in pieces)
     assert b"".join(pieces) == b"".join(bytes(t.view(torch.uint8).numpy()) for t in tensors)
 
 

@@ -98,12 +98,6 @@ class Format(ABC):
         """
         return {}
 
-    def made_on_host(self, unit: Unit) -> bool:
-        """True when ``finish`` brings the unit's outputs to the host itself, also from sources on a GPU (a stack of
-        packed experts, copied once rather than written as hundreds of small GPU tensors): the read-ahead then keeps
-        their host memory leased. Default: False (outputs made on a GPU stay there for the writer)."""
-        return False
-
     def casts(self, key: str) -> bool:
         """Whether the export's ``dtype`` changes source ``key``'s dtype (a floating-point tensor of another dtype)."""
         dtype, info = self.source.dtype, self.source.lay[key]

@@ -830,17 +830,16 @@ class ModelOptPacker:
 
     def _pack_stack(self, x: _Experts, quantizers, weight: torch.Tensor, scales: torch.Tensor, e0: int, e1: int,
                     alone: tuple[int, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Experts ``e0:e1``'s packed weights (a stack, on the host) from their slice ``weight`` and per-tensor
-        ``scales`` (on the export device), and the other per-expert tensors made on the way (NVFP4's block
-        ``weight_scale``). FP8 divides each expert's slice by its own 0-d scale, as ModelOpt does: dividing the
-        stack by a column of scales would round once from float32, where ModelOpt rounds to the weight's dtype
-        first."""
+        """Experts ``e0:e1``'s packed weights (a stack, where ``weight`` is: the writer streams a GPU stack's
+        per-expert views to the file) from their slice ``weight`` and per-tensor ``scales`` (on the export device),
+        and the other per-expert tensors made on the way (NVFP4's block ``weight_scale``). FP8 divides each expert's
+        slice by its own 0-d scale, as ModelOpt does: dividing the stack by a column of scales would round once from
+        float32, where ModelOpt rounds to the weight's dtype first."""
         if x.fmt == "fp8":
-            return to_host(torch.stack([
+            return torch.stack([
                 torch.zeros(w.shape, dtype=torch.float8_e4m3fn, device=w.device) if e in alone else
-                _pack_weight("fp8", w, s, self.dtype)[0] for e, w, s in zip(range(e0, e1), weight, scales)])), {}
-        packed, made = _pack_weight("nvfp4", weight, scales.view(-1, 1, 1), self.dtype, quantizers[0].block_sizes[-1])
-        return to_host(packed), {k: to_host(t) for k, t in made.items()}
+                _pack_weight("fp8", w, s, self.dtype)[0] for e, w, s in zip(range(e0, e1), weight, scales)]), {}
+        return _pack_weight("nvfp4", weight, scales.view(-1, 1, 1), self.dtype, quantizers[0].block_sizes[-1])
 
     def _pack_expert(self, x: _Experts, e: int, tensors: dict[str, torch.Tensor], device: torch.device,
                      inputs: dict[str, nn.Module], part: str | None = None) -> dict[str, torch.Tensor]:
@@ -1286,9 +1285,6 @@ class ModelOpt(Format):
 
     def unchanged(self, unit, key: str) -> bool:
         return not (unit.converted or self._packs(unit.module) or self.casts(key))
-
-    def made_on_host(self, unit) -> bool:
-        return unit.module in self.packer.experts  # each stack of packed experts, by _pack_stack
 
     def finish(self, reader, unit, values: StateDict) -> StateDict:
         module, dtype = unit.module, self.source.dtype

@@ -271,21 +271,15 @@ def test_packed_experts_made_behind_a_stalled_writer_stay_within_the_host_budget
     assert _files(tmp_path / "out") == _files(tmp_path / "expected")
 
 
-@pytest.mark.parametrize("megabytes", [16, 40])
-def test_a_large_gpu_tensor_is_streamed_to_its_file_and_checksummed(megabytes, tmp_path, monkeypatch):
-    """Pieces of 16 MiB through pinned buffers, a partial last one, then the next GPU tensors (one of them not
-    contiguous), beside CPU and small GPU tensors of the same batch: the file is safetensors' own and its CRC-32 the
-    file's, with the checksums beside the writes in other threads."""
+def _streamed_pieces(tmp_path: Path, monkeypatch, items: list[tuple[str, torch.Tensor]]) -> list[int]:
+    """Write ``items`` into one shard with the checksums beside the writes in other threads; check the file is
+    safetensors' own and its CRC-32 the file's; return the bytes of each pinned piece the GPU tensors went through."""
     from concurrent.futures import ThreadPoolExecutor
 
     from safetensors.torch import save_file
 
     from offload_export import writer as writer_mod
 
-    torch.manual_seed(0)
-    big = torch.randn(megabytes << 18, device="cuda").view(-1, 1024)[:-3]  # not a whole number of pieces
-    items = [("a", torch.randn(7, 5)), ("big", big), ("c", torch.randn(300, 3, device="cuda")),
-             ("d", torch.randn(3 << 18, device="cuda")), ("e", torch.randn(3, 1 << 18, device="cuda").T)]
     specs = [writer_mod.TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in items]
     pieces, real = [], writer_mod.host_pieces
 
@@ -301,6 +295,19 @@ def test_a_large_gpu_tensor_is_streamed_to_its_file_and_checksummed(megabytes, t
     save_file({k: v.cpu().contiguous() for k, v in items}, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
     data = (tmp_path / "out.safetensors").read_bytes()
     assert data == (tmp_path / "ref.safetensors").read_bytes() and w.crc32 == zlib.crc32(data)
+    return pieces
+
+
+@pytest.mark.parametrize("megabytes", [16, 40])
+def test_a_large_gpu_tensor_is_streamed_to_its_file_and_checksummed(megabytes, tmp_path, monkeypatch):
+    """Pieces of 16 MiB through pinned buffers, a partial last one, then the next GPU tensors (one of them not
+    contiguous), beside CPU and small GPU tensors of the same batch: the file is safetensors' own and its CRC-32 the
+    file's, with the checksums beside the writes in other threads."""
+    torch.manual_seed(0)
+    big = torch.randn(megabytes << 18, device="cuda").view(-1, 1024)[:-3]  # not a whole number of pieces
+    items = [("a", torch.randn(7, 5)), ("big", big), ("c", torch.randn(300, 3, device="cuda")),
+             ("d", torch.randn(3 << 18, device="cuda")), ("e", torch.randn(3, 1 << 18, device="cuda").T)]
+    pieces = _streamed_pieces(tmp_path, monkeypatch, items)
     full, rest = divmod(big.numel() * 4, 16 << 20)
     # "c" was copied to the host; "d" and "e", end to end in the file, share a piece
     assert pieces == [16 << 20] * full + [rest] * (rest > 0) + [6 << 20]
@@ -311,31 +318,11 @@ def test_gpu_tensors_end_to_end_in_the_file_are_streamed_together_in_full_pieces
     each 16 MiB piece gathers several, cut across their boundaries, so the copies, the write and the checksum come
     once per piece; a tensor elsewhere in the file starts its own run. The file is safetensors' own, its CRC-32 the
     file's."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from safetensors.torch import save_file
-
-    from offload_export import writer as writer_mod
-
     torch.manual_seed(0)
     stacks = [torch.randn(20, 768, 1024, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     items = [(f"experts.{s * 20 + e:02d}.weight", stack[e]) for s, stack in enumerate(stacks) for e in range(20)]
     items += [("lone", torch.randn(1 << 19, device="cuda")), ("norm", torch.randn(64))]  # F32: elsewhere in the file
-    specs = [writer_mod.TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in items]
-    pieces, real = [], writer_mod.host_pieces
-
-    def spy(tensors):
-        for piece in real(tensors):
-            pieces.append(piece.numel())
-            yield piece
-
-    monkeypatch.setattr(writer_mod, "host_pieces", spy)
-    with ThreadPoolExecutor(2) as pool:
-        w = writer_mod.ShardWriter(str(tmp_path / "out.safetensors"), specs, {"format": "pt"}, checksums=pool)
-        w.write_many(items)
-    save_file({k: v.cpu().contiguous() for k, v in items}, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
-    data = (tmp_path / "out.safetensors").read_bytes()
-    assert data == (tmp_path / "ref.safetensors").read_bytes() and w.crc32 == zlib.crc32(data)
+    pieces = _streamed_pieces(tmp_path, monkeypatch, items)
     assert pieces == [2 << 20] + [16 << 20] * 3 + [12 << 20]  # "lone" first (F32), then 40 x 1.5 MiB
 
 

@@ -1,6 +1,8 @@
 """A package copy for ``gpu_versions.py`` whose writer streams GPU tensors in pieces of 64 MiB instead of 16 MiB.
 
-    git archive HEAD offload_export | tar -x -C benchmarks/v_hp && python benchmarks/variant_host_piece.py benchmarks/v_hp
+    git archive 20ea6ba offload_export | tar -x -C benchmarks/v_hp && python benchmarks/variant_host_piece.py benchmarks/v_hp
+
+(run 37's code: run 38's writer gathers several tensors into each piece, which this variant does not patch).
 
 Each piece of :func:`offload_export._transfer.host_pieces` costs the I/O thread several hand-overs of the GIL (the
 copy, the wait for it, the piece's writes and checksums), each a wait for a thread running Python of up to the switch

@@ -21,7 +21,6 @@ import torch
 
 from ._buffers import anon_empty, reusing
 from ._errors import add_note
-from ._hooks import offloaded_tensors
 from ._process import quick_switching
 from ._store import FileSpan, read_store, store_span
 from ._transfer import filled_on_device, indexed, small_to_host, to_device, to_host
@@ -51,7 +50,7 @@ class UnitReader:
     def __init__(self, source: Source, format: Format, *, device: torch.device | None = None):
         self.source, self.format, self.device = source, format, device
         self.lay, self.folds = source.lay, source.folds
-        self._refs = offloaded_tensors(source.model)  # the whole model's: hooks above an owner count too
+        self._refs = source.refs  # the whole model's: hooks above an owner count too
 
     def read(self, unit: Unit, unread: Mapping[str, FileSpan] | None = None) -> dict[str, torch.Tensor | FileSpan]:
         """The unit's raw source tensors: resident tensors as they are, offloaded ones read from their store.

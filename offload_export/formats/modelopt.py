@@ -34,7 +34,6 @@ from torch import nn
 from pathlib import Path
 
 from .._errors import add_note
-from .._hooks import offloaded_tensors
 from .._buffers import anon_empty, cast
 from .._store import read_store
 from .._transfer import small_to_host, to_device, to_host
@@ -1229,8 +1228,7 @@ class ModelOpt(Format):
                              f"({other.name}), not by NVIDIA ModelOpt; ModelOpt's checkpoint cannot express it and "
                              f"would hold the unquantized weight. Quantize it with ModelOpt, remove or disable that "
                              f"quantizer, or use format='fake-quant'")
-        self._refs = offloaded_tensors(source.model)
-        self.packer = ModelOptPacker(source.model, quantizers=source.quantizers, read=self._read, refs=self._refs,
+        self.packer = ModelOptPacker(source.model, quantizers=source.quantizers, read=self._read, refs=source.refs,
                                      dtype=source.dtype)
         tied = {i.tied_to for i in source.lay.values() if i.kind == "tied"}
         for name in self.packer.modules:

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from . import _atomic
-from ._hooks import offloaded_tensors
 from ._store import check_store
 from .conversion import save_conversion
 from .formats import Format, Source, get_format
@@ -177,8 +176,7 @@ def prepare_job(model: nn.Module, out_dir, *, fold: bool = True, format: str = "
     quantizer_keys = {k for q in quantizers for k in q.state_keys}
     _check_shared_storage(model, lay, quantizer_keys)
     folds = _weight_folds(quantizers, lay) if fold else {}
-    source = Source(model, lay, quantizers, folds, save_conversion(model, lay, quantizer_keys), dtype,
-                    offloaded_tensors(model))
+    source = Source(model, lay, quantizers, folds, save_conversion(model, lay, quantizer_keys), dtype)
     fmt = format_cls(source)
     plan = plan_export(lay, quantizer_keys=quantizer_keys, ignore=sorted(getattr(model, "_keys_to_ignore_on_save", None) or ()),
                        dtype=dtype, max_shard_size=shard_bytes, outputs=fmt.outputs)

@@ -52,12 +52,15 @@ class Layout(Mapping):
     """An ordered mapping ``state-dict key -> TensorInfo`` with a readable table as its repr."""
 
     def __init__(self, entries: dict[str, TensorInfo], stores: set[str] | frozenset[str] = frozenset(),
-                 opaque: dict[str, str] | None = None):
+                 opaque: dict[str, str] | None = None, refs: dict[tuple[int, str], StoreRef] | None = None):
         self._entries = entries
         self._stores = frozenset(stores)
         #: state-dict entries that are not tensors (a module's ``get_extra_state`` object): key -> type name.
         #: They are not among the entries; safetensors cannot hold them.
         self.opaque = dict(opaque or {})
+        #: every offloaded tensor slot ``(id(owner), attr)`` -> its hook and store (``offloaded_tensors``), the
+        #: entries' and those outside the state dict (non-persistent buffers) alike: what onloading a module needs.
+        self.refs = refs or {}
 
     def __getitem__(self, key: str) -> TensorInfo:
         return self._entries[key]
@@ -219,4 +222,4 @@ def layout(model: nn.Module) -> Layout:
                 infos[key] = TensorInfo(key, infos[key].module, infos[key].attr, "tied", infos[key].device,
                                         infos[key].shape, infos[key].dtype, infos[key].nbytes,
                                         tied_to=primary, ref=infos[key].ref, tensor=infos[key].tensor)
-    return Layout(infos, store_paths(model), opaque)
+    return Layout(infos, store_paths(model), opaque, refs)

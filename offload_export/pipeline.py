@@ -50,7 +50,7 @@ class UnitReader:
     def __init__(self, source: Source, format: Format, *, device: torch.device | None = None):
         self.source, self.format, self.device = source, format, device
         self.lay, self.folds = source.lay, source.folds
-        self._refs = source.refs  # the whole model's: hooks above an owner count too
+        self._refs = source.lay.refs  # the whole model's: hooks above an owner count too
 
     def read(self, unit: Unit, unread: Mapping[str, FileSpan] | None = None) -> dict[str, torch.Tensor | FileSpan]:
         """The unit's raw source tensors: resident tensors as they are, offloaded ones read from their store.

@@ -18,7 +18,6 @@ from typing import ClassVar, Protocol
 import torch
 from torch import nn
 
-from .._hooks import StoreRef
 from ..layout import Layout
 from ..plan import Unit
 from ..quantizers import Quantizer
@@ -39,7 +38,6 @@ class Source:
         folds: ``weight key -> enabled weight quantizer`` whose quantization the export applies.
         convert: transformers' save-time weight conversion (fused experts -> per expert), or None.
         dtype: cast floating-point weights to this dtype, or None.
-        refs: the whole model's offload map (:func:`offload_export._hooks.offloaded_tensors`), found once per export.
     """
 
     model: nn.Module
@@ -48,7 +46,6 @@ class Source:
     folds: dict[str, Quantizer]
     convert: Callable[[StateDict], StateDict] | None
     dtype: torch.dtype | None
-    refs: dict[tuple[int, str], StoreRef]
 
 
 class Reader(Protocol):

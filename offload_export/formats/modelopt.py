@@ -1228,7 +1228,7 @@ class ModelOpt(Format):
                              f"({other.name}), not by NVIDIA ModelOpt; ModelOpt's checkpoint cannot express it and "
                              f"would hold the unquantized weight. Quantize it with ModelOpt, remove or disable that "
                              f"quantizer, or use format='fake-quant'")
-        self.packer = ModelOptPacker(source.model, quantizers=source.quantizers, read=self._read, refs=source.refs,
+        self.packer = ModelOptPacker(source.model, quantizers=source.quantizers, read=self._read, refs=source.lay.refs,
                                      dtype=source.dtype)
         tied = {i.tied_to for i in source.lay.values() if i.kind == "tied"}
         for name in self.packer.modules:

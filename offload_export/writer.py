@@ -555,21 +555,26 @@ class ShardWriter:
         one is copied; hold ``_lock``."""
         tensors = [(at, name, t.detach().contiguous()) for at, name, t in items]
         for start, run in _runs(tensors):
-            pieces = host_pieces(run)
-
-            def write(done: int, n: int, start=start, pieces=pieces) -> None:
-                end = done + n
-                while done < end:  # pieces never straddle a step: 64 MiB steps of 16 MiB pieces from the run's start
-                    data = _host_bytes(next(pieces))
-                    at = start + done
-                    crcs = self._checksum(at, len(data), lambda a, m, data=data: zlib.crc32(data[a:a + m]))
-                    _pwrite_all(fd, [data], at)
-                    self._add_crcs(crcs, backlog=0)
-                    done += len(data)
-
-            self._in_steps(fd, start, sum(t.numel() * t.element_size() for t in run), write)
+            self._stream_run(fd, start, run)
         for _, name, _ in items:
             self._wrote(name)
+
+    def _stream_run(self, fd: int, start: int, run: list[torch.Tensor]) -> None:
+        """Write ``run`` (GPU tensors laid end to end from ``start``) piece by piece (:func:`host_pieces`) in the
+        writeback steps of :meth:`_in_steps`; hold ``_lock``. A piece that ends past a step is written whole (the
+        step's range is only a hint for the writeback), and the next step writes from where it ended."""
+        pieces, at = host_pieces(run), start
+
+        def write(done: int, n: int) -> None:
+            nonlocal at
+            while at < start + done + n:
+                data = _host_bytes(next(pieces))
+                crcs = self._checksum(at, len(data), lambda a, m, data=data: zlib.crc32(data[a:a + m]))
+                _pwrite_all(fd, [data], at)
+                self._add_crcs(crcs, backlog=0)
+                at += len(data)
+
+        self._in_steps(fd, start, sum(t.numel() * t.element_size() for t in run), write)
 
     def _copy(self, name: str, span: FileSpan) -> None:
         """Write ``name`` from the bytes of ``span`` (a range of another file, checked by :meth:`stage`), copied inside

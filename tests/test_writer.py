@@ -439,6 +439,30 @@ def test_the_writeback_of_small_tensors_starts_every_64_mib_of_them(tmp_path, mo
     assert (tmp_path / "m.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
 
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(0, 30000), min_size=1, max_size=6), piece=st.integers(1, 20000))
+def test_streamed_tensors_land_at_their_offsets_whatever_the_piece_and_step_sizes(sizes, piece, tmp_path_factory):
+    """The writer's streaming loop on the CPU, the GPU side stood in for (``streams`` true for every tensor,
+    ``host_pieces`` cutting each run into pieces of any size): a piece that ends past a writeback step (8 KiB here) is
+    written whole and the next step goes on from its end, so every byte lands at its offset and is checksummed once."""
+    tmp_path = tmp_path_factory.mktemp("stream")
+    tensors = {f"t{i}": torch.randint(0, 256, (n,), dtype=torch.uint8) for i, n in enumerate(sizes)}
+
+    def pieces(run):
+        data = torch.cat([t.reshape(-1).view(torch.uint8) for t in run])
+        yield from data.split(piece)
+
+    with mock.patch.object(writer_mod, "streams", lambda t: isinstance(t, torch.Tensor)), \
+            mock.patch.object(writer_mod, "host_pieces", pieces), mock.patch.object(writer_mod, "_WRITEBACK_STEP", 8192), \
+            ThreadPoolExecutor(2) as pool:
+        w = ShardWriter(str(tmp_path / "m.safetensors"), [TensorSpec(n, v.dtype, tuple(v.shape)) for n, v in tensors.items()],
+                        checksums=pool)
+        w.write_many(list(tensors.items()))
+    save_file(tensors, str(tmp_path / "ref.safetensors"))
+    data = (tmp_path / "m.safetensors").read_bytes()
+    assert data == (tmp_path / "ref.safetensors").read_bytes() and w.crc32 == zlib.crc32(data)
+
+
 def test_with_checksum_threads_the_writeback_starts_in_one_before_its_descriptor_closes(tmp_path, monkeypatch):
     """The kernel's work of starting the writeback runs beside the next writes, in a checksum thread; the descriptor
     is closed only after it (its number could name another file by then)."""

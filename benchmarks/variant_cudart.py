@@ -14,6 +14,8 @@ over. Measured in README run 39 (H100): no change beyond the rounds' spread; not
 import argparse
 from pathlib import Path
 
+from variant_read_ahead import replace_from
+
 NEW = '''def _cudart_copy():
     """``cudaMemcpyAsync`` of the CUDA runtime torch loaded, called with the GIL held (it only queues the copy)."""
     import ctypes
@@ -79,10 +81,7 @@ def _gathered(tensors: Sequence[torch.Tensor]) -> list[list[tuple[int, int]]]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("dir", type=Path)
-    transfer = parser.parse_args().dir / "offload_export" / "_transfer.py"
-    text = transfer.read_text()
-    start, end = text.index("def host_pieces("), text.index("def _drain(")
-    transfer.write_text(text[:start] + NEW + text[end:])
+    replace_from(parser.parse_args().dir / "offload_export" / "_transfer.py", "def host_pieces(", "def _drain(", NEW)
 
 
 if __name__ == "__main__":

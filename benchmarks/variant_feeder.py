@@ -14,6 +14,8 @@ the longer call); not landed.
 import argparse
 from pathlib import Path
 
+from variant_read_ahead import replace_from
+
 NEW = '''def host_pieces(tensors: Sequence[torch.Tensor], depth: int = 4) -> Iterator[torch.Tensor]:
     """(variant: a feeder thread fills ``depth`` pinned buffers ahead; see benchmarks/variant_feeder.py)"""
     import queue
@@ -70,10 +72,7 @@ NEW = '''def host_pieces(tensors: Sequence[torch.Tensor], depth: int = 4) -> Ite
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("dir", type=Path)
-    transfer = parser.parse_args().dir / "offload_export" / "_transfer.py"
-    text = transfer.read_text()
-    start, end = text.index("def host_pieces("), text.index("def _gathered(")
-    transfer.write_text(text[:start] + NEW + text[end:])
+    replace_from(parser.parse_args().dir / "offload_export" / "_transfer.py", "def host_pieces(", "def _gathered(", NEW)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,16 @@ def patch(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new))
 
 
+def replace_from(path: Path, first: str, stop: str, new: str) -> None:
+    """Replace the text of ``path`` from ``first`` up to (not including) ``stop`` by ``new``; stop when either is not
+    there (the package copy's code changed)."""
+    text = path.read_text()
+    if first not in text or stop not in text:
+        raise SystemExit(f"{path}: the code this variant replaces has changed")
+    start, end = text.index(first), text.index(stop)
+    path.write_text(text[:start] + new + text[end:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("dir", type=Path)

@@ -20,7 +20,8 @@ read every 25 ms; the rest they slept: the GIL, a lock, the disk, the GPU). Ever
 (:func:`gpu_big.timed`). ``--disk`` adds the
 disk's timeline (``disk``: per 100 ms, MB written to the disk and the fraction of the time it had a request in flight).
 ``--floor-each`` measures the floor again before each round (a ``floor`` row) and adds each export's ratio to it
-(``x_round_floor``): the disk's own rate drifts over minutes on the lent machines.
+(``x_round_floor``): the disk's own rate drifts over minutes on the lent machines. At the end, the versions paired
+round by round (``versions_table.py``).
 
 Usage (GPU machine, modelopt installed):
     python benchmarks/gpu_versions.py [--shape 4b --table NVFP4_DEFAULT_CFG] [--rounds 2] [--sample] DIR [DIR ...]
@@ -41,6 +42,7 @@ import time
 from pathlib import Path
 
 from gpu_big import ct_model, disk_held_model, floor_rates, floor_s, table_model, timed
+from versions_table import table
 
 
 def load(folder: str):
@@ -260,6 +262,8 @@ def main() -> None:
             out["rows"].append(row)
             print(json.dumps(row), flush=True)
             (Path(os.environ.get("OUT", ".")) / "versions_h200.json").write_text(json.dumps(out, indent=1))
+    if args.rounds > 1:
+        print(table(out), flush=True)
 
 
 if __name__ == "__main__":

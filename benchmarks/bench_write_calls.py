@@ -8,8 +8,9 @@ The writer sends tensors out of process memory with ``pwrite``; this measures th
 one pre-touched buffer in calls of 256 KiB .. 64 MiB, each + fsync, against ``copy_file_range`` of a file
 holding them (the floor), interleaved, fresh files each time. With ``--threads``, also the writer's way (512 KiB
 calls, the writeback of each 64 MiB step started with ``POSIX_FADV_DONTNEED``) from 1 and from each given number
-of threads, the steps dealt out round-robin: whether one thread's buffered writes, not the disk, set the rate; and
-the writer's way with the writeback started by ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` instead (Linux). With
+of threads, the steps dealt out round-robin: whether one thread's buffered writes, not the disk, set the rate; the
+writer's way with each step's writeback started in a second thread while the next step is written (as the writer
+does); and the writer's way with the writeback started by ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` instead (Linux). With
 ``--direct``, also ``O_DIRECT`` writes of 16 MiB from page-aligned memory (no copy into the page cache) from each
 given number of threads, each + fsync, into a file that grows and into one allocated first: what writing around
 the page cache would give the writer.
@@ -28,6 +29,7 @@ import statistics
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CALLS = (256 << 10, 512 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
@@ -80,6 +82,28 @@ def write_threads(buf: memoryview, dest: Path, nbytes: int, threads: int) -> Non
             os.posix_fadvise(fd, at, n, os.POSIX_FADV_DONTNEED)
 
     _in_threads(fd, dest, work, threads)
+
+
+def write_advised_beside(buf: memoryview, dest: Path, nbytes: int) -> None:
+    """The writer's way from one thread, each 64 MiB step's writeback started in a second thread while the first
+    writes the next step (as ``ShardWriter._advise`` does with checksum threads): the disk's writeback then runs
+    beside the copies into the page cache instead of between them."""
+    step, call = 64 << 20, 512 << 10
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    advising = None
+    try:
+        with ThreadPoolExecutor(1) as beside:
+            for at in range(0, nbytes, step):
+                n = min(step, nbytes - at)
+                for d in range(0, n, call):
+                    os.pwrite(fd, buf[d:min(d + call, n)], at + d)
+                if advising is not None:
+                    advising.result()
+                advising = beside.submit(os.posix_fadvise, fd, at, n, os.POSIX_FADV_DONTNEED)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dest.unlink()
 
 
 def _sync_file_range():
@@ -166,6 +190,9 @@ def main() -> None:
         for k in ([1] + [int(t) for t in args.threads.split(",")] if args.threads else []):
             runs.setdefault(f"writer's way x{k}", []).append(
                 timed(lambda k=k: write_threads(view, work / "dest", nbytes, k)))
+        if args.threads:
+            runs.setdefault("writer's way, advice beside", []).append(
+                timed(lambda: write_advised_beside(view, work / "dest", nbytes)))
         if args.threads and start is not None:
             runs.setdefault("writer's way, sync_file_range", []).append(
                 timed(lambda: write_started_by_range(view, work / "dest", nbytes, start)))

@@ -22,35 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpu_big import table_model, timed
+from gpu_big import table_model, timed, write_rate
 
 import offload_export as oe
 
 _STEP = 64 << 20
-
-
-def _write(path: Path, chunks: list, *, sync: bool = True) -> float:
-    """GB/s writing ``chunks`` end to end into a new ``path`` (64 MiB ``pwrite``, writeback started after each, fsync);
-    without ``sync`` only the ``pwrite`` calls (the copy into the page cache)."""
-    os.sync()
-    t = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    at = 0
-    try:
-        for chunk in chunks:
-            os.pwrite(fd, chunk, at)
-            if sync:
-                os.posix_fadvise(fd, at, len(chunk), os.POSIX_FADV_DONTNEED)
-            at += len(chunk)
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    seconds = time.perf_counter() - t
-    if not sync:
-        os.sync()
-    path.unlink()
-    return at / 1e9 / seconds
 
 
 def _copy_files(files: list[Path], work: Path) -> float:
@@ -102,9 +78,9 @@ def main() -> None:
               "export_GB": round(nbytes / 1e9, 3), "rounds": []}
     print("export GB", result["export_GB"], "setup floor", rates, flush=True)
     for rnd in range(args.rounds):
-        row = {"repeated": _write(work / "f", synthetic), "random": _write(work / "f", fresh),
-               "export": _write(work / "f", export_chunks), "copy_file_range": _copy_files(files, work),
-               "page_cache": _write(work / "f", export_chunks, sync=False)}
+        row = {"repeated": write_rate(work / "f", synthetic), "random": write_rate(work / "f", fresh),
+               "export": write_rate(work / "f", export_chunks), "copy_file_range": _copy_files(files, work),
+               "page_cache": write_rate(work / "f", export_chunks, sync=False)}
         row = {k: round(v, 3) for k, v in row.items()}
         shutil.rmtree(work / "o2", ignore_errors=True)
         row["ours"] = timed(lambda: oe.save_clean(model, work / "o2", format="modelopt"), work / "o2")

@@ -12,7 +12,10 @@ package (interleaved, odd rounds reversed; round 0 pays for first-call work and 
 byte written (the writer's first write call: ``gpu_big.FirstWrite``), to the first quantized module's outputs
 made (``first_linear``), the total, and the stages that run once per
 export when the package has them: ``prepare_job`` (layout, quantizers, the format and its packer, the plan),
-``plan_facts`` (the resume facts), and the shared-input groups' trace and fusion (after the first byte: on a background
+``plan_facts`` (the resume facts), parts of ``prepare_job`` (``layout``, ``find_quantizers``, ``format_state``: the
+ModelOpt packer's state read up front, of which ``snapshot``: the quantized modules' copies; ``plan_export``: the
+plan, with every unit's output names and shapes), ``hub_names`` (ModelOpt's hub-name rules on each unit's
+outputs, at plan time and again as each unit is packed), and the shared-input groups' trace and fusion (after the first byte: on a background
 thread beside the first units, whose time the first quantized pack's wait for it adds to ``groups_fused``; in older
 packages, by that pack). Each DIR holds an ``offload_export`` package (``git archive REV
 offload_export | tar -x -C DIR``); the installed one by default. Prints a table of medians (min-max) and writes JSON.
@@ -41,7 +44,13 @@ from gpu_big import FirstWrite  # noqa: E402
 
 STAGES = {"prepare_job": ("export", "prepare_job"), "plan_facts": ("export", "plan_facts"),
           "groups_traced": ("formats._modelopt_replay", "shared_input_groups"),
-          "groups_fused": ("formats.modelopt", "ModelOptPacker._fuse_groups")}
+          "groups_fused": ("formats.modelopt", "ModelOptPacker._fuse_groups"),
+          # parts of prepare_job
+          "layout": ("job", "layout"), "find_quantizers": ("job", "find_quantizers"),
+          "format_state": ("formats.modelopt", "ModelOptPacker.__init__"),
+          "snapshot": ("formats.modelopt", "ModelOptPacker._snapshot"), "plan_export": ("job", "plan_export"),
+          # ModelOpt's hub-name rules on each unit's outputs, at plan time and again at pack time
+          "hub_names": ("formats.modelopt", "ModelOptPacker._hub_names")}
 
 
 def load(folder: str | None):

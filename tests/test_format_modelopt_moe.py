@@ -87,19 +87,31 @@ MIXED = LayoutSpec("dispatch", placement=(("model.embed_tokens", "cpu"), ("model
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_fused_experts_of_a_mixed_layout_equal_modelopts_resident_export(name, kind, ref_root, tmp_path):
-    """Per-expert names (Mixtral's hub names w1/w2/w3 under block_sparse_moe, as ModelOpt reverts them), packed
-    tensors, hf_quant_config (its exclude_modules renamed too) and config.json equal; verify agrees; the model is
-    untouched."""
+def test_fused_experts_of_a_mixed_layout_equal_modelopts_resident_export(name, kind, ref_root, tmp_path, monkeypatch):
+    """Per-expert names (Mixtral's hub names w1/w2/w3 under block_sparse_moe, as ModelOpt reverts them; Qwen3-MoE's
+    rules rename each to itself), packed tensors, hf_quant_config (its exclude_modules renamed too) and config.json
+    equal, ModelOpt's rename rules run on each name once (the plan's names reused by the pack); verify agrees; the
+    model is untouched."""
+    from modelopt.torch.export import quant_aware_conversion
+
+    renamed, apply = [], quant_aware_conversion.apply_reverse_rules
+
+    def spy(state_dict, splits, renames):
+        renamed.extend(state_dict)
+        return apply(state_dict, splits, renames)
+
     model, expected = reference(name, ref_root, kind)
     runs_on_cpu = "NVFP4" not in name  # NVFP4's fake-quant forward needs CUDA
     logits = forward_logits(model) if runs_on_cpu else None
     model = apply_layout(model, MIXED, tmp_path / "layout")
     before = model_state(model)
+    monkeypatch.setattr(quant_aware_conversion, "apply_reverse_rules", spy)
     report = oe.save_clean(model, tmp_path / "out", format="modelopt", max_shard_size="200KB")
+    monkeypatch.undo()
     assert report.shards > 1
     assert_same_checkpoint(tmp_path / "out", expected)
     written = read_dir(tmp_path / "out")
+    assert len(renamed) == len(set(renamed)) == len(written)
     expert = "model.layers.1.block_sparse_moe.experts.3.w2" if kind == "mixtral" else "model.layers.1.mlp.experts.3.down_proj"
     assert f"{expert}.weight" in written and not any("gate_up_proj" in k for k in written)
     assert oe.verify(model, tmp_path / "out", format="modelopt").ok

@@ -192,6 +192,7 @@ class ModelOptPacker:
         self._direct_keys: dict[str, tuple | None] = {}  # module -> its :func:`_direct_quantizers` (once fused)
         self._scalars: dict[tuple[str, torch.device], dict[str, torch.Tensor]] = {}  # made, not yet packed
         self._scalars_lock = threading.Lock()
+        self._planned_names: dict[str, dict[str, str]] = {}  # unit -> its outputs' hub names, until it is packed
         self._specs: dict[tuple, dict[str, torch.Tensor]] = {}  # _specs_key -> packed weight and scales (meta)
         self.kv: dict[str, dict[str, torch.Tensor]] = {}      # k_proj/v_proj name -> {out name: scale}
         self.norms: dict[str, torch.Tensor] = {}              # layernorm name -> pre_quant_scale folded in
@@ -439,7 +440,11 @@ class ModelOptPacker:
             out.update(self._quantizer_outputs(q))
         for name, t in self.kv.get(module, {}).items():
             out[name] = meta_like(t)
-        return self._hub_names(out)
+        named = self._hub_names(out)
+        splits, renames = self._rules
+        if renames and not splits:  # each name renamed on its own, in order (a split needs the tensors)
+            self._planned_names[module] = dict(zip(out, named))
+        return named
 
     def _packed_specs(self, q: _Quantized, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """The packed weight and its scales (meta) as ``_export_quantized_weight`` registers them for ``q``."""
@@ -509,6 +514,9 @@ class ModelOptPacker:
         out = self._pack(module, values, device, owner)
         for name, t in self.kv.get(module, {}).items():
             out[name] = t.to(device) if device is not None else t.clone()
+        planned = self._planned_names.pop(module, None)
+        if planned is not None and planned.keys() == out.keys():  # the plan's names: ModelOpt's rules run once a name
+            return {planned[k]: v for k, v in out.items()}
         return self._hub_names(out)
 
     def _hub_names(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -421,7 +421,8 @@ class ModelOptPacker:
         """Plan time: output name -> meta tensor (exact dtype and shape) of the unit made of ``keys``.
 
         Names are the ones ModelOpt writes: per expert for fused experts, then reverted to the hub
-        checkpoint's names by ModelOpt's rules. ``meta`` of fused experts must have the weights' own dtype.
+        checkpoint's names by ModelOpt's rules (kept for the unit's :meth:`pack` where they only rename).
+        ``meta`` of fused experts must have the weights' own dtype.
         ``device``: where fused experts' templates are packed (:meth:`_expert_template`); the CPU when None.
         """
         q = self.modules.get(module)

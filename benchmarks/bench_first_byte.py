@@ -3,23 +3,22 @@
     python benchmarks/bench_first_byte.py [--layers 36] [--hidden 256] [--vocab 1024] [--rounds 7]
                                           [--config NVFP4_DEFAULT_CFG] [--experts 0] [--out F] [DIR ...]
 
-A Qwen3 (``--experts N``: a Qwen3-MoE of N fused experts a layer) of ``--layers`` layers, quantized by ModelOpt on
-the CPU and kept resident, is exported with ``format="modelopt"``. At the default width (hidden 256) its bytes are few, so the time is the export's Python (the
-model's layer and module counts set it, not its widths); wider, the packing and the writes count too. A large
-``--vocab`` gives the (tied, unquantized) embedding written first while the groups are traced, as in a real model
-(Qwen3-4B: 0.78 GB). Per round and
-package (interleaved, odd rounds reversed; round 0 pays for first-call work and is left out): the time to the first
-byte written (the writer's first write call: ``gpu_big.FirstWrite``), to the first quantized module's outputs
-made (``first_linear``), the total, and the stages that run once per
-export when the package has them: ``prepare_job`` (layout, quantizers, the format and its packer, the plan),
-``plan_facts`` (the resume facts), parts of ``prepare_job`` (``layout``, ``find_quantizers``, ``format_state``: the
-ModelOpt packer's state read up front, of which ``snapshot``: the quantized modules' copies; ``plan_export``: the
-plan, with every unit's output names and shapes), ``hub_names`` (ModelOpt's hub-name rules on each unit's
-outputs: at plan time, and at pack time where the package does not reuse the plan's names), and the shared-input
-groups' trace and fusion (after the first byte: on a background thread beside the first units, whose time the
-first quantized pack's wait for it adds to ``groups_fused``; in older packages, by that pack). Each DIR holds an
-``offload_export`` package (``git archive REV offload_export | tar -x -C DIR``); the installed one by default.
-Prints a table of medians (min-max) and writes JSON.
+A Qwen3 (``--experts N``: a Qwen3-MoE of N fused experts a layer) of ``--layers`` layers, quantized by ModelOpt on the
+CPU and kept resident, is exported with ``format="modelopt"``. At the default width (hidden 256) its bytes are few, so
+the time is the export's Python (the model's layer and module counts set it, not its widths); wider, the packing and
+the writes count too. A large ``--vocab`` gives the (tied, unquantized) embedding written first while the groups are
+traced, as in a real model (Qwen3-4B: 0.78 GB). Per round and package (interleaved, odd rounds reversed; round 0 pays
+for first-call work and is left out): the time to the first byte written (the writer's first write call:
+``gpu_big.FirstWrite``), to the first quantized module's outputs made (``first_linear``), the total, and the seconds
+(summed over their calls) of the stages the package has: ``prepare_job`` (layout, quantizers, the format and its packer,
+the plan), ``plan_facts`` (the resume facts), parts of ``prepare_job`` (``layout``, ``find_quantizers``,
+``format_state``: the ModelOpt packer's state read up front, of which ``snapshot``: the quantized modules' copies;
+``plan_export``: the plan, with every unit's output names and shapes), ``hub_names`` (ModelOpt's hub-name rules on
+each unit's outputs: at plan time, and at pack time where the package does not reuse the plan's names), and the
+shared-input groups' trace and fusion (after the first byte: on a background thread beside the first units, whose time
+the first quantized pack's wait for it adds to ``groups_fused``; in older packages, by that pack). Each DIR holds an
+``offload_export`` package (``git archive REV offload_export | tar -x -C DIR``); the installed one by default. Prints
+a table of medians (min-max) and writes JSON.
 """
 
 from __future__ import annotations

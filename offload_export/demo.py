@@ -26,7 +26,7 @@ __all__ = ["LAYOUTS", "SIZES", "DemoResult", "PeakMemory", "build_checkpoint", "
 LAYOUTS = ("cpu", "disk", "mixed")
 _QWEN3 = dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=512)
 SIZES = {
-    # ~2.6 MB in bfloat16 (1.3 M parameters)
+    # ~2.2 MB in bfloat16 (1.1 M parameters)
     "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, vocab_size=4096, head_dim=32, **_QWEN3),
     # ~260 MB in bfloat16 (130 M parameters)
     "small": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=8, vocab_size=32000, head_dim=128,
@@ -128,7 +128,7 @@ def build_checkpoint(path: str | Path, size: str = "tiny", *, seed: int = 0):
 
     Args:
         path: the directory to create.
-        size: ``"tiny"`` (about 1 MB) or ``"small"`` (about 260 MB).
+        size: ``"tiny"`` (about 2.2 MB) or ``"small"`` (about 260 MB).
         seed: the random seed; the same seed writes the same bytes.
 
     Returns:

@@ -320,8 +320,9 @@ class TinyExport(Scenario):
         return td._tiny_model(offload_dir=offload, quantized_by=self.quantized_by), [offload]
 
     def run(self, dest: Path):
-        # its writes cut into calls of 4 KiB, as a real model's are into 512 KiB ones: they go out in batches
-        with mock.patch.object(writer, "_WRITE_CALL", 4096):
+        # its writes cut into calls of 4 KiB, as a real model's are into 512 KiB ones: they go out in batches; and
+        # their writeback started every 64 KiB, as a real model's every 64 MiB (in a checksum thread)
+        with mock.patch.object(writer, "_WRITE_CALL", 4096), mock.patch.object(writer, "_WRITEBACK_STEP", 64 << 10):
             return super().run(dest)
 
 

@@ -1,13 +1,16 @@
 """The package's imports flow one way: no cycle among its modules (imports inside functions count), no module
-importing another's private (underscore) name unless the providing module is itself private, and the
-single-process export never importing the distributed one (which builds on it)."""
+importing another's private (underscore) name unless the providing module is itself private, the
+single-process export never importing the distributed one (which builds on it), and no module importing one listed
+below it in CONTRIBUTING.md's code map, which lists them all."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "offload_export"
+CONTRIBUTING = PACKAGE.parent / "CONTRIBUTING.md"
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -73,3 +76,25 @@ def test_imports_flow_one_way():
     assert _cycle(edges) is None, f"import cycle: {' -> '.join(_cycle(edges))}"
     assert not private, "private names imported across modules:\n" + "\n".join(private)
     assert "offload_export.distributed" not in edges["offload_export.export"]
+
+
+def _code_map(modules) -> dict[str, int]:
+    """CONTRIBUTING.md's code map: module -> its row (``x.py`` a module, ``x/`` every module of the package)."""
+    text = CONTRIBUTING.read_text().partition("## Code map")[2]
+    rows = [line.split("|")[1] for line in text.splitlines() if line.startswith("| `")]
+    rank = {}
+    for i, cell in enumerate(rows):
+        for entry in re.findall(r"`([\w/.]+)`", cell):
+            name = "offload_export." + entry.removesuffix(".py").removesuffix("/").replace("/", ".")
+            rank.update({m: i for m in modules if m == name or (entry.endswith("/") and m.startswith(name + "."))})
+    return rank
+
+
+def test_code_map_lists_every_module_above_what_imports_it():
+    edges, _ = _edges()
+    rank = _code_map(edges)
+    entry_points = {"offload_export", "offload_export.__main__"}
+    assert sorted(set(edges) - set(rank) - entry_points) == [], "modules missing from CONTRIBUTING.md's code map"
+    upward = [f"{m} imports {t}, listed below it" for m, ts in edges.items() if m in rank
+              for t in ts if t in rank and rank[t] > rank[m]]
+    assert not upward, "\n".join(upward)

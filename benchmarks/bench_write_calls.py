@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CALLS = (256 << 10, 512 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+STEP, CALL = 64 << 20, 512 << 10  # the writer's writeback step and its write calls
 
 
 def timed(fn) -> tuple[float, float]:
@@ -68,17 +69,21 @@ def _in_threads(fd: int, dest: Path, work, threads: int) -> None:
     dest.unlink()
 
 
+def _write_step(fd: int, buf: memoryview, at: int, n: int) -> None:
+    """``n`` bytes of ``buf`` written at ``at`` in the writer's 512 KiB calls."""
+    for d in range(0, n, CALL):
+        os.pwrite(fd, buf[d:min(d + CALL, n)], at + d)
+
+
 def write_threads(buf: memoryview, dest: Path, nbytes: int, threads: int) -> None:
     """``nbytes`` in 64 MiB steps dealt round-robin to ``threads`` threads, each step in 512 KiB calls and its
     writeback started at its end (as the writer does), then one fsync."""
-    step, call = 64 << 20, 512 << 10
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
     def work(first: int) -> None:
-        for at in range(first * step, nbytes, threads * step):
-            n = min(step, nbytes - at)
-            for d in range(0, n, call):
-                os.pwrite(fd, buf[d:min(d + call, n)], at + d)
+        for at in range(first * STEP, nbytes, threads * STEP):
+            n = min(STEP, nbytes - at)
+            _write_step(fd, buf, at, n)
             os.posix_fadvise(fd, at, n, os.POSIX_FADV_DONTNEED)
 
     _in_threads(fd, dest, work, threads)
@@ -88,15 +93,13 @@ def write_advised_beside(buf: memoryview, dest: Path, nbytes: int) -> None:
     """The writer's way from one thread, each 64 MiB step's writeback started in a second thread while the first
     writes the next step (as ``ShardWriter._advise`` does with checksum threads): the disk's writeback then runs
     beside the copies into the page cache instead of between them."""
-    step, call = 64 << 20, 512 << 10
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     advising = None
     try:
         with ThreadPoolExecutor(1) as beside:
-            for at in range(0, nbytes, step):
-                n = min(step, nbytes - at)
-                for d in range(0, n, call):
-                    os.pwrite(fd, buf[d:min(d + call, n)], at + d)
+            for at in range(0, nbytes, STEP):
+                n = min(STEP, nbytes - at)
+                _write_step(fd, buf, at, n)
                 if advising is not None:
                     advising.result()
                 advising = beside.submit(os.posix_fadvise, fd, at, n, os.POSIX_FADV_DONTNEED)
@@ -118,13 +121,11 @@ def _sync_file_range():
 
 def write_started_by_range(buf: memoryview, dest: Path, nbytes: int, start) -> None:
     """The writer's way from one thread, each 64 MiB step's writeback started by ``start(fd, at, n, WRITE)``."""
-    step, call = 64 << 20, 512 << 10
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        for at in range(0, nbytes, step):
-            n = min(step, nbytes - at)
-            for d in range(0, n, call):
-                os.pwrite(fd, buf[d:min(d + call, n)], at + d)
+        for at in range(0, nbytes, STEP):
+            n = min(STEP, nbytes - at)
+            _write_step(fd, buf, at, n)
             start(fd, at, n, 2)  # SYNC_FILE_RANGE_WRITE
         os.fsync(fd)
     finally:
